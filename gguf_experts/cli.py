@@ -1,0 +1,76 @@
+"""The command line: a thin layer over the library. Each subcommand lives in gguf_experts/commands/<name>.py
+and exposes NAME, HELP, add_arguments(parser) and run(args) -> int; they are discovered, not listed here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import GGUFExpertsError
+
+PROG = "gguf-experts"
+
+
+def _commands() -> list:
+    from . import commands
+
+    mods = []
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            mods.append(mod)
+    mods.sort(key=lambda m: getattr(m, "ORDER", 100))
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Where every expert of a MoE GGUF lives, which experts a real llama.cpp run touches, "
+        "and what that costs in bytes.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _commands():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def error(msg: str) -> int:
+    sys.stderr.write(f"{PROG}: error: {msg}\n")
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except GGUFExpertsError as e:
+        return error(str(e))
+    except FileNotFoundError as e:
+        return error(f"{e.filename}: no such file; check the path")
+    except IsADirectoryError as e:
+        return error(f"{e.filename}: is a directory, expected a file")
+    except PermissionError as e:
+        return error(f"{e.filename}: permission denied")
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

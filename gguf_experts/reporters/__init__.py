@@ -1,0 +1,1 @@
+"""Reporters receive data (frames, dicts) and render it; they never open models or traces themselves."""

@@ -1,0 +1,110 @@
+"""The one output-format option set shared by every command: ``--format csv|json|table`` and ``-o``.
+
+A command builds an :class:`Output` (rows for CSV, a document for JSON, text for people) and hands it to
+:func:`emit`; no command dispatches on the format itself.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..atomic import atomic_write
+
+FORMATS = ("csv", "json", "table")
+
+
+@dataclass
+class Output:
+    """What a command produced, in the three shapes people ask for."""
+
+    frame: pd.DataFrame
+    document: Any = None  # JSON (or a callable making it); defaults to {"rows": records of frame}
+    text: str | Callable[[], str] | None = None  # for people; defaults to the frame as an aligned table
+    extra_frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def render(self, fmt: str) -> str:
+        if fmt == "csv":
+            return frame_to_csv(self.frame)
+        if fmt == "json":
+            doc = self.document() if callable(self.document) else self.document
+            if doc is None:
+                doc = {"rows": frame_records(self.frame)}
+            return json.dumps(doc, indent=1, default=_json_default, allow_nan=False) + "\n"
+        if fmt == "table":
+            if callable(self.text):
+                return self.text()
+            if self.text is not None:
+                return self.text
+            return frame_to_table(self.frame)
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        f = float(o)
+        return None if math.isnan(f) else f
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts with plain Python values (NaN/NA -> None) for JSON."""
+    out = df.astype(object).where(pd.notna(df), None)
+    return out.to_dict(orient="records")
+
+
+def frame_to_csv(df: pd.DataFrame) -> str:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, lineterminator="\n")
+    return buf.getvalue()
+
+
+def frame_to_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
+    if df.empty:
+        return "(no rows)\n"
+    shown = df if max_rows is None or len(df) <= max_rows else df.head(max_rows)
+    text = shown.to_string(index=False)
+    if shown is not df:
+        text += f"\n... {len(df) - max_rows} more rows (use --format csv for all)"
+    return text + "\n"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def write_text(text: str, path: str | None) -> None:
+    """Write to ``path`` atomically, or to stdout when path is None or '-'."""
+    if path is None or path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with atomic_write(path) as fh:
+        fh.write(text)
+
+
+def emit(output: Output, fmt: str, path: str | None) -> None:
+    write_text(output.render(fmt), path)
+
+
+def add_output_options(parser: Any, default: str = "csv") -> None:
+    parser.add_argument("--format", "-f", choices=FORMATS, default=default,
+                        help=f"output format (default: {default})")
+    parser.add_argument("-o", "--output", metavar="FILE", default=None,
+                        help="write to FILE (atomically: temp file, then rename) instead of stdout")
