@@ -1,0 +1,60 @@
+"""gguf-experts join-trace: which bytes of the model a traced run read, per expert, slice or file page."""
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+from ..join import HeatResult, join
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
+from .convert import run_capturing_warnings
+
+NAME = "join-trace"
+HELP = "join a trace with its model: activations and bytes read per expert, expert slice (tensor) or file page"
+ORDER = 45
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`)")
+    p.add_argument("--model", "-m", required=True, metavar="MODEL.gguf",
+                   help="the model the trace was captured from (any shard of a split model)")
+    p.add_argument("--by", choices=("expert", "tensor", "page"), default="expert",
+                   help="rows per (layer, expert) [default], per expert slice of each tensor, or per run of "
+                        "file pages with equal heat")
+    p.add_argument("--page-size", type=int, default=4096, metavar="BYTES",
+                   help="page size for --by page (default 4096; a power of two)")
+    add_output_options(p, default="table")
+
+
+def summary_text(s: dict) -> str:
+    lines = [
+        f"model {s['model']}: {s['tokens']} tokens ({s['prefill_tokens']} prefill, {s['decode_tokens']} decode) "
+        f"in {s['sequences']} sequences, {s['n_layer_moe']} MoE layers, {s['selections']} expert selections",
+        f"expert bytes read: {human_bytes(s['bytes_read'])} = {human_bytes(s['bytes_per_token'])} per token; "
+        f"dense equivalent (every expert per token) {human_bytes(s['dense_bytes_per_token'])} per token; "
+        f"ratio {s['ratio']:.4f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:
+    if by == "tensor":
+        return res.slices
+    if by == "page":
+        return res.pages(page_size)
+    return res.experts
+
+
+def run(args: argparse.Namespace) -> int:
+    res: HeatResult = run_capturing_warnings(lambda: join(args.trace, args.model))
+    df = frame_for(res, args.by, args.page_size)
+    doc = {"summary": res.summary, "layers": frame_records(res.layers), "by": args.by, "rows": frame_records(df)}
+    if args.by == "page":
+        doc["page_size"] = args.page_size
+
+    def text() -> str:
+        shown = df.sort_values("bytes_read", ascending=False, kind="stable") if args.by != "expert" else df
+        return (summary_text(res.summary) + "\n" + frame_to_table(res.layers) + "\n"
+                + frame_to_table(shown, max_rows=40))
+    emit(Output(df, document=doc, text=text), args.format, args.output)
+    return 0

@@ -1,0 +1,35 @@
+"""Routing traces: the file format (format.py), writing (writer.py), reading (reader.py) and live capture
+from llama.cpp (capture.py, imported lazily: it needs llama-cpp-python)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .format import (
+    MAGIC,
+    PHASE_DECODE,
+    PHASE_PREFILL,
+    VERSION,
+    ModelFingerprint,
+    TraceData,
+    TraceHeader,
+    TraceRecoveryWarning,
+    check_fingerprint,
+    concat,
+)
+from .reader import iter_trace_chunks, read_trace, read_trace_header
+from .writer import TraceWriter
+
+__all__ = [
+    "MAGIC", "VERSION", "PHASE_PREFILL", "PHASE_DECODE", "ModelFingerprint", "TraceData", "TraceHeader",
+    "TraceRecoveryWarning", "TraceWriter", "check_fingerprint", "concat", "iter_trace_chunks", "read_trace",
+    "read_trace_header",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``Recorder`` and ``capture`` live in capture.py, which imports llama-cpp-python: load on first use."""
+    if name in ("Recorder", "capture"):
+        from . import capture
+
+        return getattr(capture, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,312 @@
+"""The trace file's byte layout, its version, the model fingerprint and the in-memory ``TraceData``.
+
+Layout (all little-endian; see docs/trace-format.md for the full table and version history)::
+
+    header  = MAGIC (8) | u32 version | u32 json_len | json (json_len, space-padded) | u32 crc32(all before)
+              (json is padded with spaces so that the header's length is a multiple of 8)
+    record  = u32 REC_MARKER | u32 rec_len | i32 seq | u8 phase | u8 flags | u16 0 | i32 layer
+              | u32 n_tokens | u32 n_expert_used
+              | i32 pos[n] | i32 token[n] | i32 experts[n*k] | (f32 weights[n*k] if flags & 1)
+              | u32 crc32(all bytes of the record before it)
+
+Every field is 4 bytes wide, so every record is a multiple of 4 bytes and numpy can view a run of
+equal-length records as a 2-D int32 array without copying.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelMismatchError, TraceFormatError
+
+MAGIC = b"GGEXTRC\x00"
+VERSION = 1
+#: (version, what changed) for every version this code reads; docs/trace-format.md repeats it.
+VERSION_HISTORY: tuple[tuple[int, str], ...] = (
+    (1, "first version: JSON header with fingerprint and meta; per (ubatch, layer) records with CRC32"),
+)
+REC_MARKER = 0x52584547  # b"GEXR" read as a little-endian u32
+REC_MARKER_BYTES = struct.pack("<I", REC_MARKER)
+FLAG_WEIGHTS = 1
+KNOWN_FLAGS = FLAG_WEIGHTS
+PHASE_PREFILL = 0
+PHASE_DECODE = 1
+PHASES = (PHASE_PREFILL, PHASE_DECODE)
+
+_HEADER_PREFIX = struct.Struct("<8sII")  # magic, version, json_len
+#: marker, rec_len, seq, phase, flags, reserved, layer, n_tokens, n_expert_used
+RECORD_FIXED = struct.Struct("<IIiBBHiII")
+FIXED_WORDS = RECORD_FIXED.size // 4  # 7 int32 words before pos[]
+CRC_BYTES = 4
+MAX_JSON = 16 * 1024 * 1024
+
+
+def record_length(n_tokens: int, k: int, weights: bool) -> int:
+    """Bytes of one record: fixed fields, pos and token, experts, optional weights, CRC."""
+    return RECORD_FIXED.size + 4 * n_tokens * (2 + k * (2 if weights else 1)) + CRC_BYTES
+
+
+class TraceRecoveryWarning(UserWarning):
+    """A trace whose tail was truncated or corrupted: the valid prefix was kept, the rest dropped."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Enough of a model to refuse joining a trace with another one.
+
+    ``tensor_digest`` covers tensor names and shapes (the model); ``type_digest`` the ggml types (its
+    quantization), so a trace can be joined with another quantization of the same model, with a warning.
+    """
+
+    architecture: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    tensor_digest: str
+    type_digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "trace header") -> "ModelFingerprint":
+        try:
+            return cls(
+                architecture=str(d["architecture"]),
+                n_layer=int(d["n_layer"]),
+                n_expert=int(d["n_expert"]),
+                n_expert_used=int(d["n_expert_used"]),
+                tensor_digest=str(d["tensor_digest"]),
+                type_digest=str(d["type_digest"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TraceFormatError(f"{where}: model fingerprint is incomplete or malformed ({e}); "
+                                   "the file was not written by gguf-experts or is damaged") from None
+
+
+_STRICT_FIELDS = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
+
+
+def check_fingerprint(trace_fp: ModelFingerprint, model_fp: ModelFingerprint,
+                      trace_name: str = "trace", model_name: str = "model") -> str | None:
+    """Raise ModelMismatchError if the trace was captured from another model.
+
+    Returns a warning string (does not raise) when only the quantization (type_digest) differs: the
+    experts and their order are the same, only the byte sizes of the slices change.
+    """
+    diff = [f for f in _STRICT_FIELDS if getattr(trace_fp, f) != getattr(model_fp, f)]
+    if diff:
+        parts = ", ".join(f"{f}: trace {getattr(trace_fp, f)!r} vs model {getattr(model_fp, f)!r}" for f in diff)
+        raise ModelMismatchError(f"{trace_name} was not captured from {model_name} ({parts}); "
+                                 "join it with the model it was captured from")
+    if trace_fp.type_digest != model_fp.type_digest:
+        return (f"{trace_name} was captured from another quantization of {model_name} "
+                "(same tensors, other ggml types); expert activations carry over, byte sizes are the model's")
+    return None
+
+
+@dataclass
+class TraceHeader:
+    """What the file header holds: the format version, the model fingerprint and free-form meta."""
+
+    version: int
+    fingerprint: ModelFingerprint
+    meta: dict[str, Any] = field(default_factory=dict)
+    size: int = 0  # bytes of the header in the file; records start here
+
+
+def encode_header(fingerprint: ModelFingerprint, meta: dict[str, Any] | None) -> bytes:
+    """The header bytes; JSON is space-padded so records start 8-byte aligned."""
+    doc = {"format": "gguf-experts trace", "fingerprint": fingerprint.to_dict(), "meta": meta or {}}
+    body = json.dumps(doc, sort_keys=True, default=str).encode("utf-8")
+    pad = (-(_HEADER_PREFIX.size + len(body) + CRC_BYTES)) % 8
+    body += b" " * pad
+    head = _HEADER_PREFIX.pack(MAGIC, VERSION, len(body)) + body
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def decode_header(raw: bytes, where: str) -> TraceHeader:
+    """Parse the header at the start of ``raw`` (which must hold all of it, see ``header_size_needed``)."""
+    if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
+        if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
+            raise TraceFormatError(f"{where}: truncated trace header ({len(raw)} bytes); "
+                                   "the capture died before writing it, capture again")
+        raise TraceFormatError(f"{where}: not a gguf-experts trace (bad magic {raw[:8]!r}); "
+                               "pass a trace.bin written by `gguf-experts capture`")
+    if len(raw) < _HEADER_PREFIX.size:
+        raise TraceFormatError(f"{where}: truncated trace header; capture again")
+    _, version, json_len = _HEADER_PREFIX.unpack_from(raw)
+    if version > VERSION:
+        raise TraceFormatError(f"{where}: trace version {version} is newer than this gguf-experts "
+                               f"(reads {VERSION}); upgrade gguf-experts")
+    if version < 1:
+        raise TraceFormatError(f"{where}: trace version {version} is not a valid version "
+                               f"(this gguf-experts reads 1..{VERSION}); the header is damaged")
+    if json_len > MAX_JSON:
+        raise TraceFormatError(f"{where}: trace header claims {json_len} bytes of JSON; the header is damaged")
+    end = _HEADER_PREFIX.size + json_len
+    if len(raw) < end + CRC_BYTES:
+        raise TraceFormatError(f"{where}: truncated trace header ({len(raw)} of {end + CRC_BYTES} bytes); "
+                               "the capture died before writing it, capture again")
+    (crc,) = struct.unpack_from("<I", raw, end)
+    if crc != zlib.crc32(raw[:end]):
+        raise TraceFormatError(f"{where}: trace header checksum mismatch; the header is damaged")
+    try:
+        doc = json.loads(raw[_HEADER_PREFIX.size:end].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TraceFormatError(f"{where}: trace header JSON is unreadable ({e})") from None
+    if not isinstance(doc, dict) or "fingerprint" not in doc:
+        raise TraceFormatError(f"{where}: trace header has no model fingerprint; the header is damaged")
+    meta = doc.get("meta") or {}
+    return TraceHeader(version=version, fingerprint=ModelFingerprint.from_dict(doc["fingerprint"], where),
+                       meta=meta if isinstance(meta, dict) else {"meta": meta}, size=end + CRC_BYTES)
+
+
+def header_size_needed(raw: bytes) -> int:
+    """How many bytes the header occupies, from its first 16 bytes (0 when that cannot be told)."""
+    if len(raw) < _HEADER_PREFIX.size or raw[:8] != MAGIC:
+        return 0
+    _, _, json_len = _HEADER_PREFIX.unpack_from(raw)
+    return _HEADER_PREFIX.size + min(json_len, MAX_JSON) + CRC_BYTES
+
+
+@dataclass
+class TraceData:
+    """A trace in memory: flat row-aligned arrays, one row per (token, MoE layer), in capture order."""
+
+    seq: np.ndarray  # int32
+    phase: np.ndarray  # uint8
+    pos: np.ndarray  # int32
+    token: np.ndarray  # int32
+    layer: np.ndarray  # int32
+    experts: np.ndarray  # int32 [N, k]
+    weights: np.ndarray | None  # float32 [N, k]
+    header: TraceHeader
+    recovered: bool = False  # the file had a damaged tail that was dropped
+    dropped_bytes: int = 0
+    n_records: int = 0
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.experts.shape[1])
+
+    @classmethod
+    def empty(cls, header: TraceHeader, weights: bool = False) -> "TraceData":
+        k = header.fingerprint.n_expert_used
+        return cls(seq=np.zeros(0, np.int32), phase=np.zeros(0, np.uint8), pos=np.zeros(0, np.int32),
+                   token=np.zeros(0, np.int32), layer=np.zeros(0, np.int32),
+                   experts=np.zeros((0, k), np.int32),
+                   weights=np.zeros((0, k), np.float32) if weights else None, header=header)
+
+
+ROW_FIELDS = ("seq", "phase", "pos", "token", "layer", "experts")
+
+
+def concat(parts: list[TraceData], header: TraceHeader) -> TraceData:
+    """Join chunks into one TraceData; weights are NaN for rows of records that had none."""
+    if not parts:
+        return TraceData.empty(header)
+    cols = {f: np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS}
+    weights = None
+    if any(p.weights is not None for p in parts):
+        weights = np.concatenate([p.weights if p.weights is not None
+                                  else np.full(p.experts.shape, np.nan, np.float32) for p in parts])
+    return TraceData(**cols, weights=weights, header=header,
+                     recovered=any(p.recovered for p in parts),
+                     dropped_bytes=sum(p.dropped_bytes for p in parts),
+                     n_records=sum(p.n_records for p in parts))
+
+
+def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
+    """One warning per damaged trace; the CLI prints it as one line."""
+    warnings.warn(TraceRecoveryWarning(
+        f"{where}: {reason} at byte {offset}; kept the valid records before it, dropped {dropped} bytes"),
+        stacklevel=3)
+
+
+__all__ = [
+    "MAGIC", "VERSION", "VERSION_HISTORY", "REC_MARKER", "FLAG_WEIGHTS", "PHASE_PREFILL", "PHASE_DECODE",
+    "ModelFingerprint", "TraceHeader", "TraceData", "TraceRecoveryWarning", "check_fingerprint",
+    "encode_header", "decode_header", "record_length", "concat", "crc32_rows",
+]
+
+
+# --- CRC32 of many equal-length byte rows at once --------------------------------------------------
+# zlib's CRC32 is affine over GF(2): crc(d) = crc(zeros(n)) ^ XOR_j M[n-1-j][d_j], where M[t][v] is the
+# register after byte v followed by t zero bytes. Pairing bytes gives one 65536-entry table per byte
+# pair, so a run of equal-length records costs one table lookup per 2 bytes per record, all in numpy
+# (a Python call of zlib.crc32 per 72-byte decode record would cost ~5x more). Columns that are equal in
+# every row of a block (marker, length, n, k, zero high halves) contribute a constant: one lookup.
+
+VEC_CRC_MAX_BYTES = 200  # tables: n/2 x 256 KiB (<= 25 MiB); above, zlib.crc32 per record costs ~2x
+_CRC_BLOCK_ROWS = 1 << 15
+
+
+def _crc_byte_table() -> np.ndarray:
+    t = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t = np.where(t & 1, (t >> 1) ^ np.uint32(0xEDB88320), t >> 1).astype(np.uint32)
+    return t
+
+
+_CRC_TABLE = _crc_byte_table()
+_pair_cache: dict[int, np.ndarray] = {}
+
+
+def _pair_tables(n: int) -> np.ndarray:
+    """[n // 2, 65536] tables: entry [p, lo | hi << 8] is the linear CRC contribution of bytes 2p, 2p+1."""
+    tabs = _pair_cache.get(n)
+    if tabs is None:
+        m = np.empty((n, 256), np.uint32)
+        m[0] = _CRC_TABLE
+        for t in range(1, n):
+            m[t] = _CRC_TABLE[m[t - 1] & 0xFF] ^ (m[t - 1] >> 8)
+        p = np.arange(n // 2)
+        lo, hi = m[n - 1 - 2 * p], m[n - 2 - 2 * p]  # [P, 256] each
+        tabs = (hi[:, :, None] ^ lo[:, None, :]).reshape(n // 2, 65536)
+        if len(_pair_cache) >= 2:  # bounded memory: the two record lengths in use (decode, prefill)
+            _pair_cache.pop(next(iter(_pair_cache)))
+        _pair_cache[n] = tabs
+    return tabs
+
+
+def crc32_rows(rows: np.ndarray) -> np.ndarray:
+    """zlib.crc32 of every row of an [m, n] uint8 array whose rows are contiguous, as uint32 [m].
+
+    Vectorised for even n up to VEC_CRC_MAX_BYTES (short records: decode); zlib per row otherwise.
+    """
+    m, n = rows.shape
+    if n % 2 or n > VEC_CRC_MAX_BYTES:
+        return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, m)
+    if m == 0 or n == 0:
+        return np.zeros(m, np.uint32)  # crc32(b"") == 0
+    tabs = _pair_tables(n)
+    base = zlib.crc32(bytes(n))
+    u = rows.view("<u2")
+    out = np.empty(m, np.uint32)
+    for s in range(0, m, _CRC_BLOCK_ROWS):
+        blk = u[s:s + _CRC_BLOCK_ROWS]
+        r, first = blk.shape[0], blk[0]
+        # columns equal to the first row in three sampled rows are candidates; only they are verified
+        cand = np.flatnonzero((blk[[r // 3, (2 * r) // 3, r - 1]] == first).all(axis=0))
+        same = np.zeros(n // 2, bool)
+        if cand.size:
+            same[cand] = (blk[:, cand] == first[cand]).all(axis=0)
+        const = base
+        acc = np.zeros(blk.shape[0], np.uint32)
+        for p in range(n // 2):
+            if same[p]:
+                const ^= int(tabs[p, first[p]])
+            else:
+                acc ^= tabs[p].take(blk[:, p])
+        out[s:s + _CRC_BLOCK_ROWS] = acc ^ np.uint32(const)
+    return out

@@ -1,0 +1,188 @@
+"""ctypes glue to llama-cpp-python and libggml-base: loading, the log sink, reading graph tensors.
+
+Why here: ``struct ggml_tensor`` is not exposed by llama-cpp-python, so we read the fields we need at
+their (stable since 2025) offsets and copy data with ``ggml_backend_tensor_get`` so that tensors on a GPU
+work too. Nothing in this module prints: llama.cpp's log goes into a ring buffer that errors quote.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..errors import LiveUnavailableError
+
+INSTALL_HINT = "pip install 'gguf-experts[live]'"
+
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64
+GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26
+
+
+class GGMLTensor(ctypes.Structure):
+    """The leading fields of ``struct ggml_tensor`` on 64-bit builds (sizeof 336 in 2025-2026)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int32),
+        ("_pad0", ctypes.c_int32),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int32),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+assert ctypes.sizeof(GGMLTensor) == 336 and GGMLTensor.name.offset == 256
+NAME_OFFSET = GGMLTensor.name.offset
+
+_lib_lock = threading.Lock()
+_llama_cpp: ModuleType | None = None
+_ggml_base: ctypes.CDLL | None = None
+
+
+def load_llama_cpp() -> ModuleType:
+    """Import llama_cpp (the [live] extra) once, install our log sink, init the backend."""
+    global _llama_cpp
+    with _lib_lock:
+        if _llama_cpp is not None:
+            return _llama_cpp
+        try:
+            import llama_cpp  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise LiveUnavailableError(
+                f"live capture needs llama-cpp-python, which is not importable ({e}); install it with "
+                f"{INSTALL_HINT}") from e
+        for sym in ("llama_model_load_from_file", "llama_init_from_model", "llama_get_memory",
+                    "llama_memory_clear", "ggml_backend_sched_eval_callback", "llama_log_set"):
+            if not hasattr(llama_cpp, sym):
+                raise LiveUnavailableError(
+                    f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} lacks {sym}; upgrade it "
+                    f"(>= 0.3.30) with {INSTALL_HINT}")
+        _LOG.install(llama_cpp)
+        llama_cpp.llama_backend_init()
+        _llama_cpp = llama_cpp
+        return llama_cpp
+
+
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base shipped with llama-cpp-python: ggml_backend_tensor_get and ggml_nbytes."""
+    global _ggml_base
+    if _ggml_base is not None:
+        return _ggml_base
+    lc = load_llama_cpp()
+    libdir = Path(lc.__file__).parent / "lib"
+    cands = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("ggml-base.*"))
+    last: Exception | None = None
+    for c in cands:
+        try:
+            lib = ctypes.CDLL(str(c))
+            break
+        except OSError as e:
+            last = e
+    else:
+        try:  # some builds link ggml statically into libllama
+            lib = lc._lib  # type: ignore[attr-defined]
+            lib.ggml_backend_tensor_get  # noqa: B018
+        except Exception as e:  # noqa: BLE001
+            raise LiveUnavailableError(f"libggml-base not found next to {lc.__file__} ({last or e}); "
+                                       f"reinstall with {INSTALL_HINT}") from e
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    _ggml_base = lib
+    return lib
+
+
+def tensor_name(addr: int) -> bytes:
+    """The NUL-terminated name of the tensor at ``addr``."""
+    return ctypes.string_at(addr + NAME_OFFSET)
+
+
+def read_rows(addr: int, k: int) -> np.ndarray:
+    """Copy a graph tensor (any backend) and return it as [n_rows, k], honouring its own ne/nb.
+
+    Works for the strided ``ffn_moe_topk`` view (nb[1] = 4*n_expert) and for [1, k, n] weight tensors.
+    """
+    t = GGMLTensor.from_address(addr)
+    ne = [int(x) for x in t.ne]
+    nb = [int(x) for x in t.nb]
+    if t.type == GGML_TYPE_I32:
+        dtype: Any = np.int32
+    elif t.type == GGML_TYPE_F32:
+        dtype = np.float32
+    else:
+        raise ValueError(f"unexpected ggml type {t.type} for {tensor_name(addr)!r}")
+    lib = ggml_base()
+    nbytes = int(lib.ggml_nbytes(addr))
+    total = int(np.prod(ne))
+    if total == 0 or k == 0:
+        return np.empty((0, k), dtype=dtype)
+    buf = np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
+    lib.ggml_backend_tensor_get(addr, buf.ctypes.data, 0, nbytes)
+    typed = np.lib.stride_tricks.as_strided(buf, shape=tuple(reversed(ne)), strides=tuple(reversed(nb)))
+    return np.ascontiguousarray(typed).reshape(total // k, k)
+
+
+class _LogRing:
+    """llama.cpp/ggml log lines, kept in memory (the library never prints); errors quote the tail."""
+
+    def __init__(self, maxlen: int = 400) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=maxlen)
+        self._partial = ""
+        self._cb: Any = None
+        self.counter = 0
+
+    def install(self, llama_cpp: ModuleType) -> None:
+        def cb(level: int, text: bytes, user_data: Any) -> None:
+            try:
+                s = self._partial + (text or b"").decode("utf-8", "replace")
+                *done, self._partial = s.split("\n")
+                self.lines.extend(done)
+                self.counter += len(done)
+            except BaseException:  # noqa: BLE001  never raise into C
+                pass
+
+        self._cb = llama_cpp.llama_log_callback(cb)  # keep a reference: C holds the pointer
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+
+
+_LOG = _LogRing()
+
+
+class LlamaLog:
+    """``with LlamaLog() as log: ...`` then ``log.tail()``: the llama.cpp log lines written meanwhile."""
+
+    def __enter__(self) -> "LlamaLog":
+        self._start = _LOG.counter
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end = _LOG.counter
+
+    def lines(self) -> list[str]:
+        n = min(getattr(self, "_end", _LOG.counter) - self._start, len(_LOG.lines))
+        return list(_LOG.lines)[len(_LOG.lines) - n:] if n > 0 else []
+
+    def tail(self, n: int = 6) -> str:
+        """Error and warning lines first (they say why), else the last lines."""
+        lines = [ln.strip() for ln in self.lines() if ln.strip()]
+        bad = [ln for ln in lines if any(w in ln.lower() for w in ("error", "failed", "missing", "wrong",
+                                                                       "invalid", "unknown"))]
+        pick = (bad or lines)[-n:]
+        return " | ".join(pick) if pick else "(llama.cpp logged nothing)"

@@ -1,0 +1,116 @@
+"""ctypes glue to libggml-base (from llama-cpp-python): the ground truth for types and for GGUF offsets.
+
+Why: our reader and type table must agree with what llama.cpp itself computes. Signatures follow the
+installed include/ggml.h and include/gguf.h (llama-cpp-python 0.3.36).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def lib_path() -> Path | None:
+    """libggml-base.so of the installed llama_cpp package, or None when llama_cpp is not importable."""
+    try:
+        import llama_cpp  # noqa: F401  (importing loads and checks the package)
+    except Exception:
+        return None
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (libdir / name).exists():
+            return libdir / name
+    return None
+
+
+class GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    path = lib_path()
+    if path is None:
+        raise RuntimeError("llama_cpp is not installed")
+    L = ctypes.CDLL(str(path))
+    L.ggml_type_size.argtypes = [ctypes.c_int]
+    L.ggml_type_size.restype = ctypes.c_size_t
+    L.ggml_blck_size.argtypes = [ctypes.c_int]
+    L.ggml_blck_size.restype = ctypes.c_int64
+    L.ggml_type_name.argtypes = [ctypes.c_int]
+    L.ggml_type_name.restype = ctypes.c_char_p
+    L.gguf_init_from_file.argtypes = [ctypes.c_char_p, GGUFInitParams]
+    L.gguf_init_from_file.restype = ctypes.c_void_p
+    L.gguf_free.argtypes = [ctypes.c_void_p]
+    L.gguf_free.restype = None
+    L.gguf_get_version.argtypes = [ctypes.c_void_p]
+    L.gguf_get_version.restype = ctypes.c_uint32
+    L.gguf_get_alignment.argtypes = [ctypes.c_void_p]
+    L.gguf_get_alignment.restype = ctypes.c_size_t
+    L.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
+    L.gguf_get_data_offset.restype = ctypes.c_size_t
+    L.gguf_get_n_kv.argtypes = [ctypes.c_void_p]
+    L.gguf_get_n_kv.restype = ctypes.c_int64
+    L.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+    L.gguf_get_n_tensors.restype = ctypes.c_int64
+    L.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    L.gguf_find_tensor.restype = ctypes.c_int64
+    L.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    L.gguf_get_tensor_name.restype = ctypes.c_char_p
+    L.gguf_get_tensor_offset.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    L.gguf_get_tensor_offset.restype = ctypes.c_size_t
+    L.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    L.gguf_get_tensor_size.restype = ctypes.c_size_t
+    L.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    L.gguf_get_tensor_type.restype = ctypes.c_int
+    _LIB = L
+    return L
+
+
+def type_traits(type_id: int) -> tuple[str, int, int]:
+    """(name, block size, type size) as libggml reports them."""
+    L = lib()
+    name = L.ggml_type_name(type_id)
+    return (name.decode() if name else ""), int(L.ggml_blck_size(type_id)), int(L.ggml_type_size(type_id))
+
+
+@dataclass(frozen=True)
+class RefTensor:
+    name: str
+    type: int
+    rel_offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RefHeader:
+    version: int
+    alignment: int
+    data_offset: int
+    n_kv: int
+    tensors: list[RefTensor]
+
+
+def read_ref(path: str | os.PathLike[str]) -> RefHeader | None:
+    """libggml's view of a GGUF header (no_alloc, no ggml context), or None when libggml refuses the file."""
+    L = lib()
+    ctx = L.gguf_init_from_file(os.fsencode(path), GGUFInitParams(True, None))
+    if not ctx:
+        return None
+    try:
+        tensors = []
+        for i in range(L.gguf_get_n_tensors(ctx)):
+            name = L.gguf_get_tensor_name(ctx, i).decode("utf-8", "replace")
+            assert L.gguf_find_tensor(ctx, name.encode()) == i
+            tensors.append(RefTensor(name, L.gguf_get_tensor_type(ctx, i), L.gguf_get_tensor_offset(ctx, i),
+                                     L.gguf_get_tensor_size(ctx, i)))
+        return RefHeader(L.gguf_get_version(ctx), L.gguf_get_alignment(ctx), L.gguf_get_data_offset(ctx),
+                         L.gguf_get_n_kv(ctx), tensors)
+    finally:
+        L.gguf_free(ctx)
