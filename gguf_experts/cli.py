@@ -7,7 +7,8 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import GGUFExpertsError
@@ -49,6 +50,21 @@ def error(msg: str) -> int:
     return 2
 
 
+def run_reporting_warnings(fn: Callable[[], Any]) -> Any:
+    """Run fn; each gguf-experts warning it raises (a recovered trace, another quantization) becomes one
+    line on stderr, even when fn fails; other packages' warnings go on to Python's usual handling."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn()
+        finally:
+            for w in caught:
+                if w.category.__module__.startswith("gguf_experts"):
+                    sys.stderr.write(f"{PROG}: warning: {w.message}\n")
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args._run(args) or 0)
+        return int(run_reporting_warnings(lambda: args._run(args)) or 0)
     except GGUFExpertsError as e:
         return error(str(e))
     except FileNotFoundError as e:

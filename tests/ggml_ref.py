@@ -114,3 +114,23 @@ def read_ref(path: str | os.PathLike[str]) -> RefHeader | None:
                          L.gguf_get_n_kv(ctx), tensors)
     finally:
         L.gguf_free(ctx)
+
+
+def assert_matches_ggml(header: "object") -> None:
+    """Assert that libggml reads a little-endian file exactly as our GGUFHeader says: data offset,
+    alignment, and every tensor's name, type, data-relative offset and size. Skips nothing silently:
+    callers decide when libggml applies (little-endian only)."""
+    from gguf_experts.gguf_file import GGUFHeader
+
+    assert isinstance(header, GGUFHeader)
+    assert header.byteorder == "<", "libggml does not read big-endian GGUF"
+    ref = read_ref(header.path)
+    assert ref is not None, f"libggml refused {header.path}"
+    assert ref.version == header.version
+    assert ref.alignment == header.alignment
+    assert ref.n_kv == len(header.kv)
+    if header.tensors:
+        assert ref.data_offset == header.data_offset
+    ours = [(t.name, t.type.id, t.rel_offset, t.nbytes) for t in header.tensors]
+    theirs = [(r.name, r.type, r.rel_offset, r.size) for r in ref.tensors]
+    assert ours == theirs

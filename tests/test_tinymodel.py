@@ -63,9 +63,11 @@ def test_requantized_by_llama_cpp(tmp_path: Path, quant: str, expert_types: set[
     bm = byte_map(m, split_experts=False)
     exp_types = set(bm.loc[bm["component"].str.endswith("_exps"), "ggml_type"])
     assert exp_types <= expert_types and exp_types
-    assert fingerprint(m).tensor_digest == fingerprint(open_model(
-        make_tiny_model(tmp_path / "f.gguf", n_layer=2, n_expert=4, n_expert_used=2, n_embd=256,
-                        n_ff_exp=256))).tensor_digest
+    f32 = open_model(make_tiny_model(tmp_path / "f.gguf", n_layer=2, n_expert=4, n_expert_used=2, n_embd=256,
+                                     n_ff_exp=256))
+    # llama.cpp's quantizer reorders tensors (by layer, then name); names and shapes are kept
+    assert sorted((t.name, t.ne) for t in m.tensors) == sorted((t.name, t.ne) for t in f32.tensors)
+    assert fingerprint(m).type_digest != fingerprint(f32).type_digest
 
 
 def test_demo_model_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

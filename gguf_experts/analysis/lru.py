@@ -32,15 +32,20 @@ def words_for(n_items: int) -> int:
     return max(1, (int(n_items) + 63) // 64)
 
 
-def row_bits(items: np.ndarray, n_words: int) -> tuple[np.ndarray, np.ndarray]:
-    """One-hot bitsets per access [R, k, W] and per row [R, W] (OR over its slots)."""
+def row_bits(items: np.ndarray, n_words: int) -> np.ndarray:
+    """One-hot bitsets per access: [R, k, W] uint64 (item i sets bit i % 64 of word i // 64)."""
     r, k = items.shape
-    bits = np.zeros((r, k, n_words), np.uint64)
-    rr = np.repeat(np.arange(r), k)
-    ss = np.tile(np.arange(k), r)
     flat = items.reshape(-1)
-    bits[rr, ss, flat >> 6] = np.left_shift(np.uint64(1), (flat & 63).astype(np.uint64))
-    return bits, np.bitwise_or.reduce(bits, axis=1)
+    bits = np.zeros((r * k, n_words), np.uint64)
+    bits.reshape(-1)[np.arange(r * k) * n_words + (flat >> 6)] = np.left_shift(
+        np.uint64(1), (flat & 63).astype(np.uint64))
+    return bits.reshape(r, k, n_words)
+
+
+def _as_records(a: np.ndarray) -> np.ndarray:
+    """View [..., W] uint64 as one opaque record per row: np.take on it is ~20x faster than 2-D fancy indexing."""
+    w = a.shape[-1]
+    return np.ascontiguousarray(a).view(np.dtype((np.void, 8 * w))).reshape(a.shape[:-1])
 
 
 def _sparse_table(row_or: np.ndarray) -> np.ndarray:
@@ -58,19 +63,30 @@ def _sparse_table(row_or: np.ndarray) -> np.ndarray:
     return st
 
 
-def _range_or(st: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """OR of rows [a, b) for each pair (zero where a >= b)."""
+def _range_or(st_rec: np.ndarray, r: int, w: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """OR of rows [a, b) for each pair (zero where a >= b); st_rec is the sparse table as records."""
     n = b - a
     ok = n > 0
-    lev = np.zeros(n.shape, np.int64)
-    lev[ok] = np.log2(n[ok]).astype(np.int64)
-    # log2 of exact powers of two is exact in float64; guard against rounding just below
-    lev[ok] -= (np.left_shift(1, lev[ok]) > n[ok]).astype(np.int64)
-    lo = np.where(ok, a, 0)
-    hi = np.where(ok, b - np.left_shift(1, lev), 0)
-    out = st[lev, lo] | st[lev, hi]
+    lev = np.frexp(np.maximum(n, 1))[1].astype(np.int64) - 1  # floor(log2 n), exact for integers
+    base = lev * r
+    lo = np.take(st_rec, np.where(ok, base + a, 0)).view(np.uint64).reshape(-1, w)
+    hi = np.take(st_rec, np.where(ok, base + b - np.left_shift(1, lev), 0)).view(np.uint64).reshape(-1, w)
+    out = lo | hi
     out[~ok] = 0
     return out
+
+
+def popcounts(bits: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Bits set per row of [N, W] words, or the sum of per-word weights x bits set (bytes)."""
+    pc = np.bitwise_count(bits)
+    if weights is not None:
+        return pc.astype(np.float64) @ weights.astype(np.float64)
+    if pc.shape[1] > 8:
+        return pc.sum(axis=1, dtype=np.int64)
+    total = pc[:, 0].astype(np.int64)
+    for j in range(1, pc.shape[1]):  # W <= 8 columns: faster than a reduction over a short axis
+        total += pc[:, j]
+    return total
 
 
 @dataclass
@@ -92,13 +108,15 @@ class StackState:
 
 @dataclass
 class ChunkDistances:
-    """Per access of a chunk, in the chunk's row order: stream, item, LRU stack distance and row gap."""
+    """Per access of a chunk, rows grouped by stream (stable: each stream's rows keep their order)."""
 
-    stream: np.ndarray  # int64 [R] per row
+    order: np.ndarray  # int64 [R]: the caller's row index of each row here
+    stream: np.ndarray  # int64 [R]
     items: np.ndarray  # int64 [R, k]
     distance: np.ndarray  # int64 [R, k]: distinct items between the last use and now; COLD for first uses
-    gap: np.ndarray  # int64 [R, k]: rows of the stream since the last use (COLD for first uses)
-    word_counts: np.ndarray | None = None  # int64 [R, k, W]: per-word popcounts of the distance set
+    gap: np.ndarray  # int64 [R, k]: rows of the stream since the last use; COLD for first uses
+    local_row: np.ndarray  # int64 [R]: the row's index in its stream (counting earlier chunks)
+    byte_distance: np.ndarray | None = None  # float64 [R, k]: bytes of the distinct items (word_bytes given)
 
 
 def _order_by_stream(stream: np.ndarray, n_streams: int) -> np.ndarray:
@@ -106,11 +124,26 @@ def _order_by_stream(stream: np.ndarray, n_streams: int) -> np.ndarray:
     return np.argsort(stream.astype(dt, copy=False), kind="stable")  # radix sort for 16-bit keys
 
 
+def _ahead(state: StackState, w: int) -> np.ndarray:
+    """ahead[s, item]: bitset of the items more recent than item at the current point (chunk start)."""
+    s_n, n_items = state.n_streams, state.n_items
+    ranked = np.argsort(-state.last, axis=1, kind="stable")
+    onehot = row_bits(ranked.reshape(-1, 1), w).reshape(s_n, n_items, w)
+    incl = np.bitwise_or.accumulate(onehot, axis=1)
+    excl = np.zeros_like(incl)
+    excl[:, 1:] = incl[:, :-1]
+    ahead = np.empty_like(excl)
+    ahead[np.repeat(np.arange(s_n), n_items), ranked.reshape(-1)] = excl.reshape(-1, w)
+    return ahead.reshape(s_n * n_items, w)
+
+
 def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
-                    keep_words: bool = False) -> ChunkDistances:
+                    word_bytes: np.ndarray | None = None) -> ChunkDistances:
     """Stack distances of one chunk of rows (stream id per row, item ids [R, k]); updates ``state``.
 
     Rows of one stream must come in that stream's order; rows of different streams may interleave.
+    ``word_bytes`` [W] (bytes of each item in bitset word j, items of one word being equal in size) adds
+    byte distances: the bytes of the distinct items used since the last use.
     Raises InputError when a row lists an item twice (top-k selections are distinct).
     """
     stream = np.asarray(stream, np.int64)
@@ -120,8 +153,8 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     w = words_for(n_items)
     if r == 0:
         z = np.zeros((0, k), np.int64)
-        return ChunkDistances(stream, items, z, z.copy(),
-                              np.zeros((0, k, w), np.int64) if keep_words else None)
+        return ChunkDistances(np.zeros(0, np.int64), stream, items, z, z.copy(), np.zeros(0, np.int64),
+                              None if word_bytes is None else np.zeros((0, k)))
     order = _order_by_stream(stream, s_n) if s_n > 1 else np.arange(r)
     st_sorted = stream[order]
     it = items[order]
@@ -129,68 +162,56 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     seg_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
     pos = np.arange(r, dtype=np.int64)
     local = state.rows[st_sorted] + (pos - seg_start[st_sorted])  # stream-local row index
-    key = (local[:, None] * k + (k - 1 - np.arange(k))[None, :]).reshape(-1)
     flat_item = it.reshape(-1)
     flat_stream = np.repeat(st_sorted, k)
     g = flat_stream * n_items + flat_item
-    gdt = np.uint16 if s_n * n_items <= 1 << 16 else np.int64
-    srt = np.argsort(g.astype(gdt), kind="stable")
+    srt = np.argsort(g.astype(np.uint16) if s_n * n_items <= 1 << 16 else g, kind="stable")
     gs = g[srt]
     same = gs[1:] == gs[:-1]
+    cur, prv = srt[1:][same], srt[:-1][same]
+    if cur.size and (cur // k == prv // k).any():
+        bad = cur[cur // k == prv // k][0]
+        raise InputError(f"a row of layer/stream {int(flat_stream[bad])} lists expert {int(flat_item[bad]) % n_items} "
+                         "twice; top-k selections are distinct, so the trace is damaged")
     prev = np.full(r * k, -1, np.int64)  # flat index of the previous use in this chunk
-    prev[srt[1:][same]] = srt[:-1][same]
-    if same.any() and (srt[1:][same] // k == srt[:-1][same] // k).any():
-        bad = srt[1:][same][srt[1:][same] // k == srt[:-1][same] // k][0]
-        raise InputError(f"a row of stream {int(flat_stream[bad])} lists expert {int(flat_item[bad])} twice; "
-                         "top-k selections are distinct, so the trace is damaged")
+    prev[cur] = prv
     in_chunk = prev >= 0
-    carried = state.last[flat_stream, flat_item]
     carried_row = state.last_row[flat_stream, flat_item]
-    cold = ~in_chunk & (carried < 0)
+    cold = ~in_chunk & (carried_row < 0)
     before = ~in_chunk & ~cold
 
-    bits, row_or = row_bits(it, w)
-    st = _sparse_table(row_or)
+    bits = row_bits(it, w)
+    st_rec = _as_records(_sparse_table(np.bitwise_or.reduce(bits, axis=1)))
     acc_row = np.repeat(pos, k)
     dist_bits = np.zeros((r * k, w), np.uint64)
-    # (a)+(b): previous use inside the chunk
     ia = np.flatnonzero(in_chunk)
-    if ia.size:
+    if ia.size:  # (a) rows strictly between + (b) earlier slots of the previous use's row
         pa = prev[ia]
         prow, pslot = pa // k, pa % k
-        part = np.bitwise_or.accumulate(bits, axis=1)  # inclusive prefix OR over slots
-        pre = np.where((pslot > 0)[:, None], part[prow, np.maximum(pslot - 1, 0)], np.uint64(0))
-        dist_bits[ia] = _range_or(st, prow + 1, acc_row[ia]) | pre
-    # (c)+(a): previous use before the chunk
+        part = _as_records(np.bitwise_or.accumulate(bits, axis=1)).reshape(-1)  # inclusive prefix over slots
+        pre = np.take(part, np.maximum(pa - 1, 0)).view(np.uint64).reshape(-1, w).copy()
+        pre[pslot == 0] = 0
+        dist_bits[ia] = _range_or(st_rec, r, w, prow + 1, acc_row[ia]) | pre
     ib = np.flatnonzero(before)
-    if ib.size:
-        ranked = np.argsort(-state.last, axis=1, kind="stable")  # recency order at the chunk start
-        onehot = np.zeros((s_n, n_items, w), np.uint64)
-        sidx = np.repeat(np.arange(s_n), n_items)
-        ritem = ranked.reshape(-1)
-        onehot[sidx, np.tile(np.arange(n_items), s_n), ritem >> 6] = np.left_shift(
-            np.uint64(1), (ritem & 63).astype(np.uint64))
-        incl = np.bitwise_or.accumulate(onehot, axis=1)
-        excl = np.zeros_like(incl)
-        excl[:, 1:] = incl[:, :-1]
-        ahead = np.empty_like(excl)  # ahead[s, item]: items more recent than item at the chunk start
-        ahead[sidx, ritem] = excl.reshape(-1, w)
+    if ib.size:  # (c) ahead in the recency order at the chunk start + (a) rows of this chunk before
         sb = flat_stream[ib]
-        dist_bits[ib] = ahead[sb, flat_item[ib]] | _range_or(st, seg_start[sb], acc_row[ib])
-    wc = np.bitwise_count(dist_bits).astype(np.int64)
-    dist = wc.sum(axis=1)
+        ahead = np.take(_as_records(_ahead(state, w)), sb * n_items + flat_item[ib])
+        dist_bits[ib] = ahead.view(np.uint64).reshape(-1, w) | _range_or(st_rec, r, w, seg_start[sb], acc_row[ib])
+    dist = popcounts(dist_bits)
     dist[cold] = COLD
+    byte_dist = None
+    if word_bytes is not None:
+        byte_dist = popcounts(dist_bits, word_bytes)
+        byte_dist[cold] = np.inf
     gap = np.full(r * k, COLD, np.int64)
     gap[ia] = acc_row[ia] - prev[ia] // k
     gap[ib] = local[acc_row[ib]] - carried_row[ib]
-    # state update: the last use in this chunk of each (stream, item)
+    # state update: the last use in this chunk of each (stream, item); its key orders slot 0 first
     ends = np.ones(r * k, bool)
     ends[:-1] = ~same
-    last_idx = srt[ends]
-    state.last[flat_stream[last_idx], flat_item[last_idx]] = key[last_idx]
-    state.last_row[flat_stream[last_idx], flat_item[last_idx]] = local[last_idx // k]
+    li = srt[ends]
+    state.last[flat_stream[li], flat_item[li]] = local[li // k] * k + (k - 1 - li % k)
+    state.last_row[flat_stream[li], flat_item[li]] = local[li // k]
     state.rows += counts
-    inv = np.empty(r, np.int64)
-    inv[order] = pos  # back to the caller's row order
-    out_w = wc.reshape(r, k, w)[inv] if keep_words else None
-    return ChunkDistances(stream, items, dist.reshape(r, k)[inv], gap.reshape(r, k)[inv], out_w)
+    return ChunkDistances(order, st_sorted, it, dist.reshape(r, k), gap.reshape(r, k), local,
+                          None if byte_dist is None else byte_dist.reshape(r, k))

@@ -6,7 +6,7 @@ import sys
 import time
 import warnings
 from itertools import chain
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -33,20 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace -> CSV: write seq,phase,pos,token,layer,expert_0..,weight_0.. (lossless)")
     p.add_argument("--model", metavar="MODEL.gguf", help="CSV -> trace: the model the log was captured from")
     add_output_options(p, default="table")
-
-
-def run_capturing_warnings(fn: Callable[[], Any]) -> Any:
-    """Run fn; print each gguf-experts warning it raised as one line on stderr (recovered trace, other
-    quantization); warnings from other packages go on to Python's usual handling."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fn()
-    for w in caught:
-        if w.category.__module__.startswith("gguf_experts"):
-            sys.stderr.write(f"gguf-experts: warning: {w.message}\n")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return result
 
 
 def _is_csv_log(args: argparse.Namespace) -> bool:
@@ -114,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     work = _csv_to_trace if _is_csv_log(args) else _trace_to_csv
     if args.detail and work is _csv_to_trace:
         raise InputError("--detail applies to trace -> CSV; a CSV log's form is read from its header line")
-    info = run_capturing_warnings(lambda: work(args))
+    info = work(args)
     emit(Output(pd.DataFrame([info]), document=info,
                 text=f"{info['direction']}: {info['rows']} rows, {info['input']} -> {info['output']}\n"),
          args.format, args.output)

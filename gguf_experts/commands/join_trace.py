@@ -7,7 +7,6 @@ import pandas as pd
 
 from ..join import HeatResult, join
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
-from .convert import run_capturing_warnings
 
 NAME = "join-trace"
 HELP = "join a trace with its model: activations and bytes read per expert, expert slice (tensor) or file page"
@@ -46,7 +45,7 @@ def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> int:
-    res: HeatResult = run_capturing_warnings(lambda: join(args.trace, args.model))
+    res: HeatResult = join(args.trace, args.model)
     df = frame_for(res, args.by, args.page_size)
     doc = {"summary": res.summary, "layers": frame_records(res.layers), "by": args.by, "rows": frame_records(df)}
     if args.by == "page":

@@ -1,0 +1,61 @@
+"""Shared, generic fixtures: run the CLI in-process, and write a small MoE GGUF of any type mix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from gguf_experts.cli import main
+from gguf_experts.gguf_writer import TensorSpec, write_gguf
+
+
+@dataclass
+class CliResult:
+    rc: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Call gguf_experts.cli.main([...]) in-process and return its exit code, stdout and stderr."""
+    def run(*argv: Any) -> CliResult:
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        cap = capsys.readouterr()
+        return CliResult(rc, cap.out, cap.err)
+    return run
+
+
+def small_moe_tensors(n_layer: int = 2, n_expert: int = 4, n_embd: int = 64, n_ff: int = 32,
+                      exp_type: str = "Q8_0", down_type: str = "Q8_0") -> list[TensorSpec]:
+    """A qwen3moe-like tensor list: token_embd, per layer attention + router + gate/up/down experts."""
+    t = [TensorSpec.make("token_embd.weight", (n_embd, 50), "F32")]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t += [TensorSpec.make(p + "attn_norm.weight", (n_embd,), "F32"),
+              TensorSpec.make(p + "attn_q.weight", (n_embd, n_embd), "F16"),
+              TensorSpec.make(p + "ffn_gate_inp.weight", (n_embd, n_expert), "F32"),
+              TensorSpec.make(p + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert), exp_type),
+              TensorSpec.make(p + "ffn_up_exps.weight", (n_embd, n_ff, n_expert), exp_type),
+              TensorSpec.make(p + "ffn_down_exps.weight", (n_ff, n_embd, n_expert), down_type)]
+    t += [TensorSpec.make("output_norm.weight", (n_embd,), "F32"),
+          TensorSpec.make("output.weight", (n_embd, 50), "F16")]
+    return t
+
+
+def small_moe_kv(n_layer: int = 2, n_expert: int = 4, k: int = 2, arch: str = "qwen3moe") -> dict[str, Any]:
+    return {"general.architecture": arch, "general.name": "small-moe", f"{arch}.block_count": n_layer,
+            f"{arch}.expert_count": n_expert, f"{arch}.expert_used_count": k,
+            f"{arch}.expert_feed_forward_length": 32}
+
+
+@pytest.fixture
+def small_moe(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: write a small MoE GGUF (sparse data) into tmp_path; keyword args go to write_gguf."""
+    def make(name: str = "small.gguf", n_layer: int = 2, n_expert: int = 4, **kw: Any) -> Path:
+        return write_gguf(tmp_path / name, small_moe_kv(n_layer, n_expert),
+                          small_moe_tensors(n_layer, n_expert), **kw)
+    return make
