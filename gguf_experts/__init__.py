@@ -5,4 +5,13 @@ __version__ = "0.1.0"
 
 from .errors import GGUFExpertsError  # noqa: E402
 
-__all__ = ["GGUFExpertsError", "__version__"]
+__all__ = ["GGUFExpertsError", "Recorder", "capture", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """``Recorder`` and ``capture`` load llama-cpp-python only when used (the [live] extra)."""
+    if name in ("Recorder", "capture"):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.trace.capture"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

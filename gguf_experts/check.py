@@ -163,7 +163,7 @@ def check(rs: RangeSet) -> pd.DataFrame:
                 out.append(_finding("past_eof", fname, names[pi], [""] * len(pi), s, end[pi],
                                     [f"{n}: {e - s} bytes missing past the end of the {info.size}-byte file "
                                      "(truncated download?)" for n, s, e in zip(names[pi], s, end[pi])]))
-        whole = g["expert_id"].isna().to_numpy()
+        whole = (g["expert_id"].fillna(0) == 0).to_numpy(dtype=bool)  # tensors and the first slice of each
         align = info.alignment
         if align:
             base = info.data_offset or 0

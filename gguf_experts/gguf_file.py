@@ -25,6 +25,7 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 SMALL_ARRAY = 64  # arrays up to this many elements are decoded into Python lists
+MAX_NESTING = 32  # arrays of arrays deeper than this are corrupt (and would exhaust Python's stack)
 
 
 class ValueType(IntEnum):
@@ -141,6 +142,7 @@ class _Parser:
         self.bo = byteorder
         self.version = version
         self.off = 0
+        self.depth = 0
         self._structs: dict[str, struct.Struct] = {}
 
     def fail(self, what: str) -> GGUFFormatError:
@@ -198,35 +200,45 @@ class _Parser:
         if vtype == ValueType.STRING:
             return self.string(key)
         if vtype == ValueType.ARRAY:
-            etype = self.u32(f"element type of array {key}")
-            if etype not in ValueType.__members__.values():
-                raise self.fail(f"array {key!r} has unknown element type {etype}")
-            count = self.u64(f"length of array {key}")
-            left = self.size - self.off
-            min_elem = struct.calcsize(_SCALAR[etype][0]) if etype in _SCALAR else (8 if etype == ValueType.STRING else 12)
-            if count * min_elem > left:
-                raise self.fail(f"array {key!r} claims {count} elements, at least {count * min_elem} bytes, "
-                                f"only {left} left in the file")
-            start = self.off
-            if etype in _SCALAR:
-                nbytes = count * min_elem
-                if decode_all or count <= SMALL_ARRAY:
-                    dt = np.dtype(self.bo + _SCALAR[etype][1])
-                    arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=start)
-                    self.off += nbytes
-                    out = arr.tolist()
-                    return [bool(x) for x in out] if etype == ValueType.BOOL else out
-                self.off += nbytes
-                return LazyArray(self.path, self.bo, etype, count, start, nbytes)
-            if decode_all or count <= SMALL_ARRAY:
-                return [self.value(etype, decode_all, key) for _ in range(count)]
-            if etype == ValueType.STRING:
-                self.skip_strings(count)
-            else:  # arrays of arrays: walk them without keeping anything
-                for _ in range(count):
-                    self.value(etype, False, key)
-            return LazyArray(self.path, self.bo, etype, count, start, self.off - start)
+            if self.depth >= MAX_NESTING:
+                raise self.fail(f"array {key!r} is nested more than {MAX_NESTING} levels deep")
+            self.depth += 1
+            try:
+                return self._array(decode_all, key)
+            finally:
+                self.depth -= 1
         raise self.fail(f"unknown metadata value type {vtype} for key {key!r}")
+
+    def _array(self, decode_all: bool, key: str) -> Any:
+        """One array value (element type, count, elements); big ones are skipped and returned lazily."""
+        etype = self.u32(f"element type of array {key}")
+        if etype not in ValueType.__members__.values():
+            raise self.fail(f"array {key!r} has unknown element type {etype}")
+        count = self.u64(f"length of array {key}")
+        left = self.size - self.off
+        min_elem = struct.calcsize(_SCALAR[etype][0]) if etype in _SCALAR else (8 if etype == ValueType.STRING else 12)
+        if count * min_elem > left:
+            raise self.fail(f"array {key!r} claims {count} elements, at least {count * min_elem} bytes, "
+                            f"only {left} left in the file")
+        start = self.off
+        if etype in _SCALAR:
+            nbytes = count * min_elem
+            if decode_all or count <= SMALL_ARRAY:
+                dt = np.dtype(self.bo + _SCALAR[etype][1])
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=start)
+                self.off += nbytes
+                out = arr.tolist()
+                return [bool(x) for x in out] if etype == ValueType.BOOL else out
+            self.off += nbytes
+            return LazyArray(self.path, self.bo, etype, count, start, nbytes)
+        if decode_all or count <= SMALL_ARRAY:
+            return [self.value(etype, decode_all, key) for _ in range(count)]
+        if etype == ValueType.STRING:
+            self.skip_strings(count)
+        else:  # arrays of arrays: walk them without keeping anything
+            for _ in range(count):
+                self.value(etype, False, key)
+        return LazyArray(self.path, self.bo, etype, count, start, self.off - start)
 
 
 def _detect(buf: Any, path: Path) -> tuple[str, int]:
@@ -326,6 +338,8 @@ def shard_paths(path: Path) -> list[Path] | None:
     if not m:
         return None
     count = int(m["count"])
+    if not 1 <= int(m["no"]) <= count:  # "-00003-of-00002" or "-of-00000": not a shard name
+        return None
     return [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 

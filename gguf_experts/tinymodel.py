@@ -24,7 +24,7 @@ ARCHES = ("qwen3moe", "gpt-oss")
 QUANT_FTYPES: dict[str, int] = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "MXFP4_MOE": 38}
 DEMO_SEED = 0
 #: bump when the generator changes, so cached demo models are regenerated
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 
 class ModelBuildError(GGUFExpertsError):
@@ -60,7 +60,7 @@ def _tensors(arch: str, rng: np.random.Generator, n_layer: int, n_expert: int, n
     # skew (some experts are popular) on top of per-token variety.
     shared = rng.standard_normal(n_embd)
     shared /= np.linalg.norm(shared)
-    emb = rng.standard_normal((n_vocab, n_embd)) + 0.8 * np.sqrt(n_embd) * shared
+    emb = rng.standard_normal((n_vocab, n_embd)) + 0.5 * np.sqrt(n_embd) * shared
     yield "token_embd.weight", emb.astype(dtype)
     yield "output_norm.weight", ones(n_embd)
     yield "output.weight", w(n_vocab, n_embd, scale=1.0 / np.sqrt(n_embd))
@@ -85,7 +85,7 @@ def _tensors(arch: str, rng: np.random.Generator, n_layer: int, n_expert: int, n
             yield p + "attn_k_norm.weight", ones(head_dim)
         if arch != "gpt-oss":
             yield p + "ffn_norm.weight", ones(n_embd)
-        popularity = rng.standard_normal(n_expert) * 1.5
+        popularity = rng.standard_normal(n_expert)
         router = rng.standard_normal((n_expert, n_embd)) * (2.0 / np.sqrt(n_embd))
         router += np.outer(popularity, shared) * (1.0 / np.sqrt(n_embd))
         yield p + "ffn_gate_inp.weight", router.astype(np.float32)

@@ -1,13 +1,16 @@
 """Shared, generic fixtures: run the CLI in-process, and write a small MoE GGUF of any type mix."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import ggml_ref
 import pytest
 
 from gguf_experts.cli import main
+from gguf_experts.gguf_file import read_header
 from gguf_experts.gguf_writer import TensorSpec, write_gguf
 
 
@@ -54,8 +57,11 @@ def small_moe_kv(n_layer: int = 2, n_expert: int = 4, k: int = 2, arch: str = "q
 
 @pytest.fixture
 def small_moe(tmp_path: Path) -> Callable[..., Path]:
-    """Factory: write a small MoE GGUF (sparse data) into tmp_path; keyword args go to write_gguf."""
+    """Factory: write a small MoE GGUF (sparse data) into tmp_path; keyword args go to write_gguf.
+    Little-endian files are also read by libggml (where llama_cpp is installed) and must agree with us."""
     def make(name: str = "small.gguf", n_layer: int = 2, n_expert: int = 4, **kw: Any) -> Path:
-        return write_gguf(tmp_path / name, small_moe_kv(n_layer, n_expert),
-                          small_moe_tensors(n_layer, n_expert), **kw)
+        p = write_gguf(tmp_path / name, small_moe_kv(n_layer, n_expert), small_moe_tensors(n_layer, n_expert), **kw)
+        if kw.get("byteorder", "<") == "<" and ggml_ref.lib_path() is not None:
+            ggml_ref.assert_matches_ggml(read_header(p))
+        return p
     return make

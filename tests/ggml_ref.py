@@ -14,8 +14,8 @@ from pathlib import Path
 def lib_path() -> Path | None:
     """libggml-base.so of the installed llama_cpp package, or None when llama_cpp is not importable."""
     try:
-        import llama_cpp  # noqa: F401  (importing loads and checks the package)
-    except Exception:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError):  # not installed, or its libraries do not load
         return None
     libdir = Path(llama_cpp.__file__).parent / "lib"
     for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
@@ -116,7 +116,7 @@ def read_ref(path: str | os.PathLike[str]) -> RefHeader | None:
         L.gguf_free(ctx)
 
 
-def assert_matches_ggml(header: "object") -> None:
+def assert_matches_ggml(header: object) -> None:
     """Assert that libggml reads a little-endian file exactly as our GGUFHeader says: data offset,
     alignment, and every tensor's name, type, data-relative offset and size. Skips nothing silently:
     callers decide when libggml applies (little-endian only)."""

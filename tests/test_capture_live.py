@@ -208,10 +208,57 @@ def test_cli_capture_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     bad.write_bytes(bytes(data[: len(data) // 2]))  # header intact, tensor data cut off
     assert main(["capture", str(bad), "-p", "hi", "-o", str(tmp_path / "x.bin")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "bad.gguf" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "bad.gguf" in err and "not within the file bounds" in err
+    assert not (tmp_path / "x.bin").exists()  # a refused model leaves no trace file
     jl = tmp_path / "e.jsonl"
     jl.write_text('{"nothing": 1}\n')
     assert main(["capture", str(good), "--jsonl", str(jl), "-o", str(tmp_path / "y.bin")]) == 2
     assert "e.jsonl:1" in capsys.readouterr().err
     assert main(["capture", str(good), "-p", "x" * 300, "-c", "64", "-o", str(tmp_path / "z.bin")]) == 2
     assert "ctx-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+def test_cli_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                  fmt: str) -> None:
+    monkeypatch.setenv("GGUF_EXPERTS_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "demo"
+    assert main(["demo", "--dir", str(d), "-n", "4", "--format", fmt, "--threads", "2"]) == 0
+    text = capsys.readouterr().out
+    tr = read_trace(d / "demo.bin")
+    assert sorted(set(tr.seq.tolist())) == [0, 1, 2, 3] and tr.weights is not None
+    assert (tr.phase == PHASE_DECODE).sum() == 4 * 4 * tr.header.fingerprint.n_layer
+    if fmt == "json":
+        doc = json.loads(text)
+        assert [k["kind"] for k in doc["kinds"]] == ["code", "chat", "math", "story"]
+        assert doc["summary"]["tokens"] == sum(k["tokens"] for k in doc["kinds"])
+    elif fmt == "csv":
+        df = pd.read_csv(__import__("io").StringIO(text))
+        assert df["kind"].tolist() == ["code", "chat", "math", "story"] and (df["decode"] == 4).all()
+    else:
+        assert "bytes per component" in text and "hottest experts" in text and str(d / "demo.bin") in text
+
+
+def test_ctrl_c_leaves_a_complete_trace(tmp_path: Path, models: dict[str, Path]) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    import warnings
+
+    out = tmp_path / "t.bin"
+    proc = subprocess.Popen([sys.executable, "-m", "gguf_experts", "capture", str(models["qwen3moe"]), "-p", "go",
+                             "-n", "200000", "-c", "200100", "--ignore-eos", "--threads", "1", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and (not out.exists() or out.stat().st_size < 20000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a torn record would warn (TraceRecoveryWarning)
+        tr = read_trace(out)
+    n_layer = tr.header.fingerprint.n_layer
+    assert len(tr) > 100 and (tr.phase == PHASE_DECODE).sum() % n_layer == 0  # whole ubatches only

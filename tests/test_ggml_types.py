@@ -1,9 +1,9 @@
 """The ggml type table against libggml (ground truth) and gguf-py (with its known differences listed)."""
 from __future__ import annotations
 
+import ggml_ref
 import pytest
 
-import ggml_ref
 from gguf_experts.errors import GGUFExpertsError, UnsupportedTypeError
 from gguf_experts.ggml_types import REMOVED, TYPE_COUNT, TYPES, by_name, ggml_type
 

@@ -103,3 +103,19 @@ def test_cli_make_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt:
     assert open_model(out).expert_count == 8
     assert main(["make-model", str(tmp_path / "y.gguf"), "--experts", "2", "--top-k", "3"]) == 2
     assert "n_expert_used" in capsys.readouterr().err
+
+
+def test_live_unavailable_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    import gguf_experts
+    from gguf_experts.errors import LiveUnavailableError
+    from gguf_experts.trace import ggml_ctypes
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    monkeypatch.setattr(ggml_ctypes, "_llama_cpp", None)
+    rec = gguf_experts.Recorder(tmp_path / "t.bin")  # lazily exported; no llama_cpp needed yet
+    with pytest.raises(LiveUnavailableError, match=r"pip install 'gguf-experts\[live\]'"):
+        rec.llama(make_tiny_model(tmp_path / "m.gguf"))
+    assert not (tmp_path / "t.bin").exists()
+    assert main(["capture", str(tmp_path / "m.gguf"), "-p", "hi", "-o", str(tmp_path / "t.bin")]) == 2

@@ -102,8 +102,10 @@ def frame_matrix(experts: pd.DataFrame, n_expert: int | None = None) -> tuple[np
     return layers, m
 
 
-def diff_frames(experts_a: pd.DataFrame, experts_b: pd.DataFrame) -> ShareDiff:
-    """share_diff of two ``HeatResult.experts`` frames (layers aligned by number)."""
+def diff_frames(experts_a: pd.DataFrame, experts_b: pd.DataFrame, layers_a: pd.DataFrame | None = None,
+                layers_b: pd.DataFrame | None = None) -> ShareDiff:
+    """share_diff of two ``HeatResult.experts`` frames (layers aligned by number); the optional
+    ``HeatResult.layers`` frames supply tokens per layer."""
     la, ma = frame_matrix(experts_a)
     lb, mb = frame_matrix(experts_b)
     if ma.shape[1] != mb.shape[1]:
@@ -113,7 +115,12 @@ def diff_frames(experts_a: pd.DataFrame, experts_b: pd.DataFrame) -> ShareDiff:
     full_b = np.zeros_like(full_a)
     full_a[np.searchsorted(layers, la)] = ma
     full_b[np.searchsorted(layers, lb)] = mb
-    return share_diff(full_a, full_b, layers=layers)
+
+    def tokens(ly: pd.DataFrame | None) -> np.ndarray | None:
+        if ly is None:
+            return None
+        return ly.set_index("layer")["tokens"].reindex(layers).fillna(0).to_numpy(dtype=np.int64)
+    return share_diff(full_a, full_b, layers=layers, tokens_a=tokens(layers_a), tokens_b=tokens(layers_b))
 
 
 def top_changes(diff: ShareDiff, per_layer: int = 3) -> pd.DataFrame:

@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import InputError
 
 COLD = -1  # distance of a first use (a compulsory miss at every capacity)
+_BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
 
 
 def words_for(n_items: int) -> int:
@@ -37,9 +38,20 @@ def row_bits(items: np.ndarray, n_words: int) -> np.ndarray:
     r, k = items.shape
     flat = items.reshape(-1)
     bits = np.zeros((r * k, n_words), np.uint64)
-    bits.reshape(-1)[np.arange(r * k) * n_words + (flat >> 6)] = np.left_shift(
-        np.uint64(1), (flat & 63).astype(np.uint64))
+    if n_words == 1:
+        bits[:, 0] = np.take(_BIT, flat & 63)
+    else:
+        bits.reshape(-1)[np.arange(r * k) * n_words + (flat >> 6)] = np.take(_BIT, flat & 63)
     return bits.reshape(r, k, n_words)
+
+
+def _or_slots_into(bits: np.ndarray, part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row OR [R, W], inclusive prefix OR over slots written into part [R, k, W]): k vectorised steps,
+    faster than ufunc.reduce/accumulate over the short slot axis."""
+    part[:, 0] = bits[:, 0]
+    for j in range(1, bits.shape[1]):
+        np.bitwise_or(part[:, j - 1], bits[:, j], out=part[:, j])
+    return part[:, -1], part
 
 
 def _as_records(a: np.ndarray) -> np.ndarray:
@@ -124,17 +136,36 @@ def _order_by_stream(stream: np.ndarray, n_streams: int) -> np.ndarray:
     return np.argsort(stream.astype(dt, copy=False), kind="stable")  # radix sort for 16-bit keys
 
 
-def _ahead(state: StackState, w: int) -> np.ndarray:
-    """ahead[s, item]: bitset of the items more recent than item at the current point (chunk start)."""
+def _ranks(state: StackState) -> np.ndarray:
+    """rank[s * n_items + item]: the item's position in its stream's recency list now (0 = most recent);
+    a permutation per stream (items never used take the last positions)."""
     s_n, n_items = state.n_streams, state.n_items
-    ranked = np.argsort(-state.last, axis=1, kind="stable")
-    onehot = row_bits(ranked.reshape(-1, 1), w).reshape(s_n, n_items, w)
+    ranked = np.argsort(-state.last, axis=1)  # keys of used items are distinct: no stable sort needed
+    rank = np.empty(s_n * n_items, np.int64)
+    rank[(np.arange(s_n)[:, None] * n_items + ranked).reshape(-1)] = np.tile(np.arange(n_items), s_n)
+    return rank
+
+
+def _low_masks(n_items: int, w: int) -> np.ndarray:
+    """[n_items, W]: row r has bits 0..r-1 set (the items ranked ahead of rank r)."""
+    r = np.arange(n_items)
+    j = np.arange(w)[None, :]
+    q, rem = (r >> 6)[:, None], (r & 63).astype(np.uint64)[:, None]
+    part = np.left_shift(np.uint64(1), rem) - np.uint64(1)
+    return np.where(j < q, np.uint64(~np.uint64(0)), np.where(j == q, part, np.uint64(0))).astype(np.uint64)
+
+
+def _ahead(state: StackState, w: int) -> np.ndarray:
+    """ahead[s * n_items + item]: bitset (by item id) of the items more recent than item now."""
+    s_n, n_items = state.n_streams, state.n_items
+    ranked = np.argsort(-state.last, axis=1)
+    onehot = row_bits(ranked, w)  # [S, n_items, W] in recency order
     incl = np.bitwise_or.accumulate(onehot, axis=1)
     excl = np.zeros_like(incl)
     excl[:, 1:] = incl[:, :-1]
-    ahead = np.empty_like(excl)
-    ahead[np.repeat(np.arange(s_n), n_items), ranked.reshape(-1)] = excl.reshape(-1, w)
-    return ahead.reshape(s_n * n_items, w)
+    ahead = np.empty((s_n * n_items, w), np.uint64)
+    ahead[(np.arange(s_n)[:, None] * n_items + ranked).reshape(-1)] = excl.reshape(-1, w)
+    return ahead
 
 
 def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
@@ -162,56 +193,66 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     seg_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
     pos = np.arange(r, dtype=np.int64)
     local = state.rows[st_sorted] + (pos - seg_start[st_sorted])  # stream-local row index
-    flat_item = it.reshape(-1)
+    n = r * k
+    acc_row = np.repeat(pos, k)
     flat_stream = np.repeat(st_sorted, k)
-    g = flat_stream * n_items + flat_item
+    g = flat_stream * n_items + it.reshape(-1)  # (stream, item) as one id
     srt = np.argsort(g.astype(np.uint16) if s_n * n_items <= 1 << 16 else g, kind="stable")
     gs = g[srt]
     same = gs[1:] == gs[:-1]
     cur, prv = srt[1:][same], srt[:-1][same]
-    if cur.size and (cur // k == prv // k).any():
-        bad = cur[cur // k == prv // k][0]
-        raise InputError(f"a row of layer/stream {int(flat_stream[bad])} lists expert {int(flat_item[bad]) % n_items} "
+    dup = np.take(acc_row, cur) == np.take(acc_row, prv)
+    if dup.any():
+        bad = int(cur[dup][0])
+        raise InputError(f"a row of layer/stream {int(flat_stream[bad])} lists expert {int(g[bad]) % n_items} "
                          "twice; top-k selections are distinct, so the trace is damaged")
-    prev = np.full(r * k, -1, np.int64)  # flat index of the previous use in this chunk
+    prev = np.full(n, -1, np.int64)  # flat index of the previous use in this chunk
     prev[cur] = prv
     in_chunk = prev >= 0
-    carried_row = state.last_row[flat_stream, flat_item]
+    carried_row = np.take(state.last_row.reshape(-1), g)
     cold = ~in_chunk & (carried_row < 0)
-    before = ~in_chunk & ~cold
 
-    bits = row_bits(it, w)
-    st_rec = _as_records(_sparse_table(np.bitwise_or.reduce(bits, axis=1)))
-    acc_row = np.repeat(pos, k)
-    dist_bits = np.zeros((r * k, w), np.uint64)
-    ia = np.flatnonzero(in_chunk)
-    if ia.size:  # (a) rows strictly between + (b) earlier slots of the previous use's row
-        pa = prev[ia]
-        prow, pslot = pa // k, pa % k
-        part = _as_records(np.bitwise_or.accumulate(bits, axis=1)).reshape(-1)  # inclusive prefix over slots
-        pre = np.take(part, np.maximum(pa - 1, 0)).view(np.uint64).reshape(-1, w).copy()
-        pre[pslot == 0] = 0
-        dist_bits[ia] = _range_or(st_rec, r, w, prow + 1, acc_row[ia]) | pre
-    ib = np.flatnonzero(before)
-    if ib.size:  # (c) ahead in the recency order at the chunk start + (a) rows of this chunk before
-        sb = flat_stream[ib]
-        ahead = np.take(_as_records(_ahead(state, w)), sb * n_items + flat_item[ib])
-        dist_bits[ib] = ahead.view(np.uint64).reshape(-1, w) | _range_or(st_rec, r, w, seg_start[sb], acc_row[ib])
+    # the "earlier part" of the distance set: earlier slots of the previous use's row (previous use in
+    # this chunk), or the items ahead in the recency order at the chunk start (previous use before it).
+    # Without byte weights, bits are numbered by rank at the chunk start (popcounts do not care), so the
+    # items ahead of rank q are simply bits 0..q-1; byte weights need bits numbered by item id (one layer
+    # per word), and a per-chunk table of prefix ORs in recency order.
+    if word_bytes is None:
+        rank = _ranks(state)
+        bits = row_bits(np.take(rank, g).reshape(r, k), w)
+        pre = np.zeros((n + 1 + n_items, w), np.uint64)
+        pre[n + 1:] = _low_masks(n_items, w)
+        ahead_idx = n + 1 + np.take(rank, g)
+    else:
+        bits = row_bits(it, w)
+        pre = np.zeros((n + 1 + s_n * n_items, w), np.uint64)
+        pre[n + 1:] = _ahead(state, w)
+        ahead_idx = n + 1 + g
+    row_or, _ = _or_slots_into(bits, pre[:n].reshape(r, k, w))
+    pre_table = _as_records(pre)
+    st_rec = _as_records(_sparse_table(row_or))
+    slot = np.tile(np.arange(k), r)
+    pre_idx = np.where(in_chunk, np.where(np.take(slot, prev) > 0, prev - 1, n), ahead_idx)
+    pre_idx[cold] = n
+    prev_row = np.take(acc_row, prev)
+    start = np.where(in_chunk, prev_row + 1, seg_start[flat_stream])
+    start[cold] = acc_row[cold]
+    dist_bits = _range_or(st_rec, r, w, start, acc_row)
+    dist_bits |= np.take(pre_table, pre_idx).view(np.uint64).reshape(-1, w)
     dist = popcounts(dist_bits)
     dist[cold] = COLD
     byte_dist = None
     if word_bytes is not None:
         byte_dist = popcounts(dist_bits, word_bytes)
         byte_dist[cold] = np.inf
-    gap = np.full(r * k, COLD, np.int64)
-    gap[ia] = acc_row[ia] - prev[ia] // k
-    gap[ib] = local[acc_row[ib]] - carried_row[ib]
+    gap = np.where(in_chunk, acc_row - prev_row, local[acc_row] - carried_row)
+    gap[cold] = COLD
     # state update: the last use in this chunk of each (stream, item); its key orders slot 0 first
-    ends = np.ones(r * k, bool)
+    ends = np.ones(n, bool)
     ends[:-1] = ~same
     li = srt[ends]
-    state.last[flat_stream[li], flat_item[li]] = local[li // k] * k + (k - 1 - li % k)
-    state.last_row[flat_stream[li], flat_item[li]] = local[li // k]
+    state.last.reshape(-1)[g[li]] = local[li // k] * k + (k - 1 - li % k)
+    state.last_row.reshape(-1)[g[li]] = local[li // k]
     state.rows += counts
     return ChunkDistances(order, st_sorted, it, dist.reshape(r, k), gap.reshape(r, k), local,
                           None if byte_dist is None else byte_dist.reshape(r, k))

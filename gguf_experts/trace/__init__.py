@@ -29,7 +29,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """``Recorder`` and ``capture`` live in capture.py, which imports llama-cpp-python: load on first use."""
     if name in ("Recorder", "capture"):
-        from . import capture
+        import importlib  # not `from . import capture`: that looks up this __getattr__ again and recurses
 
-        return getattr(capture, name)
+        return getattr(importlib.import_module(f"{__name__}.capture"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import GGUFExpertsError, InputError
 from .format import PHASE_DECODE, PHASE_PREFILL, ModelFingerprint
-from .ggml_ctypes import GGMLTensor, LlamaLog, load_llama_cpp, read_rows, tensor_name
+from .ggml_ctypes import GGMLTensor, LlamaLog, load_llama_cpp, name_key_reader, read_rows
 
 #: weight stages in graph order; the last one the architecture builds is what the model applies
 WEIGHT_STAGES = ("ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
@@ -53,25 +53,42 @@ class MemorySink:
 
 
 class _Collector:
-    """What the eval callback gathers during one llama_decode; the decision per name is cached."""
+    """What the eval callback gathers during one llama_decode, and the caches that keep ``ask`` cheap.
 
-    def __init__(self, n_expert: int, k: int, weights: bool, extra: bool) -> None:
+    ``ask`` is called for every graph node (~45 per layer and token), so its cost is the capture's
+    overhead. The decision is cached per tensor pointer, one map per ubatch shape (n_tokens, n_outputs):
+    llama.cpp allocates a graph's nodes in the same order for the same shape, so a node keeps its address.
+    A miss reads the name (decided once per name). Positives are re-checked by name when their data is read,
+    and each ubatch must yield the MoE layers its shape yielded the first time: a stale map is detected,
+    never trusted silently.
+    """
+
+    def __init__(self, n_expert: int, k: int, weights: bool, extra: bool, down_norms: bool = False) -> None:
         self.n_expert, self.k = n_expert, k
         self.weights, self.extra = weights, extra
-        self.decisions: dict[bytes, tuple[int, int] | None] = {}  # name -> (what, layer) or None
+        self.down_norms = down_norms  # observe ffn_moe_down: L2 norm of each selected expert's output (REAP)
+        self.decisions: dict[bytes, tuple[int, int] | None] = {}  # name key -> (what, layer) or None
+        self.by_shape: dict[tuple[int, int], dict[int, Any]] = {}  # ubatch shape -> {pointer: decision}
+        self.layers_by_shape: dict[tuple[int, int], int] = {}
         self.final_stage: dict[int, int] = {}  # layer -> index into WEIGHT_STAGES, learnt from the graph
+        self.state: list[Any] = [{}]  # [pointer map of the ubatch being decoded]; read by the callback
+        self.read_key = name_key_reader()
         self.reset()
         self.error: BaseException | None = None
         self.skipped_warmup = 0
-        self.c_callback = None
+        self.stale_pointers = 0
 
-    def reset(self) -> None:
+    def reset(self, shape: tuple[int, int] = (0, 0)) -> None:
         self.topk: dict[int, np.ndarray] = {}
         self.w: dict[int, tuple[int, np.ndarray]] = {}
         self.extras: dict[str, dict[int, np.ndarray]] = {}
+        self.down: dict[int, np.ndarray] = {}  # layer -> [rows, k] output norms (down_norms only)
+        self.shape = shape
+        self.state[0] = self.by_shape.setdefault(shape, {})
 
-    def _decide(self, name: bytes) -> tuple[int, int] | None:
-        m = _NAME_RE.match(name.decode("utf-8", "replace"))
+    def _decide(self, key: bytes) -> tuple[int, int] | None:
+        """Parse a name once: (what, layer) to observe, or None. what: -1 topk, 0-2 weight stage, 100+ extra."""
+        m = _NAME_RE.match(key.split(b"\0", 1)[0].decode("utf-8", "replace"))
         what = None
         if m:
             base, layer = m.group(1), int(m.group(2))
@@ -83,34 +100,80 @@ class _Collector:
                     what = stage
             elif self.extra and base in EXTRA_NAMES:
                 what = 100 + EXTRA_NAMES.index(base)
+            elif self.down_norms and base == "ffn_moe_down":
+                what = 200
         d = None if what is None else (what, int(m.group(2)))  # type: ignore[union-attr]
-        self.decisions[name] = d
+        self.decisions[key] = d
         return d
 
-    def __call__(self, t: int, ask: bool, _ud: Any) -> bool:
-        try:
-            name = tensor_name(t)
-            d = self.decisions.get(name, 0)
-            if d == 0:
-                d = self._decide(name)
-            if ask or d is None:
-                return d is not None
-            what, layer = d
-            if what == -1:
-                if GGMLTensor.from_address(t).ne[0] != self.k:  # warm-up graph: n_expert_used = n_expert
-                    self.skipped_warmup += 1
-                    return True
-                self.topk[layer] = read_rows(t, self.k)
-            elif what < 100:
-                prev = self.w.get(layer)
-                if prev is None or what >= prev[0]:
-                    self.w[layer] = (what, read_rows(t, self.k))
-            else:
-                self.extras.setdefault(EXTRA_NAMES[what - 100], {})[layer] = read_rows(t, self.n_expert)
-            return True
-        except BaseException as e:  # noqa: BLE001  never raise into C; re-raised after llama_decode
-            self.error = e
-            return False
+    def _miss(self, t: int) -> Any:
+        """Decision for a pointer not in this shape's map: by its name; positives keep the name key."""
+        key = self.read_key(t)
+        d = self.decisions.get(key, 0)
+        if d == 0:
+            d = self._decide(key)
+        v = None if d is None else (d[0], d[1], key)
+        self.state[0][t] = v
+        return v
+
+    def make_callback(self) -> Callable[[int, bool, Any], bool]:
+        """The eval callback: a closure whose ask path for a known node is one dict lookup."""
+        state = self.state
+        miss = self._miss
+        take = self._take
+
+        def cb(t: int, ask: bool, _ud: Any) -> bool:
+            try:
+                v = state[0].get(t, 0)
+                if v is None:
+                    return False
+                if v == 0:
+                    v = miss(t)
+                    if v is None:
+                        return False
+                if not ask:
+                    take(t, v)
+                return True
+            except BaseException as e:  # noqa: BLE001  never raise into C; re-raised after llama_decode
+                self.error = e
+                return False
+
+        return cb
+
+    def _take(self, t: int, v: tuple[int, int, bytes]) -> None:
+        what, layer, key = v
+        if self.read_key(t) != key:  # the node at this address is another tensor now: forget the map
+            self.stale_pointers += 1
+            self.state[0].clear()
+            v2 = self._miss(t)
+            if v2 is None:
+                return
+            what, layer, key = v2
+        if what == -1:
+            if GGMLTensor.from_address(t).ne[0] != self.k:  # warm-up graph: n_expert_used = n_expert
+                self.skipped_warmup += 1
+                return
+            self.topk[layer] = read_rows(t, self.k)
+        elif what == 200:  # ffn_moe_down [n_embd, n_used, n_tok]: one L2 norm per token and slot
+            ne = GGMLTensor.from_address(t).ne
+            rows = read_rows(t, int(ne[0])).astype(np.float64)
+            self.down[layer] = np.sqrt(np.einsum("ij,ij->i", rows, rows)).reshape(int(ne[2]), int(ne[1]))
+        elif what < 100:
+            prev = self.w.get(layer)
+            if prev is None or what >= prev[0]:
+                self.w[layer] = (what, read_rows(t, self.k))
+        else:
+            self.extras.setdefault(EXTRA_NAMES[what - 100], {})[layer] = read_rows(t, self.n_expert)
+
+    def check_complete(self) -> None:
+        """Each ubatch of a shape yields as many MoE layers as the first one of that shape did."""
+        n = len(self.topk)
+        first = self.layers_by_shape.setdefault(self.shape, n)
+        if n != first:
+            self.by_shape.clear()
+            self.state[0] = self.by_shape.setdefault(self.shape, {})
+            raise CaptureError(f"a ubatch of shape {self.shape} yielded {n} MoE layers, earlier ones {first}: "
+                               "llama.cpp's graph changed under the capture's node cache; please report this")
 
     def learn_stages(self) -> None:
         """After the first ubatch: observe from now on only the last weight stage of each layer."""
@@ -121,6 +184,8 @@ class _Collector:
                 changed = True
         if changed:
             self.decisions.clear()
+            for m in self.by_shape.values():
+                m.clear()
 
 
 class TracedLlama:
@@ -131,7 +196,8 @@ class TracedLlama:
 
     def __init__(self, model_path: str | os.PathLike[str], sink: Sink, fingerprint: ModelFingerprint,
                  weights: bool = False, n_ctx: int = 2048, n_ubatch: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, observe_extra: bool = False, trace: bool = True) -> None:
+                 n_gpu_layers: int = 0, observe_extra: bool = False, trace: bool = True,
+                 observe_down_norms: bool = False) -> None:
         self.lc = load_llama_cpp()
         lc = self.lc
         self.sink, self.fp = sink, fingerprint
@@ -148,7 +214,8 @@ class TracedLlama:
             raise CaptureError(f"{model_path}: llama.cpp could not load the model: {log.tail()}")
         self.vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
-        self.collector = _Collector(fingerprint.n_expert, fingerprint.n_expert_used, weights, observe_extra)
+        self.collector = _Collector(fingerprint.n_expert, fingerprint.n_expert_used, weights, observe_extra,
+                                    down_norms=observe_down_norms)
         self.extras_log: list[dict[str, Any]] = []
         cp = lc.llama_context_default_params()
         cp.n_ctx = self.n_ctx
@@ -157,8 +224,9 @@ class TracedLlama:
         threads = int(n_threads or max(1, min(os.cpu_count() or 1, 8)))
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
+        self._traced = trace
         if trace:
-            self._cb = lc.ggml_backend_sched_eval_callback(self.collector)  # keep a reference
+            self._cb = lc.ggml_backend_sched_eval_callback(self.collector.make_callback())  # keep a reference
             cp.cb_eval = self._cb
             cp.cb_eval_user_data = None
         with LlamaLog() as log:
@@ -233,7 +301,7 @@ class TracedLlama:
         self._logits[:n] = out
         self._batch.n_tokens = n
         col = self.collector
-        col.reset()
+        col.reset((n, int(out.sum())))
         col.error = None
         rc = self.lc.llama_decode(self._ctx, self._batch)
         if col.error is not None:
@@ -241,6 +309,8 @@ class TracedLlama:
             raise err
         if rc != 0:
             raise CaptureError(f"llama_decode failed (rc {rc}) at sequence {self.seq}, position {self.n_past}")
+        if self._traced:
+            col.check_complete()
         self.n_past += n
         self.tokens_done += n
         self._last_logits_row = int(np.flatnonzero(out)[-1]) if out.any() else -1
@@ -251,15 +321,16 @@ class TracedLlama:
         if col.weights and col.w and len(col.final_stage) < len(col.w):
             col.learn_stages()
         n_out = int(out.sum())
+        recs = []
         for layer in sorted(col.topk):
             ids = col.topk[layer]
             rows = ids.shape[0]
             if rows == 0:
                 continue
             if rows == len(tokens):
-                sel = slice(None)
+                sel: Any = slice(None)
             elif rows == n_out:  # last layer after get_rows(inp_out_ids): output rows only
-                sel = out  # type: ignore[assignment]
+                sel = out
             else:
                 raise CaptureError(f"layer {layer}: ffn_moe_topk has {rows} rows for a ubatch of {len(tokens)} "
                                    f"tokens with {n_out} outputs; this llama.cpp graph is not understood")
@@ -270,7 +341,13 @@ class TracedLlama:
                     raise CaptureError(f"layer {layer}: no gate weights ({', '.join(WEIGHT_STAGES)}) found in "
                                        "the graph; capture without --weights")
                 w = got[1]
-            self.sink.write(self.seq, phase, layer, pos[sel], tokens[sel], ids, w)
+            recs.append((layer, pos[sel], tokens[sel], ids, w))
+        # one write() per record (~7 us): a crash loses at most the record being written
+        for layer, p, tk, ids, w in recs:
+            if col.down_norms:  # the sink takes the norms as a keyword (profile's sink; see observe_down_norms)
+                self.sink.write(self.seq, phase, layer, p, tk, ids, w, down_norms=col.down.get(layer))
+            else:
+                self.sink.write(self.seq, phase, layer, p, tk, ids, w)
         if col.extra:
             self.extras_log.append(dict(seq=self.seq, phase=phase, pos=pos, tokens=tokens, out=out,
                                         topk=dict(col.topk), weights={k: v[1] for k, v in col.w.items()},
@@ -361,18 +438,22 @@ class Recorder:
         fp = model_fingerprint(model_path)
         if self.fingerprint is not None and fp != self.fingerprint:
             raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
-        if self.sink is None:
-            from .writer import TraceWriter
-            import llama_cpp  # noqa: F401  (version for the header; load_llama_cpp checked it is there)
-
-            meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
-                    "n_ubatch": n_ubatch, "weights": self.weights,
-                    "llama_cpp_python": getattr(llama_cpp, "__version__", "?"), **self.meta}
-            load_llama_cpp()
-            self.sink = TraceWriter(self.path, fp, meta)
-        self.fingerprint = fp
-        llm = TracedLlama(model_path, self.sink, fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
+        # load the model first: a model llama.cpp refuses leaves no trace file behind
+        llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
                           n_threads=n_threads, n_gpu_layers=n_gpu_layers, observe_extra=observe_extra)
+        try:
+            if self.sink is None:
+                from .writer import TraceWriter
+
+                meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
+                        "n_ubatch": n_ubatch, "weights": self.weights,
+                        "llama_cpp_python": getattr(llm.lc, "__version__", "?"), **self.meta}
+                self.sink = TraceWriter(self.path, fp, meta)
+        except BaseException:
+            llm.close()
+            raise
+        llm.sink = self.sink
+        self.fingerprint = fp
         self._llms.append(llm)
         return llm
 

@@ -1,0 +1,189 @@
+"""Expert activation statistics: counts and shares per (layer, expert), split by phase and sequence,
+never-activated experts and imbalance measures. One bincount per chunk: memory is bounded by the count
+matrices, not by the trace.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+
+PHASE_NAMES = ("prefill", "decode")
+
+
+def check_ids(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: int) -> None:
+    """Ids outside the model cannot come from a capture of it: refuse rather than miscount."""
+    if layer.size and (int(layer.min()) < 0 or int(layer.max()) >= n_layer):
+        raise InputError(f"trace has layer {int(layer.min() if layer.min() < 0 else layer.max())} outside "
+                         f"[0, {n_layer}); the trace is damaged or its header names another model")
+    if experts.size and (int(experts.min()) < 0 or int(experts.max()) >= n_expert):
+        raise InputError(f"trace has expert id {int(experts.min() if experts.min() < 0 else experts.max())} "
+                         f"outside [0, {n_expert}); the trace is damaged or its header names another model")
+
+
+def imbalance(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Imbalance of each row of a count matrix [rows, n]: max/mean, coefficient of variation, Gini and
+    entropy normalised by log(n) (1 = perfectly even, 0 = one expert takes everything). NaN for empty rows."""
+    c = np.atleast_2d(np.asarray(counts, np.float64))
+    n = c.shape[1]
+    total = c.sum(axis=1)
+    mean = total / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        max_mean = c.max(axis=1) / mean
+        cv = c.std(axis=1) / mean
+        srt = np.sort(c, axis=1)
+        i = np.arange(1, n + 1)
+        gini = ((2 * i - n - 1) * srt).sum(axis=1) / (n * total)
+        p = c / total[:, None]
+        ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(axis=1)
+        nent = ent / np.log(n) if n > 1 else np.full_like(ent, np.nan)
+    empty = total == 0
+    for a in (max_mean, cv, gini, nent):
+        a[empty] = np.nan
+    return {"max_mean": max_mean, "cv": cv, "gini": gini, "entropy": nent}
+
+
+@dataclass
+class StatsAccumulator:
+    """Counts updated chunk by chunk: activations per (phase, layer, expert), rows per (phase, layer) and
+    activations per (sequence, layer, expert) (memory: sequences x layers x experts int64)."""
+
+    n_layer: int
+    n_expert: int
+    counts: np.ndarray = field(init=False)  # int64 [2, L, M]
+    tokens: np.ndarray = field(init=False)  # int64 [2, L]
+    seq_counts: dict[int, np.ndarray] = field(default_factory=dict)  # seq -> int64 [L, M]
+    seq_tokens: dict[int, np.ndarray] = field(default_factory=dict)  # seq -> int64 [2] rows (all layers)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros((2, self.n_layer, self.n_expert), np.int64)
+        self.tokens = np.zeros((2, self.n_layer), np.int64)
+
+    def update(self, layer: np.ndarray, experts: np.ndarray, phase: np.ndarray, seq: np.ndarray) -> None:
+        if layer.size == 0:
+            return
+        L, M = self.n_layer, self.n_expert
+        check_ids(layer, experts, L, M)
+        if int(phase.max()) > 1:
+            raise InputError("trace has a phase other than 0 (prefill) / 1 (decode); the trace is damaged")
+        base = (phase.astype(np.int64) * L + layer) * M
+        self.counts += np.bincount((experts + base[:, None]).ravel(), minlength=2 * L * M).reshape(2, L, M)
+        self.tokens += np.bincount(phase.astype(np.int64) * L + layer, minlength=2 * L).reshape(2, L)
+        useqs, sidx = np.unique(seq, return_inverse=True)
+        per = np.bincount((sidx[:, None] * (L * M) + layer[:, None] * M + experts).ravel(),
+                          minlength=len(useqs) * L * M).reshape(len(useqs), L, M)
+        ptok = np.bincount(sidx * 2 + phase, minlength=len(useqs) * 2).reshape(len(useqs), 2)
+        for j, s in enumerate(useqs.tolist()):  # one step per distinct sequence of the chunk
+            if s in self.seq_counts:
+                self.seq_counts[s] += per[j]
+                self.seq_tokens[s] += ptok[j]
+            else:
+                self.seq_counts[s] = per[j].copy()
+                self.seq_tokens[s] = ptok[j].copy()
+
+    def layers_present(self) -> np.ndarray:
+        """MoE layers that have rows in the trace (dense layers never appear)."""
+        return np.flatnonzero(self.tokens.sum(axis=0) > 0)
+
+
+def expert_frame(acc: StatsAccumulator, expert_bytes: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per (layer, expert) of every layer in the trace, sorted by activations descending within a
+    layer: activations, share of the layer's activations, prefill/decode counts, rank and cumulative share."""
+    layers = acc.layers_present()
+    M = acc.n_expert
+    tot = acc.counts.sum(axis=0)[layers]  # [l, M]
+    order = np.argsort(-tot, axis=1, kind="stable")
+    sorted_c = np.take_along_axis(tot, order, axis=1)
+    layer_tot = tot.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(layer_tot > 0, sorted_c / layer_tot, 0.0)
+    lay = np.repeat(layers, M)
+    exp = order.ravel()
+    df = pd.DataFrame({
+        "layer": lay, "expert": exp, "activations": sorted_c.ravel(), "share": share.ravel(),
+        "prefill": acc.counts[0][lay, exp], "decode": acc.counts[1][lay, exp],
+        "rank": np.tile(np.arange(1, M + 1), len(layers)), "cum_share": np.cumsum(share, axis=1).ravel(),
+    })
+    if expert_bytes is not None:
+        b = expert_bytes[lay, exp]
+        df["bytes"] = b
+        df["bytes_read"] = b * df["activations"].to_numpy()
+    return df
+
+
+def layer_frame(acc: StatsAccumulator) -> pd.DataFrame:
+    """Per layer: tokens (prefill/decode), activations, never-activated experts, the share of activations
+    the top 10% of experts take, and the imbalance measures, overall and per phase."""
+    layers = acc.layers_present()
+    tot = acc.counts.sum(axis=0)[layers]
+    M = acc.n_expert
+    top_n = max(1, int(np.ceil(M * 0.1)))
+    srt = -np.sort(-tot, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        top_share = srt[:, :top_n].sum(axis=1) / tot.sum(axis=1)
+    df = pd.DataFrame({
+        "layer": layers, "tokens": acc.tokens.sum(axis=0)[layers], "tokens_prefill": acc.tokens[0][layers],
+        "tokens_decode": acc.tokens[1][layers], "activations": tot.sum(axis=1),
+        "never_activated": (tot == 0).sum(axis=1), "top10pct_share": top_share,
+    })
+    for name, v in imbalance(tot).items():
+        df[name] = v
+    for p, pname in enumerate(PHASE_NAMES):
+        for name, v in imbalance(acc.counts[p][layers]).items():
+            df[f"{name}_{pname}"] = v
+    return df
+
+
+def sequence_frame(acc: StatsAccumulator) -> pd.DataFrame:
+    """Per sequence (prompt): rows, distinct (layer, expert) pairs used, and imbalance averaged over layers."""
+    seqs = sorted(acc.seq_counts)
+    if not seqs:
+        return pd.DataFrame(columns=["seq", "tokens_prefill", "tokens_decode", "activations",
+                                     "experts_used", "experts_used_share", "gini_mean", "entropy_mean"])
+    layers = acc.layers_present()
+    stack = np.stack([acc.seq_counts[s][layers] for s in seqs])  # [S, l, M]
+    toks = np.stack([acc.seq_tokens[s] for s in seqs]) // max(1, len(layers))
+    S, nl, M = stack.shape
+    imb = imbalance(stack.reshape(S * nl, M))
+    used = (stack > 0).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore"):
+        g = np.nanmean(np.where(stack.sum(axis=2) > 0, imb["gini"].reshape(S, nl), np.nan), axis=1)
+        e = np.nanmean(np.where(stack.sum(axis=2) > 0, imb["entropy"].reshape(S, nl), np.nan), axis=1)
+    return pd.DataFrame({"seq": seqs, "tokens_prefill": toks[:, 0], "tokens_decode": toks[:, 1],
+                         "activations": stack.sum(axis=(1, 2)), "experts_used": used,
+                         "experts_used_share": used / (nl * M), "gini_mean": g, "entropy_mean": e})
+
+
+def stats_document(acc: StatsAccumulator, k: int, expert_bytes: np.ndarray | None = None) -> dict[str, Any]:
+    """JSON: per-layer arrays indexed by expert id (activation_counts, activation_frequency, ...)."""
+    layers = acc.layers_present()
+    lf = layer_frame(acc)
+    out_layers = []
+    for j, l in enumerate(layers.tolist()):  # one entry per MoE layer (tens), arrays inside are numpy
+        c = acc.counts[:, l].sum(axis=0)
+        toks = int(acc.tokens[:, l].sum())
+        row = lf.iloc[j]
+        entry: dict[str, Any] = {
+            "layer": l, "tokens": toks, "tokens_prefill": int(acc.tokens[0, l]), "tokens_decode": int(acc.tokens[1, l]),
+            "activation_counts": c, "activation_frequency": c / toks if toks else np.zeros(len(c)),
+            "prefill_counts": acc.counts[0, l], "decode_counts": acc.counts[1, l],
+            "never_activated": np.flatnonzero(c == 0),
+            "experts_by_activations": np.argsort(-c, kind="stable"),
+            "imbalance": {n: row[n] for n in ("max_mean", "cv", "gini", "entropy")},
+            "top10pct_share": row["top10pct_share"],
+        }
+        if expert_bytes is not None:
+            entry["expert_bytes"] = expert_bytes[l]
+            entry["bytes_read"] = int((expert_bytes[l] * c).sum())
+        out_layers.append(entry)
+    allc = acc.counts.sum(axis=0)[layers].reshape(1, -1)
+    overall = {n: float(v[0]) for n, v in imbalance(allc).items()}
+    overall.update({"layers": len(layers), "activations": int(allc.sum()),
+                    "never_activated": int((allc == 0).sum()),
+                    "tokens": int(acc.tokens.sum(axis=0).max()) if len(layers) else 0})
+    return {"n_layer": acc.n_layer, "n_expert": acc.n_expert, "n_expert_used": k, "overall": overall,
+            "layers": out_layers, "sequences": sequence_frame(acc).to_dict(orient="list")}

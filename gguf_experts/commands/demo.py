@@ -1,0 +1,58 @@
+"""gguf-experts demo: the tiny bundled model's byte map, a live capture of four kinds of prompts, the heat."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
+
+NAME = "demo"
+HELP = "end-to-end demo: tiny MoE model -> byte map -> live llama.cpp capture (code, chat, math, story) -> heat"
+DESCRIPTION = (HELP + ". The model is generated on first use into ~/.cache/gguf-experts (or $XDG_CACHE_HOME, "
+               "$GGUF_EXPERTS_CACHE); needs the [live] extra (llama-cpp-python).")
+ORDER = 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..demo import DEFAULT_DIR
+
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where the traces go (default ./{DEFAULT_DIR}/)")
+    p.add_argument("--model", default=None, help="use this MoE GGUF instead of the bundled tiny model")
+    p.add_argument("-n", "--n-predict", type=int, default=16, help="tokens generated per prompt (default 16)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    add_output_options(p, default="table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..commands.join_trace import summary_text
+    from ..demo import run_demo
+
+    res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads)
+    kinds = res.kinds
+
+    def text() -> str:
+        shown = kinds.assign(bytes_per_token=kinds["bytes_per_token"].map(human_bytes),
+                             dense_bytes_per_token=kinds["dense_bytes_per_token"].map(human_bytes))
+        parts = [
+            f"== model {res.model_path}", res.model_text,
+            f"== captured with llama.cpp into {res.trace} (sequences: "
+            + ", ".join(f"{i} {k}" for i, k in enumerate(kinds["kind"])) + ")",
+            "== routing per prompt kind (experts_touched: share of (layer, expert) slots used; "
+            "hottest_vs_uniform: busiest expert per layer vs a uniform router)",
+            frame_to_table(shown),
+            "== heat over all kinds",
+            summary_text(res.summary), frame_to_table(res.layers),
+            "(qwen3moe's last layer routes only the rows whose logits are needed: one per prompt, then each "
+            "generated token)\n",
+            "hottest experts", frame_to_table(res.hottest),
+            f"next: gguf-experts join-trace {res.trace} --model {res.model_path} --by page",
+        ]
+        return "\n".join(parts) + "\n"
+
+    doc = {"model": str(res.model_path), "dir": str(res.out_dir), "trace": str(res.trace),
+           "kinds": frame_records(kinds), "summary": res.summary, "layers": frame_records(res.layers),
+           "hottest": frame_records(res.hottest)}
+    emit(Output(kinds, document=doc, text=text), args.format, args.output)
+    if args.output:
+        sys.stderr.write(f"trace in {res.trace}, report in {args.output}\n")
+    return 0

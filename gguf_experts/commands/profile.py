@@ -1,0 +1,150 @@
+"""gguf-experts profile: REAP saliency of every expert from prompt+response texts run through llama.cpp."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..analysis.reap import ReapAccumulator
+from ..errors import InputError
+from ..reporters.tabular import FORMATS, Output, emit, frame_records, frame_to_table
+from .capture import jsonl_text
+
+NAME = "profile"
+HELP = "REAP expert saliency (router-weighted expert activation norms) from JSONL texts run through llama.cpp"
+DESCRIPTION = (
+    HELP + ". Each JSONL record (prompt+response, same keys as capture --jsonl) is evaluated as one sequence; "
+    "per MoE layer the selected experts, the gate weights the model applies and the L2 norm of each selected "
+    "expert's output before weighting (ffn_moe_down) give, per expert, activation_counts, "
+    "activation_frequency, avg_gate_weight, ean_sum, ean_mean, weighted_ean_sum, reap (mean over routed "
+    "tokens of gate x norm, gates renormalised over the top-k), max_activations and never_activated. "
+    "-o is written atomically every --save-every records and at the end; --resume continues from it.")
+ORDER = 70
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="GGUF MoE model")
+    p.add_argument("--jsonl", required=True, metavar="FILE", help="JSON lines of prompt/response records")
+    p.add_argument("-o", "--output", required=True, metavar="EXPERT_STATS.json",
+                   help="the expert statistics (also the checkpoint --resume continues from)")
+    p.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N records (50)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048,
+                   help="context size (default 2048); longer records are cut to it")
+    p.add_argument("--ubatch-size", type=int, default=512, help="tokens per ubatch (default 512)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: cores, at most 8)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from -o, skipping the records it holds")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N records in total")
+    p.add_argument("--prune-plan", type=int, default=None, metavar="K",
+                   help="report the K least salient experts per layer instead of the lowest/highest REAP")
+    p.add_argument("--format", "-f", choices=FORMATS, default="table", help="format of the report on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+class _RecordSink:
+    """Receives each (ubatch, layer) record of one JSONL record; merged into the total when it completes,
+    so a checkpoint never holds half a record."""
+
+    def __init__(self, n_layer: int, n_expert: int) -> None:
+        self.part = ReapAccumulator(n_layer, n_expert)
+
+    def write(self, seq: int, phase: int, layer: int, pos: np.ndarray, tokens: np.ndarray, experts: np.ndarray,
+              weights: np.ndarray | None = None, down_norms: np.ndarray | None = None) -> None:
+        if weights is None or down_norms is None:
+            raise InputError(f"layer {layer}: llama.cpp's graph gave no gate weights or no ffn_moe_down output; "
+                             "REAP needs both (this architecture is not supported by profile)")
+        n = len(experts)
+        self.part.update(np.full(n, layer), experts, weights, down_norms)
+
+
+def _records(path: str) -> list[str]:
+    """Texts of the non-blank JSONL lines, in order (a record's index is its place among them)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{no}: not valid JSON ({e.msg}); expected one object per line") from None
+            out.append(jsonl_text(rec, f"{path}:{no}"))
+    return out
+
+
+def _start(args: argparse.Namespace, fp: Any) -> ReapAccumulator:
+    out = Path(args.output)
+    if args.resume and out.exists():
+        acc = ReapAccumulator.load(out)
+        want = acc.meta.get("fingerprint", {})
+        if want.get("tensor_digest") != fp.tensor_digest or (acc.n_layer, acc.n_expert) != (fp.n_layer, fp.n_expert):
+            raise InputError(f"{out} holds statistics of another model; pass another -o or drop --resume")
+        if acc.meta.get("jsonl") not in (None, Path(args.jsonl).name):
+            raise InputError(f"{out} was profiled from {acc.meta.get('jsonl')}, not {Path(args.jsonl).name}; "
+                             "resume with the same --jsonl")
+        return acc
+    if out.exists() and not args.resume:
+        raise InputError(f"{out} exists; pass --resume to continue it, or another -o")
+    acc = ReapAccumulator(fp.n_layer, fp.n_expert)
+    acc.meta = {"model": Path(args.model).name, "fingerprint": fp.to_dict(), "jsonl": Path(args.jsonl).name,
+                "ctx_size": args.ctx_size, "truncated_records": 0, "skipped_records": 0}
+    return acc
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..trace.capture import TracedLlama, model_fingerprint
+    from ..trace.format import PHASE_PREFILL
+
+    if args.save_every < 1 or args.ctx_size < 8 or args.ubatch_size < 1:
+        raise InputError("--save-every must be >= 1, --ctx-size >= 8, --ubatch-size >= 1")
+    texts = _records(args.jsonl)
+    fp = model_fingerprint(args.model)
+    acc = _start(args, fp)
+    end = len(texts) if args.limit is None else min(len(texts), args.limit)
+    sink = _RecordSink(fp.n_layer, fp.n_expert)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=min(acc.records, end), unit="rec", desc="profile", file=sys.stderr)
+    interrupted = False
+    try:
+        with TracedLlama(args.model, sink, fp, weights=True, n_ctx=args.ctx_size, n_ubatch=args.ubatch_size,
+                         n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, observe_down_norms=True) as llm:
+            for i in range(acc.records, end):  # one llama.cpp evaluation per record
+                toks = llm.tokenize(texts[i]) if texts[i].strip() else []
+                if len(toks) > args.ctx_size:
+                    toks = toks[:args.ctx_size]
+                    acc.meta["truncated_records"] = acc.meta.get("truncated_records", 0) + 1
+                if toks:
+                    sink.part = ReapAccumulator(fp.n_layer, fp.n_expert)
+                    llm.new_sequence()
+                    llm.eval(toks, PHASE_PREFILL, logits="all")  # every row is an output: the last layer sees all
+                    acc.merge(sink.part)
+                else:
+                    acc.meta["skipped_records"] = acc.meta.get("skipped_records", 0) + 1
+                acc.records = i + 1
+                if bar is not None:
+                    bar.update(1)
+                if acc.records % args.save_every == 0:
+                    acc.save(args.output)
+    except KeyboardInterrupt:
+        interrupted = True  # the accumulator is at a record boundary: save it and report
+    finally:
+        if bar is not None:
+            bar.close()
+    acc.save(args.output)
+    df = acc.prune_plan(args.prune_plan) if args.prune_plan is not None else acc.extremes()
+
+    def text() -> str:
+        head = (f"{'interrupted: ' if interrupted else ''}{args.output}: {acc.records} records, "
+                f"{int(acc.tokens.max()) if acc.tokens.size else 0} tokens per MoE layer\n")
+        what = (f"{args.prune_plan} least salient experts per layer (lowest REAP):\n" if args.prune_plan is not None
+                else "lowest and highest REAP experts per layer:\n")
+        return head + what + frame_to_table(df)
+    emit(Output(df, document=lambda: {"stats": args.output, "records": acc.records, "rows": frame_records(df)},
+                text=text), args.format, None)
+    return 130 if interrupted else 0

@@ -1,0 +1,189 @@
+"""Cache simulation: the one-pass LRU curves and the vectorised LFU/OPT simulators against plain
+per-row simulations at every capacity, written independently here with Python sets and sort keys."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))
+from analysis_synth import synth  # noqa: E402
+
+from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity  # noqa: E402
+from gguf_experts.errors import InputError  # noqa: E402
+
+
+def plain(rows: list[list[int]], capacity: int, policy: str, sizes: dict[int, int] | None = None):
+    """Per-row plain simulation of one layer: (hits, bytes fetched). Keeps the row's experts, then the
+    best others by the policy's priority (see cache.py's convention)."""
+    cache: set[int] = set()
+    last: dict[int, tuple[int, int]] = {}
+    freq: dict[int, int] = {}
+    hits = fetched = 0
+    for t, row in enumerate(rows):
+        for e in row:
+            if e in cache:
+                hits += 1
+            else:
+                fetched += (sizes or {}).get(e, 1)
+        for s, e in enumerate(row):
+            last[e] = (t, -s)
+            freq[e] = freq.get(e, 0) + 1
+
+        def nxt(e: int) -> int:
+            for u in range(t + 1, len(rows)):
+                if e in rows[u]:
+                    return u
+            return 1 << 40
+
+        if policy == "lru":
+            key = lambda e: last[e]  # noqa: E731
+        elif policy == "lfu":
+            key = lambda e: (freq[e], last[e])  # noqa: E731
+        else:
+            key = lambda e: (-nxt(e), -e)  # noqa: E731
+        mine = sorted(row, key=key, reverse=True)
+        others = sorted(cache - set(row), key=key, reverse=True)
+        cache = set((mine + others)[:capacity])
+    return hits, fetched
+
+
+def _layer_rows(d, l):
+    return d["experts"][d["layer"] == l].tolist()
+
+
+@pytest.mark.parametrize("skew", [0.0, 3.0])
+def test_lru_curves_match_plain_at_every_capacity(skew):
+    d = synth(n_layer=3, n_expert=16, k=4, n_seq=2, prompt=6, gen=30, skew=skew, seed=int(skew))
+    sizes = np.arange(1, 17)[None, :] * np.array([[1], [10], [100]])
+    acc = LayerLRU(3, 16, 4, expert_bytes=sizes)
+    for a in range(0, len(d["layer"]), 37):  # odd chunking: state must carry across chunks
+        acc.update(d["layer"][a:a + 37], d["experts"][a:a + 37])
+    cur = acc.curves()
+    for l in range(3):
+        rows = _layer_rows(d, l)
+        for c in range(1, 17):
+            h, f = plain(rows, c, "lru", {e: int(sizes[l, e]) for e in range(16)})
+            got = cur[(cur.layer == str(l)) & (cur.capacity == c)].iloc[0]
+            assert (got.hits, got.bytes_fetched) == (h, f), (l, c)
+    allrow = cur[(cur.layer == "all") & (cur.capacity == 16)].iloc[0]
+    assert allrow.accesses == d["experts"].size
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "opt"])
+def test_simulate_matches_plain(policy):
+    d = synth(n_layer=2, n_expert=12, k=3, n_seq=2, prompt=4, gen=25, skew=2.0, seed=7)
+    caps = [1, 2, 3, 5, 8, 12]
+    out = simulate(d["layer"], d["experts"], 2, 12, policy, caps)
+    for l in range(2):
+        rows = _layer_rows(d, l)
+        for c in caps:
+            h, f = plain(rows, c, policy)
+            got = out[(out.layer == str(l)) & (out.capacity == c)].iloc[0]
+            assert (got.hits, got.bytes_fetched) == (h, f), (policy, l, c)
+
+
+def test_simulated_lru_equals_curve_and_opt_dominates():
+    d = synth(n_layer=2, n_expert=32, k=4, n_seq=2, prompt=8, gen=60, skew=1.5, seed=3)
+    acc = LayerLRU(2, 32, 4)
+    acc.update(d["layer"], d["experts"])
+    caps = [2, 4, 8, 16, 24]
+    cur = acc.curves(caps).set_index(["layer", "capacity"]).sort_index()
+    sim = simulate(d["layer"], d["experts"], 2, 32, "lru", caps).set_index(["layer", "capacity"]).sort_index()
+    assert (cur["hits"] == sim["hits"]).all() and (cur["bytes_fetched"] == sim["bytes_fetched"]).all()
+    opt = simulate(d["layer"], d["experts"], 2, 32, "opt", caps).set_index(["layer", "capacity"]).sort_index()
+    assert (opt["hits"] >= sim["hits"]).all() and (opt["hits"] > sim["hits"]).any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(4, 70), k=st.integers(1, 4), chunk=st.integers(1, 50))
+def test_lru_curves_property(seed, m, k, chunk):
+    k = min(k, m)
+    d = synth(n_layer=2, n_expert=m, k=k, n_seq=2, prompt=3, gen=8, skew=seed % 3, seed=seed)
+    acc = LayerLRU(2, m, k)
+    for a in range(0, len(d["layer"]), chunk):
+        acc.update(d["layer"][a:a + chunk], d["experts"][a:a + chunk])
+    cur = acc.curves()
+    for l in range(2):
+        rows = _layer_rows(d, l)
+        hits = cur[cur.layer == str(l)].sort_values("capacity")["hits"].to_numpy()
+        assert hits.tolist() == [plain(rows, c, "lru")[0] for c in range(1, m + 1)]
+
+
+def test_global_budget_matches_plain():
+    d = synth(n_layer=3, n_expert=10, k=3, n_seq=2, prompt=4, gen=15, skew=2.0, seed=11)
+    sizes = np.repeat(np.array([[100], [250], [70]]), 10, axis=1)
+    budgets = [100, 420, 1000, 2500, 5000]
+    g = GlobalLRU(3, 10, 3, sizes, np.array(budgets))
+    g.update(d["layer"], d["experts"])
+    fr = g.frame()
+    for b in budgets:
+        # the plain model: the cache is the longest prefix of the recency list that fits
+        got = fr[fr.capacity == b].iloc[0]
+        h, f = _prefix_lru(d["layer"], d["experts"], b, sizes)
+        assert (got.hits, got.bytes_fetched) == (h, f), b
+
+
+def _prefix_lru(layer, experts, budget, sizes):
+    rec: list[tuple[int, int]] = []
+    cache: set = set()
+    hits = fetched = 0
+    for l, row in zip(layer.tolist(), experts.tolist()):
+        for e in row:
+            if (l, e) in cache:
+                hits += 1
+            else:
+                fetched += int(sizes[l, e])
+        for e in reversed(row):
+            if (l, e) in rec:
+                rec.remove((l, e))
+            rec.insert(0, (l, e))
+        cache, total = set(), 0
+        for it in rec:
+            if total + sizes[it] > budget:
+                break
+            total += sizes[it]
+            cache.add(it)
+    return hits, fetched
+
+
+def test_smallest_capacity_and_errors():
+    d = synth(n_layer=1, n_expert=8, k=2, n_seq=1, prompt=2, gen=200, skew=3.0, seed=1)
+    acc = LayerLRU(1, 8, 2)
+    acc.update(d["layer"], d["experts"])
+    cur = acc.curves()
+    sc = smallest_capacity(cur, (0.5, 0.9, 0.999))
+    row = sc[sc.layer == "0"].iloc[0]
+    hr = cur[cur.layer == "0"].set_index("capacity")["hit_rate"]
+    for t in (50, 90):
+        c = int(row[f"capacity_{t}"])
+        assert hr[c] >= t / 100 and (c == 1 or hr[c - 1] < t / 100)
+    assert row["capacity_100"] is pd.NA or hr.max() >= 0.999
+    bad = d["experts"].copy()
+    bad[5, 1] = bad[5, 0]
+    with pytest.raises(InputError, match="twice"):
+        LayerLRU(1, 8, 2).update(d["layer"], bad)
+    with pytest.raises(InputError):
+        simulate(d["layer"], d["experts"], 1, 8, "lru", [0])
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_working_set_matches_sliding_windows(chunk):
+    d = synth(n_layer=2, n_expert=12, k=3, n_seq=2, prompt=5, gen=40, skew=2.0, seed=4)
+    sizes = np.array([[10.0] * 12, [3.0] * 12])
+    acc = LayerLRU(2, 12, 3, expert_bytes=sizes)
+    for a in range(0, len(d["layer"]), chunk):
+        acc.update(d["layer"][a:a + chunk], d["experts"][a:a + chunk])
+    taus = [1, 2, 3, 7, 30, 200]
+    ws = acc.working_set(taus)
+    for l in range(2):
+        rows = [set(r) for r in d["experts"][d["layer"] == l].tolist()]
+        for tau in taus:
+            sizes_t = [len(set().union(*rows[max(0, t - tau + 1):t + 1])) for t in range(len(rows))]
+            got = ws[(ws.layer == str(l)) & (ws.tau == tau)].iloc[0]
+            assert got.experts == pytest.approx(np.mean(sizes_t))
+            assert got.bytes == pytest.approx(np.mean(sizes_t) * sizes[l, 0])
