@@ -98,8 +98,9 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
                          "a byte map needs at least name, offset and size")
     for c in ("offset", "size"):
         v = pd.to_numeric(df[c], errors="coerce")
-        if v.isna().any() or (v < 0).any():
-            bad = int(np.flatnonzero(v.isna() | (v < 0))[0])
+        wrong = (v.isna() | (v < 0) | (v >= 2**62) | (v % 1 != 0)).to_numpy(dtype=bool)
+        if wrong.any():
+            bad = int(np.flatnonzero(wrong)[0])
             raise InputError(f"{path}: row {bad + 2}: column {c} = {df[c].iloc[bad]!r} is not a byte count")
         df[c] = v.astype(np.int64)
     if "base_name" not in df.columns:
@@ -107,7 +108,12 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     if "expert_id" not in df.columns:
         ext = df["name"].astype(str).str.extract(r"\[(\d+)\]$")[0]
         df["expert_id"] = pd.to_numeric(ext, errors="coerce")
-    df["expert_id"] = pd.to_numeric(df["expert_id"], errors="coerce").astype("Int64")
+    eid = pd.to_numeric(df["expert_id"], errors="coerce")
+    wrong = (eid.notna() & ((eid < 0) | (eid >= 2**31) | (eid % 1 != 0))).to_numpy(dtype=bool)
+    if wrong.any():
+        bad = int(np.flatnonzero(wrong)[0])
+        raise InputError(f"{path}: row {bad + 2}: expert id {df['expert_id'].iloc[bad]!r} is not an expert index")
+    df["expert_id"] = eid.astype("Int64")
     if "file" not in df.columns:
         df["file"] = path.stem
     df["file"] = df["file"].astype(str)

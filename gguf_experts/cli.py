@@ -53,16 +53,17 @@ def error(msg: str) -> int:
 def run_reporting_warnings(fn: Callable[[], Any]) -> Any:
     """Run fn; each gguf-experts warning it raises (a recovered trace, another quantization) becomes one
     line on stderr, even when fn fails; other packages' warnings go on to Python's usual handling."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             return fn()
-        finally:
-            for w in caught:
-                if w.category.__module__.startswith("gguf_experts"):
-                    sys.stderr.write(f"{PROG}: warning: {w.message}\n")
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    finally:  # outside the recording context: re-emitting inside it would append to `caught` forever
+        for w in caught:
+            if w.category.__module__.startswith("gguf_experts"):
+                sys.stderr.write(f"{PROG}: warning: {w.message}\n")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

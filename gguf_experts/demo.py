@@ -3,9 +3,10 @@ llama.cpp, join each trace with the model's byte map. Returns data; the ``demo``
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -29,6 +30,7 @@ class DemoResult:
     summary: dict[str, Any]  # join summary over all kinds
     layers: pd.DataFrame  # join per layer over all kinds
     hottest: pd.DataFrame = field(default_factory=pd.DataFrame)  # hottest (layer, expert) over all kinds
+    report: list[tuple[str, str]] = field(default_factory=list)  # [(what, path)]: report.html (+ heatmap.png)
 
 
 def _kind_row(kind: str, res: Any, n_expert: int) -> dict[str, Any]:
@@ -76,6 +78,9 @@ def run_demo(out_dir: str | os.PathLike[str] = DEFAULT_DIR, model: str | os.Path
             for i, (kind, _) in enumerate(DEMO_PROMPTS)]
     everything = join(tpath, m)
     hot = everything.experts.sort_values("activations", ascending=False, kind="stable").head(8)
+    from .commands.report import demo_report
+
+    report = demo_report(out, tpath, m, [k for k, _ in DEMO_PROMPTS])
     return DemoResult(model_path=path, out_dir=out, model_text=model_table(m), kinds=pd.DataFrame(rows),
                       trace=tpath, summary=everything.summary, layers=everything.layers,
-                      hottest=hot.reset_index(drop=True))
+                      hottest=hot.reset_index(drop=True), report=report)

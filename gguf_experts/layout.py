@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .errors import GGUFFormatError
 from .gguf_file import Model, TensorInfo
 
 if TYPE_CHECKING:
@@ -67,10 +68,16 @@ class ExpertSplit:
     slice_ne: tuple[int, int, int, int]
 
 
+MAX_EXPERTS = 1 << 16  # real models have up to a few hundred; more means a corrupt shape, not a model
+
+
 def expert_split(t: TensorInfo) -> ExpertSplit:
     ne = tuple(t.ne) + (1,) * (4 - len(t.ne))
     last = len(t.ne) - 1
     n = int(t.ne[last])
+    if n > MAX_EXPERTS:
+        raise GGUFFormatError(f"{t.file}: tensor {t.name!r} shape {list(t.ne)} claims {n} experts (more than "
+                              f"{MAX_EXPERTS}); the file is corrupt: download or convert it again")
     row_ne = [1, 1, 1, 1]
     for d in range(last):
         row_ne[d] = int(ne[d])

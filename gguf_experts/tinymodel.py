@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -105,7 +105,9 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
                       n_head_kv: int = 2, n_ff_exp: int = 32, n_ctx_train: int = 4096, f16: bool = False,
                       name: str | None = None) -> Path:
     """Write an F32 (or F16 matrices) model with gguf-py, atomically; returns the path."""
-    from gguf import GGUFWriter  # core dependency; imported here to keep package import light
+    from gguf import (
+        GGUFWriter,  # core dependency; imported here to keep package import light
+    )
 
     if arch not in ARCHES:
         raise InputError(f"tiny model: architecture {arch!r} is not one of {', '.join(ARCHES)}")
@@ -199,8 +201,8 @@ def make_tiny_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: 
     """Write a tiny runnable MoE model; ``quant`` None/"F32" (gguf-py) or "F16", "Q8_0", "Q4_K_M",
     "MXFP4_MOE" (gguf-py F32, then llama.cpp's quantizer). Deterministic from the arguments."""
     path = Path(path)
-    kw = dict(arch=arch, seed=seed, n_layer=n_layer, n_expert=n_expert, n_expert_used=n_expert_used,
-              n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff_exp=n_ff_exp, name=name)
+    kw = {"arch": arch, "seed": seed, "n_layer": n_layer, "n_expert": n_expert, "n_expert_used": n_expert_used,
+              "n_embd": n_embd, "n_head": n_head, "n_head_kv": n_head_kv, "n_ff_exp": n_ff_exp, "name": name}
     if quant in (None, "F32"):
         return write_float_model(path, **kw)  # type: ignore[arg-type]
     if quant not in QUANT_FTYPES:
@@ -234,5 +236,14 @@ def demo_model_path(arch: str = "qwen3moe") -> Path:
     return path
 
 
-__all__ = ["ARCHES", "QUANT_FTYPES", "ModelBuildError", "make_tiny_model", "write_float_model", "quantize",
-           "demo_model_path", "cache_dir", "LiveUnavailableError"]
+__all__ = [
+    "ARCHES",
+    "QUANT_FTYPES",
+    "LiveUnavailableError",
+    "ModelBuildError",
+    "cache_dir",
+    "demo_model_path",
+    "make_tiny_model",
+    "quantize",
+    "write_float_model",
+]

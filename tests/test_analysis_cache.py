@@ -2,19 +2,15 @@
 per-row simulations at every capacity, written independently here with Python sets and sort keys."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings, strategies as st
+from analysis_synth import synth
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-from analysis_synth import synth  # noqa: E402
-
-from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity  # noqa: E402
-from gguf_experts.errors import InputError  # noqa: E402
+from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity
+from gguf_experts.errors import InputError
 
 
 def plain(rows: list[list[int]], capacity: int, policy: str, sizes: dict[int, int] | None = None):
@@ -34,18 +30,18 @@ def plain(rows: list[list[int]], capacity: int, policy: str, sizes: dict[int, in
             last[e] = (t, -s)
             freq[e] = freq.get(e, 0) + 1
 
-        def nxt(e: int) -> int:
+        def nxt(e: int, t: int = t) -> int:
             for u in range(t + 1, len(rows)):
                 if e in rows[u]:
                     return u
             return 1 << 40
 
         if policy == "lru":
-            key = lambda e: last[e]  # noqa: E731
+            key = lambda e: last[e]
         elif policy == "lfu":
-            key = lambda e: (freq[e], last[e])  # noqa: E731
+            key = lambda e: (freq[e], last[e])
         else:
-            key = lambda e: (-nxt(e), -e)  # noqa: E731
+            key = lambda e: (-nxt(e), -e)
         mine = sorted(row, key=key, reverse=True)
         others = sorted(cache - set(row), key=key, reverse=True)
         cache = set((mine + others)[:capacity])
@@ -114,9 +110,12 @@ def test_lru_curves_property(seed, m, k, chunk):
         assert hits.tolist() == [plain(rows, c, "lru")[0] for c in range(1, m + 1)]
 
 
-def test_global_budget_matches_plain():
+@pytest.mark.parametrize("uniform", [True, False])
+def test_global_budget_matches_plain(uniform):
     d = synth(n_layer=3, n_expert=10, k=3, n_seq=2, prompt=4, gen=15, skew=2.0, seed=11)
     sizes = np.repeat(np.array([[100], [250], [70]]), 10, axis=1)
+    if not uniform:  # any sizes: each expert weighed by its own bytes
+        sizes = sizes + np.arange(10)[None, :] * 7
     budgets = [100, 420, 1000, 2500, 5000]
     g = GlobalLRU(3, 10, 3, sizes, np.array(budgets))
     g.update(d["layer"], d["experts"])

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from analysis_synth import synth
 
-sys.path.insert(0, str(Path(__file__).parent))
-from analysis_synth import synth  # noqa: E402
-
-from gguf_experts.gguf_file import open_model  # noqa: E402
-from gguf_experts.layout import expert_bytes, fingerprint  # noqa: E402
-from gguf_experts.trace import TraceWriter, read_trace  # noqa: E402
+from gguf_experts.gguf_file import open_model
+from gguf_experts.layout import expert_bytes, fingerprint
+from gguf_experts.trace import TraceWriter, read_trace
 
 N_LAYER, N_EXPERT, K = 3, 8, 2
 
@@ -168,7 +165,7 @@ def test_commands_on_a_real_llama_cpp_capture(run_cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def quicksort(xs):\nOnce upon a time\n")
     assert run_cli("make-model", model, "--quant", "Q4_K_M", "-f", "json").rc == 0
-    assert run_cli("capture", model, "--prompts", prompts, "-n", "8", "-o", trace, "--no-progress",
+    assert run_cli("capture", model, "--prompts", prompts, "-n", "8", "-o", trace, "--no-progress", "-t", "1",
                    "-f", "json").rc == 0
     data = read_trace(trace)
     fp = data.header.fingerprint
@@ -180,3 +177,31 @@ def test_commands_on_a_real_llama_cpp_capture(run_cli, tmp_path):
     assert r.rc == 0 and (df.accesses > 0).all()
     r = run_cli("reuse", trace)
     assert r.rc == 0 and (_csv(r.out).decode_pairs == 2 * 7).all()
+
+
+def test_other_quantization_warns_and_uses_its_bytes(run_cli, trace, model, tmp_path):
+    from gguf_experts.gguf_file import open_model as om
+    from gguf_experts.gguf_writer import TensorSpec, write_gguf
+
+    m = om(model)
+    tensors = [TensorSpec.make(t.name, t.ne, "Q4_0" if "_exps" in t.name else t.type.name) for t in m.tensors]
+    q4 = write_gguf(tmp_path / "q4.gguf", {k: v for k, v in m.kv.items() if not k.startswith("GGUF.")}, tensors)
+    r = run_cli("cache-sim", trace, "--model", q4, "--capacity", "4")
+    assert r.rc == 0 and "warning: " in r.err and "another quantization" in r.err
+    df = _csv(r.out)
+    eb = expert_bytes(open_model(q4)).groupby("layer")["bytes"].first()
+    one = df[df.layer == "0"].iloc[0]
+    assert one.bytes_fetched == (one.accesses - one.hits) * eb[0]
+
+
+@pytest.mark.parametrize("cmd", [["stats"], ["stats", "--by", "layer"], ["stats", "--by", "sequence"], ["reuse"],
+                                 ["reuse", "--by", "gap"], ["cache-sim", "--policy", "lru,lfu,opt"],
+                                 ["cache-sim", "--working-set"]])
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_empty_trace(run_cli, model, tmp_path, cmd, fmt):
+    path = tmp_path / "empty.bin"
+    TraceWriter(path, fingerprint(open_model(model))).close()
+    r = run_cli(cmd[0], path, *cmd[1:], "-f", fmt)
+    assert r.rc == 0, r.err
+    if fmt == "json":
+        json.loads(r.out)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gguf_experts.analysis.reap import FIELDS, ReapAccumulator
 from gguf_experts.errors import InputError

@@ -1,21 +1,23 @@
 """Activation statistics and reuse against plain Python counting on synthetic traces."""
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from analysis_synth import synth
 
-sys.path.insert(0, str(Path(__file__).parent))
-from analysis_synth import synth  # noqa: E402
-
-from gguf_experts.analysis.cache import LayerLRU  # noqa: E402
-from gguf_experts.analysis.reuse import ReuseAccumulator, gap_bucket, gap_buckets  # noqa: E402
-from gguf_experts.analysis.stats import (  # noqa: E402
-    StatsAccumulator, expert_frame, imbalance, layer_frame, sequence_frame, stats_document)
-from gguf_experts.errors import InputError  # noqa: E402
+from gguf_experts.analysis.cache import LayerLRU
+from gguf_experts.analysis.reuse import ReuseAccumulator, gap_bucket, gap_buckets
+from gguf_experts.analysis.stats import (
+    StatsAccumulator,
+    expert_frame,
+    imbalance,
+    layer_frame,
+    sequence_frame,
+    stats_document,
+)
+from gguf_experts.errors import InputError
 
 
 def _acc(d, n_layer, n_expert, chunk=41):
@@ -90,7 +92,7 @@ def test_reuse_overlap_and_gaps_match_plain():
         ra.update(lru.update(d["layer"][s], d["experts"][s]), d["seq"][s], d["phase"][s])
     lf = ra.layer_frame().set_index("layer")
     gf = ra.gap_frame()
-    lo, hi = gap_buckets()
+    lo, _ = gap_buckets()
     for l in range(2):
         m = d["layer"] == l
         rows, sq, ph = d["experts"][m].tolist(), d["seq"][m], d["phase"][m]

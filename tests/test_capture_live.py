@@ -17,11 +17,17 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed: "
                     "pip install 'gguf-experts[live]'")
 
-from gguf_experts import tinymodel  # noqa: E402
-from gguf_experts.cli import main  # noqa: E402
-from gguf_experts.join import join  # noqa: E402
-from gguf_experts.trace import PHASE_DECODE, PHASE_PREFILL, read_trace  # noqa: E402
-from gguf_experts.trace.capture import MemorySink, Recorder, TracedLlama, capture, model_fingerprint  # noqa: E402
+from gguf_experts import tinymodel
+from gguf_experts.cli import main
+from gguf_experts.join import join
+from gguf_experts.trace import PHASE_DECODE, PHASE_PREFILL, read_trace
+from gguf_experts.trace.capture import (
+    MemorySink,
+    Recorder,
+    TracedLlama,
+    capture,
+    model_fingerprint,
+)
 
 pytestmark = pytest.mark.live
 ARCHES = ("qwen3moe", "gpt-oss")
@@ -139,6 +145,13 @@ def test_ubatch_split_keeps_positions(models: dict[str, Path]) -> None:
     assert a.keys() == b.keys()
     assert max(len(r["pos"]) for r in split.records) == 16
     assert np.mean([set(a[key]) == set(b[key]) for key in a]) >= 0.98
+    # logits for the last token only: chunks before the last have no output rows, so qwen3moe's last
+    # layer routes nothing there; every other layer still covers every position
+    _, last = run_extra(path, n_predict=0, n_ubatch=16, logits="last")
+    c = by_pos_layer(last)
+    n = max(p for p, _ in a) + 1
+    assert {key for key in c if key[1] != 3} == {key for key in a if key[1] != 3}
+    assert [p for p, layer in c if layer == 3] == [n - 1]
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -216,6 +229,7 @@ def test_cli_capture_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "e.jsonl:1" in capsys.readouterr().err
     assert main(["capture", str(good), "-p", "x" * 300, "-c", "64", "-o", str(tmp_path / "z.bin")]) == 2
     assert "ctx-size" in capsys.readouterr().err
+    assert not (tmp_path / "z.bin").exists()
 
 
 @pytest.mark.parametrize("fmt", ["table", "json", "csv"])

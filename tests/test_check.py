@@ -144,6 +144,10 @@ def test_third_party_csv(tmp_path: Path, run_cli) -> None:
 
 @pytest.mark.parametrize("content,what", [
     ("name,size\na,1\n", "missing column"), ("name,offset,size\na,x,1\n", "not a byte count"),
+    ("name,offset,size\na,999999999999999999999,1\n", "not a byte count"),
+    ("name,offset,size\na,0,1.5\n", "not a byte count"), ("name,offset,size\na,0,-4\n", "not a byte count"),
+    ("name,offset,size,expert_id\na,0,1,2.5\n", "not an expert index"),
+    ("name,offset,size\na[99999999999999999999999],0,1\n", "not an expert index"),
     ('{"nothing": 1}', "no 'tensors' list"), ("{broken", "not valid JSON"), ("", "empty file"),
 ])
 def test_unreadable_inputs_exit_2(tmp_path: Path, run_cli, content: str, what: str) -> None:

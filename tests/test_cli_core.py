@@ -208,3 +208,12 @@ def test_big_endian_v2_dumps_like_little_endian(small_moe, run_cli) -> None:
     b = run_cli("dump", be, "--split-experts").out
     assert a.replace("le.gguf", "X") == b.replace("be.gguf", "X") and len(a.splitlines()) == 34
     assert "GGUF v2 big-endian" in run_cli("dump", be, "--format", "table").out
+
+
+def test_absurd_expert_count_cli(tmp_path: Path, run_cli) -> None:
+    head, _, _ = encode_header(ARCH, [TensorSpec.make("blk.0.ffn_up_exps.weight", (1, 1, 2**40), "F32")])
+    p = tmp_path / "absurd.gguf"
+    p.write_bytes(head + b"\0" * 64)  # parses (a truncated file is check-overlaps' business), but ...
+    assert run_cli("dump", p).rc == 0
+    r = run_cli("dump", p, "--split-experts")  # ... 2^40 expert slices are refused, not allocated
+    assert r.rc == 2 and "claims 1099511627776 experts" in r.err and r.err.count("\n") == 1

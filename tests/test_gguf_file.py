@@ -23,6 +23,7 @@ from gguf_experts.gguf_file import (
     read_header,
 )
 from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
+from gguf_experts.layout import byte_map
 from gguf_experts.shapes import SHAPES
 
 HAVE_GGML = ggml_ref.lib_path() is not None
@@ -298,6 +299,10 @@ def test_random_mutations_fail_cleanly(tmp_path: Path, data: st.DataObject) -> N
         assert str(e) and "\n" not in str(e)
     else:
         assert all(t.nbytes >= 0 and t.offset >= m.shards[0].data_offset for t in m.tensors)
+        try:  # a corrupt shape may parse; the byte map then refuses it cleanly
+            assert len(byte_map(m, split_experts=True)) >= len(m.tensors)
+        except GGUFExpertsError as e:
+            assert str(e) and "\n" not in str(e)
     assert time.perf_counter() - t0 < 2.0
 
 

@@ -15,8 +15,9 @@ bytes fit in the budget.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,10 +123,11 @@ def smallest_capacity(curves: pd.DataFrame, targets: Iterable[float] = (0.9, 0.9
     for (layer, policy), g in curves.groupby(["layer", "policy"], sort=False):  # one group per layer
         caps = g["capacity"].to_numpy()
         hr = g["hit_rate"].to_numpy()
-        row: dict[str, Any] = {"layer": layer, "policy": policy, "max_hit_rate": float(np.nanmax(hr)) if len(hr) else np.nan}
+        row: dict[str, Any] = {"layer": layer, "policy": policy,
+                               "max_hit_rate": float(np.nanmax(hr)) if np.isfinite(hr).any() else np.nan}
         for t in targets:
             ok = np.flatnonzero(hr >= t)
-            row[f"capacity_{int(round(t * 100))}"] = int(caps[ok[0]]) if ok.size else pd.NA
+            row[f"capacity_{round(t * 100)}"] = int(caps[ok[0]]) if ok.size else pd.NA
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -149,7 +151,7 @@ def working_set(fwd_hist: np.ndarray, fwd_bytes: np.ndarray, state: StackState, 
     if taus is None:
         tmax = int(min(GAP_CAP, max(1, T[layers].max() if len(layers) else 1)))
         taus = sorted(set([1 << i for i in range(int(tmax).bit_length())] + [tmax]))
-    taus = np.asarray(sorted(set(int(t) for t in taus)), np.int64)
+    taus = np.asarray(sorted({int(t) for t in taus}), np.int64)
     if taus.size and (taus.min() < 1 or taus.max() > GAP_CAP):
         raise InputError(f"working-set windows must be 1..{GAP_CAP} tokens, got {taus.min()}..{taus.max()}")
     # sum_i min(tau, g_i) = sum_{x=1..tau} #{g_i >= x}
@@ -213,7 +215,7 @@ def simulate(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: int
     if policy not in ("lru", "lfu", "opt"):
         raise InputError(f"unknown cache policy {policy!r}; use lru, lfu or opt")
     check_ids(layer, experts, n_layer, n_expert)
-    caps = np.asarray(sorted(set(int(c) for c in capacities)), np.int64)
+    caps = np.asarray(sorted({int(c) for c in capacities}), np.int64)
     if caps.size == 0 or caps.min() < 1 or caps.max() > n_expert:
         raise InputError(f"capacities must be between 1 and {n_expert} experts per layer")
     L, M = n_layer, n_expert
@@ -279,7 +281,8 @@ class GlobalLRU:
 
     With byte sizes, LRU still keeps a prefix of the recency list: the longest one whose bytes fit. So an
     access hits at budget B exactly when the bytes of the distinct experts used since its last use plus
-    its own bytes are <= B. Rows are requests in capture order (each row: k experts of one layer)."""
+    its own bytes are <= B. Rows are requests in capture order (each row: k experts of one layer); experts
+    may differ in size (each is weighed by its own bytes)."""
 
     n_layer: int
     n_expert: int
@@ -294,26 +297,19 @@ class GlobalLRU:
 
     def __post_init__(self) -> None:
         L, M = self.n_layer, self.n_expert
-        self.mpad = words_for(M) * 64  # each layer starts on a word: one byte size per word
-        eb = np.asarray(self.expert_bytes, np.float64)
-        if np.any(eb.max(axis=1) != eb.min(axis=1)):
-            raise InputError("experts of one layer differ in byte size; the global cache needs one size per "
-                             "layer (GGUF experts are slices of one tensor, so the byte map is inconsistent)")
-        self.word_bytes = np.repeat(eb[:, 0], self.mpad // 64)
-        self.state = StackState(1, L * self.mpad, self.k)
-        self.budgets = np.asarray(sorted(set(int(b) for b in self.budgets)), np.int64)
+        self.item_bytes = np.asarray(self.expert_bytes, np.float64).reshape(L * M)
+        self.state = StackState(1, L * M, self.k)
+        self.budgets = np.asarray(sorted({int(b) for b in self.budgets}), np.int64)
         self.hits = np.zeros(len(self.budgets), np.int64)
         self.fetched = np.zeros(len(self.budgets), np.float64)
 
     def update(self, layer: np.ndarray, experts: np.ndarray) -> None:
         check_ids(layer, experts, self.n_layer, self.n_expert)
-        rows = max(64, (1 << 22) // (self.k * words_for(self.n_layer * self.mpad) * 8))  # ~4 MiB per array
+        rows = max(64, (1 << 24) // (self.k * words_for(self.n_layer * self.n_expert) * 8))  # ~16 MiB per array
         for a in range(0, len(layer), rows):  # bounded memory: the bitsets span every layer's experts
-            lay = layer[a:a + rows].astype(np.int64)
-            ex = experts[a:a + rows].astype(np.int64)
-            cd = chunk_distances(self.state, np.zeros(len(lay), np.int64), ex + (lay * self.mpad)[:, None],
-                                 word_bytes=self.word_bytes)
-            own = self.expert_bytes[np.repeat(lay[cd.order], self.k), (cd.items % self.mpad).ravel()]
+            ids = experts[a:a + rows].astype(np.int64) + (layer[a:a + rows].astype(np.int64) * self.n_expert)[:, None]
+            cd = chunk_distances(self.state, np.zeros(len(ids), np.int64), ids, item_bytes=self.item_bytes)
+            own = self.item_bytes[cd.items.ravel()]
             need = cd.byte_distance.ravel() + own  # bytes that must fit for a hit
             hit = need[None, :] <= self.budgets[:, None]
             self.hits += hit.sum(axis=1)

@@ -128,7 +128,7 @@ class ChunkDistances:
     distance: np.ndarray  # int64 [R, k]: distinct items between the last use and now; COLD for first uses
     gap: np.ndarray  # int64 [R, k]: rows of the stream since the last use; COLD for first uses
     local_row: np.ndarray  # int64 [R]: the row's index in its stream (counting earlier chunks)
-    byte_distance: np.ndarray | None = None  # float64 [R, k]: bytes of the distinct items (word_bytes given)
+    byte_distance: np.ndarray | None = None  # float64 [R, k]: bytes of the distinct items (item_bytes given)
 
 
 def _order_by_stream(stream: np.ndarray, n_streams: int) -> np.ndarray:
@@ -155,26 +155,23 @@ def _low_masks(n_items: int, w: int) -> np.ndarray:
     return np.where(j < q, np.uint64(~np.uint64(0)), np.where(j == q, part, np.uint64(0))).astype(np.uint64)
 
 
-def _ahead(state: StackState, w: int) -> np.ndarray:
-    """ahead[s * n_items + item]: bitset (by item id) of the items more recent than item now."""
-    s_n, n_items = state.n_streams, state.n_items
-    ranked = np.argsort(-state.last, axis=1)
-    onehot = row_bits(ranked, w)  # [S, n_items, W] in recency order
-    incl = np.bitwise_or.accumulate(onehot, axis=1)
-    excl = np.zeros_like(incl)
-    excl[:, 1:] = incl[:, :-1]
-    ahead = np.empty((s_n * n_items, w), np.uint64)
-    ahead[(np.arange(s_n)[:, None] * n_items + ranked).reshape(-1)] = excl.reshape(-1, w)
-    return ahead
+def _class_masks(state: StackState, rank: np.ndarray, item_bytes: np.ndarray, w: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Byte sizes present and, per size, the bitset (in rank numbering) of the items of that size."""
+    sizes, cls = np.unique(item_bytes, return_inverse=True)
+    masks = np.zeros((len(sizes), w), np.uint64)
+    pos = rank.reshape(state.n_streams, state.n_items)[0]  # one stream when byte sizes are given
+    np.bitwise_or.at(masks, (cls, pos >> 6), np.take(_BIT, pos & 63))
+    return sizes.astype(np.float64), masks
 
 
 def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
-                    word_bytes: np.ndarray | None = None) -> ChunkDistances:
+                    item_bytes: np.ndarray | None = None) -> ChunkDistances:
     """Stack distances of one chunk of rows (stream id per row, item ids [R, k]); updates ``state``.
 
     Rows of one stream must come in that stream's order; rows of different streams may interleave.
-    ``word_bytes`` [W] (bytes of each item in bitset word j, items of one word being equal in size) adds
-    byte distances: the bytes of the distinct items used since the last use.
+    ``item_bytes`` [n_items] (one stream only) adds byte distances: the bytes of the distinct items used
+    since the last use (summed per size class: a model has a few distinct expert sizes).
     Raises InputError when a row lists an item twice (top-k selections are distinct).
     """
     stream = np.asarray(stream, np.int64)
@@ -185,7 +182,7 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     if r == 0:
         z = np.zeros((0, k), np.int64)
         return ChunkDistances(np.zeros(0, np.int64), stream, items, z, z.copy(), np.zeros(0, np.int64),
-                              None if word_bytes is None else np.zeros((0, k)))
+                              None if item_bytes is None else np.zeros((0, k)))
     order = _order_by_stream(stream, s_n) if s_n > 1 else np.arange(r)
     st_sorted = stream[order]
     it = items[order]
@@ -200,41 +197,33 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     srt = np.argsort(g.astype(np.uint16) if s_n * n_items <= 1 << 16 else g, kind="stable")
     gs = g[srt]
     same = gs[1:] == gs[:-1]
-    cur, prv = srt[1:][same], srt[:-1][same]
-    dup = np.take(acc_row, cur) == np.take(acc_row, prv)
+    prev = np.full(n, -1, np.int64)  # flat index of the previous use in this chunk
+    prev[srt[1:][same]] = srt[:-1][same]
+    in_chunk = prev >= 0
+    prev_row = np.take(acc_row, prev)
+    dup = in_chunk & (prev_row == acc_row)  # a previous use in the same row
     if dup.any():
-        bad = int(cur[dup][0])
+        bad = int(np.flatnonzero(dup)[0])
         raise InputError(f"a row of layer/stream {int(flat_stream[bad])} lists expert {int(g[bad]) % n_items} "
                          "twice; top-k selections are distinct, so the trace is damaged")
-    prev = np.full(n, -1, np.int64)  # flat index of the previous use in this chunk
-    prev[cur] = prv
-    in_chunk = prev >= 0
     carried_row = np.take(state.last_row.reshape(-1), g)
     cold = ~in_chunk & (carried_row < 0)
 
     # the "earlier part" of the distance set: earlier slots of the previous use's row (previous use in
     # this chunk), or the items ahead in the recency order at the chunk start (previous use before it).
-    # Without byte weights, bits are numbered by rank at the chunk start (popcounts do not care), so the
-    # items ahead of rank q are simply bits 0..q-1; byte weights need bits numbered by item id (one layer
-    # per word), and a per-chunk table of prefix ORs in recency order.
-    if word_bytes is None:
-        rank = _ranks(state)
-        bits = row_bits(np.take(rank, g).reshape(r, k), w)
-        pre = np.zeros((n + 1 + n_items, w), np.uint64)
-        pre[n + 1:] = _low_masks(n_items, w)
-        ahead_idx = n + 1 + np.take(rank, g)
-    else:
-        bits = row_bits(it, w)
-        pre = np.zeros((n + 1 + s_n * n_items, w), np.uint64)
-        pre[n + 1:] = _ahead(state, w)
-        ahead_idx = n + 1 + g
+    # Bits are numbered by rank at the chunk start (popcounts do not care about the numbering), so the
+    # items ahead of rank q are simply bits 0..q-1.
+    rank = _ranks(state)
+    grank = np.take(rank, g)
+    bits = row_bits(grank.reshape(r, k), w)
+    pre = np.zeros((n + 1 + n_items, w), np.uint64)
+    pre[n + 1:] = _low_masks(n_items, w)
+    ahead_idx = n + 1 + grank
     row_or, _ = _or_slots_into(bits, pre[:n].reshape(r, k, w))
     pre_table = _as_records(pre)
     st_rec = _as_records(_sparse_table(row_or))
-    slot = np.tile(np.arange(k), r)
-    pre_idx = np.where(in_chunk, np.where(np.take(slot, prev) > 0, prev - 1, n), ahead_idx)
+    pre_idx = np.where(in_chunk, np.where(prev != prev_row * k, prev - 1, n), ahead_idx)  # slot 0: none
     pre_idx[cold] = n
-    prev_row = np.take(acc_row, prev)
     start = np.where(in_chunk, prev_row + 1, seg_start[flat_stream])
     start[cold] = acc_row[cold]
     dist_bits = _range_or(st_rec, r, w, start, acc_row)
@@ -242,8 +231,13 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     dist = popcounts(dist_bits)
     dist[cold] = COLD
     byte_dist = None
-    if word_bytes is not None:
-        byte_dist = popcounts(dist_bits, word_bytes)
+    if item_bytes is not None:
+        if s_n != 1:
+            raise ValueError("byte distances need a single stream")
+        sizes, masks = _class_masks(state, rank, np.asarray(item_bytes), w)
+        byte_dist = np.zeros(n)
+        for size, mask in zip(sizes.tolist(), masks):  # a few distinct expert sizes
+            byte_dist += size * popcounts(dist_bits & mask[None, :])
         byte_dist[cold] = np.inf
     gap = np.where(in_chunk, acc_row - prev_row, local[acc_row] - carried_row)
     gap[cold] = COLD

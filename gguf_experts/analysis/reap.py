@@ -85,7 +85,7 @@ class ReapAccumulator:
         np.maximum.at(mx, idx, norms.ravel())
         self.tokens += np.bincount(layer, minlength=L)
 
-    def merge(self, other: "ReapAccumulator") -> None:
+    def merge(self, other: ReapAccumulator) -> None:
         """Add another accumulator's sums (e.g. one finished record's) into this one."""
         if (other.n_layer, other.n_expert) != (self.n_layer, self.n_expert):
             raise InputError(f"cannot merge REAP sums of {other.n_layer}x{other.n_expert} into "
@@ -166,7 +166,7 @@ class ReapAccumulator:
             fh.write("\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "ReapAccumulator":
+    def load(cls, path: str | os.PathLike[str]) -> ReapAccumulator:
         try:
             with open(path, encoding="utf-8") as fh:
                 doc = json.load(fh)

@@ -110,7 +110,7 @@ class ReuseAccumulator:
         """Per layer: decode pairs, mean overlap, reuse-gap quantiles and the share reused within 1/8/64
         tokens (first uses excluded from shares)."""
         ls = self.layers()
-        lo, hi = gap_buckets()
+        _, hi = gap_buckets()
         gh = self.gap_hist[ls]
         reuses = gh.sum(axis=1)
         cum = np.cumsum(gh, axis=1)

@@ -30,6 +30,9 @@ def imbalance(counts: np.ndarray) -> dict[str, np.ndarray]:
     entropy normalised by log(n) (1 = perfectly even, 0 = one expert takes everything). NaN for empty rows."""
     c = np.atleast_2d(np.asarray(counts, np.float64))
     n = c.shape[1]
+    if n == 0 or c.shape[0] == 0:
+        nan = np.full(c.shape[0], np.nan)
+        return {"max_mean": nan, "cv": nan.copy(), "gini": nan.copy(), "entropy": nan.copy()}
     total = c.sum(axis=1)
     mean = total / n
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -173,17 +176,25 @@ def stats_document(acc: StatsAccumulator, k: int, expert_bytes: np.ndarray | Non
             "prefill_counts": acc.counts[0, l], "decode_counts": acc.counts[1, l],
             "never_activated": np.flatnonzero(c == 0),
             "experts_by_activations": np.argsort(-c, kind="stable"),
-            "imbalance": {n: row[n] for n in ("max_mean", "cv", "gini", "entropy")},
-            "top10pct_share": row["top10pct_share"],
+            "imbalance": {n: _num(row[n]) for n in ("max_mean", "cv", "gini", "entropy")},
+            "top10pct_share": _num(row["top10pct_share"]),
         }
         if expert_bytes is not None:
             entry["expert_bytes"] = expert_bytes[l]
             entry["bytes_read"] = int((expert_bytes[l] * c).sum())
         out_layers.append(entry)
     allc = acc.counts.sum(axis=0)[layers].reshape(1, -1)
-    overall = {n: float(v[0]) for n, v in imbalance(allc).items()}
+    overall: dict[str, Any] = {n: _num(v[0]) for n, v in imbalance(allc).items()}
     overall.update({"layers": len(layers), "activations": int(allc.sum()),
                     "never_activated": int((allc == 0).sum()),
                     "tokens": int(acc.tokens.sum(axis=0).max()) if len(layers) else 0})
     return {"n_layer": acc.n_layer, "n_expert": acc.n_expert, "n_expert_used": k, "overall": overall,
-            "layers": out_layers, "sequences": sequence_frame(acc).to_dict(orient="list")}
+            "layers": out_layers,
+            "sequences": [{c: _num(v) if isinstance(v, float) else v for c, v in r.items()}
+                          for r in sequence_frame(acc).to_dict(orient="records")]}
+
+
+def _num(v: Any) -> float | None:
+    """JSON has no NaN: an undefined measure (an empty layer) is null."""
+    f = float(v)
+    return None if np.isnan(f) else f

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -37,7 +37,9 @@ def expert_bytes(model_path: str | None, header: TraceHeader, trace_name: str) -
     model = open_model(model_path)
     msg = check_fingerprint(header.fingerprint, fingerprint(model), trace_name=trace_name, model_name=model_path)
     if msg:
-        warnings.warn(msg, stacklevel=2)
+        from ..join import QuantizationMismatchWarning
+
+        warnings.warn(QuantizationMismatchWarning(msg), stacklevel=2)
     fp = header.fingerprint
     df = eb_frame(model)
     out = np.zeros((fp.n_layer, fp.n_expert), np.float64)

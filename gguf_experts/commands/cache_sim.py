@@ -8,7 +8,14 @@ import pandas as pd
 
 from ..analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity
 from ..errors import InputError
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
+from ..reporters.tabular import (
+    Output,
+    add_output_options,
+    emit,
+    frame_records,
+    frame_to_table,
+    human_bytes,
+)
 from ._trace_input import add_trace_arguments, expert_bytes, open_trace, parse_int_list
 
 NAME = "cache-sim"

@@ -4,7 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
+from ..reporters.tabular import (
+    Output,
+    add_output_options,
+    emit,
+    frame_records,
+    frame_to_table,
+    human_bytes,
+)
 
 NAME = "demo"
 HELP = "end-to-end demo: tiny MoE model -> byte map -> live llama.cpp capture (code, chat, math, story) -> heat"
@@ -37,22 +44,24 @@ def run(args: argparse.Namespace) -> int:
             f"== model {res.model_path}", res.model_text,
             f"== captured with llama.cpp into {res.trace} (sequences: "
             + ", ".join(f"{i} {k}" for i, k in enumerate(kinds["kind"])) + ")",
-            "== routing per prompt kind (experts_touched: share of (layer, expert) slots used; "
-            "hottest_vs_uniform: busiest expert per layer vs a uniform router)",
+            ("== routing per prompt kind (experts_touched: share of (layer, expert) slots used; "
+             "hottest_vs_uniform: busiest expert per layer vs a uniform router)"),
             frame_to_table(shown),
             "== heat over all kinds",
             summary_text(res.summary), frame_to_table(res.layers),
-            "(qwen3moe's last layer routes only the rows whose logits are needed: one per prompt, then each "
-            "generated token)\n",
+            ("(qwen3moe's last layer routes only the rows whose logits are needed: one per prompt, then each "
+             "generated token)\n"),
             "hottest experts", frame_to_table(res.hottest),
+            "== report: " + ", ".join(f"{what} {path}" for what, path in res.report) + " (open it in a browser)",
             f"next: gguf-experts join-trace {res.trace} --model {res.model_path} --by page",
         ]
         return "\n".join(parts) + "\n"
 
     doc = {"model": str(res.model_path), "dir": str(res.out_dir), "trace": str(res.trace),
            "kinds": frame_records(kinds), "summary": res.summary, "layers": frame_records(res.layers),
-           "hottest": frame_records(res.hottest)}
+           "hottest": frame_records(res.hottest), "report": {what: path for what, path in res.report}}
     emit(Output(kinds, document=doc, text=text), args.format, args.output)
     if args.output:
-        sys.stderr.write(f"trace in {res.trace}, report in {args.output}\n")
+        sys.stderr.write(f"trace in {res.trace}, html report in {dict(res.report).get('html report')}, "
+                         f"summary in {args.output}\n")
     return 0

@@ -11,7 +11,13 @@ import pandas as pd
 from ..analysis.diff import ShareDiff, diff_frames, share_diff, top_changes
 from ..errors import ModelMismatchError
 from ..join import count_chunks, join
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ..reporters.tabular import (
+    Output,
+    add_output_options,
+    emit,
+    frame_records,
+    frame_to_table,
+)
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
 NAME = "diff"

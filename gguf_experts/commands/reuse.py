@@ -7,8 +7,15 @@ from ..analysis.cache import LayerLRU
 from ..analysis.reuse import ReuseAccumulator
 from ..analysis.stats import StatsAccumulator
 from ..atomic import atomic_write
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_csv, frame_to_table
-from ._trace_input import add_trace_arguments, open_trace
+from ..reporters.tabular import (
+    Output,
+    add_output_options,
+    emit,
+    frame_records,
+    frame_to_csv,
+    frame_to_table,
+)
+from ._trace_input import open_trace
 
 NAME = "reuse"
 HELP = "expert reuse: overlap of consecutive decode tokens, reuse gaps in tokens, co-activation of experts"

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.stats import StatsAccumulator, expert_frame, layer_frame, sequence_frame, stats_document
+from ..analysis.stats import (
+    StatsAccumulator,
+    expert_frame,
+    layer_frame,
+    sequence_frame,
+    stats_document,
+)
 from ..reporters.tabular import Output, add_output_options, emit, frame_to_table
 from ._trace_input import add_trace_arguments, expert_bytes, open_trace
 

@@ -73,7 +73,14 @@ class _Pipe:
         self.q: queue.Queue[dict | None] = queue.Queue()
         self.events: list[dict] = []
         self.next_id = 0
-        threading.Thread(target=self._reader, daemon=True).start()
+        self.thread = threading.Thread(target=self._reader, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Close our ends (after Chromium exited, so the reader has seen EOF)."""
+        self.w.close()
+        self.thread.join(timeout=5)
+        self.r.close()
 
     def _reader(self) -> None:
         buf = b""
@@ -148,9 +155,11 @@ def render_page(html_path: str | os.PathLike[str], screenshot: bool = True, widt
             from_chrome_w = high
 
     with tempfile.TemporaryDirectory(prefix="gguf-experts-chromium-") as profile:
-        # Chromium reads commands on fd 3 and writes replies on fd 4: let bash place the pipe ends there (dash takes one-digit fds only).
+        # Chromium reads commands on fd 3 and writes replies on fd 4: bash places the pipe ends there
+        # (dash's redirections take one-digit fds only).
         redirect = f'exec "$0" "$@" 3<&{to_chrome_r} {to_chrome_r}<&- 4>&{from_chrome_w} {from_chrome_w}>&-'
-        proc = subprocess.Popen([shutil.which("bash") or "/bin/bash", "-c", redirect, exe, *FLAGS, f"--user-data-dir={profile}",
+        bash = shutil.which("bash") or "/bin/bash"
+        proc = subprocess.Popen([bash, "-c", redirect, exe, *FLAGS, f"--user-data-dir={profile}",
                                  f"--window-size={width},{height}", "about:blank"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 pass_fds=(to_chrome_r, from_chrome_w))
@@ -176,7 +185,8 @@ def render_page(html_path: str | os.PathLike[str], screenshot: bool = True, widt
                 pipe.drain(0.1)
             pipe.drain(0.3)
             if probe:
-                r = pipe.call("Runtime.evaluate", {"expression": f"JSON.stringify({probe})", "returnByValue": True}, sid)
+                r = pipe.call("Runtime.evaluate", {"expression": f"JSON.stringify({probe})",
+                                                   "returnByValue": True}, sid)
                 v = r.get("result", {}).get("value")
                 res.probe = json.loads(v) if isinstance(v, str) else None
             if screenshot:
@@ -197,6 +207,7 @@ def render_page(html_path: str | os.PathLike[str], screenshot: bool = True, widt
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            pipe.close()
     for ev in pipe.events:
         p, m = ev.get("params", {}), ev.get("method")
         if m == "Runtime.consoleAPICalled":

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import html
 import json
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,7 @@ class ReportInput:
     diff: ShareDiff | None = None
     labels: tuple[str, str] = ("A", "B")  # names of the two traces (diff section)
     sources: list[str] = field(default_factory=list)  # trace file names, for the header
+    notes: list[str] = field(default_factory=list)  # what was left out and why, shown under the summary
     title: str | None = None
 
 
@@ -183,6 +184,19 @@ def table_html(df: pd.DataFrame, left: Iterable[str] = (), max_rows: int = 200) 
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
 
 
+def working_set_table(ws: pd.DataFrame, n_slots: int) -> pd.DataFrame:
+    """The all-layer rows of an analysis working-set frame (layer, tau, experts, bytes), for people."""
+    if not {"layer", "tau", "experts", "bytes"} <= set(ws.columns):
+        return ws
+    allr = ws[ws["layer"].astype(str) == "all"]
+    if allr.empty:
+        allr = ws.groupby("tau", as_index=False)[["experts", "bytes"]].sum()
+    return pd.DataFrame({"window (tokens)": allr["tau"].to_numpy(),
+                         "distinct experts": np.round(allr["experts"].to_numpy(dtype=np.float64), 1),
+                         "of all": [f"{100 * x / max(1, n_slots):.1f}%" for x in allr["experts"]],
+                         "bytes": [human_bytes(float(b)) for b in allr["bytes"]]})
+
+
 def _card(value: str, label: str) -> str:
     return f'<div class="card"><b>{_esc(value)}</b><span>{_esc(label)}</span></div>'
 
@@ -260,7 +274,8 @@ def build_data(inp: ReportInput) -> tuple[dict, np.ndarray, np.ndarray]:
         def m(col: str) -> np.ndarray:
             return _matrix(d.experts, col, dl, n_expert)
         doc["diff"] = {"rows": dl.tolist(), "labels": list(inp.labels),
-                       "sa": np.round(m("share_a").ravel(), 6).tolist(), "sb": np.round(m("share_b").ravel(), 6).tolist(),
+                       "sa": np.round(m("share_a").ravel(), 6).tolist(),
+                       "sb": np.round(m("share_b").ravel(), 6).tolist(),
                        "delta": np.round(m("delta").ravel(), 6).tolist(),
                        "js": np.round(d.layers.set_index("layer")["js_divergence"].reindex(dl).fillna(0).to_numpy(),
                                       6).tolist()}
@@ -294,14 +309,15 @@ def render_html(inp: ReportInput) -> str:
     if inp.diff is not None:
         cards.append(_card(f"{inp.diff.overall:.4f}", f"JS divergence {inp.labels[0]} vs {inp.labels[1]} (bits)"))
     parts = [f"<h1>{_esc(title)}</h1>",
-             f'<p class="sub">{_esc(", ".join(inp.sources) or "trace")} on {_esc(", ".join(s.get("files", [])))}'
-             f" &middot; gguf-experts {_esc(__version__)}</p>"]
+             (f'<p class="sub">{_esc(", ".join(inp.sources) or "trace")} on {_esc(", ".join(s.get("files", [])))}'
+             f" &middot; gguf-experts {_esc(__version__)}</p>")]
     if s.get("warning"):
         parts.append(f'<p class="warn">{_esc(s["warning"])}</p>')
     if s.get("recovered"):
         parts.append(f'<p class="warn">the trace had a damaged tail: {int(s.get("dropped_bytes", 0)):,} bytes were '
                      "dropped, the valid prefix is shown</p>")
     parts.append(f'<div class="cards">{"".join(cards)}</div>')
+    parts.extend(f'<p class="note">{_esc(n)}</p>' for n in inp.notes)
     parts.append(
         '<h2>Experts per layer: activation share</h2>'
         '<p class="note">Rows are MoE layers, columns experts; colour is the share of the layer\'s expert selections, '
@@ -311,7 +327,7 @@ def render_html(inp: ReportInput) -> str:
         '<span class="sw" data-c="grey"></span> never used</div>'
         '<div class="panel"><canvas id="heatmap"></canvas></div>')
     opts = "".join(f'<option value="{int(x)}">layer {int(x)}</option>'
-                   for x in sorted(set(l for l in doc["tensors"]["layer"] if l >= 0)))
+                   for x in sorted({l for l in doc["tensors"]["layer"] if l >= 0}))
     parts.append(
         '<h2 id="strip-h">Where the bytes are: file-offset strip</h2>'
         '<p class="note">The model file(s) from left to right, one bar per tensor and per expert slice, coloured by '
@@ -334,8 +350,10 @@ def render_html(inp: ReportInput) -> str:
             '<div class="twocol"><div class="panel" id="curves"></div><div>'
             + table_html(curve_table(inp.curves, n_expert), left=("of experts", "policy")) + "</div></div>")
     if inp.working_set is not None:
-        parts.append("<h2>Working sets</h2>" + table_html(inp.working_set, left=[str(c) for c in
-                                                                               inp.working_set.columns[:1]]))
+        parts.append("<h2>Working sets</h2><p class=\"note\">W(tau): distinct experts (and their bytes) the "
+                     "MoE layers used within a window of tau tokens, averaged over the trace: what a cache must "
+                     "hold to serve a window without fetching.</p>"
+                     + table_html(working_set_table(inp.working_set, int(acts.size))))
     hottest, never = expert_tables(inp.heat, n_expert)
     parts.append('<h2>Hottest and never-used experts</h2><div class="twocol"><div><b>Hottest</b>'
                  + table_html(hottest) + "</div><div><b>Never used</b>"

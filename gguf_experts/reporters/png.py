@@ -82,8 +82,7 @@ def write_heatmap_png(path: str, layers: np.ndarray, share: np.ndarray, title: s
     try:
         ax = fig.add_axes((left_in / w_in, bottom_in / h_in, plot_w / w_in, plot_h / h_in))
         cax = fig.add_axes(((w_in - right_in + 0.15) / w_in, bottom_in / h_in, 0.15 / w_in, plot_h / h_in))
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad(NEVER_USED)
+        cmap = plt.get_cmap("viridis").with_extremes(bad=NEVER_USED)
         rel = np.ma.masked_less_equal(share * n_cols, 0.0)
         im = ax.imshow(rel, aspect="auto", interpolation="nearest", cmap=cmap,
                        norm=LogNorm(vmin=1 / 8, vmax=8, clip=True))
@@ -103,8 +102,8 @@ def write_heatmap_png(path: str, layers: np.ndarray, share: np.ndarray, title: s
         fig.canvas.draw()
         width, height = fig.canvas.get_width_height()
         bb = ax.get_window_extent()
-        info = PngInfo(width=int(width), height=int(height), left=float(bb.x0), top=float(height - bb.y1), right=float(bb.x1),
-                       bottom=float(height - bb.y0), n_rows=n_rows, n_cols=n_cols)
+        info = PngInfo(width=int(width), height=int(height), left=float(bb.x0), top=float(height - bb.y1),
+                       right=float(bb.x1), bottom=float(height - bb.y0), n_rows=n_rows, n_cols=n_cols)
         with atomic_write(path, "wb") as fh:
             fig.savefig(fh, format="png", dpi=DPI)
     finally:

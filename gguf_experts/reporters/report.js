@@ -48,7 +48,7 @@ const sliceStart = (i, e) => T.off[i] + e * T.slice[i];
 
 function heatmap(cv, rows, E, value, color, tipText, onRow) {
   const L = 46, TOP = 16, avail = Math.max(300, cv.parentElement.clientWidth - 20 - L);
-  const cw = Math.max(1, Math.min(28, Math.floor(avail / E))), ch = Math.max(5, Math.min(22, Math.floor(440 / rows.length)));
+  const cw = Math.max(1, Math.min(44, Math.floor(avail / E))), ch = Math.max(5, Math.min(30, Math.floor(440 / rows.length)));
   const W = L + cw * E, H = TOP + ch * rows.length + 4, g = sizeCanvas(cv, W, H);
   g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
   const img = g.createImageData(Math.round(cw * E * DPR), Math.round(ch * rows.length * DPR));

@@ -15,20 +15,30 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import GGUFExpertsError, InputError
 from .format import PHASE_DECODE, PHASE_PREFILL, ModelFingerprint
-from .ggml_ctypes import GGMLTensor, LlamaLog, load_llama_cpp, name_key_reader, read_rows
+from .ggml_ctypes import (
+    GGMLTensor,
+    LlamaLog,
+    ThreadPool,
+    load_llama_cpp,
+    name_key_reader,
+    read_rows,
+)
 
 #: weight stages in graph order; the last one the architecture builds is what the model applies
 WEIGHT_STAGES = ("ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
 EXTRA_NAMES = ("ffn_moe_logits", "ffn_moe_probs")
 _NAME_RE = re.compile(r"^(ffn_moe_[a-z_]+)-(\d+)$")
+#: bool cb(struct ggml_tensor * t, bool ask, void * user_data), declared with its first argument only
+_ASK_PROTO = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
 
 
 class CaptureError(GGUFExpertsError):
@@ -48,19 +58,56 @@ class MemorySink:
 
     def write(self, seq: int, phase: int, layer: int, pos: np.ndarray, tokens: np.ndarray,
               experts: np.ndarray, weights: np.ndarray | None = None) -> None:
-        self.records.append(dict(seq=seq, phase=phase, layer=layer, pos=np.asarray(pos), tokens=np.asarray(tokens),
-                                 experts=np.asarray(experts), weights=None if weights is None else np.asarray(weights)))
+        self.records.append({"seq": seq, "phase": phase, "layer": layer, "pos": np.asarray(pos), "tokens": np.asarray(tokens),
+                                 "experts": np.asarray(experts), "weights": None if weights is None else np.asarray(weights)})
+
+
+class _Probe:
+    """The cached answer for one observed node: true when asked, and on the call after that (data ready)
+    it hands the node to the collector. Its truth value *is* the callback's answer (see _NodeMap)."""
+
+    __slots__ = ("armed", "col", "key", "layer", "t", "what")
+
+    def __init__(self, col: _Collector, t: int, what: int, layer: int, key: bytes) -> None:
+        self.col, self.t, self.what, self.layer, self.key = col, t, what, layer, key
+        self.armed = False
+
+    def __bool__(self) -> bool:
+        if not self.armed:  # ask: "yes, compute up to this node"; the scheduler calls again with data
+            self.armed = True
+            return True
+        self.armed = False
+        try:
+            self.col.take(self)
+            return True
+        except BaseException as e:  # noqa: BLE001  never raise into C; re-raised after llama_decode
+            self.col.error = e
+            return False
+
+
+class _NodeMap(dict):
+    """pointer -> False (not observed) or _Probe. Its C-level ``__getitem__`` *is* the eval callback, so
+    the ask call for a known node runs no Python code; only misses (``__missing__``) do."""
+
+    __slots__ = ("col",)
+
+    def __missing__(self, t: int) -> Any:
+        try:
+            return self.col.miss(t)
+        except BaseException as e:  # noqa: BLE001
+            self.col.error = e
+            return False
 
 
 class _Collector:
     """What the eval callback gathers during one llama_decode, and the caches that keep ``ask`` cheap.
 
     ``ask`` is called for every graph node (~45 per layer and token), so its cost is the capture's
-    overhead. The decision is cached per tensor pointer, one map per ubatch shape (n_tokens, n_outputs):
+    overhead. The answer is cached per node address, one map per ubatch shape (n_tokens, n_outputs):
     llama.cpp allocates a graph's nodes in the same order for the same shape, so a node keeps its address.
-    A miss reads the name (decided once per name). Positives are re-checked by name when their data is read,
-    and each ubatch must yield the MoE layers its shape yielded the first time: a stale map is detected,
-    never trusted silently.
+    A miss reads the name (each name is parsed once). An observed node's name is re-checked when its data
+    is taken, and each ubatch must yield the MoE layers its shape yielded the first time: a stale map is
+    detected, never trusted silently.
     """
 
     def __init__(self, n_expert: int, k: int, weights: bool, extra: bool, down_norms: bool = False) -> None:
@@ -68,11 +115,14 @@ class _Collector:
         self.weights, self.extra = weights, extra
         self.down_norms = down_norms  # observe ffn_moe_down: L2 norm of each selected expert's output (REAP)
         self.decisions: dict[bytes, tuple[int, int] | None] = {}  # name key -> (what, layer) or None
-        self.by_shape: dict[tuple[int, int], dict[int, Any]] = {}  # ubatch shape -> {pointer: decision}
+        self.live = _NodeMap()  # the map of the ubatch shape being decoded; its __getitem__ is the callback
+        self.live.col = self
+        self.by_shape: dict[tuple[int, int], dict[int, Any]] = {}  # saved maps of the other shapes
+        self.probes: list[_Probe] = []
         self.layers_by_shape: dict[tuple[int, int], int] = {}
         self.final_stage: dict[int, int] = {}  # layer -> index into WEIGHT_STAGES, learnt from the graph
-        self.state: list[Any] = [{}]  # [pointer map of the ubatch being decoded]; read by the callback
         self.read_key = name_key_reader()
+        self.shape = (0, 0)
         self.reset()
         self.error: BaseException | None = None
         self.skipped_warmup = 0
@@ -83,11 +133,23 @@ class _Collector:
         self.w: dict[int, tuple[int, np.ndarray]] = {}
         self.extras: dict[str, dict[int, np.ndarray]] = {}
         self.down: dict[int, np.ndarray] = {}  # layer -> [rows, k] output norms (down_norms only)
-        self.shape = shape
-        self.state[0] = self.by_shape.setdefault(shape, {})
+        for p in self.probes:
+            p.armed = False
+        if shape != self.shape:  # swap the live map's contents only when the ubatch shape changes
+            self.by_shape[self.shape] = dict(self.live)
+            self.live.clear()
+            self.live.update(self.by_shape.get(shape, {}))
+            self.shape = shape
+
+    def forget(self) -> None:
+        """Drop every cached answer (weight stages learnt, or a stale map)."""
+        self.live.clear()
+        self.by_shape.clear()
+        self.probes.clear()
 
     def _decide(self, key: bytes) -> tuple[int, int] | None:
-        """Parse a name once: (what, layer) to observe, or None. what: -1 topk, 0-2 weight stage, 100+ extra."""
+        """Parse a name once: (what, layer) to observe, or None. what: -1 topk, 0-2 weight stage, 100+ extra,
+        200 ffn_moe_down."""
         m = _NAME_RE.match(key.split(b"\0", 1)[0].decode("utf-8", "replace"))
         what = None
         if m:
@@ -106,49 +168,33 @@ class _Collector:
         self.decisions[key] = d
         return d
 
-    def _miss(self, t: int) -> Any:
-        """Decision for a pointer not in this shape's map: by its name; positives keep the name key."""
+    def miss(self, t: int) -> Any:
+        """Answer for a pointer not in the live map: by its name; stored in the map."""
         key = self.read_key(t)
         d = self.decisions.get(key, 0)
         if d == 0:
             d = self._decide(key)
-        v = None if d is None else (d[0], d[1], key)
-        self.state[0][t] = v
+        v: Any = False
+        if d is not None:
+            v = _Probe(self, t, d[0], d[1], key)
+            self.probes.append(v)
+        self.live[t] = v
         return v
 
-    def make_callback(self) -> Callable[[int, bool, Any], bool]:
-        """The eval callback: a closure whose ask path for a known node is one dict lookup."""
-        state = self.state
-        miss = self._miss
-        take = self._take
+    def make_callback(self) -> Callable[[int], Any]:
+        """The eval callback's Python side: ``live.__getitem__`` (C), called with the node pointer only
+        (the ctypes prototype declares one argument; the C caller's other two are ignored)."""
+        return self.live.__getitem__
 
-        def cb(t: int, ask: bool, _ud: Any) -> bool:
-            try:
-                v = state[0].get(t, 0)
-                if v is None:
-                    return False
-                if v == 0:
-                    v = miss(t)
-                    if v is None:
-                        return False
-                if not ask:
-                    take(t, v)
-                return True
-            except BaseException as e:  # noqa: BLE001  never raise into C; re-raised after llama_decode
-                self.error = e
-                return False
-
-        return cb
-
-    def _take(self, t: int, v: tuple[int, int, bytes]) -> None:
-        what, layer, key = v
-        if self.read_key(t) != key:  # the node at this address is another tensor now: forget the map
+    def take(self, p: _Probe) -> None:
+        t, what, layer = p.t, p.what, p.layer
+        if self.read_key(t) != p.key:  # the node at this address is another tensor now: forget the maps
             self.stale_pointers += 1
-            self.state[0].clear()
-            v2 = self._miss(t)
-            if v2 is None:
+            self.forget()
+            v = self.miss(t)
+            if v is False:
                 return
-            what, layer, key = v2
+            what, layer = v.what, v.layer
         if what == -1:
             if GGMLTensor.from_address(t).ne[0] != self.k:  # warm-up graph: n_expert_used = n_expert
                 self.skipped_warmup += 1
@@ -170,8 +216,7 @@ class _Collector:
         n = len(self.topk)
         first = self.layers_by_shape.setdefault(self.shape, n)
         if n != first:
-            self.by_shape.clear()
-            self.state[0] = self.by_shape.setdefault(self.shape, {})
+            self.forget()
             raise CaptureError(f"a ubatch of shape {self.shape} yielded {n} MoE layers, earlier ones {first}: "
                                "llama.cpp's graph changed under the capture's node cache; please report this")
 
@@ -184,8 +229,7 @@ class _Collector:
                 changed = True
         if changed:
             self.decisions.clear()
-            for m in self.by_shape.values():
-                m.clear()
+            self.forget()
 
 
 class TracedLlama:
@@ -206,6 +250,7 @@ class TracedLlama:
             raise InputError(f"--ctx-size {n_ctx}: too small, use at least 8")
         self._model = self._ctx = None
         self._batch: Any = None
+        self._pool: ThreadPool | None = None
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = int(n_gpu_layers)
         with LlamaLog() as log:
@@ -226,7 +271,9 @@ class TracedLlama:
         cp.no_perf = True
         self._traced = trace
         if trace:
-            self._cb = lc.ggml_backend_sched_eval_callback(self.collector.make_callback())  # keep a reference
+            # one-argument prototype: the callback is the node map's C-level __getitem__ (see _NodeMap)
+            self._thunk = _ASK_PROTO(self.collector.make_callback())  # keep references: C holds the pointer
+            self._cb = ctypes.cast(self._thunk, lc.ggml_backend_sched_eval_callback)
             cp.cb_eval = self._cb
             cp.cb_eval_user_data = None
         with LlamaLog() as log:
@@ -236,6 +283,7 @@ class TracedLlama:
             raise CaptureError(f"{model_path}: llama.cpp could not create a context (n_ctx {n_ctx}): {log.tail()}")
         if hasattr(lc, "llama_set_warmup"):
             lc.llama_set_warmup(self._ctx, False)
+        self._pool = ThreadPool(lc, self._ctx, threads)
         self._batch = lc.llama_batch_init(self.n_ubatch, 0, 1)
         b = self._batch
         self._tok = np.ctypeslib.as_array(b.token, shape=(self.n_ubatch,))
@@ -391,6 +439,9 @@ class TracedLlama:
         if self._batch is not None:
             lc.llama_batch_free(self._batch)
             self._batch = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._ctx:
             lc.llama_free(self._ctx)
             self._ctx = None
@@ -398,7 +449,7 @@ class TracedLlama:
             lc.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> "TracedLlama":
+    def __enter__(self) -> TracedLlama:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -465,7 +516,7 @@ class Recorder:
             if self._owns_sink and self.sink is not None and hasattr(self.sink, "close"):
                 self.sink.close()
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -496,7 +547,7 @@ class _StopOnSigint:
         self.stop = False
         self._old: Any = None
 
-    def __enter__(self) -> "_StopOnSigint":
+    def __enter__(self) -> _StopOnSigint:
         if threading.current_thread() is threading.main_thread():
             def handler(signum: int, frame: Any) -> None:
                 if self.stop:
@@ -514,32 +565,40 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
             n_predict: int = 32, weights: bool = False, n_ctx: int = 2048, n_ubatch: int = 512,
             n_threads: int | None = None, n_gpu_layers: int = 0, ignore_eos: bool = False, logits: str = "last",
             progress: Callable[[int], None] | None = None, meta: dict[str, Any] | None = None) -> CaptureResult:
-    """Run every prompt as its own sequence (prefill, then greedy decode) and write the trace to ``out``."""
+    """Run every prompt as its own sequence (prefill, then greedy decode) and write the trace to ``out``.
+
+    ``seconds``/``tokens_per_s`` of the result cover prefill and decode, not the model load. The first
+    Ctrl-C stops after the current token with the trace complete (``interrupted`` is set).
+    """
     texts = list(prompts)
     if not texts:
         raise InputError("no prompts given: pass at least one non-empty prompt")
-    t0 = time.perf_counter()
     seqs = prefill = decode = 0
     interrupted = False
     rec = Recorder(out, weights=weights, meta={"n_predict": n_predict, "prompts": len(texts), **(meta or {})})
     with _StopOnSigint() as stop, rec:
         llm = rec.llama(model_path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        tokenized = [llm.tokenize(text) for text in texts]
+        too_long = [(i, len(t)) for i, t in enumerate(tokenized) if len(t) >= n_ctx]
+        if too_long:  # refuse before capturing anything, and leave no header-only trace behind
+            rec.close()
+            Path(out).unlink(missing_ok=True)
+            i, n = too_long[0]
+            raise InputError(f"prompt {i}: {n} tokens do not fit --ctx-size {n_ctx} ({len(too_long)} prompts too "
+                             "long); raise --ctx-size or shorten them")
+        t0 = time.perf_counter()
         try:
-            for text in texts:
+            for toks in tokenized:
                 if stop.stop:
-                    interrupted = True
                     break
-                toks = llm.tokenize(text)
                 if not toks:
                     continue
-                if len(toks) >= n_ctx:
-                    raise InputError(f"prompt {seqs}: {len(toks)} tokens do not fit --ctx-size {n_ctx}; raise it")
                 new = llm.generate(toks, n_predict, ignore_eos=ignore_eos, logits=logits, progress=progress,
                                    should_stop=lambda: stop.stop)
                 seqs += 1
                 prefill += len(toks)
                 decode += len(new)
-            interrupted = interrupted or stop.stop
+            interrupted = stop.stop
         except KeyboardInterrupt:
             interrupted = True
     records = getattr(rec.sink, "records_written", 0)

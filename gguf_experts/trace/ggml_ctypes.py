@@ -98,7 +98,7 @@ def ggml_base() -> ctypes.CDLL:
         try:  # some builds link ggml statically into libllama
             lib = lc._lib  # type: ignore[attr-defined]
             lib.ggml_backend_tensor_get  # noqa: B018
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise LiveUnavailableError(f"libggml-base not found next to {lc.__file__} ({last or e}); "
                                        f"reinstall with {INSTALL_HINT}") from e
     lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
@@ -121,7 +121,7 @@ _SPACE_LO = 1 << 16
 _SPACE_HI = 1 << 47
 
 
-def name_key_reader() -> "Any":
+def name_key_reader() -> Any:
     """A fast ``addr -> bytes`` reader of NAME_KEY_BYTES of the name field, for the per-node ``ask`` path.
 
     ``ctypes.string_at`` costs ~0.6 us; slicing one memoryview over the user address space costs ~0.25 us
@@ -146,28 +146,31 @@ def name_key_reader() -> "Any":
 _DTYPES = {GGML_TYPE_I32: np.dtype(np.int32), GGML_TYPE_F32: np.dtype(np.float32)}
 
 
+_NE_NB = ctypes.c_int64 * 8  # ne[4] then nb[4] (size_t, read as int64), at offset 16
+_NE_OFFSET = GGMLTensor.ne.offset
+assert GGMLTensor.nb.offset == _NE_OFFSET + 32
+
+
 def read_rows(addr: int, k: int) -> np.ndarray:
     """Copy a graph tensor (any backend) and return it as [n_rows, k], honouring its own ne/nb.
 
     Works for the strided ``ffn_moe_topk`` view (nb[1] = 4*n_expert) and for [1, k, n] weight tensors.
-    Called once per observed node, so it avoids numpy helpers with Python-level overhead.
+    Called once per observed node and layer, so it reads the struct with one ctypes access.
     """
-    t = GGMLTensor.from_address(addr)
-    dtype = _DTYPES.get(t.type)
+    dtype = _DTYPES.get(ctypes.c_int32.from_address(addr).value)
     if dtype is None:
-        raise ValueError(f"unexpected ggml type {t.type} for {tensor_name(addr)!r}")
-    ne = tuple(t.ne)
-    nb = tuple(t.nb)
-    total = ne[0] * ne[1] * ne[2] * ne[3]
+        raise ValueError(f"unexpected ggml type {ctypes.c_int32.from_address(addr).value} for {tensor_name(addr)!r}")
+    ne0, ne1, ne2, ne3, nb0, nb1, nb2, nb3 = _NE_NB.from_address(addr + _NE_OFFSET)[:]
+    total = ne0 * ne1 * ne2 * ne3
     if total == 0 or k == 0:
         return np.empty((0, k), dtype=dtype)
     # ggml_nbytes: the span from the first to the last element (views included)
-    nbytes = dtype.itemsize + (ne[0] - 1) * nb[0] + (ne[1] - 1) * nb[1] + (ne[2] - 1) * nb[2] + (ne[3] - 1) * nb[3]
+    nbytes = dtype.itemsize + (ne0 - 1) * nb0 + (ne1 - 1) * nb1 + (ne2 - 1) * nb2 + (ne3 - 1) * nb3
     buf = np.empty(nbytes // dtype.itemsize, dtype=dtype)
     _tensor_get()(addr, buf.ctypes.data, 0, nbytes)
-    if nb[0] == dtype.itemsize and nb[1] == nb[0] * ne[0] and nb[2] == nb[1] * ne[1] and nb[3] == nb[2] * ne[2]:
+    if nb0 == dtype.itemsize and nb1 == nb0 * ne0 and nb2 == nb1 * ne1 and nb3 == nb2 * ne2:  # contiguous
         return buf.reshape(total // k, k)
-    typed = np.ndarray(shape=ne[::-1], dtype=dtype, buffer=buf, strides=nb[::-1])
+    typed = np.ndarray(shape=(ne3, ne2, ne1, ne0), dtype=dtype, buffer=buf, strides=(nb3, nb2, nb1, nb0))
     return typed.reshape(total // k, k)  # copies a strided view into C order
 
 
@@ -179,6 +182,46 @@ def _tensor_get() -> Any:
 
 
 _TENSOR_GET: Any = None
+
+
+class ThreadPool:
+    """A persistent ggml CPU threadpool attached to a llama context.
+
+    Why: without one, ggml creates (and joins) a disposable threadpool for every graph computation, and
+    each node the eval callback observes splits the graph: 25 splits per token on a 24-layer model cost
+    more than the callback itself. With a pool attached, a split costs a wake-up. The params struct is
+    filled by ggml itself (ggml_threadpool_params_init), so its layout is not hard-coded here.
+    """
+
+    def __init__(self, llama_cpp: ModuleType, ctx: Any, n_threads: int) -> None:
+        self._lc, self._ctx, self._tp = llama_cpp, ctx, None
+        libdir = Path(llama_cpp.__file__).parent / "lib"
+        cands = sorted(libdir.glob("libggml-cpu.*")) + sorted(libdir.glob("ggml-cpu.*"))
+        if not cands:
+            return
+        cpu = ctypes.CDLL(str(cands[0]))
+        base = ggml_base()
+        llama = llama_cpp.llama_cpp._lib
+        for lib, fn, args, res in ((base, "ggml_threadpool_params_init", [ctypes.c_void_p, ctypes.c_int], None),
+                                   (cpu, "ggml_threadpool_new", [ctypes.c_void_p], ctypes.c_void_p),
+                                   (cpu, "ggml_threadpool_free", [ctypes.c_void_p], None),
+                                   (llama, "llama_attach_threadpool", [ctypes.c_void_p] * 3, None),
+                                   (llama, "llama_detach_threadpool", [ctypes.c_void_p], None)):
+            f = getattr(lib, fn)
+            f.argtypes, f.restype = args, res
+        self._free, self._detach = cpu.ggml_threadpool_free, llama.llama_detach_threadpool
+        params = ctypes.create_string_buffer(4096)  # larger than struct ggml_threadpool_params (~530 bytes)
+        base.ggml_threadpool_params_init(params, int(n_threads))
+        tp = cpu.ggml_threadpool_new(params)
+        if tp:
+            llama.llama_attach_threadpool(ctx, tp, tp)
+            self._tp = tp
+
+    def close(self) -> None:
+        if self._tp:
+            self._detach(self._ctx)
+            self._free(self._tp)
+            self._tp = None
 
 
 class _LogRing:
@@ -210,7 +253,7 @@ _LOG = _LogRing()
 class LlamaLog:
     """``with LlamaLog() as log: ...`` then ``log.tail()``: the llama.cpp log lines written meanwhile."""
 
-    def __enter__(self) -> "LlamaLog":
+    def __enter__(self) -> LlamaLog:
         self._start = _LOG.counter
         return self
 
