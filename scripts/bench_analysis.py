@@ -74,6 +74,38 @@ def peer_lru(t: dict[str, np.ndarray], L: int, capacity: int, limit: int) -> tup
     return hits, n
 
 
+def end_to_end(t: dict[str, np.ndarray], L: int, M: int, k: int) -> None:
+    """The commands as people run them: trace.bin on disk (decode records of one token per layer)."""
+    import contextlib
+    import io
+    import tempfile
+
+    from gguf_experts.cli import main as cli
+    from gguf_experts.trace.format import ModelFingerprint
+    from gguf_experts.trace.writer import TraceWriter
+
+    fp = ModelFingerprint("bench", L, M, k, "0" * 32, "0" * 32)
+    n = len(t["layer"])
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.bin")
+        with TraceWriter(path, fp) as w:
+            step = 1 << 16
+            for a in range(0, n, step):
+                sl = slice(a, a + step)
+                m = len(t["layer"][sl])
+                w.write_many(t["seq"][sl], t["phase"][sl], t["layer"][sl], np.arange(a, a + m)[:, None] // L,
+                             np.zeros((m, 1), np.int32), t["experts"][sl].reshape(m, 1, k))
+        size = os.path.getsize(path)
+        for argv in (["stats", path], ["cache-sim", path]):
+            out = io.StringIO()
+            w0, c0 = time.perf_counter(), time.process_time()
+            with contextlib.redirect_stdout(out):
+                rc = cli(argv + ["-o", os.path.join(d, "out.csv")])
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            print(f"end to end `gguf-experts {argv[0]}` on a {size / 2**20:.0f} MiB trace.bin: rc {rc}, "
+                  f"{n * k / cpu / 1e6:.2f} M accesses per CPU-second ({cpu:.2f} s CPU, {wall:.2f} s wall)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--accesses", type=int, default=10_000_000)
@@ -84,6 +116,9 @@ def main() -> int:
     ap.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS)
     ap.add_argument("--peer-accesses", type=int, default=1_000_000, help="prefix the per-access peer replays")
     ap.add_argument("--repeat", type=int, default=3, help="best of N for our passes")
+    ap.add_argument("--file", action="store_true",
+                    help="also write the trace to a temporary trace.bin and time `stats` and `cache-sim` "
+                         "end to end (reading included) through the CLI")
     ap.add_argument("--sim-accesses", type=int, default=1_000_000,
                     help="prefix for the per-token LFU/OPT simulators and the global byte-budget LRU")
     a = ap.parse_args()
@@ -159,6 +194,8 @@ def main() -> int:
     dt = time.process_time() - t0
     print(f"global byte-budget LRU (one cache over all {L * M} experts, 3 budgets): {ex.size / dt / 1e6:8.2f} M "
           f"accesses/s; hit rates {', '.join(f'{h:.3f}' for h in g.hits / g.accesses)} at 10/25/50% of expert bytes")
+    if a.file:
+        end_to_end(t, L, M, k)
     print(f"peak memory allocated by one LRU-curve pass: {peak / 2**20:.1f} MiB (bounded by the chunk size; "
           f"the trace arrays it reads: {sum(v.nbytes for v in t.values()) / 2**20:.1f} MiB)")
     return 0

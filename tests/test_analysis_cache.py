@@ -127,6 +127,22 @@ def test_global_budget_matches_plain(uniform):
         assert (got.hits, got.bytes_fetched) == (h, f), b
 
 
+def test_global_budget_many_experts_matches_plain():
+    """Enough experts (bitsets of 38 words) for the path that computes rank masks instead of a table."""
+    d = synth(n_layer=4, n_expert=600, k=6, n_seq=1, prompt=20, gen=40, skew=4.0, seed=2)
+    rng = np.random.default_rng(0)
+    sizes = rng.choice([1000, 1500, 2200], size=(4, 600))
+    budgets = [3000, 40_000, 200_000]
+    g = GlobalLRU(4, 600, 6, sizes, np.array(budgets))
+    for a in range(0, len(d["layer"]), 50):
+        g.update(d["layer"][a:a + 50], d["experts"][a:a + 50])
+    fr = g.frame()
+    for b in budgets:
+        got = fr[fr.capacity == b].iloc[0]
+        assert (got.hits, got.bytes_fetched) == _prefix_lru(d["layer"], d["experts"], b, sizes), b
+    assert fr.hits.iloc[-1] > 0
+
+
 def _prefix_lru(layer, experts, budget, sizes):
     rec: list[tuple[int, int]] = []
     cache: set = set()

@@ -114,3 +114,17 @@ def test_profile_refuses_bad_input(setup, tmp_path, run_cli):
     bad.write_text('{"prompt": "x"}\nnot json\n')
     r = run_cli("profile", model, "--jsonl", bad, "-o", tmp_path / "n.json", "--no-progress", "-t", "1")
     assert r.rc == 2 and "bad.jsonl:2" in r.err
+
+
+@pytest.mark.parametrize("fmt", ["json", "table"])
+def test_profile_report_formats(setup, tmp_path, run_cli, fmt):
+    model, data = setup
+    out = tmp_path / "s.json"
+    r = run_cli("profile", model, "--jsonl", data, "-o", out, "--limit", "1", "--no-progress", "-t", "1", "-f", fmt)
+    assert r.rc == 0, r.err
+    n_layer = len(json.loads(out.read_text())["layers"])
+    if fmt == "json":
+        doc = json.loads(r.out)
+        assert doc["records"] == 1 and len(doc["rows"]) == n_layer
+    else:
+        assert "lowest and highest REAP" in r.out

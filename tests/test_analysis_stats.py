@@ -89,7 +89,8 @@ def test_reuse_overlap_and_gaps_match_plain():
     ra = ReuseAccumulator(2, 10, 3, coactivation=True)
     for a in range(0, len(d["layer"]), 17):
         s = slice(a, a + 17)
-        ra.update(lru.update(d["layer"][s], d["experts"][s]), d["seq"][s], d["phase"][s])
+        for sl, cd in lru.update(d["layer"][s], d["experts"][s]):
+            ra.update(cd, d["seq"][s][sl], d["phase"][s][sl])
     lf = ra.layer_frame().set_index("layer")
     gf = ra.gap_frame()
     lo, _ = gap_buckets()
@@ -122,3 +123,43 @@ def test_gap_buckets_cover_every_gap():
     b = gap_bucket(g)
     lo, hi = gap_buckets()
     assert (lo[b] <= g).all() and (g <= hi[b]).all()
+
+
+def _seq_truth(seq, layer, experts, M):
+    rows = {}
+    for s in np.unique(seq).tolist():
+        m = seq == s
+        used = len(set(zip(np.repeat(layer[m], experts.shape[1]).tolist(), experts[m].ravel().tolist())))
+        rows[s] = (int(m.sum() * experts.shape[1]), used)
+    return rows
+
+
+def test_many_sequences_in_one_chunk_counted_sparsely():
+    """More (sequence x layer x expert) cells than the dense path allows; complete sequences are reduced
+    to their summary row (only the last one stays open)."""
+    rng = np.random.default_rng(3)
+    n, L, M = 3000, 2, 2048
+    seq = np.repeat(np.arange(1500), 2)
+    layer = np.tile(np.arange(L), n // L)
+    experts = np.argsort(rng.random((n, M)), axis=1)[:, :2]
+    acc = StatsAccumulator(L, M)
+    acc.update(layer, experts, np.ones(n, np.uint8), seq)
+    assert list(acc.seq_counts) == [1499]
+    sf = sequence_frame(acc).set_index("seq")
+    truth = _seq_truth(seq, layer, experts, M)
+    assert len(sf) == 1500
+    for s, (act, used) in truth.items():
+        assert (sf.loc[s, "activations"], sf.loc[s, "experts_used"]) == (act, used)
+
+
+def test_interleaved_sequences_stay_exact():
+    d = synth(n_layer=2, n_expert=8, k=2, n_seq=4, prompt=3, gen=5, seed=9)
+    order = np.random.default_rng(1).permutation(len(d["seq"]))  # sequences out of order
+    acc = StatsAccumulator(2, 8)
+    for a in range(0, len(order), 7):
+        i = order[a:a + 7]
+        acc.update(d["layer"][i], d["experts"][i], d["phase"][i], d["seq"][i])
+    sf = sequence_frame(acc).set_index("seq")
+    for s, (act, used) in _seq_truth(d["seq"], d["layer"], d["experts"], 8).items():
+        assert (sf.loc[s, "activations"], sf.loc[s, "experts_used"]) == (act, used)
+    assert sf.tokens_decode.tolist() == [5] * 4 and sf.tokens_prefill.tolist() == [3] * 4

@@ -276,3 +276,78 @@ def test_ctrl_c_leaves_a_complete_trace(tmp_path: Path, models: dict[str, Path])
         tr = read_trace(out)
     n_layer = tr.header.fingerprint.n_layer
     assert len(tr) > 100 and (tr.phase == PHASE_DECODE).sum() % n_layer == 0  # whole ubatches only
+
+
+def test_node_cache_is_checked(models: dict[str, Path]) -> None:
+    from gguf_experts.trace.capture import CaptureError
+
+    path = models["qwen3moe"]
+    sink = MemorySink()
+    with TracedLlama(path, sink, model_fingerprint(path), n_ctx=256, n_threads=1) as llm:
+        llm.generate("abc", 3, ignore_eos=True)
+        col = llm.collector
+        # a stale positive: the cached observed nodes remember another tensor's name (as if the address now
+        # held another node); the name re-check at data time catches it and decides again from the name
+        for p in col.probes:
+            p.key, p.layer = b"ffn_moe_topk-99\0", 99
+        n = len(sink.records)
+        llm.eval([65], phase=PHASE_DECODE)
+        assert col.stale_pointers > 0
+        assert [r["layer"] for r in sink.records[n:]] == list(range(llm.fp.n_layer))
+        # a stale negative: the decode shape's map says "not observed" for every node -> refused, not
+        # silently missing layers
+        for key in list(col.live):
+            col.live[key] = False
+        with pytest.raises(CaptureError, match="graph changed"):
+            llm.eval([66], phase=PHASE_DECODE)
+
+
+def test_recorder_sequences_unique_and_one_model(tmp_path: Path, models: dict[str, Path]) -> None:
+    from gguf_experts.errors import InputError
+
+    out = tmp_path / "t.bin"
+    with Recorder(out) as rec:
+        a = rec.llama(models["qwen3moe"], n_ctx=128, n_threads=1)
+        b = rec.llama(models["qwen3moe"], n_ctx=128, n_threads=1)
+        a.generate("one", 1)
+        b.generate("two", 1)
+        a.generate("three", 1)
+        with pytest.raises(InputError, match="one model"):
+            rec.llama(models["gpt-oss"])
+    tr = read_trace(out)
+    assert sorted(set(tr.seq.tolist())) == [0, 1, 2] and tr.weights is None
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_weights_mode_reads_the_same_experts(models: dict[str, Path], arch: str) -> None:
+    # with weights, a layer's top-k is read together with its gate weights (one graph split per layer):
+    # the ids must equal those of a capture that observes the top-k node on its own
+    path = models[arch]
+    sinks = []
+    for weights in (True, False):
+        sink = MemorySink()
+        with TracedLlama(path, sink, model_fingerprint(path), weights=weights, n_ctx=256, n_threads=1) as llm:
+            llm.generate("hello world, how are you", 12, ignore_eos=True)
+            llm.generate("second prompt", 6, ignore_eos=True)
+            if weights:
+                assert any(p.deferred for p in llm.collector.probes)
+        sinks.append(sink)
+    a, b = (np.concatenate([r["experts"] for r in s.records]) for s in sinks)
+    assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_cli_capture_prompts_file(tmp_path: Path, models: dict[str, Path],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pf = tmp_path / "p.txt"
+    pf.write_text("first prompt\n\n   \nsecond prompt\n")
+    out = tmp_path / "t.bin"
+    assert main(["capture", str(models["gpt-oss"]), "--prompts", str(pf), "-n", "3", "--ignore-eos", "--weights",
+                 "-o", str(out), "--format", "json", "-t", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    tr = read_trace(out)
+    assert doc["sequences"] == 2 and doc["decode_tokens"] == 6
+    assert doc["records"] == (2 + 6) * tr.header.fingerprint.n_layer  # per ubatch and layer
+    n_layer = tr.header.fingerprint.n_layer
+    assert (tr.phase == PHASE_DECODE).sum() == 6 * n_layer  # gpt-oss routes every row in every layer
+    assert (tr.phase == PHASE_PREFILL).sum() == doc["prefill_tokens"] * n_layer
+    assert tr.header.meta["weights"] is True and np.allclose(tr.weights.sum(axis=1), 1.0, atol=1e-5)

@@ -23,7 +23,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .lru import COLD, StackState, chunk_distances, words_for
+from .lru import (
+    COLD,
+    ChunkDistances,
+    StackState,
+    chunk_distances,
+    chunk_rows_for,
+)
 from .stats import check_ids
 
 CURVE_COLUMNS = ["layer", "policy", "capacity", "accesses", "hits", "hit_rate", "bytes_fetched"]
@@ -58,10 +64,19 @@ class LayerLRU:
         if self.expert_bytes is None:
             self.expert_bytes = np.ones((L, M), np.float64)
 
-    def update(self, layer: np.ndarray, experts: np.ndarray) -> Any:
-        """Add one chunk of rows; returns the ChunkDistances (reuse statistics are built on them)."""
+    def update(self, layer: np.ndarray, experts: np.ndarray) -> list[tuple[slice, ChunkDistances]]:
+        """Add rows (any number: split into cache-sized pieces); returns each piece's rows and
+        ChunkDistances (reuse statistics are built on them)."""
+        check_ids(layer, experts, self.n_layer, self.n_expert)
+        step = chunk_rows_for(self.n_expert, self.k)
+        out = []
+        for a in range(0, len(layer), step):  # one vectorised pass per piece of `step` rows
+            sl = slice(a, a + step)
+            out.append((sl, self._update(layer[sl], experts[sl])))
+        return out
+
+    def _update(self, layer: np.ndarray, experts: np.ndarray) -> ChunkDistances:
         L, M = self.n_layer, self.n_expert
-        check_ids(layer, experts, L, M)
         cd = chunk_distances(self.state, layer, experts)
         d = np.where(cd.distance == COLD, M, cd.distance)
         lay = np.repeat(cd.stream, self.k)
@@ -305,7 +320,7 @@ class GlobalLRU:
 
     def update(self, layer: np.ndarray, experts: np.ndarray) -> None:
         check_ids(layer, experts, self.n_layer, self.n_expert)
-        rows = max(64, (1 << 24) // (self.k * words_for(self.n_layer * self.n_expert) * 8))  # ~16 MiB per array
+        rows = chunk_rows_for(self.n_layer * self.n_expert, self.k)
         for a in range(0, len(layer), rows):  # bounded memory: the bitsets span every layer's experts
             ids = experts[a:a + rows].astype(np.int64) + (layer[a:a + rows].astype(np.int64) * self.n_expert)[:, None]
             cd = chunk_distances(self.state, np.zeros(len(ids), np.int64), ids, item_bytes=self.item_bytes)

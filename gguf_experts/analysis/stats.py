@@ -50,17 +50,26 @@ def imbalance(counts: np.ndarray) -> dict[str, np.ndarray]:
     return {"max_mean": max_mean, "cv": cv, "gini": gini, "entropy": nent}
 
 
+SEQ_COLUMNS = ["seq", "tokens_prefill", "tokens_decode", "activations", "experts_used", "experts_used_share",
+               "gini_mean", "entropy_mean"]
+
+
 @dataclass
 class StatsAccumulator:
-    """Counts updated chunk by chunk: activations per (phase, layer, expert), rows per (phase, layer) and
-    activations per (sequence, layer, expert) (memory: sequences x layers x experts int64)."""
+    """Counts updated chunk by chunk: activations per (phase, layer, expert), rows per (phase, layer), and
+    per sequence its own counts until the sequence is complete (a later one has started, sequences coming
+    in order as a capture writes them); then only its summary row is kept, so memory stays bounded by the
+    open sequences, not by the dataset."""
 
     n_layer: int
     n_expert: int
     counts: np.ndarray = field(init=False)  # int64 [2, L, M]
     tokens: np.ndarray = field(init=False)  # int64 [2, L]
-    seq_counts: dict[int, np.ndarray] = field(default_factory=dict)  # seq -> int64 [L, M]
-    seq_tokens: dict[int, np.ndarray] = field(default_factory=dict)  # seq -> int64 [2] rows (all layers)
+    seq_counts: dict[int, np.ndarray] = field(default_factory=dict)  # open seq -> int64 [L, M]
+    seq_rows: dict[int, np.ndarray] = field(default_factory=dict)  # open seq -> int64 [2, L] rows
+    seq_done: list[pd.DataFrame] = field(default_factory=list)  # summaries of complete sequences
+    _last_seq: int | None = None
+    _in_order: bool = True
 
     def __post_init__(self) -> None:
         self.counts = np.zeros((2, self.n_layer, self.n_expert), np.int64)
@@ -76,21 +85,59 @@ class StatsAccumulator:
         base = (phase.astype(np.int64) * L + layer) * M
         self.counts += np.bincount((experts + base[:, None]).ravel(), minlength=2 * L * M).reshape(2, L, M)
         self.tokens += np.bincount(phase.astype(np.int64) * L + layer, minlength=2 * L).reshape(2, L)
+        seq = np.asarray(seq, np.int64)
+        if self._in_order and (np.any(np.diff(seq) < 0) or (self._last_seq is not None and seq[0] < self._last_seq)):
+            self._in_order = False  # sequences interleave: keep every one open to the end
         useqs, sidx = np.unique(seq, return_inverse=True)
-        per = np.bincount((sidx[:, None] * (L * M) + layer[:, None] * M + experts).ravel(),
-                          minlength=len(useqs) * L * M).reshape(len(useqs), L, M)
-        ptok = np.bincount(sidx * 2 + phase, minlength=len(useqs) * 2).reshape(len(useqs), 2)
+        key = (sidx[:, None] * (L * M) + layer[:, None].astype(np.int64) * M + experts).ravel()
+        prow = np.bincount((sidx * 2 + phase) * L + layer, minlength=len(useqs) * 2 * L).reshape(len(useqs), 2, L)
+        if len(useqs) * L * M <= 1 << 22:  # dense: one bincount
+            per = np.bincount(key, minlength=len(useqs) * L * M).reshape(len(useqs), L * M)
+            keys = cnts = bounds = None
+        else:  # many short sequences in one chunk: only the (sequence, layer, expert) triples that occur
+            keys, cnts = np.unique(key, return_counts=True)
+            bounds = np.searchsorted(keys, np.arange(len(useqs) + 1) * (L * M))
         for j, s in enumerate(useqs.tolist()):  # one step per distinct sequence of the chunk
-            if s in self.seq_counts:
-                self.seq_counts[s] += per[j]
-                self.seq_tokens[s] += ptok[j]
+            if s not in self.seq_counts:
+                self.seq_counts[s] = np.zeros((L, M), np.int64)
+                self.seq_rows[s] = np.zeros((2, L), np.int64)
+            if keys is None:
+                self.seq_counts[s] += per[j].reshape(L, M)
             else:
-                self.seq_counts[s] = per[j].copy()
-                self.seq_tokens[s] = ptok[j].copy()
+                a, b = bounds[j], bounds[j + 1]
+                self.seq_counts[s].reshape(-1)[keys[a:b] - j * L * M] += cnts[a:b]
+            self.seq_rows[s] += prow[j]
+        self._last_seq = int(seq[-1])
+        if self._in_order:
+            done = [q for q in self.seq_counts if q < self._last_seq]
+            if done:
+                self.seq_done.append(_seq_summary(done, self))
+                for q in done:
+                    del self.seq_counts[q], self.seq_rows[q]
 
     def layers_present(self) -> np.ndarray:
         """MoE layers that have rows in the trace (dense layers never appear)."""
         return np.flatnonzero(self.tokens.sum(axis=0) > 0)
+
+
+def _seq_summary(seqs: list[int], acc: StatsAccumulator) -> pd.DataFrame:
+    """Summary rows of sequences: tokens (rows of its busiest layer), activations, distinct (layer, expert)
+    pairs used (share of those of the layers it reached), Gini and entropy averaged over its layers."""
+    if not seqs:
+        return pd.DataFrame(columns=SEQ_COLUMNS)
+    stack = np.stack([acc.seq_counts[s] for s in seqs])  # [S, L, M]
+    rows = np.stack([acc.seq_rows[s] for s in seqs])  # [S, 2, L]
+    S, L, M = stack.shape
+    imb = imbalance(stack.reshape(S * L, M))
+    has = stack.sum(axis=2) > 0
+    used = (stack > 0).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g = np.nanmean(np.where(has, imb["gini"].reshape(S, L), np.nan), axis=1) if L else np.full(S, np.nan)
+        e = np.nanmean(np.where(has, imb["entropy"].reshape(S, L), np.nan), axis=1) if L else np.full(S, np.nan)
+        share = used / (has.sum(axis=1) * M)
+    return pd.DataFrame({"seq": seqs, "tokens_prefill": rows[:, 0].max(axis=1), "tokens_decode": rows[:, 1].max(axis=1),
+                         "activations": stack.sum(axis=(1, 2)), "experts_used": used,
+                         "experts_used_share": share, "gini_mean": g, "entropy_mean": e}, columns=SEQ_COLUMNS)
 
 
 def expert_frame(acc: StatsAccumulator, expert_bytes: np.ndarray | None = None) -> pd.DataFrame:
@@ -112,7 +159,7 @@ def expert_frame(acc: StatsAccumulator, expert_bytes: np.ndarray | None = None) 
         "rank": np.tile(np.arange(1, M + 1), len(layers)), "cum_share": np.cumsum(share, axis=1).ravel(),
     })
     if expert_bytes is not None:
-        b = expert_bytes[lay, exp]
+        b = np.rint(expert_bytes[lay, exp]).astype(np.int64)
         df["bytes"] = b
         df["bytes_read"] = b * df["activations"].to_numpy()
     return df
@@ -142,23 +189,12 @@ def layer_frame(acc: StatsAccumulator) -> pd.DataFrame:
 
 
 def sequence_frame(acc: StatsAccumulator) -> pd.DataFrame:
-    """Per sequence (prompt): rows, distinct (layer, expert) pairs used, and imbalance averaged over layers."""
-    seqs = sorted(acc.seq_counts)
-    if not seqs:
-        return pd.DataFrame(columns=["seq", "tokens_prefill", "tokens_decode", "activations",
-                                     "experts_used", "experts_used_share", "gini_mean", "entropy_mean"])
-    layers = acc.layers_present()
-    stack = np.stack([acc.seq_counts[s][layers] for s in seqs])  # [S, l, M]
-    toks = np.stack([acc.seq_tokens[s] for s in seqs]) // max(1, len(layers))
-    S, nl, M = stack.shape
-    imb = imbalance(stack.reshape(S * nl, M))
-    used = (stack > 0).sum(axis=(1, 2))
-    with np.errstate(invalid="ignore"):
-        g = np.nanmean(np.where(stack.sum(axis=2) > 0, imb["gini"].reshape(S, nl), np.nan), axis=1)
-        e = np.nanmean(np.where(stack.sum(axis=2) > 0, imb["entropy"].reshape(S, nl), np.nan), axis=1)
-    return pd.DataFrame({"seq": seqs, "tokens_prefill": toks[:, 0], "tokens_decode": toks[:, 1],
-                         "activations": stack.sum(axis=(1, 2)), "experts_used": used,
-                         "experts_used_share": used / (nl * M), "gini_mean": g, "entropy_mean": e})
+    """Per sequence (prompt): tokens, activations, distinct (layer, expert) pairs used, and imbalance
+    averaged over layers (complete sequences' summaries plus the open ones)."""
+    parts = [p for p in acc.seq_done + [_seq_summary(sorted(acc.seq_counts), acc)] if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=SEQ_COLUMNS)
+    return pd.concat(parts, ignore_index=True).sort_values("seq", kind="stable", ignore_index=True)
 
 
 def stats_document(acc: StatsAccumulator, k: int, expert_bytes: np.ndarray | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..trace.format import TraceData, TraceHeader, check_fingerprint
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
-DEFAULT_CHUNK_ROWS = 1 << 14  # rows per analysis step: small enough to stay in cache (bench_analysis.py)
+DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
 
 
 def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False) -> None:

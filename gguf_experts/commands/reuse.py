@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     reuse = ReuseAccumulator(L, M, k, coactivation=bool(args.coactivation))
     stats = StatsAccumulator(L, M) if args.coactivation else None
     for c in chunks:
-        cd = lru.update(c.layer, c.experts)
-        reuse.update(cd, c.seq, c.phase)
+        for sl, cd in lru.update(c.layer, c.experts):
+            reuse.update(cd, c.seq[sl], c.phase[sl])
         if stats is not None:
             stats.update(c.layer, c.experts, c.phase, c.seq)
     lf = reuse.layer_frame()

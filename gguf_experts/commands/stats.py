@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from ..analysis.stats import (
     StatsAccumulator,
     expert_frame,
@@ -51,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
             return head + frame_to_table(df)
         cols = ["layer", "tokens", "tokens_prefill", "tokens_decode", "activations", "never_activated",
                 "top10pct_share", "max_mean", "cv", "gini", "entropy"]
+        never = [f"  layer {int(l)}: {' '.join(map(str, np.flatnonzero(acc.counts[:, l].sum(axis=0) == 0)))}"
+                 for l in lf["layer"][lf["never_activated"] > 0]]
         return (head + frame_to_table(lf[cols].round(4)) + f"\nbusiest {args.top} experts per layer:\n"
-                + frame_to_table(top))
+                + frame_to_table(top) + ("\nnever activated:\n" + "\n".join(never) + "\n" if never else ""))
     emit(Output(df, document=lambda: stats_document(acc, fp.n_expert_used, eb), text=text),
          args.format, args.output)
     return 0

@@ -1,30 +1,32 @@
 """Live capture of llama.cpp's expert routing through the scheduler's eval callback (llama-cpp-python).
 
 Why the low-level API: the high-level ``Llama`` takes no callback. We set ``cb_eval`` before the context
-is created, observe only ``ffn_moe_topk-<il>`` (plus, with weights, the last of
-``ffn_moe_weights_softmax/_norm/_scaled`` the architecture builds), and decide per tensor name once, so
-the ``ask`` path (called for every graph node) is a string read and a dict lookup. One ``llama_decode``
-is one ubatch (we never submit more than n_ubatch tokens), so each observed tensor's rows are the
-ubatch's tokens, or, in the last layer, only its output rows (``get_rows(inp_out_ids)``).
+is created and observe only ``ffn_moe_topk-<il>`` (plus, with weights, the last of
+``ffn_moe_weights_softmax/_norm/_scaled`` the architecture builds). The ``ask`` call, made for every graph
+node, is a C-level dict lookup of the node's address (see _NodeMap); names are read only on a miss. One
+``llama_decode`` is one ubatch (we never submit more than n_ubatch tokens), so each observed tensor's rows
+are the ubatch's tokens, or, in the last layer, only its output rows (``get_rows(inp_out_ids)``).
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import GGUFExpertsError, InputError
+from ..errors import InputError
 from .format import PHASE_DECODE, PHASE_PREFILL, ModelFingerprint
 from .ggml_ctypes import (
+    CaptureError,
     GGMLTensor,
     LlamaLog,
     ThreadPool,
@@ -33,16 +35,13 @@ from .ggml_ctypes import (
     read_rows,
 )
 
-#: weight stages in graph order; the last one the architecture builds is what the model applies
-WEIGHT_STAGES = ("ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
+#: weight stages in graph order; the last one the architecture builds is what the model applies. The raw
+#: ffn_moe_weights (before normalisation) is the answer only where no later stage exists (e.g. qwen2moe).
+WEIGHT_STAGES = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
 EXTRA_NAMES = ("ffn_moe_logits", "ffn_moe_probs")
 _NAME_RE = re.compile(r"^(ffn_moe_[a-z_]+)-(\d+)$")
 #: bool cb(struct ggml_tensor * t, bool ask, void * user_data), declared with its first argument only
 _ASK_PROTO = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
-
-
-class CaptureError(GGUFExpertsError):
-    """llama.cpp refused the model or a decode, or the graph did not look like an MoE graph."""
 
 
 class Sink(Protocol):
@@ -66,13 +65,17 @@ class _Probe:
     """The cached answer for one observed node: true when asked, and on the call after that (data ready)
     it hands the node to the collector. Its truth value *is* the callback's answer (see _NodeMap)."""
 
-    __slots__ = ("armed", "col", "key", "layer", "t", "what")
+    __slots__ = ("armed", "col", "deferred", "key", "layer", "t", "what")
 
-    def __init__(self, col: _Collector, t: int, what: int, layer: int, key: bytes) -> None:
+    def __init__(self, col: _Collector, t: int, what: int, layer: int, key: bytes, deferred: bool = False) -> None:
         self.col, self.t, self.what, self.layer, self.key = col, t, what, layer, key
         self.armed = False
+        self.deferred = deferred  # a top-k read later, with its layer's gate weights: no split of its own
 
     def __bool__(self) -> bool:
+        if self.deferred:  # computed anyway before the weights node, and alive until the expert matmuls
+            self.col.pending[self.layer] = self
+            return False
         if not self.armed:  # ask: "yes, compute up to this node"; the scheduler calls again with data
             self.armed = True
             return True
@@ -133,6 +136,7 @@ class _Collector:
         self.w: dict[int, tuple[int, np.ndarray]] = {}
         self.extras: dict[str, dict[int, np.ndarray]] = {}
         self.down: dict[int, np.ndarray] = {}  # layer -> [rows, k] output norms (down_norms only)
+        self.pending: dict[int, _Probe] = {}  # layer -> deferred top-k probe seen this ubatch
         for p in self.probes:
             p.armed = False
         if shape != self.shape:  # swap the live map's contents only when the ubatch shape changes
@@ -176,7 +180,10 @@ class _Collector:
             d = self._decide(key)
         v: Any = False
         if d is not None:
-            v = _Probe(self, t, d[0], d[1], key)
+            # with weights, once the layer's last weight stage is known, its top-k is read together with
+            # the weights (one split per layer instead of two)
+            deferred = d[0] == -1 and self.weights and d[1] in self.final_stage
+            v = _Probe(self, t, d[0], d[1], key, deferred)
             self.probes.append(v)
         self.live[t] = v
         return v
@@ -196,10 +203,7 @@ class _Collector:
                 return
             what, layer = v.what, v.layer
         if what == -1:
-            if GGMLTensor.from_address(t).ne[0] != self.k:  # warm-up graph: n_expert_used = n_expert
-                self.skipped_warmup += 1
-                return
-            self.topk[layer] = read_rows(t, self.k)
+            self._take_topk(t, layer)
         elif what == 200:  # ffn_moe_down [n_embd, n_used, n_tok]: one L2 norm per token and slot
             ne = GGMLTensor.from_address(t).ne
             rows = read_rows(t, int(ne[0])).astype(np.float64)
@@ -208,8 +212,19 @@ class _Collector:
             prev = self.w.get(layer)
             if prev is None or what >= prev[0]:
                 self.w[layer] = (what, read_rows(t, self.k))
+            q = self.pending.pop(layer, None)
+            if q is not None:
+                if self.read_key(q.t) != q.key:
+                    raise CaptureError(f"layer {layer}: the top-k node moved in the graph; please report this")
+                self._take_topk(q.t, layer)
         else:
             self.extras.setdefault(EXTRA_NAMES[what - 100], {})[layer] = read_rows(t, self.n_expert)
+
+    def _take_topk(self, t: int, layer: int) -> None:
+        if GGMLTensor.from_address(t).ne[0] != self.k:  # warm-up graph: n_expert_used = n_expert
+            self.skipped_warmup += 1
+            return
+        self.topk[layer] = read_rows(t, self.k)
 
     def check_complete(self) -> None:
         """Each ubatch of a shape yields as many MoE layers as the first one of that shape did."""
@@ -241,7 +256,7 @@ class TracedLlama:
     def __init__(self, model_path: str | os.PathLike[str], sink: Sink, fingerprint: ModelFingerprint,
                  weights: bool = False, n_ctx: int = 2048, n_ubatch: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int = 0, observe_extra: bool = False, trace: bool = True,
-                 observe_down_norms: bool = False) -> None:
+                 observe_down_norms: bool = False, seq_counter: Iterator[int] | None = None) -> None:
         self.lc = load_llama_cpp()
         lc = self.lc
         self.sink, self.fp = sink, fingerprint
@@ -284,6 +299,7 @@ class TracedLlama:
         if hasattr(lc, "llama_set_warmup"):
             lc.llama_set_warmup(self._ctx, False)
         self._pool = ThreadPool(lc, self._ctx, threads)
+        self._llama_decode = _gil_holding_decode(lc) if trace else lc.llama_decode
         self._batch = lc.llama_batch_init(self.n_ubatch, 0, 1)
         b = self._batch
         self._tok = np.ctypeslib.as_array(b.token, shape=(self.n_ubatch,))
@@ -293,6 +309,7 @@ class TracedLlama:
         for i in range(self.n_ubatch):  # once per context: every row belongs to sequence 0
             b.seq_id[i][0] = 0
         self.seq = -1
+        self._seq_counter = seq_counter if seq_counter is not None else itertools.count()
         self.n_past = 0
         self.tokens_done = 0
         self._last_logits_row = -1
@@ -320,7 +337,7 @@ class TracedLlama:
     def new_sequence(self) -> int:
         """Fresh KV state; later tokens belong to the next sequence index of the trace."""
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self._ctx), True)
-        self.seq += 1
+        self.seq = next(self._seq_counter)
         self.n_past = 0
         return self.seq
 
@@ -351,7 +368,7 @@ class TracedLlama:
         col = self.collector
         col.reset((n, int(out.sum())))
         col.error = None
-        rc = self.lc.llama_decode(self._ctx, self._batch)
+        rc = self._llama_decode(self._ctx, self._batch)
         if col.error is not None:
             err, col.error = col.error, None
             raise err
@@ -456,6 +473,23 @@ class TracedLlama:
         self.close()
 
 
+def _gil_holding_decode(lc: Any) -> Any:
+    """``llama_decode`` called through a PyDLL handle, which keeps the GIL during the call.
+
+    Why: a CDLL call releases the GIL, so each of the eval callback's ~45 calls per layer and token
+    would have to take it back and release it again (~0.3 us each, most of the capture's overhead on
+    CPU). Holding it makes those calls cheap; no other Python thread needs to run during a decode.
+    """
+    try:
+        lib = ctypes.PyDLL(lc.llama_cpp._lib._name)
+        fn = lib.llama_decode
+    except (AttributeError, OSError):  # an unusual build: the ordinary binding still works, just slower
+        return lc.llama_decode
+    fn.argtypes = [ctypes.c_void_p, lc.llama_batch]
+    fn.restype = ctypes.c_int32
+    return fn
+
+
 def model_fingerprint(model_path: str | os.PathLike[str]) -> ModelFingerprint:
     from ..gguf_file import open_model
     from ..layout import fingerprint
@@ -482,6 +516,7 @@ class Recorder:
         self.sink: Any = sink
         self._owns_sink = sink is None
         self._llms: list[TracedLlama] = []
+        self._seqs = itertools.count()  # sequence indices are unique across the llamas of one recorder
         self.fingerprint: ModelFingerprint | None = None
 
     def llama(self, model_path: str | os.PathLike[str], n_ctx: int = 2048, n_ubatch: int = 512,
@@ -491,7 +526,8 @@ class Recorder:
             raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
         # load the model first: a model llama.cpp refuses leaves no trace file behind
         llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
-                          n_threads=n_threads, n_gpu_layers=n_gpu_layers, observe_extra=observe_extra)
+                          n_threads=n_threads, n_gpu_layers=n_gpu_layers, observe_extra=observe_extra,
+                          seq_counter=self._seqs)
         try:
             if self.sink is None:
                 from .writer import TraceWriter

@@ -15,9 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LiveUnavailableError
+from ..errors import GGUFExpertsError, LiveUnavailableError
 
 INSTALL_HINT = "pip install 'gguf-experts[live]'"
+
+
+class CaptureError(GGUFExpertsError):
+    """llama.cpp refused the model or a decode, or the graph did not look like an MoE graph."""
 
 GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64
@@ -114,31 +118,17 @@ def tensor_name(addr: int) -> bytes:
     return ctypes.string_at(addr + NAME_OFFSET)
 
 
-#: the first NAME_KEY_BYTES of a tensor's name field (NUL and what follows included): the callback's cache
-#: key. Every name we observe is shorter, so its key holds its NUL and cannot collide with another name.
+#: the first NAME_KEY_BYTES of a tensor's name field (NUL and what follows included): the key of the
+#: per-name decision cache. Every name we observe is shorter, so its key holds its NUL and cannot collide.
 NAME_KEY_BYTES = 32
-_SPACE_LO = 1 << 16
-_SPACE_HI = 1 << 47
 
 
 def name_key_reader() -> Any:
-    """A fast ``addr -> bytes`` reader of NAME_KEY_BYTES of the name field, for the per-node ``ask`` path.
-
-    ``ctypes.string_at`` costs ~0.6 us; slicing one memoryview over the user address space costs ~0.25 us
-    and the callback is called for every graph node. Addresses outside it fall back to string_at.
-    """
-    try:
-        space = memoryview((ctypes.c_char * (_SPACE_HI - _SPACE_LO)).from_address(_SPACE_LO)).cast("B")
-    except (ValueError, OverflowError, TypeError, MemoryError):  # pragma: no cover - exotic platforms
-        space = None
-    lo = NAME_OFFSET - _SPACE_LO
-    hi = lo + NAME_KEY_BYTES
-    top = _SPACE_HI - NAME_OFFSET - NAME_KEY_BYTES
+    """``addr -> bytes``: NAME_KEY_BYTES of the tensor's name field (only on cache misses and checks)."""
+    string_at, off = ctypes.string_at, NAME_OFFSET
 
     def read(addr: int) -> bytes:
-        if space is not None and _SPACE_LO <= addr < top:
-            return space[addr + lo:addr + hi].tobytes()
-        return ctypes.string_at(addr + NAME_OFFSET, NAME_KEY_BYTES)
+        return string_at(addr + off, NAME_KEY_BYTES)
 
     return read
 
@@ -159,7 +149,8 @@ def read_rows(addr: int, k: int) -> np.ndarray:
     """
     dtype = _DTYPES.get(ctypes.c_int32.from_address(addr).value)
     if dtype is None:
-        raise ValueError(f"unexpected ggml type {ctypes.c_int32.from_address(addr).value} for {tensor_name(addr)!r}")
+        raise CaptureError(f"graph tensor {tensor_name(addr).decode(errors='replace')!r} has ggml type "
+                           f"{ctypes.c_int32.from_address(addr).value}, expected I32 or F32; please report this")
     ne0, ne1, ne2, ne3, nb0, nb1, nb2, nb3 = _NE_NB.from_address(addr + _NE_OFFSET)[:]
     total = ne0 * ne1 * ne2 * ne3
     if total == 0 or k == 0:
