@@ -149,7 +149,8 @@ def fingerprint(model: Model) -> "ModelFingerprint":
 
     shapes = hashlib.sha256()
     types = hashlib.sha256()
-    for t in model.tensors:
+    # sorted by name: llama.cpp's quantizer writes tensors in another order than the converter does
+    for t in sorted(model.tensors, key=lambda t: t.name):
         shapes.update(f"{t.name}:{','.join(map(str, t.ne))}\n".encode())
         types.update(f"{t.name}:{t.type.name}\n".encode())
     return ModelFingerprint(

@@ -351,3 +351,19 @@ def test_cli_capture_prompts_file(tmp_path: Path, models: dict[str, Path],
     assert (tr.phase == PHASE_DECODE).sum() == 6 * n_layer  # gpt-oss routes every row in every layer
     assert (tr.phase == PHASE_PREFILL).sum() == doc["prefill_tokens"] * n_layer
     assert tr.header.meta["weights"] is True and np.allclose(tr.weights.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_trace_joins_with_own_quantization_not_other_model(tmp_path: Path, models: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The quantizer reorders tensors and changes types: same model, so a warning; another model: exit 2."""
+    f32 = models["qwen3moe"]
+    q8 = tinymodel.make_tiny_model(tmp_path / "q8.gguf", arch="qwen3moe", seed=1, quant="Q8_0")
+    other = tinymodel.make_tiny_model(tmp_path / "o.gguf", arch="qwen3moe", seed=1, n_layer=3)
+    capture(f32, ["hello there"], tmp_path / "t.bin", n_predict=2, n_ctx=128, n_threads=2, ignore_eos=True)
+    capsys.readouterr()
+    assert main(["join-trace", str(tmp_path / "t.bin"), "--model", str(q8), "--format", "csv"]) == 0
+    err = capsys.readouterr().err
+    assert "another quantization" in err and len(err.strip().splitlines()) == 1
+    assert main(["join-trace", str(tmp_path / "t.bin"), "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "n_layer" in err and len(err.strip().splitlines()) == 1

@@ -260,3 +260,16 @@ def test_fingerprint_separates_structure_from_quantization(tmp_path: Path) -> No
     assert fa == fingerprint(open_model(a.path))
     assert fa.tensor_digest == fb.tensor_digest and fa.type_digest != fb.type_digest
     assert fa.tensor_digest != fc.tensor_digest
+
+
+def test_fingerprint_ignores_tensor_order(tmp_path: Path) -> None:
+    """llama.cpp's quantizer reorders tensors: a trace of the F32 model must still match its quantization."""
+    from conftest import small_moe_kv, small_moe_tensors
+
+    from gguf_experts.layout import fingerprint
+
+    ts = small_moe_tensors()
+    a = open_model(write_gguf(tmp_path / "a.gguf", small_moe_kv(), ts))
+    b = open_model(write_gguf(tmp_path / "b.gguf", small_moe_kv(), sorted(ts, key=lambda t: t.name)[::-1]))
+    assert [t.name for t in a.tensors] != [t.name for t in b.tensors]
+    assert fingerprint(a) == fingerprint(b)

@@ -251,6 +251,8 @@ class TracedLlama:
     """A llama.cpp model + context whose MoE routing goes to a sink; drive it with tokenize/eval/generate.
 
     Each ``generate``/``new_sequence`` starts a fresh KV state and a new sequence index in the trace.
+    While traced, ``llama_decode`` holds the GIL (see _gil_holding_decode): other Python threads pause
+    during a decode. ``trace=False`` gives the same model and context without the callback (benchmarks).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], sink: Sink, fingerprint: ModelFingerprint,
@@ -312,7 +314,6 @@ class TracedLlama:
         self._seq_counter = seq_counter if seq_counter is not None else itertools.count()
         self.n_past = 0
         self.tokens_done = 0
-        self._last_logits_row = -1
 
     # -- driving -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -378,7 +379,6 @@ class TracedLlama:
             col.check_complete()
         self.n_past += n
         self.tokens_done += n
-        self._last_logits_row = int(np.flatnonzero(out)[-1]) if out.any() else -1
         self._flush(pos, chunk, out.astype(bool), phase)
 
     def _flush(self, pos: np.ndarray, tokens: np.ndarray, out: np.ndarray, phase: int) -> None:
