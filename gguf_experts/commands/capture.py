@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _texts_from_jsonl(path: str) -> list[str]:
+def jsonl_texts(path: str) -> list[str]:
+    """Texts of the non-blank JSONL lines, in order (a record's index is its place among them)."""
     texts = []
     with open(path, encoding="utf-8") as fh:
         for no, line in enumerate(fh, 1):
@@ -85,7 +86,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     elif args.prompts is not None:
         texts = [ln.rstrip("\n") for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines()]
     else:
-        texts = _texts_from_jsonl(args.jsonl)
+        texts = jsonl_texts(args.jsonl)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise InputError("no non-empty prompt given")

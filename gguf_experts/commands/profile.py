@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 from ..analysis.reap import ReapAccumulator
 from ..errors import InputError
 from ..reporters.tabular import FORMATS, Output, emit, frame_records, frame_to_table
-from .capture import jsonl_text
+from .capture import jsonl_texts
 
 NAME = "profile"
 HELP = "REAP expert saliency (router-weighted expert activation norms) from JSONL texts run through llama.cpp"
@@ -61,21 +60,6 @@ class _RecordSink:
         self.part.update(np.full(n, layer), experts, weights, down_norms)
 
 
-def _records(path: str) -> list[str]:
-    """Texts of the non-blank JSONL lines, in order (a record's index is its place among them)."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{no}: not valid JSON ({e.msg}); expected one object per line") from None
-            out.append(jsonl_text(rec, f"{path}:{no}"))
-    return out
-
-
 def _start(args: argparse.Namespace, fp: Any) -> ReapAccumulator:
     out = Path(args.output)
     if args.resume and out.exists():
@@ -101,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.save_every < 1 or args.ctx_size < 8 or args.ubatch_size < 1:
         raise InputError("--save-every must be >= 1, --ctx-size >= 8, --ubatch-size >= 1")
-    texts = _records(args.jsonl)
+    texts = jsonl_texts(args.jsonl)
     fp = model_fingerprint(args.model)
     acc = _start(args, fp)
     end = len(texts) if args.limit is None else min(len(texts), args.limit)
