@@ -191,7 +191,7 @@ def per_token_bytes(model: Model) -> dict[str, int]:
     k = model.expert_used_count
     experts_per_token = int(eb.groupby("layer")["bytes"].mean().sum() * k) if len(eb) else 0
     all_experts = int(eb["bytes"].sum()) if len(eb) else 0
-    return {"model_bytes": total, "dense_bytes_per_token": dense, "expert_bytes_per_token": experts_per_token,
+    return {"model_bytes": total, "nonexpert_bytes_per_token": dense, "expert_bytes_per_token": experts_per_token,
             "bytes_per_token": dense + experts_per_token, "all_expert_bytes": all_experts, "n_expert_used": k}
 
 

@@ -143,7 +143,7 @@ def test_per_token_bytes_by_hand(tmp_path: Path, small_moe) -> None:
     dense_layer = 64 * 4 + 64 * 64 * 2 + 64 * 4 * 4  # attn_norm, attn_q (F16), router
     dense = 64 * 4 + 2 * dense_layer + 64 * 4 + 64 * 50 * 2  # one embedding row, output_norm, output
     assert pt["expert_bytes_per_token"] == 2 * 2 * one_expert
-    assert pt["dense_bytes_per_token"] == dense
+    assert pt["nonexpert_bytes_per_token"] == dense
     assert pt["bytes_per_token"] == dense + 4 * one_expert
     assert pt["all_expert_bytes"] == 2 * 4 * one_expert
     assert pt["model_bytes"] == sum(t.nbytes for t in m.tensors)
