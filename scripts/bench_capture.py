@@ -7,6 +7,7 @@ Models: the tiny demo-sized qwen3moe (4 layers, 16 experts, n_embd 64) and a big
 Rounds alternate plain / recorder / recorder+weights so machine noise hits all alike; medians are reported.
 
     python scripts/bench_capture.py [--tokens 64] [--rounds 5] [--threads 1] [--big-layers 24] [--skip-big]
+        [--n-gpu-layers 99]   # all layers on the GPU (a CUDA build of llama-cpp-python)
 """
 from __future__ import annotations
 
@@ -42,14 +43,17 @@ def decode_rate(llm: TracedLlama, n_tokens: int) -> tuple[float, float]:
     return n_tokens / (time.perf_counter() - t0), n_tokens / max(time.process_time() - c0, 1e-9)
 
 
-def bench(path: Path, label: str, n_tokens: int, rounds: int, threads: int, tmp: Path) -> dict[str, float]:
+def bench(path: Path, label: str, n_tokens: int, rounds: int, threads: int, tmp: Path,
+          n_gpu_layers: int = 0) -> dict[str, float]:
     fp = model_fingerprint(path)
+    ngl = n_gpu_layers
     variants = {
-        "plain": lambda: TracedLlama(path, MemorySink(), fp, n_ctx=512, n_threads=threads, trace=False),
+        "plain": lambda: TracedLlama(path, MemorySink(), fp, n_ctx=512, n_threads=threads, trace=False,
+                                     n_gpu_layers=ngl),
         "recorder": lambda: TracedLlama(path, TraceWriter(tmp / f"{label}.bin", fp), fp, n_ctx=512,
-                                        n_threads=threads),
+                                        n_threads=threads, n_gpu_layers=ngl),
         "recorder+weights": lambda: TracedLlama(path, TraceWriter(tmp / f"{label}-w.bin", fp), fp, n_ctx=512,
-                                                n_threads=threads, weights=True),
+                                                n_threads=threads, weights=True, n_gpu_layers=ngl),
     }
     llms = {k: make() for k, make in variants.items()}
     rates: dict[str, list[float]] = {k: [] for k in llms}
@@ -72,7 +76,7 @@ def bench(path: Path, label: str, n_tokens: int, rounds: int, threads: int, tmp:
     base = med["plain"]
     print(f"{label}: {fp.n_layer} layers, {fp.n_expert} experts, top-{fp.n_expert_used}; "
           f"{len(calls)} distinct node names; median of {rounds} rounds x {n_tokens} decode tokens, "
-          f"{threads} threads")
+          f"{threads} threads, {ngl} layers offloaded (-ngl)")
     for k, v in med.items():
         spread = f"{min(rates[k]):.1f}-{max(rates[k]):.1f}"
         print(f"  {k:17s} wall: median {v:8.1f} tok/s (range {spread}), ratio {v / base:.3f}, best-of ratio "
@@ -93,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-ff", type=int, default=256)
     ap.add_argument("--big-top-k", type=int, default=8)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=0, help="layers to offload to a GPU (default 0)")
     ap.add_argument("--workdir", default=None, help="keep generated models here (default: a temp dir)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(a.workdir or td)
         tmp.mkdir(parents=True, exist_ok=True)
         tiny = make_tiny_model(tmp / "tiny.gguf")
-        bench(tiny, "tiny qwen3moe F32", a.tokens, a.rounds, a.threads, tmp)
+        bench(tiny, "tiny qwen3moe F32", a.tokens, a.rounds, a.threads, tmp, a.n_gpu_layers)
         if not a.skip_big:
             big = tmp / f"big-{a.big_layers}x{a.big_experts}top{a.big_top_k}x{a.big_embd}x{a.big_ff}-q8_0.gguf"
             if not big.exists():
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 f16.unlink()
                 print(f"(generated {big.name}, {big.stat().st_size / 2**20:.0f} MiB, in "
                       f"{time.perf_counter() - t0:.1f} s)")
-            bench(big, "big qwen3moe Q8_0", a.big_tokens, a.rounds, a.threads, tmp)
+            bench(big, "big qwen3moe Q8_0", a.big_tokens, a.rounds, a.threads, tmp, a.n_gpu_layers)
     return 0
 
 

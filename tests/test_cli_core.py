@@ -146,7 +146,8 @@ def test_malformed_one_line_exit_2(tmp_path: Path, run_cli, case: str) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 1.0, "absurd sizes must be refused before any work"
+    # a guard against hangs (2^40 iterations), not a speed test: generous for a loaded CI machine
+    assert time.perf_counter() - t0 < 20.0, "absurd sizes must be refused before any work"
     assert peak < 16 * 2**20, f"{peak} bytes allocated for a {len(data)}-byte file"
     assert r.rc == 2 and r.out == ""
     assert r.err.count("\n") == 1 and r.err.startswith("gguf-experts: error: ") and what in r.err, r.err

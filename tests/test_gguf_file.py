@@ -303,7 +303,7 @@ def test_random_mutations_fail_cleanly(tmp_path: Path, data: st.DataObject) -> N
             assert len(byte_map(m, split_experts=True)) >= len(m.tensors)
         except GGUFExpertsError as e:
             assert str(e) and "\n" not in str(e)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 20.0  # a hang guard, not a speed test
 
 
 def test_deeply_nested_arrays_fail_cleanly(tmp_path: Path) -> None:
