@@ -3,8 +3,10 @@
 
     python scripts/bench_analysis.py [--accesses 10000000] [--layers 48] [--experts 128] [--k 8]
 
-Ours: stats (activation counts by phase/sequence) and the one-pass LRU curves (every capacity 1..n_expert,
-per layer, plus reuse gaps and working-set histograms), fed chunk by chunk as a trace reader yields them.
+Ours: stats (activation counts by phase/sequence), the one-pass LRU curves (every capacity 1..n_expert,
+per layer, plus reuse gaps and working-set histograms), fed chunk by chunk as a trace reader yields them,
+and the one-pass OPT curves (every capacity, Mattson's priority stack) over the same whole trace in memory;
+on a prefix the OPT curves are checked against (and timed beside) the per-token OPT simulation at 3 sizes.
 Peer: the textbook LRU cache, an OrderedDict at ONE capacity with a Python step per access (the same
 row convention), timed on a prefix of the trace. Prints accesses per CPU-second (single thread; process time, so other load on a shared machine
 does not count) and the ratio.
@@ -22,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate
+from gguf_experts.analysis.opt import opt_curves
 from gguf_experts.analysis.stats import StatsAccumulator
 from gguf_experts.commands._trace_input import DEFAULT_CHUNK_ROWS
 
@@ -121,6 +124,7 @@ def main() -> int:
                          "end to end (reading included) through the CLI")
     ap.add_argument("--sim-accesses", type=int, default=1_000_000,
                     help="prefix for the per-token LFU/OPT simulators and the global byte-budget LRU")
+    ap.add_argument("--no-opt-curve", action="store_true", help="skip the one-pass OPT curves over the whole trace")
     a = ap.parse_args()
     L, M, k = a.layers, a.experts, a.k
     t = make_trace(a.accesses, L, M, k, a.skew, 0)
@@ -177,15 +181,38 @@ def main() -> int:
     all_rows = curves["acc"].curves()
     hr = all_rows[all_rows.layer == "all"].set_index("capacity")["hit_rate"]
     print("hit rate, all layers: " + ", ".join(f"C={c}: {hr[c]:.3f}" for c in (M // 16, M // 8, M // 4, M // 2) if c >= 1))
+    if not a.no_opt_curve:  # the same whole trace as the LRU curves (OPT needs it in memory: the future)
+        t0 = time.process_time()
+        oc = opt_curves(t["layer"], t["experts"], L, M)
+        to = time.process_time() - t0
+        ohr = oc[oc.layer == "all"].set_index("capacity")["hit_rate"]
+        print(f"OPT curves (all {M} capacities, per layer, one pass, Mattson priority stack): {n / to / 1e6:8.2f} M "
+              f"accesses/s ({to:.2f} s, one run); LRU curves are {to / tl:.1f}x faster")
+        print("OPT hit rate, all layers: "
+              + ", ".join(f"C={c}: {ohr[c]:.3f}" for c in (M // 16, M // 8, M // 4, M // 2) if c >= 1))
     lim = max(L, min(len(t["layer"]), a.sim_accesses // k) // L * L)
     lay, ex = t["layer"][:lim], t["experts"][:lim]
     sim_caps = [M // 8, M // 4, M // 2]
+    sims = {}
     for pol in ("lfu", "opt"):
         t0 = time.process_time()
-        simulate(lay, ex, L, M, pol, sim_caps)
+        sims[pol] = simulate(lay, ex, L, M, pol, sim_caps)
         dt = time.process_time() - t0
         print(f"{pol.upper()} simulated at {len(sim_caps)} capacities {sim_caps}: {ex.size / dt / 1e6:8.2f} M accesses/s "
               f"({ex.size:,} accesses; one step per token, vectorised over layers and capacities)")
+    t0 = time.process_time()
+    oc = opt_curves(lay, ex, L, M)
+    dt_one = time.process_time() - t0
+    pick = oc[oc.capacity.isin(sim_caps)].set_index(["layer", "capacity"]).sort_index()
+    ref = sims["opt"].set_index(["layer", "capacity"]).sort_index()
+    assert (pick.hits == ref.hits).all() and (pick.bytes_fetched == ref.bytes_fetched).all()
+    caps12 = np.unique(np.geomspace(1, M, 12).round().astype(np.int64))  # what `report` simulated before
+    t0 = time.process_time()
+    simulate(lay, ex, L, M, "opt", caps12)
+    dt12 = time.process_time() - t0
+    print(f"OPT one pass, all {M} capacities, same prefix: {ex.size / dt_one / 1e6:8.2f} M accesses/s "
+          f"(hits identical to the simulation at {sim_caps}); the simulation at {len(caps12)} capacities: "
+          f"{ex.size / dt12 / 1e6:.2f} M/s; ratio one pass / simulation at {len(caps12)}: {dt12 / dt_one:.2f}x")
     eb = np.full((L, M), 3 * 2048 * 768 * 0.5625)  # Q4_K-sized experts of a 2048 x 768 FFN
     g = GlobalLRU(L, M, k, eb, np.array([int(eb.sum() * f) for f in (0.1, 0.25, 0.5)]))
     t0 = time.process_time()

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity
+from ..analysis.opt import opt_curves
 from ..errors import InputError
 from ..reporters.tabular import (
     Output,
@@ -19,13 +20,14 @@ from ..reporters.tabular import (
 from ._trace_input import add_trace_arguments, expert_bytes, open_trace, parse_int_list
 
 NAME = "cache-sim"
-HELP = "expert cache simulation: LRU miss-ratio curves for every capacity, LFU and OPT, byte budgets, working sets"
+HELP = "expert cache simulation: LRU and OPT miss-ratio curves for every capacity, LFU, byte budgets, working sets"
 DESCRIPTION = (
     HELP + ". Rows: layer,policy,capacity,accesses,hits,hit_rate,bytes_fetched (layer 'all': every layer "
     "together, or the one global cache of --budget). The k experts of one token at one layer are requested "
     "together: an expert resident when the token starts is a hit, the others are fetched. Per-layer caches "
     "hold CAPACITY experts of their layer (LRU: every capacity 1..n_expert in one pass by stack distances; "
-    "LFU/OPT: simulated at --capacity); --budget is one LRU cache of BYTES over all layers (needs --model).")
+    "OPT: at --capacity, or every capacity with --curve, in one pass by Mattson's priority stack; LFU: "
+    "simulated at --capacity); --budget is one LRU cache of BYTES over all layers (needs --model).")
 ORDER = 60
 CONVENTION = ("the k experts of one row (token x layer) are requested together; an expert resident at the "
               "row's start is a hit; then the cache keeps the row's experts and the best others by priority "
@@ -42,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", metavar="BYTES[,BYTES]",
                    help="one global LRU cache of this many bytes over all layers (e.g. 8G,16G); needs --model")
     p.add_argument("--curve", action="store_true",
-                   help="with --capacity: still give LRU rows for every capacity")
+                   help="LRU and OPT rows for every capacity 1..n_expert (one pass each), even with --capacity")
     p.add_argument("--working-set", action="store_true",
                    help="rows: W(tau) = mean distinct experts (and bytes) per layer in windows of tau tokens")
     p.add_argument("--tau", metavar="T[,T]", help="working-set windows in tokens (default powers of two)")
@@ -87,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
     if "lru" in policies:
         frames.append(lru.curves(None if caps is None or args.curve else caps))
     sim_caps = caps or sorted(set([1 << i for i in range(M.bit_length()) if 1 << i <= M] + [M]))
+    lay, ex = (np.concatenate(layers), np.concatenate(experts)) if keep else (None, None)
     for p in keep:
-        frames.append(simulate(np.concatenate(layers), np.concatenate(experts), L, M, p, sim_caps, eb))
+        if p == "opt":  # every capacity costs no more than a few: one pass
+            frames.append(opt_curves(lay, ex, L, M, None if args.curve else sim_caps, eb))
+        else:
+            frames.append(simulate(lay, ex, L, M, p, sim_caps, eb))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if eb is None and len(df):
         df["bytes_fetched"] = pd.array([pd.NA] * len(df), dtype="Int64")  # no model: bytes unknown

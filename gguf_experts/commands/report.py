@@ -26,8 +26,7 @@ HELP = "write a self-contained HTML report (heatmap, file-offset strip, cache cu
 DESCRIPTION = (HELP + "; with a second trace it adds their difference. --png writes a static heatmap "
                "(needs the [plot] extra), --screenshot a PNG of the rendered report (needs chromium).")
 ORDER = 60
-OPT_CAPACITIES = 12  # Belady's OPT is simulated at this many capacities (LRU: at all of them, in one pass)
-OPT_MAX_ROWS = 2_000_000  # OPT needs the whole trace in memory and steps once per token: beyond this, LRU only
+OPT_MAX_ROWS = 2_000_000  # OPT needs the whole trace in memory and k steps per token: beyond this, LRU only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,8 +62,9 @@ def _name(trace: str | os.PathLike[str] | TraceData, i: int) -> str:
 
 def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, opt: bool = True,
                  opt_max_rows: int = OPT_MAX_ROWS) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """(miss-ratio curves: LRU at every capacity, OPT at OPT_CAPACITIES; working sets; notes) of one trace."""
-    from ..analysis.cache import LayerLRU, simulate
+    """(miss-ratio curves: LRU and OPT at every capacity, one pass each; working sets; notes) of one trace."""
+    from ..analysis.cache import LayerLRU
+    from ..analysis.opt import opt_curves
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)
@@ -87,9 +87,8 @@ def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, op
     if opt:
         td = trace if isinstance(trace, TraceData) else read_trace(trace)
         fp = td.header.fingerprint
-        caps = np.unique(np.geomspace(1, fp.n_expert, OPT_CAPACITIES).round().astype(np.int64))
-        curves.append(simulate(td.layer, td.experts, fp.n_layer, fp.n_expert, "opt", caps,
-                               expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))
+        curves.append(opt_curves(td.layer, td.experts, fp.n_layer, fp.n_expert,
+                                 expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))
     return pd.concat(curves, ignore_index=True), lru.working_set(), notes
 
 
