@@ -21,6 +21,25 @@ class CliResult:
     err: str
 
 
+def sparse_moe_model(path: Path, n_layer: int = 3, n_expert: int = 8, k: int = 2, n_embd: int = 64,
+                     n_ff: int = 32, down_type: str = "Q8_0", name: str = "tiny-test") -> Path:
+    """A sparse qwen3moe-shaped GGUF: layer 0 dense, the others MoE (F16 gate/up, down_type down: slices of
+    two sizes)."""
+    kv = {"general.architecture": "qwen3moe", "general.name": name, "qwen3moe.block_count": n_layer,
+          "qwen3moe.expert_count": n_expert, "qwen3moe.expert_used_count": k}
+    t = [TensorSpec.make("token_embd.weight", (n_embd, 100), "F32")]
+    for layer in range(n_layer):
+        t.append(TensorSpec.make(f"blk.{layer}.attn_q.weight", (n_embd, n_embd), "F32"))
+        if layer == 0:
+            t.append(TensorSpec.make("blk.0.ffn_up.weight", (n_embd, n_ff), "F32"))
+            continue
+        t.append(TensorSpec.make(f"blk.{layer}.ffn_gate_inp.weight", (n_embd, n_expert), "F32"))
+        t.append(TensorSpec.make(f"blk.{layer}.ffn_gate_exps.weight", (n_embd, n_ff, n_expert), "F16"))
+        t.append(TensorSpec.make(f"blk.{layer}.ffn_up_exps.weight", (n_embd, n_ff, n_expert), "F16"))
+        t.append(TensorSpec.make(f"blk.{layer}.ffn_down_exps.weight", (n_ff, n_embd, n_expert), down_type))
+    return write_gguf(path, kv, t)
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """Call gguf_experts.cli.main([...]) in-process and return its exit code, stdout and stderr."""

@@ -11,29 +11,17 @@ import pytest
 from gguf_experts.cli import main
 from gguf_experts.errors import ModelMismatchError
 from gguf_experts.gguf_file import open_model
-from gguf_experts.gguf_writer import TensorSpec, write_gguf
 from gguf_experts.join import Counts, heat, join, page_heat
 from gguf_experts.layout import expert_slices, fingerprint
 from gguf_experts.trace import TraceWriter, iter_trace_chunks, read_trace
+
+from conftest import sparse_moe_model  # noqa: E402
 
 N_LAYER, N_EXPERT, K, N_EMBD, N_FF = 3, 8, 2, 64, 32
 
 
 def tiny_model(path: Path, down_type: str = "Q8_0", n_expert: int = N_EXPERT) -> Path:
-    """A sparse qwen3moe-shaped GGUF: layer 0 dense, layers 1-2 MoE (F16 gate/up, Q8_0 down: odd sizes)."""
-    kv = {"general.architecture": "qwen3moe", "general.name": "tiny-test", "qwen3moe.block_count": N_LAYER,
-          "qwen3moe.expert_count": n_expert, "qwen3moe.expert_used_count": K}
-    t = [TensorSpec.make("token_embd.weight", (N_EMBD, 100), "F32")]
-    for layer in range(N_LAYER):
-        t.append(TensorSpec.make(f"blk.{layer}.attn_q.weight", (N_EMBD, N_EMBD), "F32"))
-        if layer == 0:
-            t.append(TensorSpec.make("blk.0.ffn_up.weight", (N_EMBD, N_FF), "F32"))
-            continue
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_gate_inp.weight", (N_EMBD, n_expert), "F32"))
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_gate_exps.weight", (N_EMBD, N_FF, n_expert), "F16"))
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_up_exps.weight", (N_EMBD, N_FF, n_expert), "F16"))
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_down_exps.weight", (N_FF, N_EMBD, n_expert), down_type))
-    return write_gguf(path, kv, t)
+    return sparse_moe_model(path, N_LAYER, n_expert, K, N_EMBD, N_FF, down_type)
 
 
 def distinct_experts(rng: np.random.Generator, n: int, n_expert: int = N_EXPERT, k: int = K) -> np.ndarray:

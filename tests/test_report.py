@@ -30,25 +30,14 @@ from gguf_experts.layout import byte_map, fingerprint
 from gguf_experts.reporters.html import ReportInput, render_html
 from gguf_experts.trace import TraceWriter
 
+from conftest import sparse_moe_model  # noqa: E402
+
 N_LAYER, N_EXPERT, K, N_EMBD, N_FF = 3, 8, 2, 64, 32
 HOT, COLD = 5, 0  # in layer 1 expert HOT is always chosen, expert COLD never
 
 
 def tiny_model(path: Path) -> Path:
-    """Layer 0 dense, layers 1-2 MoE with F16 gate/up and Q8_0 down (slices of two sizes)."""
-    kv = {"general.architecture": "qwen3moe", "general.name": "report-test", "qwen3moe.block_count": N_LAYER,
-          "qwen3moe.expert_count": N_EXPERT, "qwen3moe.expert_used_count": K}
-    t = [TensorSpec.make("token_embd.weight", (N_EMBD, 100), "F32")]
-    for layer in range(N_LAYER):
-        t.append(TensorSpec.make(f"blk.{layer}.attn_q.weight", (N_EMBD, N_EMBD), "F32"))
-        if layer == 0:
-            t.append(TensorSpec.make("blk.0.ffn_up.weight", (N_EMBD, N_FF), "F32"))
-            continue
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT), "F32"))
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_gate_exps.weight", (N_EMBD, N_FF, N_EXPERT), "F16"))
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_up_exps.weight", (N_EMBD, N_FF, N_EXPERT), "F16"))
-        t.append(TensorSpec.make(f"blk.{layer}.ffn_down_exps.weight", (N_FF, N_EMBD, N_EXPERT), "Q8_0"))
-    return write_gguf(path, kv, t)
+    return sparse_moe_model(path, N_LAYER, N_EXPERT, K, N_EMBD, N_FF, name="report-test")
 
 
 def make_trace(path: Path, model: Path, seed: int, skew: float = 2.0, tokens: int = 40) -> Path:

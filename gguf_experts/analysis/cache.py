@@ -185,9 +185,10 @@ def working_set(fwd_hist: np.ndarray, fwd_bytes: np.ndarray, state: StackState, 
     return pd.concat([df, tot], ignore_index=True)
 
 
-def _layer_streams(layer: np.ndarray, experts: np.ndarray, n_layer: int) -> tuple[np.ndarray, np.ndarray]:
+def layer_streams(layer: np.ndarray, experts: np.ndarray, n_layer: int,
+                  dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
     """Rows regrouped per layer and aligned by stream-local index: X [T, L, k] (-1 where a layer has no
-    row t) and valid [T, L]."""
+    row t) and valid [T, L]; int32 halves the whole-trace arrays where ids fit."""
     k = experts.shape[1]
     order = np.argsort(layer.astype(np.int64), kind="stable")
     lay = layer[order].astype(np.int64)
@@ -195,7 +196,7 @@ def _layer_streams(layer: np.ndarray, experts: np.ndarray, n_layer: int) -> tupl
     start = np.concatenate(([0], np.cumsum(counts)[:-1]))
     local = np.arange(len(lay)) - start[lay]
     T = int(counts.max()) if len(counts) else 0
-    X = np.full((T, n_layer, k), -1, np.int64)
+    X = np.full((T, n_layer, k), -1, dtype)
     X[local, lay] = experts[order]
     return X, X[:, :, 0] >= 0
 
@@ -234,7 +235,7 @@ def simulate(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: int
     if caps.size == 0 or caps.min() < 1 or caps.max() > n_expert:
         raise InputError(f"capacities must be between 1 and {n_expert} experts per layer")
     L, M = n_layer, n_expert
-    X, valid = _layer_streams(layer, experts, L)
+    X, valid = layer_streams(layer, experts, L)
     T, _, k = X.shape
     eb = np.ones((L, M)) if expert_bytes is None else np.asarray(expert_bytes, np.float64)
     nxt = _next_use(X, M) if policy == "opt" else None

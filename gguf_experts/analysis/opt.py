@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .cache import curve_frame
+from .cache import curve_frame, layer_streams
 from .stats import check_ids
 
 MAX_TOKENS = 1 << 31  # tokens per layer (int32 rows); an expert not requested again has next use T
@@ -51,21 +51,6 @@ def _check_distinct(layer: np.ndarray, experts: np.ndarray) -> None:
         r = int(np.flatnonzero(dup)[0])
         raise InputError(f"row {r} of layer {int(layer[r])} lists an expert twice; top-k selections are "
                          "distinct, so the trace is damaged")
-
-
-def _streams(layer: np.ndarray, experts: np.ndarray, n_layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows regrouped per layer by stream-local index: X [T, L, k] int32 (-1 where layer l has no row t) and
-    valid [T, L]. int32 keeps the whole-trace arrays at 4 bytes per request."""
-    k = experts.shape[1]
-    order = np.argsort(layer, kind="stable")
-    lay = layer[order].astype(np.int64)
-    counts = np.bincount(lay, minlength=n_layer)
-    start = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    local = np.arange(len(lay)) - start[lay]
-    T = int(counts.max()) if len(counts) else 0
-    X = np.full((T, n_layer, k), -1, np.int32)
-    X[local, lay] = experts[order]
-    return X, X[:, :, 0] >= 0
 
 
 def _next_rows(X: np.ndarray) -> np.ndarray:
@@ -97,7 +82,7 @@ def opt_depths(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: i
     L, M = n_layer, n_expert
     if M >= MAX_EXPERTS:
         raise InputError(f"OPT curves support up to {MAX_EXPERTS - 1} experts per layer, the trace has {M}")
-    X, valid = _streams(layer, experts, L)
+    X, valid = layer_streams(layer, experts, L, np.int32)
     T, _, k = X.shape
     if T >= MAX_TOKENS:
         raise InputError(f"OPT curves support fewer than {MAX_TOKENS} tokens per layer, the trace has {T}")
