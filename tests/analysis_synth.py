@@ -37,3 +37,16 @@ def synth(n_layer: int = 3, n_expert: int = 16, k: int = 4, n_seq: int = 3, prom
                   ("layer", np.int32)):
         out[c] = out[c].astype(dt)
     return out
+
+
+def write_synth_trace(path, model, d: dict) -> None:  # type: ignore[no-untyped-def]
+    """Write synth()'s rows as a trace of `model`, one record per row (fine for a small trace)."""
+    from gguf_experts.gguf_file import open_model
+    from gguf_experts.layout import fingerprint
+    from gguf_experts.trace import TraceWriter
+
+    with TraceWriter(path, fingerprint(open_model(model))) as w:
+        for i in range(len(d["seq"])):
+            s = slice(i, i + 1)
+            w.write(int(d["seq"][i]), int(d["phase"][i]), int(d["layer"][i]), d["pos"][s], d["token"][s],
+                    d["experts"][s], d["weights"][s])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_synth import synth
+from analysis_synth import synth, write_synth_trace
 
 from gguf_experts.gguf_file import open_model
 from gguf_experts.layout import expert_bytes, fingerprint
@@ -27,11 +27,7 @@ def model(small_moe) -> Path:
 def trace(tmp_path: Path, model: Path) -> Path:
     d = synth(n_layer=N_LAYER, n_expert=N_EXPERT, k=K, n_seq=3, prompt=6, gen=15, skew=2.0, seed=2)
     path = tmp_path / "t.bin"
-    with TraceWriter(path, fingerprint(open_model(model))) as w:
-        for i in range(len(d["seq"])):  # one record per row: fine for a small trace
-            s = slice(i, i + 1)
-            w.write(int(d["seq"][i]), int(d["phase"][i]), int(d["layer"][i]), d["pos"][s], d["token"][s],
-                    d["experts"][s], d["weights"][s])
+    write_synth_trace(path, model, d)
     return path
 
 

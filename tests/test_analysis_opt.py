@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_synth import synth
+from analysis_synth import synth, write_synth_trace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_analysis_cache import plain
@@ -18,8 +18,7 @@ from gguf_experts.analysis.cache import simulate
 from gguf_experts.analysis.opt import opt_curves, opt_histograms
 from gguf_experts.errors import InputError
 from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import expert_bytes, fingerprint
-from gguf_experts.trace import TraceWriter
+from gguf_experts.layout import expert_bytes
 
 KEY = ["layer", "capacity"]
 COLS = ["layer", "policy", "capacity", "accesses", "hits", "bytes_fetched"]
@@ -135,11 +134,7 @@ def cli_trace(tmp_path: Path, small_moe) -> tuple[Path, Path, dict]:
     model = small_moe(n_layer=3, n_expert=8)
     d = synth(n_layer=3, n_expert=8, k=2, n_seq=2, prompt=5, gen=20, skew=2.0, seed=9)
     path = tmp_path / "t.bin"
-    with TraceWriter(path, fingerprint(open_model(model))) as w:
-        for i in range(len(d["seq"])):  # one record per row: fine for a small trace
-            s = slice(i, i + 1)
-            w.write(int(d["seq"][i]), int(d["phase"][i]), int(d["layer"][i]), d["pos"][s], d["token"][s],
-                    d["experts"][s], d["weights"][s])
+    write_synth_trace(path, model, d)
     return path, model, d
 
 

@@ -116,8 +116,12 @@ def curve_frame(hist: np.ndarray, byte_hist: np.ndarray, policy: str, capacities
     bcum = np.concatenate((np.zeros((len(layers), 1)), np.cumsum(bh[:, :M], axis=1)), axis=1)
     acc = h.sum(axis=1)
     btot = bh.sum(axis=1)
-    hits = cum[:, caps]  # [l, C]
-    fetched = btot[:, None] - bcum[:, caps]
+    return curve_rows(layers, policy, caps, acc, cum[:, caps], btot[:, None] - bcum[:, caps])
+
+
+def curve_rows(layers: np.ndarray, policy: str, caps: np.ndarray, acc: np.ndarray, hits: np.ndarray,
+               fetched: np.ndarray) -> pd.DataFrame:
+    """CURVE_COLUMNS rows, layer-major, plus the 'all' rows: hits and fetched are [layer, capacity]."""
     nl, nc = hits.shape
     rows = pd.DataFrame({
         "layer": np.repeat(layers, nc).astype(str), "policy": policy, "capacity": np.tile(caps, nl),
@@ -277,18 +281,7 @@ def simulate(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: int
             res[s] = np.where(v[:, None], keep, res[s])
     layers = np.flatnonzero(valid.any(axis=0))
     acc = valid.sum(axis=0) * k
-    nl = len(layers)
-    out = pd.DataFrame({  # layer-major, like the LRU curves
-        "layer": np.repeat(layers, S).astype(str), "policy": policy, "capacity": np.tile(caps, nl),
-        "accesses": np.repeat(acc[layers], S), "hits": hits[:, layers].T.ravel(),
-        "bytes_fetched": np.rint(fetched[:, layers]).astype(np.int64).T.ravel(),
-    })
-    tot = pd.DataFrame({"layer": "all", "policy": policy, "capacity": caps, "accesses": int(acc.sum()),
-                        "hits": hits.sum(axis=1), "bytes_fetched": np.rint(fetched.sum(axis=1)).astype(np.int64)})
-    out = pd.concat([out, tot], ignore_index=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["hit_rate"] = out["hits"] / out["accesses"]
-    return out[CURVE_COLUMNS]
+    return curve_rows(layers, policy, caps, acc[layers], hits[:, layers].T, fetched[:, layers].T)
 
 
 @dataclass
