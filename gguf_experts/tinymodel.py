@@ -8,7 +8,6 @@ F32/F16 files are written with gguf-py's ``GGUFWriter``; quantized variants are 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import GGUFExpertsError, InputError, LiveUnavailableError
 
 ARCHES = ("qwen3moe", "gpt-oss")
@@ -29,14 +29,6 @@ GENERATOR_VERSION = 3
 
 class ModelBuildError(GGUFExpertsError):
     """A tiny model could not be written or re-quantized."""
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Rename the finished temp file into place with ordinary permissions (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def _byte_vocab() -> tuple[list[str], list[float], list[int]]:
@@ -119,10 +111,8 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
     head_dim = n_embd // n_head
     tokens, scores, types = _byte_vocab()
     rng = np.random.default_rng([seed, ARCHES.index(arch)])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        wr = GGUFWriter(tmp, arch)
+    with atomic_path(path) as tmp:
+        wr = GGUFWriter(str(tmp), arch)
         wr.add_name(name or f"tiny-{arch}-s{seed}")
         wr.add_file_type(1 if f16 else 0)
         a = arch
@@ -159,11 +149,6 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
         wr.write_kv_data_to_file()
         wr.write_tensors_to_file()
         wr.close()
-        _publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -175,22 +160,15 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
         raise InputError(f"quantize: {quant!r} is not one of {', '.join(QUANT_FTYPES)}")
     lc = load_llama_cpp()
     dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent if str(dst.parent) else ".")
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         params = lc.llama_model_quantize_default_params()
         params.ftype = QUANT_FTYPES[quant]
         params.nthread = threads
         params.allow_requantize = True
         with LlamaLog() as log:
-            rc = lc.llama_model_quantize(str(src).encode(), tmp.encode(), params)
+            rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise ModelBuildError(f"{src}: llama_model_quantize to {quant} failed (rc {rc}): {log.tail()}")
-        _publish(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return dst
 
 
