@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf_experts.trace.ggml_ctypes import bind
+
 
 def lib_path() -> Path | None:
     """libggml-base.so of the installed llama_cpp package, or None when llama_cpp is not importable."""
@@ -28,6 +30,26 @@ class GGUFInitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
+# name -> (argtypes, restype), from include/ggml.h and include/gguf.h
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {
+    "ggml_type_size": ([ctypes.c_int], ctypes.c_size_t),
+    "ggml_blck_size": ([ctypes.c_int], ctypes.c_int64),
+    "ggml_type_name": ([ctypes.c_int], ctypes.c_char_p),
+    "gguf_init_from_file": ([ctypes.c_char_p, GGUFInitParams], _P),
+    "gguf_free": ([_P], None),
+    "gguf_get_version": ([_P], ctypes.c_uint32),
+    "gguf_get_alignment": ([_P], ctypes.c_size_t),
+    "gguf_get_data_offset": ([_P], ctypes.c_size_t),
+    "gguf_get_n_kv": ([_P], _I),
+    "gguf_get_n_tensors": ([_P], _I),
+    "gguf_find_tensor": ([_P, ctypes.c_char_p], _I),
+    "gguf_get_tensor_name": ([_P, _I], ctypes.c_char_p),
+    "gguf_get_tensor_offset": ([_P, _I], ctypes.c_size_t),
+    "gguf_get_tensor_size": ([_P, _I], ctypes.c_size_t),
+    "gguf_get_tensor_type": ([_P, _I], ctypes.c_int),
+}
+
 _LIB: ctypes.CDLL | None = None
 
 
@@ -38,37 +60,7 @@ def lib() -> ctypes.CDLL:
     path = lib_path()
     if path is None:
         raise RuntimeError("llama_cpp is not installed")
-    L = ctypes.CDLL(str(path))
-    L.ggml_type_size.argtypes = [ctypes.c_int]
-    L.ggml_type_size.restype = ctypes.c_size_t
-    L.ggml_blck_size.argtypes = [ctypes.c_int]
-    L.ggml_blck_size.restype = ctypes.c_int64
-    L.ggml_type_name.argtypes = [ctypes.c_int]
-    L.ggml_type_name.restype = ctypes.c_char_p
-    L.gguf_init_from_file.argtypes = [ctypes.c_char_p, GGUFInitParams]
-    L.gguf_init_from_file.restype = ctypes.c_void_p
-    L.gguf_free.argtypes = [ctypes.c_void_p]
-    L.gguf_free.restype = None
-    L.gguf_get_version.argtypes = [ctypes.c_void_p]
-    L.gguf_get_version.restype = ctypes.c_uint32
-    L.gguf_get_alignment.argtypes = [ctypes.c_void_p]
-    L.gguf_get_alignment.restype = ctypes.c_size_t
-    L.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
-    L.gguf_get_data_offset.restype = ctypes.c_size_t
-    L.gguf_get_n_kv.argtypes = [ctypes.c_void_p]
-    L.gguf_get_n_kv.restype = ctypes.c_int64
-    L.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
-    L.gguf_get_n_tensors.restype = ctypes.c_int64
-    L.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    L.gguf_find_tensor.restype = ctypes.c_int64
-    L.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    L.gguf_get_tensor_name.restype = ctypes.c_char_p
-    L.gguf_get_tensor_offset.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    L.gguf_get_tensor_offset.restype = ctypes.c_size_t
-    L.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    L.gguf_get_tensor_size.restype = ctypes.c_size_t
-    L.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    L.gguf_get_tensor_type.restype = ctypes.c_int
+    L = bind(ctypes.CDLL(str(path)), SIGNATURES)
     _LIB = L
     return L
 

@@ -83,6 +83,17 @@ def load_llama_cpp() -> ModuleType:
         return llama_cpp
 
 
+Signatures = dict[str, tuple[list[Any], Any]]
+
+
+def bind(lib: ctypes.CDLL, signatures: Signatures) -> ctypes.CDLL:
+    """Declare argument and result types of C functions from a table (name -> (argtypes, restype))."""
+    for name, (args, res) in signatures.items():
+        f = getattr(lib, name)
+        f.argtypes, f.restype = args, res
+    return lib
+
+
 def ggml_base() -> ctypes.CDLL:
     """libggml-base shipped with llama-cpp-python: ggml_backend_tensor_get and ggml_nbytes."""
     global _ggml_base
@@ -105,10 +116,8 @@ def ggml_base() -> ctypes.CDLL:
         except Exception as e:
             raise LiveUnavailableError(f"libggml-base not found next to {lc.__file__} ({last or e}); "
                                        f"reinstall with {INSTALL_HINT}") from e
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
+    bind(lib, {"ggml_backend_tensor_get": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
+               "ggml_nbytes": ([ctypes.c_void_p], ctypes.c_size_t)})
     _ggml_base = lib
     return lib
 
@@ -193,13 +202,11 @@ class ThreadPool:
         cpu = ctypes.CDLL(str(cands[0]))
         base = ggml_base()
         llama = llama_cpp.llama_cpp._lib
-        for lib, fn, args, res in ((base, "ggml_threadpool_params_init", [ctypes.c_void_p, ctypes.c_int], None),
-                                   (cpu, "ggml_threadpool_new", [ctypes.c_void_p], ctypes.c_void_p),
-                                   (cpu, "ggml_threadpool_free", [ctypes.c_void_p], None),
-                                   (llama, "llama_attach_threadpool", [ctypes.c_void_p] * 3, None),
-                                   (llama, "llama_detach_threadpool", [ctypes.c_void_p], None)):
-            f = getattr(lib, fn)
-            f.argtypes, f.restype = args, res
+        bind(base, {"ggml_threadpool_params_init": ([ctypes.c_void_p, ctypes.c_int], None)})
+        bind(cpu, {"ggml_threadpool_new": ([ctypes.c_void_p], ctypes.c_void_p),
+                   "ggml_threadpool_free": ([ctypes.c_void_p], None)})
+        bind(llama, {"llama_attach_threadpool": ([ctypes.c_void_p] * 3, None),
+                     "llama_detach_threadpool": ([ctypes.c_void_p], None)})
         self._free, self._detach = cpu.ggml_threadpool_free, llama.llama_detach_threadpool
         params = ctypes.create_string_buffer(4096)  # larger than struct ggml_threadpool_params (~530 bytes)
         base.ggml_threadpool_params_init(params, int(n_threads))
