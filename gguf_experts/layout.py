@@ -174,7 +174,7 @@ def component_summary(model: Model) -> pd.DataFrame:
     return g.sort_values("bytes", ascending=False, ignore_index=True)
 
 
-def per_token_bytes(model: Model) -> dict[str, int]:
+def per_token_bytes(model: Model, eb: pd.DataFrame | None = None) -> dict[str, int]:
     """Weight bytes one token reads at top-k: all non-expert weights (one row of token_embd), k experts
     per MoE layer; versus the whole model."""
     total = sum(t.nbytes for t in model.tensors)
@@ -187,7 +187,8 @@ def per_token_bytes(model: Model) -> dict[str, int]:
             dense += t.row_size
         else:
             dense += t.nbytes
-    eb = expert_bytes(model)
+    if eb is None:  # callers that already have expert_bytes(model) pass it in
+        eb = expert_bytes(model)
     k = model.expert_used_count
     experts_per_token = int(eb.groupby("layer")["bytes"].mean().sum() * k) if len(eb) else 0
     all_experts = int(eb["bytes"].sum()) if len(eb) else 0

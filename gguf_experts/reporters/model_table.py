@@ -31,7 +31,7 @@ def model_table(model: Model) -> str:
         per_layer.columns = ["layer", "expert_bytes_min", "expert_bytes_max", "experts"]
         per_layer["one_expert"] = per_layer["expert_bytes_max"].map(human_bytes)
         lines += ["", "bytes of one expert per layer", frame_to_table(per_layer, max_rows=64).rstrip()]
-    pt = per_token_bytes(model)
+    pt = per_token_bytes(model, eb)
     if pt["model_bytes"]:
         lines += [
             "",
