@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,9 @@ import pandas as pd
 from .errors import InputError, TraceFormatError
 from .trace.format import ModelFingerprint, TraceData, check_fingerprint
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
+
+if TYPE_CHECKING:
+    from .gguf_file import Model
 
 EXPERT_COLUMNS = ["layer", "expert", "activations", "share", "bytes_per_activation", "bytes_read"]
 SLICE_COLUMNS = ["layer", "expert", "name", "base_name", "component", "file", "offset", "size",
@@ -201,6 +204,16 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
     return iter(trace), "trace"
 
 
+def check_model(trace_fp: ModelFingerprint, model: Model, trace_name: str) -> str | None:
+    """Refuse another model (ModelMismatchError); warn, and return the message, for another quantization."""
+    from .layout import fingerprint
+
+    msg = check_fingerprint(trace_fp, fingerprint(model), trace_name=trace_name, model_name=str(model.path))
+    if msg:
+        warnings.warn(QuantizationMismatchWarning(msg), stacklevel=3)
+    return msg
+
+
 def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:
     """Heat of a trace (path, TraceData or iterable of chunks) on a model (path or gguf_file.Model).
 
@@ -208,16 +221,14 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     (QuantizationMismatchWarning) when only the quantization differs.
     """
     from .gguf_file import Model, open_model
-    from .layout import expert_slices, fingerprint
+    from .layout import expert_slices
 
     m = model if isinstance(model, Model) else open_model(model)
     chunks, where = _chunks(trace, max_rows)
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")
-    msg = check_fingerprint(first.header.fingerprint, fingerprint(m), trace_name=where, model_name=str(m.path))
-    if msg:
-        warnings.warn(QuantizationMismatchWarning(msg), stacklevel=2)
+    msg = check_model(first.header.fingerprint, m, where)
     counts = count_chunks(chain([first], chunks), first.header.fingerprint)
     res = heat(counts, expert_slices(m), model_name=m.name, files=[s.path.name for s in m.shards])
     if msg:

@@ -3,13 +3,12 @@ expert (checked against the trace's fingerprint)."""
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import TraceData, TraceHeader, check_fingerprint
+from ..trace.format import TraceData, TraceHeader
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
@@ -31,15 +30,11 @@ def expert_bytes(model_path: str | None, header: TraceHeader, trace_name: str) -
     if not model_path:
         return None
     from ..gguf_file import open_model
+    from ..join import check_model
     from ..layout import expert_bytes as eb_frame
-    from ..layout import fingerprint
 
     model = open_model(model_path)
-    msg = check_fingerprint(header.fingerprint, fingerprint(model), trace_name=trace_name, model_name=model_path)
-    if msg:
-        from ..join import QuantizationMismatchWarning
-
-        warnings.warn(QuantizationMismatchWarning(msg), stacklevel=2)
+    check_model(header.fingerprint, model, trace_name)
     fp = header.fingerprint
     df = eb_frame(model)
     out = np.zeros((fp.n_layer, fp.n_expert), np.float64)
