@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build llama.cpp's own programs (llama-server, llama-cli, llama-imatrix, llama-bench) from the llama.cpp that
+# the installed llama-cpp-python vendors, as shared libraries (BUILD_SHARED_LIBS=ON, llama.cpp's Linux
+# default), into a cache keyed by that version. They are real peers and oracles for the tests (`run`
+# traces an unchanged llama-server; llama-imatrix counts routing), so they must be the same llama.cpp.
+#
+#     bash scripts/build_llama_tools.sh            # prints the bin directory on its last line
+#
+# Cache: ${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-<version>}; a second
+# run finds the binaries and returns at once. About 10 minutes on 2 cores the first time. No network beyond
+# the package registry (pip download of the sdist; pip's cache keeps it); the web UI is not fetched.
+set -euo pipefail
+PY=${PY:-python3}
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')}
+ROOT=${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-$VERSION}
+TARGETS=${TARGETS:-llama-server llama-cli llama-imatrix llama-bench}
+BIN=$ROOT/build/bin
+have_all() { for t in $TARGETS; do [ -x "$BIN/$t" ] || return 1; done; }
+if have_all; then echo "$BIN"; exit 0; fi
+mkdir -p "$ROOT"
+exec 9>"$ROOT/.lock"
+flock 9  # two builds at once (tests in parallel, CI and a session) wait for one another
+if have_all; then echo "$BIN"; exit 0; fi
+SRC=$ROOT/src
+if [ ! -f "$SRC/CMakeLists.txt" ]; then
+  tmp=$(mktemp -d)
+  $PY -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp" >&2
+  tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+  rm -rf "$SRC"
+  mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$SRC"
+  rm -rf "$tmp"
+fi
+jobs=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+{
+  cmake -S "$SRC" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON
+  # shellcheck disable=SC2086
+  cmake --build "$ROOT/build" -j "$jobs" --target $TARGETS
+} >"$ROOT/build.log" 2>&1 || { tail -30 "$ROOT/build.log" >&2; echo "build failed; log: $ROOT/build.log" >&2; exit 1; }
+have_all || { echo "build finished without all of: $TARGETS (log: $ROOT/build.log)" >&2; exit 1; }
+echo "$BIN"
