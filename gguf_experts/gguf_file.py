@@ -244,7 +244,8 @@ class _Parser:
 def _detect(buf: Any, path: Path) -> tuple[str, int]:
     size = len(buf)
     if size == 0:
-        raise GGUFFormatError(f"{path}: empty file (0 bytes); expected a GGUF model: check the path or download it again")
+        raise GGUFFormatError(f"{path}: empty file (0 bytes); "
+                              "expected a GGUF model: check the path or download it again")
     if size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
         head = bytes(buf[:4])
         raise GGUFFormatError(f"{path}: not a GGUF file (magic {head!r}, expected b'GGUF'); "
