@@ -18,7 +18,7 @@ import json
 import struct
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -198,6 +198,16 @@ class TraceData:
     @property
     def k(self) -> int:
         return int(self.experts.shape[1])
+
+    def select(self, mask: np.ndarray) -> "TraceData":
+        """The rows where ``mask`` holds (a boolean array of len(self), or row indices), as a TraceData of
+        their own with the same header: one prompt kind, one sequence, one phase."""
+        m = np.asarray(mask)
+        if m.dtype == bool and m.shape != (len(self),):
+            raise ValueError(f"select: boolean mask of shape {m.shape} for a trace of {len(self)} rows")
+        return replace(self, seq=self.seq[m], phase=self.phase[m], pos=self.pos[m], token=self.token[m],
+                       layer=self.layer[m], experts=self.experts[m],
+                       weights=None if self.weights is None else self.weights[m])
 
     @classmethod
     def empty(cls, header: TraceHeader, weights: bool = False) -> "TraceData":
