@@ -45,7 +45,8 @@ def sequence_tokens(d: TraceData) -> dict[int, tuple[list[int], int, int]]:
         toks = prefix + tok.tolist()
         dec = np.flatnonzero(ph == PHASE_DECODE)
         n_prompt = s["first_pos"] + (int(dec[0]) if len(dec) else len(pos))
-        assert (ph[:n_prompt - s["first_pos"]] == PHASE_PREFILL).all() and (ph[n_prompt - s["first_pos"]:] == PHASE_DECODE).all()
+        cut = n_prompt - s["first_pos"]
+        assert (ph[:cut] == PHASE_PREFILL).all() and (ph[cut:] == PHASE_DECODE).all()
         out[s["seq"]] = (toks, n_prompt, s["first_pos"])
         last[key] = toks
     return out

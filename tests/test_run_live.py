@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
 
 from gguf_experts import tinymodel
-from gguf_experts.cli import main
 from gguf_experts.trace import read_trace, read_trace_header
 from gguf_experts.trace.run import build_preload, sequences_path
 

@@ -14,13 +14,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
 
 from gguf_experts import tinymodel
 from gguf_experts.trace import read_trace
+from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.run import build_preload
 
 from run_support import capture_requests, compare, rows_of, sequence_tokens
@@ -79,86 +79,98 @@ CHATS = [[{"role": "user", "content": "What is 12 times 7?"}],
 N_PREDICT = 16
 
 
-def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path) -> None:
-    build_preload()
-    port = free_port()
-    trace = tmp_path / "server.bin"
-    proc = subprocess.Popen([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m", str(model),
-                             "--host", "127.0.0.1", "--port", str(port), "--parallel", "2", "-c", "1024",
-                             "-t", "2", "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def two_clients(port: int) -> list[list[int]]:
+    """Client A: /v1/completions, client B: /v1/chat/completions, started together; each sends its requests
+    one after the other. Returns the prompt tokens of A's requests (from /tokenize)."""
+    prompts: list[list[int]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def completions() -> None:
+        try:
+            barrier.wait()
+            for prompt in COMPLETIONS:
+                r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": N_PREDICT, "temperature": 0})
+                assert r["usage"]["completion_tokens"] == N_PREDICT
+                prompts.append(post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def chats() -> None:
+        try:
+            barrier.wait()
+            for messages in CHATS:
+                r = post(port, "/v1/chat/completions", {"messages": messages, "max_tokens": N_PREDICT,
+                                                       "temperature": 0})
+                assert r["usage"]["completion_tokens"] == N_PREDICT
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=completions), threading.Thread(target=chats)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return prompts
+
+
+def serve(cmd: list[str], port: int) -> tuple[int, list[list[int]], str]:
+    """Run the server under `gguf-experts run`, query it, stop it with SIGTERM: (exit status, prompts, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(port, proc)
-        results: dict[str, list[Any]] = {"completion": [], "chat": []}
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(2)
-
-        def completions() -> None:
-            try:
-                barrier.wait()
-                for prompt in COMPLETIONS:
-                    r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": N_PREDICT, "temperature": 0})
-                    tok = post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"]
-                    results["completion"].append((r, tok))
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        def chats() -> None:
-            try:
-                barrier.wait()
-                for messages in CHATS:
-                    r = post(port, "/v1/chat/completions", {"messages": messages, "max_tokens": N_PREDICT,
-                                                           "temperature": 0})
-                    results["chat"].append((r, None))
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=completions), threading.Thread(target=chats)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors, errors
-        proc.send_signal(signal.SIGTERM)
+        prompts = two_clients(port)
+        proc.send_signal(signal.SIGTERM)  # to `gguf-experts run`, which forwards it
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    stderr = proc.stderr.read() if proc.stderr else ""
-    assert rc == 0, stderr[-3000:]
-    d = read_trace(trace)
-    assert not d.recovered
-    meta = d.header.meta
-    assert meta["command"][0].endswith("llama-server") and not meta["fingerprint_pending"]
-    seqs = sequence_tokens(d)  # asserts consecutive positions per sequence
-    assert len(seqs) == 4, meta["sequences"]  # four requests; llama-server's warm-up is not recorded
-    slots = {tuple(r[1:3]) for r in meta["sequences"]}
-    assert len(slots) == 2  # the two parallel slots
-    # the two clients ran at the same time: some ubatch held rows of both slots
-    # (positions of one trace sequence never interleave with another's: rows_of checks duplicates)
-    for r in results["completion"]:
-        resp, prompt_tokens = r
-        assert resp["usage"]["completion_tokens"] == N_PREDICT
-        assert any(toks[:n_prompt] == prompt_tokens for toks, n_prompt, _ in seqs.values()), prompt_tokens
-    for s, (toks, n_prompt, _) in seqs.items():
-        assert len(toks) - n_prompt == N_PREDICT - 1  # N generated, the last one not decoded
-    # per slot, replay the slot's requests in order in-process and compare row by row
+    return rc, prompts, proc.stderr.read() if proc.stderr else ""
+
+
+def differing_rows(d: TraceData, model: Path) -> tuple[int, int]:
+    """Replay each slot's requests in order in-process; (rows differing from the capture, rows compared)."""
+    seqs = sequence_tokens(d)
     by_slot: dict[tuple[int, int], list[int]] = {}
-    for row in meta["sequences"]:
+    for row in d.header.meta["sequences"]:
         by_slot.setdefault((row[1], row[2]), []).append(row[0])
     differ = total = 0
-    for slot, order in by_slot.items():
+    for order in by_slot.values():
         caps = capture_requests(model, [seqs[s] for s in order], n_ctx=512)
         for s, cap in zip(order, caps):
             res = compare(rows_of(d, s), cap)
             assert not res["missing"], (s, res)
             differ += len(res["differ"])
             total += res["rows"]
+    return differ, total
+
+
+def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+    build_preload()
+    port = free_port()
+    trace = tmp_path / "server.bin"
+    rc, prompts, stderr = serve([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"),
+                                 "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel", "2",
+                                 "-c", "1024", "-t", "2", "--no-webui"], port)
+    assert rc == 0, stderr[-3000:]
+    d = read_trace(trace)
+    assert not d.recovered
+    meta = d.header.meta
+    assert meta["command"][0].endswith("llama-server") and not meta["fingerprint_pending"]
+    seqs = sequence_tokens(d)  # asserts consecutive positions, prefill then decode, per sequence
+    assert len(seqs) == 4, meta["sequences"]  # four requests; llama-server's warm-up is not recorded
+    assert len({tuple(r[1:3]) for r in meta["sequences"]}) == 2  # the two parallel slots
+    for prompt_tokens in prompts:  # the completions' prompts, as the server tokenizes them
+        assert any(toks[:n_prompt] == prompt_tokens for toks, n_prompt, _ in seqs.values()), prompt_tokens
+    for toks, n_prompt, _ in seqs.values():
+        assert len(toks) - n_prompt == N_PREDICT - 1  # N generated, the last one not decoded
+    differ, total = differing_rows(d, model)
     assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
+    assert (d.phase == 1).sum() == 4 * (N_PREDICT - 1) * d.header.fingerprint.n_layer
     for cmd in (["stats", trace], ["join-trace", trace, "--model", model],
                 ["report", trace, "--model", model, "-o", tmp_path / "r.html"]):
         r = subprocess.run([*GGE, *map(str, cmd)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (cmd, r.stderr)
     assert (tmp_path / "r.html").stat().st_size > 1000
-    assert np.isin(d.phase, [0, 1]).all() and (d.phase == 1).sum() > 0

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the trace file to write (default trace.bin)")
     p.add_argument("--weights", action="store_true",
                    help="also record the gate weights the model applies (the last weight stage)")
-    p.add_argument("--mode", choices=("callback", "keepalive"), default=os.environ.get("GGUF_EXPERTS_MODE") or "callback",
+    p.add_argument("--mode", choices=("callback", "keepalive"),
+                   default=os.environ.get("GGUF_EXPERTS_MODE") or "callback",
                    help="how the tracer gets the data: an eval callback per MoE layer (default), or keeping each "
                         "layer's top-k alive and reading it once per ubatch (no graph splits; env GGUF_EXPERTS_MODE)")
     p.add_argument("--print-preload", action="store_true",

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def sequences_path(trace: str | os.PathLike[str]) -> Path:
 
 def read_sequences(path: Path) -> list[dict[str, int]]:
     """The sidecar's lines as dicts (a torn last line, from a killed program, is dropped)."""
-    rows = []
+    rows: list[dict[str, int]] = []
     try:
         text = path.read_text(encoding="ascii", errors="replace")
     except FileNotFoundError:
@@ -194,15 +195,16 @@ def preload_env(lib: Path, trace: Path, weights: bool, mode: str, base: dict[str
 
 
 _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-_SI_KERNEL = 0x80  # siginfo si_code of a signal the terminal sent to its foreground process group
+_TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # what a terminal sends its foreground group
 
 
 def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = False, mode: str = "callback",
            lib: Path | None = None) -> RunResult:
     """Run ``argv`` with the tracer preloaded; forward SIGINT/SIGTERM/SIGHUP/SIGQUIT; finalise the trace.
 
-    A signal the terminal sent (Ctrl-C) already reached the program, which shares our process group; one
-    sent to us alone (``kill``) is forwarded. So the program sees each signal exactly once.
+    A terminal's Ctrl-C (or hang-up) goes to its whole foreground process group, the program included:
+    it is not sent again (llama-server aborts on a second Ctrl-C). Any other signal sent to us (``kill``,
+    a supervisor's SIGTERM) is forwarded. So the program sees each signal once.
     """
     if not argv:
         raise InputError("no program given: gguf-experts run [-o trace.bin] -- PROGRAM ARGS...")
@@ -221,15 +223,15 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = F
     for stale in (out, sequences_path(out)):
         stale.unlink(missing_ok=True)  # an old trace must not pass for this run's
     env = preload_env(lib, out, weights, mode)
-    watched = set(_FORWARD) | {signal.SIGCHLD}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    received: list[int] = []
+    # Python handlers (run by the main thread whichever thread the signal hit): record, act in the loop
+    old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _FORWARD}
     try:
-        pid = os.posix_spawn(exe, list(argv), env, setsigmask=old_mask)
-        status = _wait_forwarding(pid, watched)
-        while signal.sigtimedwait(watched, 0) is not None:  # drain: nothing left to raise in us on unblock
-            pass
+        pid = os.posix_spawn(exe, list(argv), env, setsigdef=_FORWARD)
+        status = _wait_forwarding(pid, received)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     rc = os.waitstatus_to_exitcode(status)
     rc = 128 - rc if rc < 0 else rc
     header = None
@@ -238,22 +240,37 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = F
     return RunResult(rc, out, header is not None, header)
 
 
-def _wait_forwarding(pid: int, watched: set[signal.Signals]) -> int:
-    own_group = os.getpgid(0)
+def _terminal_sent(sig: int, pid: int) -> bool:
+    """Whether a terminal delivered ``sig`` to the program too: it is a terminal signal, we are the
+    terminal's foreground process group, and the program is in it."""
+    if sig not in _TERMINAL_SIGNALS:
+        return False
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        group = os.tcgetpgrp(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        return group == os.getpgrp() == os.getpgid(pid)
+    except ProcessLookupError:
+        return False
+
+
+def _wait_forwarding(pid: int, received: list[int]) -> int:
     while True:
         got, status = os.waitpid(pid, os.WNOHANG)
         if got == pid:
             return status
-        info = signal.sigtimedwait(watched, 0.5)
-        if info is None or info.si_signo == signal.SIGCHLD:
-            continue
-        from_tty = info.si_code == _SI_KERNEL
-        try:
-            same_group = os.getpgid(pid) == own_group
-        except ProcessLookupError:
-            continue
-        if not (from_tty and same_group):
-            try:
-                os.kill(pid, info.si_signo)
-            except ProcessLookupError:
-                pass
+        while received:
+            sig = received.pop(0)
+            if not _terminal_sent(sig, pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.02)
