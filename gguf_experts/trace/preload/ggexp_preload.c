@@ -334,7 +334,7 @@ struct decode_st {
     void *ctx;
     int n;
     int32_t *tok, *pos, *seq, *cnt;
-    uint8_t *used;
+    uint8_t *used, *allout; /* allout: every row of this row's sequence in the batch asks for an output */
     int last_j;
 };
 static __thread struct decode_st *tl_decode;
@@ -346,13 +346,14 @@ EXPORT int32_t llama_decode(void *ctx, llama_batch batch) {
     if (!g_enabled || batch.n_tokens <= 0) return g_real_decode(ctx, batch);
     int n = batch.n_tokens;
     struct decode_st d = {.ctx = ctx, .n = n, .last_j = -1};
-    int32_t *mem = malloc((size_t)n * (4 * sizeof(int32_t) + 1));
+    int32_t *mem = malloc((size_t)n * (4 * sizeof(int32_t) + 2));
     if (!mem) return g_real_decode(ctx, batch);
     d.tok = batch.token ? mem : NULL;
     d.pos = batch.pos ? mem + n : NULL;
     d.seq = mem + 2 * n;
     d.cnt = mem + 3 * n;
     d.used = (uint8_t *)(mem + 4 * n);
+    d.allout = d.used + n;
     for (int i = 0; i < n; i++) {
         if (d.tok) d.tok[i] = batch.token[i];
         if (d.pos) d.pos[i] = batch.pos[i];
@@ -361,13 +362,19 @@ EXPORT int32_t llama_decode(void *ctx, llama_batch batch) {
     }
     /* tokens of each row's sequence in this batch: one token of a continuing sequence is a decode step */
     for (int i = 0; i < n; i++) {
-        int c = 0;
+        int c = 0, o = 0;
         if (i > 0 && d.seq[i] == d.seq[i - 1]) {
             d.cnt[i] = d.cnt[i - 1];
+            d.allout[i] = d.allout[i - 1];
             continue;
         }
-        for (int j = 0; j < n; j++) c += d.seq[j] == d.seq[i];
+        for (int j = 0; j < n; j++) {
+            if (d.seq[j] != d.seq[i]) continue;
+            c++;
+            o += batch.logits ? batch.logits[j] != 0 : j == n - 1; /* no logits array: the last row only */
+        }
         d.cnt[i] = c;
+        d.allout[i] = o == c;
     }
     struct decode_st *prev = tl_decode;
     tl_decode = &d;
@@ -687,20 +694,23 @@ static void prepare(struct sched_st *s, void *gf) {
                 if (!d->used[i] && row_matches(d, i, s, r)) j = i;
         }
         int32_t sid = 0;
-        int cnt = n;
+        bool allout = is_out[r];
         if (j >= 0) {
             d->used[j] = 1;
             d->last_j = j;
             sid = d->seq[j];
-            cnt = d->cnt[j];
+            allout = d->allout[j];
         } else if (d) {
             unmatched++;
         }
         struct seq_st *q = seq_of(c, sid);
         if (!q) return;
         int32_t p = s->pos[r];
-        bool new_req = !q->seen || p <= q->last_pos || (q->last_phase == 1 && cnt > 1);
-        uint8_t ph = (!new_req && cnt == 1 && q->last_out && p == q->last_pos + 1) ? 1 : 0;
+        /* generated: the next position after a token whose output was read, in a run of rows that all ask
+         * for outputs (one decode step, or a speculative draft being verified); a prompt asks for its last */
+        bool gen = q->seen && p == q->last_pos + 1 && q->last_out && allout;
+        bool new_req = !q->seen || p <= q->last_pos || (q->last_phase == 1 && !gen);
+        uint8_t ph = (!new_req && gen) ? 1 : 0;
         if (new_req) {
             q->trace_seq = -1;
             q->requests++;
