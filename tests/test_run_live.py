@@ -151,6 +151,43 @@ def test_high_level_llama_script_equals_in_process_capture(tmp_path: Path, model
         assert res["rows"] > 0 and not res["missing"] and not res["differ"], (s, res)
 
 
+THREADS_SCRIPT = textwrap.dedent("""
+    import sys, threading
+    from llama_cpp import Llama
+    bias = {i: -100.0 for i in range(3 + 0x80, 3 + 0x100)}
+    def work(prompts):
+        llm = Llama(sys.argv[1], n_ctx=512, verbose=False, seed=1, n_threads=1, flash_attn=True)
+        for p in prompts:
+            llm.create_completion(p, max_tokens=10, temperature=0.0, logit_bias=bias)
+    ts = [threading.Thread(target=work, args=(ps,)) for ps in (sys.argv[2:4], sys.argv[4:6])]
+    for t in ts: t.start()
+    for t in ts: t.join()
+""")
+
+
+def test_two_contexts_in_two_threads(tmp_path: Path, models: dict[str, Path], lib: Path) -> None:
+    """Two Llama instances of the same model decoding at the same time in two threads (llama-cpp-python
+    releases the GIL in llama_decode): both are traced, as separate contexts, and every request's rows equal
+    the in-process capture."""
+    s = tmp_path / "threads.py"
+    s.write_text(THREADS_SCRIPT)
+    t = tmp_path / "t.bin"
+    prompts = [PROMPT, "The quick brown fox jumps", "def add(a, b):", "Once upon a time, there was a"]
+    r = gge("run", "-o", t, "--", sys.executable, s, models["qwen3moe"], *prompts)
+    assert r.returncode == 0, r.stderr
+    assert "not tracing" not in r.stderr
+    d = read_trace(t)
+    table = d.header.meta["sequences"]
+    assert len(table) == 4 and {row[1] for row in table} == {0, 1}
+    seqs = sequence_tokens(d)
+    for ctx in (0, 1):
+        order = [row[0] for row in table if row[1] == ctx]
+        caps = capture_requests(models["qwen3moe"], [seqs[q] for q in order])
+        for q, cap in zip(order, caps):
+            res = compare(rows_of(d, q), cap)
+            assert res["rows"] > 0 and not res["missing"] and not res["differ"], (q, res)
+
+
 def test_env_form_reader_fills_the_fingerprint_and_finalize(tmp_path: Path, models: dict[str, Path],
                                                             script: Path, lib: Path) -> None:
     t = tmp_path / "env.bin"

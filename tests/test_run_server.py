@@ -174,3 +174,34 @@ def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_
         r = subprocess.run([*GGE, *map(str, cmd)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (cmd, r.stderr)
     assert (tmp_path / "r.html").stat().st_size > 1000
+
+
+def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+    """llama-server with a draft model (-md): a second MoE model in the process. It must be skipped with a
+    message; the trace holds the main model's rows only. The draft has 2 layers, so rows of its layers 0-1
+    mixed in would leave the main model's layers 0, 1 and 2 with unequal row counts."""
+    draft = tinymodel.make_tiny_model(tmp_path / "draft.gguf", seed=5, n_layer=2)
+    port = free_port()
+    trace = tmp_path / "spec.bin"
+    proc = subprocess.Popen([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m", str(model),
+                             "-md", str(draft), "--draft-max", "4", "--draft-min", "1", "--host", "127.0.0.1",
+                             "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(port, proc)
+        r = post(port, "/v1/completions", {"prompt": COMPLETIONS[1], "max_tokens": N_PREDICT, "temperature": 0})
+        assert r["usage"]["completion_tokens"] == N_PREDICT
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert rc == 0, stderr[-3000:]
+    assert f"not tracing a second model, {draft.resolve()}" in stderr
+    d = read_trace(trace)
+    assert d.header.meta["model_path"] == str(model.resolve())
+    counts = [int((d.layer == layer).sum()) for layer in range(3)]
+    assert counts[0] > 0 and len(set(counts)) == 1, counts
+    assert len(d.header.meta["sequences"]) == 1  # one request, its verification batches included

@@ -276,6 +276,8 @@ static struct model_ent *model_of(void *model) {
         if (g_main < 0) {
             g_main = i;
             m->traced = 1;
+        } else if (strcmp(m->path, g_models[g_main].path) == 0) {
+            m->traced = 1; /* the same file loaded again (another instance): the same model, traced */
         } else {
             say("gguf-experts: not tracing a second model, %s (e.g. a speculative draft); the trace holds %s\n",
                 m->path, g_models[g_main].path);
