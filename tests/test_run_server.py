@@ -184,7 +184,7 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
     port = free_port()
     trace = tmp_path / "spec.bin"
     proc = subprocess.Popen([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m", str(model),
-                             "-md", str(draft), "--draft-max", "4", "--draft-min", "1", "--host", "127.0.0.1",
+                             "-md", str(draft), "--spec-draft-n-max", "4", "--spec-draft-n-min", "1", "--host", "127.0.0.1",
                              "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
