@@ -642,8 +642,8 @@ struct sched_st {
     struct gt **keep;
     int n_keep, cap_keep, keep_pending;
     /* scratch */
-    uint8_t *scratch;
-    size_t cap_scratch;
+    uint8_t *scratch, *kbuf;
+    size_t cap_scratch, cap_kbuf;
     uint8_t *out;
     size_t n_outbuf, cap_outbuf;
 };
@@ -669,26 +669,38 @@ static struct sched_st *sched_of(void *sched, int create) {
 
 
 /* Copy a graph tensor (any backend) as [rows, k], honouring its own ne/nb (ffn_moe_topk is a strided view). */
-static int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows) {
+static size_t span_bytes(const struct gt *t) {
+    if (t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] == 0) return 0;
+    return 4 + (size_t)(t->ne[0] - 1) * t->nb[0] + (size_t)(t->ne[1] - 1) * t->nb[1]
+           + (size_t)(t->ne[2] - 1) * t->nb[2] + (size_t)(t->ne[3] - 1) * t->nb[3];
+}
+
+/* Copy a graph tensor (any backend) as [rows, k], honouring its own ne/nb (ffn_moe_topk is a strided view).
+ * ``span``: the tensor's bytes already copied to the host (keep-alive's async copies), or NULL to copy here. */
+static int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows, const uint8_t *span) {
     REAL(tensor_get_t, tget, "ggml_backend_tensor_get");
-    if (!tget || (t->type != GGML_TYPE_I32 && t->type != GGML_TYPE_F32) || k <= 0) return -1;
+    if ((!tget && !span) || (t->type != GGML_TYPE_I32 && t->type != GGML_TYPE_F32) || k <= 0) return -1;
     int64_t total = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
     if (total % k || total / k > max_rows) return -1;
     if (total == 0) return 0;
-    size_t nbytes = 4 + (size_t)(t->ne[0] - 1) * t->nb[0] + (size_t)(t->ne[1] - 1) * t->nb[1]
-                    + (size_t)(t->ne[2] - 1) * t->nb[2] + (size_t)(t->ne[3] - 1) * t->nb[3];
+    size_t nbytes = span_bytes(t);
     bool contiguous = t->nb[0] == 4 && t->nb[1] == 4 * (size_t)t->ne[0] && t->nb[2] == t->nb[1] * (size_t)t->ne[1]
                       && t->nb[3] == t->nb[2] * (size_t)t->ne[2];
     if (contiguous) {
-        tget(t, dst, 0, nbytes);
+        if (span) memcpy(dst, span, nbytes);
+        else tget(t, dst, 0, nbytes);
         return (int)(total / k);
     }
-    size_t cap = s->cap_scratch;
-    uint8_t *b = grow(s->scratch, &cap, nbytes, 1);
-    if (!b) return -1;
-    s->scratch = b;
-    s->cap_scratch = cap;
-    tget(t, b, 0, nbytes);
+    const uint8_t *b = span;
+    if (!b) {
+        size_t cap = s->cap_scratch;
+        uint8_t *sc = grow(s->scratch, &cap, nbytes, 1);
+        if (!sc) return -1;
+        s->scratch = sc;
+        s->cap_scratch = cap;
+        tget(t, sc, 0, nbytes);
+        b = sc;
+    }
     uint32_t *o = dst;
     for (int64_t i3 = 0; i3 < t->ne[3]; i3++)
         for (int64_t i2 = 0; i2 < t->ne[2]; i2++)
@@ -748,7 +760,7 @@ static struct layer_buf *layer_buf(struct sched_st *s, int layer) {
 }
 
 /* The data of one observed node (top-k or a weight stage) of this ubatch. */
-static void take(struct sched_st *s, const struct gt *t, int what, int layer) {
+static void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span) {
     struct model_ent *m = s->ctx->m;
     int k = (int)m->k;
     if (what == 0 && t->ne[0] != k) { /* warm-up graph: n_expert_used = n_expert */
@@ -759,14 +771,14 @@ static void take(struct sched_st *s, const struct gt *t, int what, int layer) {
     struct layer_buf *lb = layer_buf(s, layer);
     if (!lb) return;
     if (what == 0) {
-        int rows = read_rows(s, t, k, lb->ids, s->n_tok);
+        int rows = read_rows(s, t, k, lb->ids, s->n_tok, span);
         if (rows < 0) return;
         lb->rows = rows;
         lb->have = 1;
         s->touched_any = 1;
     } else if (what - 1 >= lb->wstage) { /* the last stage the graph builds is the one the model applies */
         if (t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] % k) return;
-        int rows = read_rows(s, t, k, lb->w, s->n_tok);
+        int rows = read_rows(s, t, k, lb->w, s->n_tok, span);
         if (rows < 0) return;
         lb->wrows = rows;
         lb->wstage = what - 1;
@@ -784,7 +796,7 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
     }
     if (s->my_need) {
         int layer, what = classify(t->name, &layer);
-        if (what >= 0) take(s, t, what, layer);
+        if (what >= 0) take(s, t, what, layer, NULL);
     }
     if (s->their_need) return s->prog_cb(t, false, s->prog_ud);
     return true;
@@ -1152,12 +1164,52 @@ static void flag_graph(struct sched_st *s, void *gf) {
 }
 
 /* Read every kept layer of the ubatch computed last, once the scheduler has synchronised. */
+typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
+typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
+typedef void (*backend_sync_t)(void *backend);
+
+/* Read every kept layer of the ubatch computed last: one async copy per layer on the tensor's backend into
+ * one host buffer, then one synchronisation per backend (a sync copy per layer costs a round trip each on a
+ * GPU). Backends without async copies copy synchronously (ggml's fallback), as the CPU does. */
 static void read_kept(struct sched_st *s) {
     s->keep_pending = 0;
     if (!s->active) return;
+    REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
+    REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
+    REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
+    size_t total = 0;
+    for (int i = 0; i < s->n_keep; i++) total += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
+    size_t cap = s->cap_kbuf;
+    uint8_t *buf = grow(s->kbuf, &cap, total ? total : 1, 1);
+    bool async = buf && backend_of && get_async && bsync && s->sched;
+    if (buf) {
+        s->kbuf = buf;
+        s->cap_kbuf = cap;
+    }
+    void *backends[16];
+    int n_backends = 0;
+    if (async) {
+        size_t off = 0;
+        for (int i = 0; i < s->n_keep && async; i++) {
+            const struct gt *t = s->keep[i];
+            size_t n = span_bytes(t);
+            void *be = n ? backend_of(s->sched, t) : NULL;
+            if (n && !be) async = false;
+            if (be) {
+                get_async(be, t, buf + off, 0, n);
+                int seen = 0;
+                for (int j = 0; j < n_backends; j++) seen |= backends[j] == be;
+                if (!seen && n_backends < 16) backends[n_backends++] = be;
+            }
+            off += (n + 15) & ~(size_t)15;
+        }
+        for (int j = 0; j < n_backends; j++) bsync(backends[j]);
+    }
+    size_t off = 0;
     for (int i = 0; i < s->n_keep; i++) {
         int layer, what = classify(s->keep[i]->name, &layer);
-        if (what >= 0) take(s, s->keep[i], what, layer);
+        if (what >= 0) take(s, s->keep[i], what, layer, async ? buf + off : NULL);
+        off += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
     }
     emit(s);
 }
