@@ -184,8 +184,8 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
     port = free_port()
     trace = tmp_path / "spec.bin"
     proc = subprocess.Popen([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m", str(model),
-                             "-md", str(draft), "--spec-draft-n-max", "4", "--spec-draft-n-min", "1", "--host", "127.0.0.1",
-                             "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
+                             "-md", str(draft), "--spec-draft-n-max", "4", "--spec-draft-n-min", "1",
+                             "--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(port, proc)
@@ -205,3 +205,20 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
     counts = [int((d.layer == layer).sum()) for layer in range(3)]
     assert counts[0] > 0 and len(set(counts)) == 1, counts
     assert len(d.header.meta["sequences"]) == 1  # one request, its verification batches included
+
+
+def test_llama_cli_single_turn(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+    """llama-cli (the chat CLI), one turn: the chat-templated prompt is prefilled, N tokens generated; the
+    rows equal the in-process capture of the same tokens."""
+    trace = tmp_path / "cli.bin"
+    r = subprocess.run([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-cli"), "-m", str(model),
+                        "-p", COMPLETIONS[0], "-n", "8", "-st", "-t", "2"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = read_trace(trace)
+    seqs = sequence_tokens(d)
+    assert list(seqs) == [0]
+    toks, n_prompt, first = seqs[0]
+    assert first == 0 and len(toks) - n_prompt == 7
+    differ, total = differing_rows(d, model)
+    assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
