@@ -4,8 +4,9 @@ and of the Python recorder (capture) against its own untraced run, all measured 
 
 Model: the benchmark model of scripts/bench_capture.py (24 layers, 32 experts, top-8, n_embd 1024, expert ff
 256, Q8_0; generated once into --workdir). llama-bench (scripts/build_llama_tools.sh) runs `-p 0 -n N`; its
-reported tg rate excludes start-up and model load. Rounds alternate the variants so machine noise hits all
-alike; medians are reported, with ratios against the plain run of the same harness.
+reported tg rate excludes start-up and model load. Rounds run the variants in shuffled order so machine
+noise hits all alike; medians are reported, with ratios against the plain run of the same harness. The CPU-time
+figure (tokens per CPU second of the process, model load cancelled out) is the steadier one on a shared machine.
 
     python scripts/bench_run.py [--tokens 64] [--rounds 5] [--threads 1] [--top-k 8] [--workdir DIR]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -119,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                 rates[k], cpu[k] = [], []
                 python_rate(llm, 8)  # page in the weights
         _bench_once(bench, model, 8, 1, a.threads, base_env)  # warm the page cache
+        order = random.Random(0)
         for _ in range(a.rounds):
-            for k, env in variants.items():
+            names = list(variants)
+            order.shuffle(names)  # no variant always first or last in a round (page cache, turbo, neighbours)
+            for k in names:
+                env = variants[k]
                 w, c = bench_rate(bench, model, a.tokens, a.threads, env)
                 rates[k].append(w)
                 cpu[k].append(c)
