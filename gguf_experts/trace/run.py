@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import GGUFExpertsError, InputError
 from .format import MAGIC, TraceHeader
 
-SOURCE = Path(__file__).with_name("preload") / "ggexp_preload.c"
+PRELOAD_DIR = Path(__file__).with_name("preload")  # ggexp.h and the ggexp_*.c it declares
 LIB_NAME = "libggexp_preload.so"
 ENV_TRACE, ENV_WEIGHTS, ENV_MODE = "GGUF_EXPERTS_TRACE", "GGUF_EXPERTS_WEIGHTS", "GGUF_EXPERTS_MODE"
 MODES = ("callback", "keepalive")
@@ -44,9 +44,16 @@ def cache_dir() -> Path:
     return Path(base) / "gguf-experts"
 
 
+def preload_sources() -> list[Path]:
+    return sorted(PRELOAD_DIR.glob("ggexp_*.c"))
+
+
 def preload_path() -> Path:
     """Where the library for this source lives: cache/preload-<source hash>/libggexp_preload.so."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    h = hashlib.sha256(" ".join(CFLAGS).encode())
+    for f in [PRELOAD_DIR / "ggexp.h", *preload_sources()]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    digest = h.hexdigest()[:16]
     return cache_dir() / f"preload-{digest}" / LIB_NAME
 
 
@@ -67,11 +74,11 @@ def build_preload(cc: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([exe, *CFLAGS, "-o", tmp, str(SOURCE), "-ldl", "-lpthread"],
+        res = subprocess.run([exe, *CFLAGS, "-o", tmp, *map(str, preload_sources()), "-ldl", "-lpthread"],
                              capture_output=True, text=True)
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise PreloadBuildError(f"{compiler} could not build the tracer from {SOURCE}: {last}")
+            raise PreloadBuildError(f"{compiler} could not build the tracer from {PRELOAD_DIR}: {last}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)  # atomic: concurrent first uses each build, one wins
     finally:
