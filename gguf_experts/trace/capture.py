@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..fingerprint import ModelFingerprint, model_fingerprint
+from ..prompts import cannot_fit
 from .ggml_ctypes import CaptureError, ThreadPool
 from .llama import MemorySink, Sink, TracedLlama
 from .probe import EXTRA_NAMES, WEIGHT_STAGES
@@ -138,6 +139,16 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
     rec = Recorder(out, weights=weights, meta={"n_predict": n_predict, "prompts": len(texts), **(meta or {})})
     with _StopOnSigint() as stop, rec:
         llm = rec.llama(model_path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        longest = llm.max_token_bytes()
+        surely = [i for i, text in enumerate(texts) if cannot_fit(text, n_ctx - 1, longest)]
+        if surely:  # refused before tokenising: llama_tokenize's cost grows faster than the text
+            rec.close()
+            Path(out).unlink(missing_ok=True)
+            i = surely[0]
+            raise InputError(f"prompt {i}: {len(texts[i].encode('utf-8'))} bytes need at least "
+                             f"{len(texts[i].encode('utf-8')) // longest} tokens (the longest token is {longest} "
+                             f"bytes), more than --ctx-size {n_ctx} ({len(surely)} prompts too long); raise "
+                             "--ctx-size or shorten them")
         tokenized = [llm.tokenize(text) for text in texts]
         too_long = [(i, len(t)) for i, t in enumerate(tokenized) if len(t) >= n_ctx]
         if too_long:  # refuse before capturing anything, and leave no header-only trace behind

@@ -77,6 +77,7 @@ class TracedLlama:
             raise CaptureError(f"{model_path}: llama.cpp could not load the model: {log.tail()}")
         self.vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self._max_piece: int | None = None
         self.collector = Collector(fingerprint.n_expert, fingerprint.n_expert_used, weights, observe_extra,
                                     down_norms=observe_down_norms)
         self.extras_log: list[dict[str, Any]] = []
@@ -127,6 +128,18 @@ class TracedLlama:
             buf = (self.lc.llama_token * cap)()
             n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, False)
         return list(buf[:n])
+
+    def max_token_bytes(self) -> int:
+        """Bytes of the vocabulary's longest token piece (cached): a text of B bytes needs at least
+        B / this many tokens, which bounds a prompt's length before it is tokenised."""
+        if self._max_piece is None:
+            buf = ctypes.create_string_buffer(256)
+            longest = 1
+            for t in range(self.n_vocab):
+                n = self.lc.llama_token_to_piece(self.vocab, t, buf, 256, 0, False)
+                longest = max(longest, abs(int(n)))
+            self._max_piece = longest
+        return self._max_piece
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         out = bytearray()
