@@ -96,7 +96,7 @@ def _prescan(path: str, n_fields: int) -> None:
                 nl = np.flatnonzero(arr == 10)
                 ends = np.r_[nl, len(arr)] if len(arr) and arr[-1] != 10 else nl
                 starts = np.r_[0, ends[:-1] + 1] if len(ends) else ends
-                commas = np.r_[0, np.cumsum(arr == 44)]
+                commas = np.concatenate([np.zeros(1, np.int32), np.cumsum(arr == 44, dtype=np.int32)])  # block < 2 GiB
                 nfields = commas[ends] - commas[starts] + 1
                 text_len = ends - starts - ((arr[np.maximum(ends - 1, 0)] == 13) & (ends > starts))
                 blank = text_len <= 0
