@@ -215,9 +215,14 @@ def read_csv_log(path: str | os.PathLike[str], fp: ModelFingerprint,
     state = _SeqState(fp.n_layer)
     done = 0
     try:
-        reader = pd.read_csv(path, header=None, names=names, skiprows=1, dtype=dtypes, engine="c",
-                             chunksize=max(1, chunk_rows))
-        for df in reader:
+        with np.errstate(invalid="ignore"):  # 'inf'/'1e300' in an int column: numpy warns, then pandas raises
+            reader = pd.read_csv(path, header=None, names=names, skiprows=1, dtype=dtypes, engine="c",
+                                 chunksize=max(1, chunk_rows))
+        while True:
+            with np.errstate(invalid="ignore"):
+                df = next(reader, None)
+            if df is None:
+                break
             rows = _rows(path, df, fp, plain, has_w, state, done)
             done += len(df)
             yield rows
