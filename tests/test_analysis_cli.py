@@ -94,7 +94,8 @@ def test_cache_sim_formats(run_cli, trace, model, fmt):
     assert r.rc == 0, r.err
     if fmt == "csv":
         df = _csv(r.out)
-        assert list(df.columns) == ["layer", "policy", "capacity", "accesses", "hits", "hit_rate", "bytes_fetched"]
+        assert list(df.columns) == ["layer", "policy", "capacity", "accesses", "hits", "hit_rate", "bytes_fetched",
+                                    "gap_share"]
         a = df[df.layer == "all"].set_index(["policy", "capacity"])
         assert (a.loc["opt", "hits"] >= a.loc["lru", "hits"]).all()
         eb = expert_bytes(open_model(model)).groupby("layer")["bytes"].first()
