@@ -56,56 +56,62 @@ def plain_lfuda(rows: list[list[int]], capacity: int) -> int:
     return hits
 
 
-def plain_s3fifo(rows: list[list[int]], capacity: int) -> int:
+class PlainS3FIFO:
     """S3-FIFO with lists (index 0 = oldest): small 10% (>= 1), ghost as large as main, 2-bit counters;
     a row's experts are not evicted while the row is requested."""
-    small_cap = max(1, -(-capacity // 10))
-    ghost_cap = max(1, capacity - small_cap)
-    small: list[int] = []
-    main: list[int] = []
-    ghost: list[int] = []
-    freq: dict[int, int] = {}
-    hits = 0
-    for row in rows:
-        hits += sum(e in small or e in main for e in row)
+
+    def __init__(self, capacity: int) -> None:
+        self.cap = capacity
+        self.small_cap = max(1, -(-capacity // 10))
+        self.ghost_cap = max(1, capacity - self.small_cap)
+        self.small: list[int] = []
+        self.main: list[int] = []
+        self.ghost: list[int] = []
+        self.freq: dict[int, int] = {}
+
+    def row(self, row: list[int]) -> int:
+        hits = sum(e in self.small or e in self.main for e in row)
         for e in row:
-            if e in small or e in main:
-                freq[e] = min(freq[e] + 1, 3)
+            if e in self.small or e in self.main:
+                self.freq[e] = min(self.freq[e] + 1, 3)
                 continue
-            while len(small) + len(main) >= capacity:
-                evicted = False
-                free_main = [x for x in main if x not in row]
-                if small and (len(small) >= small_cap or not free_main):
-                    while small and not evicted:
-                        x = small.pop(0)
-                        if x in row or freq[x] >= 1:
-                            freq[x] = 0
-                            main.append(x)
-                        else:
-                            ghost.append(x)
-                            ghost = ghost[-ghost_cap:]
-                            evicted = True
-                    if evicted:
-                        continue
-                if [x for x in main if x not in row]:
-                    while True:
-                        x = main.pop(0)
-                        if x in row:
-                            main.append(x)
-                        elif freq[x] >= 1:
-                            freq[x] -= 1
-                            main.append(x)
-                        else:
-                            break
-                else:
-                    (main if main else small).pop(0)
-            if e in ghost:
-                ghost.remove(e)
-                main.append(e)
+            while len(self.small) + len(self.main) >= self.cap:
+                self.evict(row)
+            if e in self.ghost:
+                self.ghost.remove(e)
+                self.main.append(e)
             else:
-                small.append(e)
-            freq[e] = 0
-    return hits
+                self.small.append(e)
+            self.freq[e] = 0
+        return hits
+
+    def evict(self, row: list[int]) -> None:
+        free_main = any(x not in row for x in self.main)
+        if self.small and (len(self.small) >= self.small_cap or not free_main):
+            while self.small:
+                x = self.small.pop(0)
+                if x in row or self.freq[x] >= 1:
+                    self.freq[x] = 0
+                    self.main.append(x)
+                else:
+                    self.ghost = (self.ghost + [x])[-self.ghost_cap:]
+                    return
+        if any(x not in row for x in self.main):
+            while True:
+                x = self.main.pop(0)
+                if x in row:
+                    self.main.append(x)
+                elif self.freq[x] >= 1:
+                    self.freq[x] -= 1
+                    self.main.append(x)
+                else:
+                    return
+        (self.main if self.main else self.small).pop(0)  # only the row's experts are resident
+
+
+def plain_s3fifo(rows: list[list[int]], capacity: int) -> int:
+    cache = PlainS3FIFO(capacity)
+    return sum(cache.row(r) for r in rows)
 
 
 def _rows(d: dict, layer: int) -> list[list[int]]:
@@ -121,13 +127,14 @@ def test_access_order_equals_ordereddict_lru_exactly():
     d = synth(n_layer=3, n_expert=16, k=4, n_seq=2, prompt=6, gen=40, skew=2.0, seed=5)
     sizes = np.arange(1, 17)[None, :] * np.array([[1], [10], [100]])
     chunks = [(d["layer"][a:a + 29], d["experts"][a:a + 29]) for a in range(0, len(d["layer"]), 29)]
-    res = {o: cache_sim(chunks, CacheSimRequest(3, 16, 4, order=o, expert_bytes=sizes)).rows for o in ("token", "access")}
+    res = {o: cache_sim(chunks, CacheSimRequest(3, 16, 4, order=o, expert_bytes=sizes)).rows
+           for o in ("token", "access")}
     differ = 0
-    for l in range(3):
+    for li in range(3):
         for c in range(1, 17):
-            want = per_access_lru(_rows(d, l), c, {e: int(sizes[l, e]) for e in range(16)})
-            assert _hits(res["access"], str(l), c, "lru") == want, (l, c)
-            differ += _hits(res["token"], str(l), c, "lru") != want
+            want = per_access_lru(_rows(d, li), c, {e: int(sizes[li, e]) for e in range(16)})
+            assert _hits(res["access"], str(li), c, "lru") == want, (li, c)
+            differ += _hits(res["token"], str(li), c, "lru") != want
     assert differ > 0  # the two conventions are not the same rule
 
 
@@ -138,13 +145,13 @@ def test_lfuda_and_s3fifo_match_plain(order):
     caps = [1, 2, 3, 4, 6, 9, 12]
     got = {"lfuda": simulate_lfuda(lay, ex, 2, 12, caps), "s3fifo": simulate_s3fifo(lay, ex, 2, 12, caps)}
     ref = {"lfuda": plain_lfuda, "s3fifo": plain_s3fifo}
-    for l in range(2):
-        rows = ex[lay == l].tolist()
+    for li in range(2):
+        rows = ex[lay == li].tolist()
         for c in caps:
             for p in got:
-                h, f = _hits(got[p], str(l), c, p)
+                h, f = _hits(got[p], str(li), c, p)
                 want = ref[p](rows, c)
-                assert (h, f) == (want, len(rows) * ex.shape[1] - want), (p, order, l, c)
+                assert (h, f) == (want, len(rows) * ex.shape[1] - want), (p, order, li, c)
 
 
 def test_access_order_lfu_and_opt_are_the_per_access_rules():
@@ -153,11 +160,11 @@ def test_access_order_lfu_and_opt_are_the_per_access_rules():
     caps = [1, 3, 5, 8]
     res = cache_sim([(d["layer"], d["experts"])],
                     CacheSimRequest(2, 10, 3, policies=["lfu", "opt"], order="access", capacities=caps)).rows
-    for l in range(2):
-        rows = [[e] for row in _rows(d, l) for e in row]
+    for li in range(2):
+        rows = [[e] for row in _rows(d, li) for e in row]
         for c in caps:
             for p in ("lfu", "opt"):
-                assert _hits(res, str(l), c, p)[0] == plain(rows, c, p)[0], (p, l, c)
+                assert _hits(res, str(li), c, p)[0] == plain(rows, c, p)[0], (p, li, c)
 
 
 @settings(max_examples=30, deadline=None)

@@ -27,11 +27,11 @@ def planted(tokens: int, hot: list[list[int]], p_hot: float = 0.9, seed: int = 0
     rng = np.random.default_rng(seed)
     layer, experts = [], []
     for t in range(tokens):
-        for l in range(L):
-            pool = (hot_later if hot_later is not None and t >= tokens // 2 else hot)[l]
+        for li in range(L):
+            pool = (hot_later if hot_later is not None and t >= tokens // 2 else hot)[li]
             src = pool if rng.random() < p_hot else range(M)
             experts.append(rng.choice(list(src), K, replace=False))
-            layer.append(l)
+            layer.append(li)
     n = len(layer)
     return {"seq": np.zeros(n, np.int32), "phase": np.ones(n, np.uint8),
             "pos": np.repeat(np.arange(tokens), L).astype(np.int32), "token": np.zeros(n, np.int32),
@@ -80,13 +80,13 @@ def test_planted_hot_set_is_recovered_and_scored_exactly():
     pins = pick_per_layer(train, 4)
     assert [sorted(np.flatnonzero(p).tolist()) for p in pins] == [sorted(h) for h in HOT]
     sc = score_pins(sp, L, M, K, pins, capacity=4).set_index("layer")
-    for l in range(L):
-        test_rows = sp.test_experts[sp.test_layer == l].tolist()
-        all_rows = d["experts"][d["layer"] == l].tolist()
-        n_train = int((sp.train_layer == l).sum())
-        assert n_train == 150 and all_rows[:n_train] == sp.train_experts[sp.train_layer == l].tolist()
-        want = sum(e in HOT[l] for r in test_rows for e in r) / (2 * len(test_rows))
-        row = sc.loc[str(l)]
+    for li in range(L):
+        test_rows = sp.test_experts[sp.test_layer == li].tolist()
+        all_rows = d["experts"][d["layer"] == li].tolist()
+        n_train = int((sp.train_layer == li).sum())
+        assert n_train == 150 and all_rows[:n_train] == sp.train_experts[sp.train_layer == li].tolist()
+        want = sum(e in HOT[li] for r in test_rows for e in r) / (2 * len(test_rows))
+        row = sc.loc[str(li)]
         assert row.pins_hit_rate == pytest.approx(want)
         assert row.uniform_hit_rate == pytest.approx(4 / M)
         assert round(row.lru_hit_rate * row.test_accesses) == _plain_held_out(all_rows, n_train, 4, "lru")
@@ -132,7 +132,7 @@ def test_cli_writes_both_formats_and_a_verdict(run_cli, tmp_path, model):
     assert list(df.columns) == ["layer", "expert", "count"]
     first = Counter(d["experts"][d["layer"] == 0][:60].ravel().tolist())
     want = sorted(first.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
-    assert list(zip(df[df.layer == 0].expert, df[df.layer == 0]["count"])) == want
+    assert list(zip(df[df.layer == 0].expert, df[df.layer == 0]["count"], strict=True)) == want
     lines = pl.read_text().splitlines()
     assert lines[0] == "# EXPERT_CACHE_PIN_LIST v1" and lines[1] == f"# source trace: {tr}"
     assert lines[2] == f"# top_k: {K}" and lines[4:6] == [f"n_layer {L}", f"n_expert {M}"]
@@ -159,7 +159,7 @@ def test_cli_train_test_files_and_global_budget(run_cli, tmp_path, model):
     assert np.isnan(sc.loc["0"].lru_hit_rate) and sc.loc["all"].lru_hit_rate > 0
     g = pd.read_csv(tmp_path / "g.csv")
     assert sorted(map(tuple, g[["layer", "expert"]].to_numpy().tolist())) == \
-        sorted((l, e) for l in range(L) for e in HOT[l])
+        sorted((li, e) for li in range(L) for e in HOT[li])
 
 
 @pytest.mark.parametrize("argv,msg", [

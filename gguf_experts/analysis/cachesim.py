@@ -106,7 +106,7 @@ def cache_sim(chunks: Iterable[tuple[np.ndarray, np.ndarray]], req: CacheSimRequ
     eb = req.expert_bytes
     tok = LayerLRU(L, M, k, expert_bytes=eb)  # the working set counts tokens whatever the order
     lru = LayerLRU(L, M, 1, expert_bytes=eb) if access else tok
-    glob = GlobalLRU(L, M, 1 if access else k, eb, np.array(req.budgets)) if req.budgets else None
+    glob = GlobalLRU(L, M, 1 if access else k, eb, np.array(req.budgets)) if req.budgets and eb is not None else None
     others = [p for p in req.policies if p != "lru"]
     need_opt = req.curve or "opt" in others or any(p in SIMULATED for p in others)
     keep = need_opt

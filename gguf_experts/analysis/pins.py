@@ -135,7 +135,7 @@ def score_pins(split: Split, n_layer: int, n_expert: int, k: int, pins: np.ndarr
             "opt_hit_rate": cols["opt"] / te,
         })
     df["beats_lru"] = pd.array([None if np.isnan(lr) or np.isnan(p) else bool(p > lr)
-                                for p, lr in zip(df.pins_hit_rate, df.lru_hit_rate)], dtype="boolean")
+                                for p, lr in zip(df.pins_hit_rate, df.lru_hit_rate, strict=True)], dtype="boolean")
     if expert_bytes is None:
         df["pinned_bytes"] = pd.array([pd.NA] * len(df), dtype="Int64")
     return df[SCORE_COLUMNS]

@@ -211,19 +211,19 @@ def simulate_s3fifo(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expe
     hits = np.zeros((len(layers), len(caps)), np.int64)
     fetched = np.zeros((len(layers), len(caps)), np.float64)
     acc = np.zeros(len(layers), np.int64)
-    for i, l in enumerate(layers.tolist()):
-        rows = ex[lay == l].tolist()
+    for i, li in enumerate(layers.tolist()):
+        rows = ex[lay == li].tolist()
         acc[i] = len(rows) * k
         for j, c in enumerate(caps.tolist()):
             cache = S3FIFO(c, M)
             miss = np.zeros(M, np.int64)
             h = 0
             for row in rows:
-                for e, was in zip(row, cache.row(row)):
+                for e, was in zip(row, cache.row(row), strict=True):
                     if was:
                         h += 1
                     else:
                         miss[e] += 1
             hits[i, j] = h
-            fetched[i, j] = float(miss @ eb[l])
+            fetched[i, j] = float(miss @ eb[li])
     return curve_rows(layers, "s3fifo", caps, acc, hits, fetched)

@@ -79,11 +79,14 @@ def run(args: argparse.Namespace) -> int:
     fp = header.fingerprint
     L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used
     eb = expert_bytes(args.model, header, source)
-    budget = (parse_int_list(args.budget, "--budget") or [None])[0]
+    budgets = parse_int_list(args.budget, "--budget")
+    if budgets and len(budgets) > 1:
+        raise InputError(f"--budget {args.budget}: give one byte budget (run pins once per budget)")
+    budget = budgets[0] if budgets else None
     if budget is not None and eb is None:
         raise InputError("--budget needs --model (experts are weighed by their bytes in the model)")
     train = counts_of(split.train_layer, split.train_experts, L, M)
-    pins = pick_per_layer(train, args.capacity) if args.capacity is not None else pick_budget(train, eb, budget)
+    pins = pick_per_layer(train, args.capacity) if budget is None or eb is None else pick_budget(train, eb, budget)
     score = score_pins(split, L, M, k, pins, args.capacity, budget, eb, args.order)
     if args.list_csv:
         with atomic_write(args.list_csv) as fh:

@@ -10,7 +10,7 @@ import pandas as pd
 def pin_order(pins: np.ndarray, counts: np.ndarray) -> list[list[int]]:
     """Per layer, the pinned expert ids by descending count, ties by lower id."""
     out = []
-    for p, c in zip(pins, counts):
+    for p, c in zip(pins, counts, strict=True):
         ids = np.flatnonzero(p)
         out.append(ids[np.lexsort((ids, -c[ids]))].tolist())
     return out
