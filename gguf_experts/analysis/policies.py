@@ -41,18 +41,16 @@ def _capacities(capacities: Iterable[int], n_expert: int) -> np.ndarray:
     return caps
 
 
-def _best(prio: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Per row of prio [R, M], the n[r] entries of highest priority (entries at _NONE never): bool [R, M].
+def _best(prio: np.ndarray, n: int) -> np.ndarray:
+    """Per row of prio [R, M], the n entries of highest priority (entries at _NONE never): bool [R, M].
     Priorities are distinct among candidates (recency breaks ties), so a threshold selects exactly n."""
     R, M = prio.shape
-    out = np.zeros((R, M), bool)
-    ok = n > 0
-    if not ok.any():
-        return out
-    srt = -np.sort(-prio[ok], axis=1)
-    thr = srt[np.arange(int(ok.sum())), np.minimum(n[ok], M) - 1]
-    out[ok] = (prio[ok] >= thr[:, None]) & (prio[ok] > _NONE)
-    return out
+    if n <= 0:
+        return np.zeros((R, M), bool)
+    if n >= M:
+        return prio > _NONE
+    thr = -np.partition(-prio, n - 1, axis=1)[:, n - 1]
+    return (prio >= thr[:, None]) & (prio > _NONE)
 
 
 def simulate_lfuda(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: int,
@@ -86,6 +84,7 @@ def simulate_lfuda(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_exper
             continue
         sl = np.where(X[t] >= 0, X[t], 0)
         vl = lr[v, 0]
+        rows: slice | np.ndarray = slice(None) if len(vl) == L else vl
         sv = sl[v]
         lv = vl[:, None]
         was = res[:, lv, sv]  # [S, V, k]
@@ -95,24 +94,24 @@ def simulate_lfuda(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_exper
         req = np.zeros((len(vl), M), bool)
         req[np.arange(len(vl))[:, None], sv] = True
         for s, c in enumerate(caps):
-            r_s, f_s, k_s = res[s, vl], freq[s, vl], key[s, vl]
+            r_s, f_s, k_s = res[s, rows], freq[s, rows], key[s, rows]  # views when every layer has a row
             f_s[req] = np.where(r_s[req], f_s[req] + 1, 1)
             others = r_s & ~req
-            pr = np.where(others, k_s * W + last[vl], _NONE)
-            keep = _best(pr, np.full(len(vl), max(c - k, 0)))
+            pr = np.where(others, k_s * W + last[rows], _NONE)
+            keep = _best(pr, max(int(c) - k, 0))
             gone = others & ~keep
-            a = np.maximum(age[s, vl], np.where(gone, k_s, 0).max(axis=1))
+            a = np.maximum(age[s, rows], np.where(gone, k_s, 0).max(axis=1))
             k_s[req] = (a[:, None] + f_s)[req]
             new = keep | req
             if c < k:  # the row's best c by (key, recency) stay
-                pr = np.where(req, k_s * W + last[vl], _NONE)
-                mine = _best(pr, np.full(len(vl), c))
+                pr = np.where(req, k_s * W + last[rows], _NONE)
+                mine = _best(pr, int(c))
                 drop = req & ~mine
                 a = np.maximum(a, np.where(drop, k_s, 0).max(axis=1))
                 gone |= drop
                 new = keep | mine
             f_s[gone] = 0
-            res[s, vl], freq[s, vl], key[s, vl], age[s, vl] = new, f_s, k_s, a
+            res[s, rows], freq[s, rows], key[s, rows], age[s, rows] = new, f_s, k_s, a
     layers = np.flatnonzero(valid.any(axis=0))
     acc = valid.sum(axis=0) * k
     return curve_rows(layers, "lfuda", caps, acc[layers], hits[:, layers].T, fetched[:, layers].T)
