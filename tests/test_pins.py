@@ -173,3 +173,42 @@ def test_pins_bad_input(run_cli, tmp_path, model, argv, msg):
     t = _write(tmp_path, model, "t.bin", planted(10, HOT))
     r = run_cli(*[x.format(t=t) for x in argv])
     assert r.rc == 2 and msg in r.err and r.err.count("\n") == 1, r.err
+
+
+@pytest.mark.live
+def test_pins_and_access_order_on_a_real_llama_cpp_capture(run_cli, tmp_path):
+    """The bundled tiny model run by llama.cpp: cache-sim --order access equals the textbook per-access
+    LRU on its trace, and pins' held-out score equals a direct count."""
+    pytest.importorskip("llama_cpp")
+    from gguf_experts.trace import read_trace
+    from test_analysis_policies import per_access_lru
+
+    model, trace = tmp_path / "tiny.gguf", tmp_path / "live.bin"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def quicksort(xs):\nOnce upon a time\nThe capital of France is\n")
+    assert run_cli("make-model", model, "-f", "json").rc == 0
+    assert run_cli("capture", model, "--prompts", prompts, "-n", "24", "-o", trace, "--no-progress", "-t", "1",
+                   "-f", "json").rc == 0
+    data = read_trace(trace)
+    fp = data.header.fingerprint
+    r = run_cli("cache-sim", trace, "--order", "access", "--policy", "lru,lfuda,s3fifo,opt", "--capacity", "2,4,8")
+    df = pd.read_csv(io.StringIO(r.out), keep_default_na=False, na_values=[""])
+    assert r.rc == 0, r.err
+    for li in np.unique(data.layer).tolist():
+        rows = data.experts[data.layer == li].tolist()
+        for c in (2, 4, 8):
+            got = df[(df.layer == str(li)) & (df.policy == "lru") & (df.capacity == c)].iloc[0]
+            assert got.hits == per_access_lru(rows, c, dict.fromkeys(range(fp.n_expert), 1))[0]
+    a = df[df.layer == "all"].set_index(["policy", "capacity"])
+    assert (a.loc["opt", "hits"] >= a.loc["lfuda", "hits"]).all() and (a.loc["opt", "hits"] >= a.loc["s3fifo", "hits"]).all()
+    pl = tmp_path / "pins.txt"
+    r = run_cli("pins", trace, "--capacity", "4", "--pin-list", pl, "-f", "json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    sp = split_fraction(data.layer, data.experts, fp.n_layer, 0.5)
+    pins = pick_per_layer(counts_of(sp.train_layer, sp.train_experts, fp.n_layer, fp.n_expert), 4)
+    hits = sum(bool(pins[li, e]) for li, row in zip(sp.test_layer.tolist(), sp.test_experts.tolist(), strict=True)
+               for e in row)
+    assert doc["rows"][-1]["pins_hit_rate"] == pytest.approx(hits / sp.test_experts.size)
+    listed = [ln for ln in pl.read_text().splitlines() if ln.startswith("layer ")]
+    assert len(listed) == fp.n_layer and all(len(ln.split(":")[1].split()) == 4 for ln in listed)
