@@ -83,7 +83,7 @@ def peer_access_lru(t: dict[str, np.ndarray], L: int, capacity: int, limit: int)
     """The textbook per-access LRU of simple analysers: each expert of a row is one OrderedDict access."""
     caches = [OrderedDict() for _ in range(L)]
     hits = n = 0
-    for lay, row in zip(t["layer"][:limit].tolist(), t["experts"][:limit].tolist()):
+    for lay, row in zip(t["layer"][:limit].tolist(), t["experts"][:limit].tolist(), strict=True):
         c = caches[lay]
         for e in row:
             if e in c:
@@ -147,7 +147,7 @@ def bench_policies(t: dict[str, np.ndarray], L: int, M: int, k: int, a: argparse
     sl, se = t["layer"][:lim], t["experts"][:lim]
     caps = [M // 8, M // 4, M // 2]
     t0 = time.process_time()
-    lf = simulate_lfuda(sl, se, L, M, caps)
+    simulate_lfuda(sl, se, L, M, caps)
     tf = time.process_time() - t0
     plim = max(L, min(lim, a.peer_accesses // (4 * k)) // L * L)  # the plain peer is slow: a shorter prefix
     t0 = time.process_time()
@@ -170,8 +170,15 @@ def bench_policies(t: dict[str, np.ndarray], L: int, M: int, k: int, a: argparse
         al = rows[rows.layer == "all"]
         print(f"order {order}, all layers, {se.size:,} accesses: " + "; ".join(
             f"{p} " + ", ".join(f"C={c}: {h:.3f}" + ("" if p in ("lru", "opt") else f" (gap {g:+.0%})")
-                               for c, h, g in zip(grp.capacity, grp.hit_rate, grp.gap_share))
+                               for c, h, g in zip(grp.capacity, grp.hit_rate, grp.gap_share, strict=True))
             for p, grp in al.groupby("policy", sort=False)))
+
+
+def optional_parts(t: dict[str, np.ndarray], L: int, M: int, k: int, a: argparse.Namespace) -> None:
+    if not a.no_policies:
+        bench_policies(t, L, M, k, a)
+    if a.file:
+        end_to_end(t, L, M, k)
 
 
 def end_to_end(t: dict[str, np.ndarray], L: int, M: int, k: int) -> None:
@@ -322,10 +329,7 @@ def main() -> int:
     dt = time.process_time() - t0
     print(f"global byte-budget LRU (one cache over all {L * M} experts, 3 budgets): {ex.size / dt / 1e6:8.2f} M "
           f"accesses/s; hit rates {', '.join(f'{h:.3f}' for h in g.hits / g.accesses)} at 10/25/50% of expert bytes")
-    if not a.no_policies:
-        bench_policies(t, L, M, k, a)
-    if a.file:
-        end_to_end(t, L, M, k)
+    optional_parts(t, L, M, k, a)
     print(f"peak memory allocated by one LRU-curve pass: {peak / 2**20:.1f} MiB (bounded by the chunk size; "
           f"the trace arrays it reads: {sum(v.nbytes for v in t.values()) / 2**20:.1f} MiB)")
     return 0
