@@ -79,6 +79,7 @@ def test_planted_hot_set_is_recovered_and_scored_exactly():
     train = counts_of(sp.train_layer, sp.train_experts, L, M)
     pins = pick_per_layer(train, 4)
     assert [sorted(np.flatnonzero(p).tolist()) for p in pins] == [sorted(h) for h in HOT]
+    assert not pick_per_layer(np.vstack([train, np.zeros((1, M), np.int64)]), 4)[-1].any()  # no requests
     sc = score_pins(sp, L, M, K, pins, capacity=4).set_index("layer")
     for li in range(L):
         test_rows = sp.test_experts[sp.test_layer == li].tolist()

@@ -61,13 +61,15 @@ def counts_of(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: in
 
 
 def pick_per_layer(counts: np.ndarray, capacity: int) -> np.ndarray:
-    """bool [L, M]: each layer's `capacity` most requested experts (ties: lower id)."""
+    """bool [L, M]: each layer's `capacity` most requested experts (ties: lower id); none in a layer with
+    no training requests (a dense layer, or one the trace never reached: nothing to learn from)."""
     L, M = counts.shape
     if not 1 <= capacity <= M:
         raise InputError(f"--capacity {capacity}: give 1..{M} experts per layer")
     rank = np.lexsort((np.tile(np.arange(M), (L, 1)), -counts), axis=1)[:, :capacity]
     out = np.zeros((L, M), bool)
     out[np.arange(L)[:, None], rank] = True
+    out[counts.sum(axis=1) == 0] = False
     return out
 
 
