@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .trace.format import ModelFingerprint, TraceData, check_fingerprint
+from .trace.format import ModelFingerprint, TraceData, TraceHeader, check_fingerprint
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
 
 if TYPE_CHECKING:
@@ -215,7 +215,8 @@ def check_model(trace_fp: ModelFingerprint, model: Model, trace_name: str) -> st
 
 
 def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:
-    """Heat of a trace (path, TraceData or iterable of chunks) on a model (path or gguf_file.Model).
+    """Heat of a trace (path, TraceData, iterable of chunks, or formats.ExpertCounts) on a model (path or
+    gguf_file.Model).
 
     Raises ModelMismatchError when the trace was captured from another model; warns
     (QuantizationMismatchWarning) when only the quantization differs.
@@ -223,12 +224,33 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     from .gguf_file import Model, open_model
     from .layout import expert_slices
 
+    from .formats.counts import ExpertCounts
+
     m = model if isinstance(model, Model) else open_model(model)
+    if isinstance(trace, ExpertCounts):  # a count-only input (imatrix, tracer or REAP JSON): no sequences
+        from .layout import fingerprint
+
+        fp = fingerprint(m)
+        trace.check_model(fp, trace.source or "counts")
+        res = heat(trace.resized(fp.n_layer).to_join_counts(), expert_slices(m), model_name=m.name,
+                   files=[s.path.name for s in m.shards])
+        res.summary["source_format"] = trace.source
+        return res
     chunks, where = _chunks(trace, max_rows)
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")
-    msg = check_model(first.header.fingerprint, m, where)
+    fp0 = first.header.fingerprint
+    if fp0.tensor_digest:
+        msg = check_model(fp0, m, where)
+    else:  # made from a foreign log without the model: checked by shape, then counted as the model's
+        from .formats.load import fingerprint_for
+        from .layout import fingerprint
+
+        msg = None
+        mfp = fingerprint(m)
+        fingerprint_for(where, mfp, fp0.n_layer, fp0.n_expert, fp0.n_expert_used)
+        first.header = TraceHeader(first.header.version, mfp, first.header.meta)
     counts = count_chunks(chain([first], chunks), first.header.fingerprint)
     res = heat(counts, expert_slices(m), model_name=m.name, files=[s.path.name for s in m.shards])
     if msg:
