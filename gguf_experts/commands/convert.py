@@ -162,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
         info = _trace_to_csv(args)
     elif fmt_in == "csv" and to == "trace":
         info = _csv_to_trace(args)
-    elif fmt_in == to:
-        raise InputError(f"{args.input} is already a {to} file; nothing to convert")
+    elif fmt_in == to == "trace":
+        raise InputError(f"{args.input} is already a trace; nothing to convert")
     else:
         info = _convert(args, fmt_in, to)
     emit(Output(pd.DataFrame([info]), document=info,
