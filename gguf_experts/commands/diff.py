@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..analysis.diff import ShareDiff, diff_frames, share_diff, top_changes
 from ..errors import ModelMismatchError
+from ..fingerprint import check_same_model
 from ..formats import Input, open_input
 from ..join import join
 from ..reporters.tabular import (
@@ -60,13 +60,11 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], model: str | N
         return diff_frames(ha.experts, hb.experts, ha.layers, hb.layers)
     ia, ib = open_input(a), open_input(b)
     fa, fb = _shape(ia), _shape(ib)
-    fields = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
-    if not (fa.tensor_digest and fb.tensor_digest):  # a foreign file without --model: only shapes are known
-        fields = ("n_expert",)
-    bad = [f"{f}: {getattr(fa, f)!r} vs {getattr(fb, f)!r}" for f in fields if getattr(fa, f) != getattr(fb, f)]
-    if bad:
-        raise ModelMismatchError(f"{a} and {b} were captured from different models ({', '.join(bad)}); "
-                                 "compare traces of one model")
+    if fa.tensor_digest and fb.tensor_digest:
+        check_same_model(fa, fb, str(a), str(b))
+    elif fa.n_expert != fb.n_expert:  # a foreign file without --model: only shapes are known
+        raise ModelMismatchError(f"{a} and {b} were captured from different models (n_expert: {fa.n_expert} vs "
+                                 f"{fb.n_expert}); compare traces of one model")
     ca, cb = ia.to_counts(), ib.to_counts()
     n = max(ca.n_layer, cb.n_layer)
     ca, cb = ca.resized(n), cb.resized(n)

@@ -126,10 +126,12 @@ def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model
     heats = [join(t, m) for t in traces]
     sources = [names[i] if isinstance(t, (TraceData, ExpertCounts)) else Path(t).name for i, t in enumerate(traces)]
     inp = ReportInput(heat=heats[0], tensors=byte_map(m), sources=sources, labels=(names[0], names[-1]))
-    if cache and isinstance(traces[0], ExpertCounts):
-        inp.notes = [f"cache curves and working sets left out: {names[0]} holds counts only (no token order)"]
-    elif cache:
-        inp.curves, inp.working_set, inp.notes = cache_tables(traces[0], heats[0], opt=opt)
+    first = traces[0]
+    if cache:
+        if isinstance(first, ExpertCounts):
+            inp.notes = [f"cache curves and working sets left out: {names[0]} holds counts only (no token order)"]
+        else:
+            inp.curves, inp.working_set, inp.notes = cache_tables(first, heats[0], opt=opt)
     if len(heats) == 2:
         inp.diff = diff_frames(heats[0].experts, heats[1].experts, heats[0].layers, heats[1].layers)
     return inp

@@ -29,7 +29,7 @@ def is_imatrix(kv: dict[str, Any], names: list[str]) -> bool:
 
 
 def _f32(path: str, offset: int, count: int, byteorder: str) -> np.ndarray:
-    return np.fromfile(path, dtype=np.dtype(np.float32).newbyteorder(byteorder), count=count, offset=offset)
+    return np.fromfile(path, dtype=np.dtype(byteorder + "f4"), count=count, offset=offset)
 
 
 def read_imatrix(path: str | os.PathLike[str], k: int | None = None) -> ExpertCounts:
@@ -77,9 +77,9 @@ def read_imatrix(path: str | os.PathLike[str], k: int | None = None) -> ExpertCo
                                  "saw the same ids, so the file is inconsistent (merged from other models?)")
         out.counts[PREFILL, layer] = ref
         out.tokens[PREFILL, layer] = int(ref.sum()) // k if k else chunks * csize
-    ds = h.kv.get("imatrix.datasets")
+    ds: Any = h.kv.get("imatrix.datasets") or []
     out.meta = {"chunk_count": chunks, "chunk_size": csize,
-                "datasets": [str(d) for d in (ds.load() if hasattr(ds, "load") else ds or [])]}
+                "datasets": [str(d) for d in (ds.load() if hasattr(ds, "load") else ds)]}
     return out
 
 

@@ -62,6 +62,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "imatrix"
         raise InputError(f"{where}: a GGUF model, not a gguf-experts trace or an imatrix; pass it as --model "
                          "and give the trace")
+    return _text_format(path, head)
+
+
+def _text_format(path: str | os.PathLike[str], head: bytes) -> str:
+    """JSON statistics, CSV logs and moe-trace CSV, by their first bytes (JSON: by its keys)."""
+    where = str(path)
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if text.startswith(b"{"):
         doc = _json(path)
@@ -171,22 +177,23 @@ def open_input(path: str | os.PathLike[str], model: Any = None, max_rows: int = 
     if fmt == "trace":
         return Input(where, fmt, header=read_trace_header(path), chunks=iter_trace_chunks(path, max_rows=max_rows))
     fp, m = _model_fp(model)
-    if fmt in ("csv", "moe-trace-csv", "rtrace") and fp is None:
-        raise _needs_model(where, fmt)
     td: TraceData | None = None
     margin = None
-    if fmt == "csv":
-        td = _csv_log(where, fp)
-    elif fmt == "moe-trace-csv":
-        td = moe_trace_csv.read_moe_trace_csv(path, fp)
-    elif fmt == "mblt":
+    if fmt == "mblt":
         from .mblt import read_mblt
 
         td = read_mblt(path, fp)
-    elif fmt == "rtrace":
-        from .rtrace import read_rtrace
+    elif fmt in ("csv", "moe-trace-csv", "rtrace"):
+        if fp is None:
+            raise _needs_model(where, fmt)
+        if fmt == "csv":
+            td = _csv_log(where, fp)
+        elif fmt == "moe-trace-csv":
+            td = moe_trace_csv.read_moe_trace_csv(path, fp)
+        else:
+            from .rtrace import read_rtrace
 
-        td, margin = read_rtrace(path, fp)
+            td, margin = read_rtrace(path, fp)
     if td is not None:
         return Input(where, fmt, header=td.header, chunks=iter([td]), margin=margin,
                      margin_layer=td.layer if margin is not None else None)

@@ -51,6 +51,27 @@ def _table(obj: Any, where: str) -> dict[int, dict[int, int]]:
 def read_tracer_json(doc: dict[str, Any], where: str, n_expert: int | None = None,
                      k: int | None = None) -> ExpertCounts:
     """Counts of a tracer JSON document (already parsed); n_expert and k from the model when given."""
+    tables, total = _tables(doc, where)
+    layers = [l for tab in tables.values() for l in tab]
+    experts = [e for tab in tables.values() for row in tab.values() for e in row]
+    if not layers:
+        raise InputError(f"{where}: no layers in the tracer statistics; nothing to read")
+    M = int(n_expert) if n_expert else max(experts, default=-1) + 1
+    if experts and max(experts) >= M:
+        raise InputError(f"{where}: expert {max(experts)} but the model has {M} experts; pass the model the "
+                         "statistics were made with")
+    out = ExpertCounts.empty(max(layers) + 1, max(M, 1), k=k, source="tracer-json",
+                             phase_known=PREFILL in tables)
+    for ph, tab in tables.items():
+        for l, row in tab.items():
+            if row:
+                out.counts[ph, l, list(row)] = list(row.values())
+    _tokens(out, doc, where, tables, total, k)
+    return out
+
+
+def _tables(doc: dict[str, Any], where: str) -> tuple[dict[int, dict[int, dict[int, int]]], int | None]:
+    """{phase: {layer: {expert: n}}} and total_tokens, of either shape."""
     tables: dict[int, dict[int, dict[int, int]]] = {}
     total = None
     if "per_layer" in doc:
@@ -73,33 +94,24 @@ def read_tracer_json(doc: dict[str, Any], where: str, n_expert: int | None = Non
                 row[_int(e["expert_id"], f"{at}.experts[{j}].expert_id")] = _int(
                     e["activations"], f"{at}.experts[{j}].activations")
         tables[DECODE] = t
-    layers = [l for tab in tables.values() for l in tab]
-    experts = [e for tab in tables.values() for row in tab.values() for e in row]
-    if not layers:
-        raise InputError(f"{where}: no layers in the tracer statistics; nothing to read")
-    M = int(n_expert) if n_expert else max(experts, default=-1) + 1
-    if experts and max(experts) >= M:
-        raise InputError(f"{where}: expert {max(experts)} but the model has {M} experts; pass the model the "
-                         "statistics were made with")
-    out = ExpertCounts.empty(max(layers) + 1, max(M, 1), k=k, source="tracer-json",
-                             phase_known=PREFILL in tables)
-    for ph, tab in tables.items():
-        for l, row in tab.items():
-            if row:
-                out.counts[ph, l, list(row)] = list(row.values())
+    return tables, total
+
+
+def _tokens(out: ExpertCounts, doc: dict[str, Any], where: str, tables: dict[int, Any], total: int | None,
+            k: int | None) -> None:
+    """Tokens per (phase, layer): ours as written, else activations / k, else total_tokens."""
     tpl = doc.get("tokens_per_layer") if "per_layer" in doc else None
     if isinstance(tpl, dict):  # ours: {"<layer>": [prefill, decode]}
         for lk, v in tpl.items():
             if not str(lk).isdigit() or not isinstance(v, list) or len(v) != 2 or int(lk) >= out.n_layer:
                 raise InputError(f"{where}: tokens_per_layer[{lk!r}] must be [prefill, decode] of a known layer")
             out.tokens[:, int(lk)] = [_int(x, f"{where}: tokens_per_layer[{lk}]") for x in v]
-        return out
+        return
     for ph in tables:
         if k:
             out.tokens[ph] = tokens_from_activations(out.counts[ph], k)
         elif total is not None and ph == DECODE and PREFILL not in tables:
             out.tokens[ph, out.counts[ph].sum(axis=1) > 0] = total
-    return out
 
 
 def tracer_document(c: ExpertCounts) -> dict[str, Any]:
