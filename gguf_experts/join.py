@@ -7,21 +7,18 @@ count matrix and the expert-slice table (``layout.expert_slices``), so it is tes
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_model
+from .fingerprint import ModelFingerprint, check_model
+from .fingerprint import QuantizationMismatchWarning  # noqa: F401  (re-exported: its home is gguf_experts.fingerprint)
 from .trace.format import TraceData, TraceHeader
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
-
-if TYPE_CHECKING:
-    from .gguf_file import Model
 
 EXPERT_COLUMNS = ["layer", "expert", "activations", "share", "bytes_per_activation", "bytes_read"]
 SLICE_COLUMNS = ["layer", "expert", "name", "base_name", "component", "file", "offset", "size",
