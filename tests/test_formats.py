@@ -214,6 +214,25 @@ def test_moe_trace_csv_as_pr_28544_writes_it(tiny, tmp_path):
         assert td.experts[row].tolist() == ids[(int(td.pos[row]), int(td.layer[row]))].tolist()
 
 
+def test_moe_trace_fork_with_phase_and_token(tiny, tmp_path):
+    """The fork's 'phase,token,layer,rank,expert' form: phases and token indices come from the file."""
+    rng = np.random.default_rng(6)
+    lines, want = ["phase,token,layer,rank,expert"], []
+    for t, ph in ((0, "prefill"), (1, "prefill"), (2, "decode")):
+        for layer in range(L):
+            ids = rng.permutation(M)[:K]
+            lines += [f"{ph},{t},{layer},{r},{e}" for r, e in enumerate(ids)]
+            want.append((int(ph == "decode"), t, layer, ids.tolist()))
+    p = tmp_path / "fork.csv"
+    p.write_text("\n".join(lines) + "\n")
+    assert detect_format(p) == "moe-trace-csv"
+    td = load_trace(p, tiny["model"])
+    assert [(int(a), int(b), int(c), d.tolist()) for a, b, c, d in zip(td.phase, td.pos, td.layer, td.experts)] == want
+    p.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(Exception, match="ranks do not run"):
+        load_trace(p, tiny["model"])
+
+
 def test_reap_json_as_expert_profile_writes_it(run_cli, tiny, tmp_path):
     """save_stats' text: one object per MoE layer id with total_tokens, arrays of n_experts, never_activated."""
     rng = np.random.default_rng(3)

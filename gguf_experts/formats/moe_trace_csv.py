@@ -19,19 +19,57 @@ from ..trace.format import ModelFingerprint, TraceData
 from .passes import records_to_trace, trace_records
 
 LINE = re.compile(rb"^\s*\d+\s*,\s*-?\d+\s*$")
+#: a fork of the PR (Cartaz/llama.cpp-vulkan-moe) adds a header and phase/token/rank columns
+FORK_HEADER = b"phase,token,layer,rank,expert"
 
 
 def looks_like(head: bytes) -> bool:
-    """Content check: the first non-empty line is two integers."""
+    """Content check: the first non-empty line is two integers, or the fork's header."""
     for line in head.splitlines()[:2]:
         if line.strip():
-            return bool(LINE.match(line))
+            return bool(LINE.match(line)) or line.strip() == FORK_HEADER
     return False
+
+
+def _read_fork(path: str, fp: ModelFingerprint) -> TraceData:
+    """The fork's 'phase,token,layer,rank,expert' rows (phase 'prefill'/'decode', token a running index, k
+    rows per token and layer in rank order): phases are real here; one sequence, pos = token."""
+    from ..trace.format import TraceHeader
+
+    try:
+        df = pd.read_csv(path, dtype={"phase": str, "token": np.int64, "layer": np.int64, "rank": np.int64,
+                                      "expert": np.int64}, engine="c")
+    except (ValueError, pd.errors.ParserError) as e:
+        raise InputError(f"{path}: malformed moe-trace CSV ({str(e).strip().splitlines()[0]}); rows must be "
+                         "phase,token,layer,rank,expert") from None
+    k, n = fp.n_expert_used, len(df)
+    phase = df["phase"].map({"prefill": 0, "decode": 1})
+    if phase.isna().any():
+        bad = int(np.argmax(phase.isna().to_numpy()))
+        raise InputError(f"{path}: line {bad + 2}: phase {df['phase'].iloc[bad]!r} is not prefill or decode")
+    rank = df["rank"].to_numpy()
+    if n % k or not np.array_equal(rank, np.tile(np.arange(k), n // k)):
+        raise InputError(f"{path}: ranks do not run 0..{k - 1} for every token and layer (k = {k}, the model's); "
+                         "the file is cut or from another model")
+    head = np.arange(0, n, k)
+    layer, expert = df["layer"].to_numpy()[head], df["expert"].to_numpy()
+    if (layer < 0).any() or (layer >= fp.n_layer).any() or (expert < 0).any() or (expert >= fp.n_expert).any():
+        raise InputError(f"{path}: a layer or expert id outside the model ({fp.n_layer} layers, {fp.n_expert} "
+                         "experts); pass the model the trace was made with")
+    m = len(head)
+    header = TraceHeader(version=1, fingerprint=fp, meta={"converted_from": path, "source_format": "moe-trace-csv"})
+    return TraceData(seq=np.zeros(m, np.int32), phase=phase.to_numpy()[head].astype(np.uint8),
+                     pos=df["token"].to_numpy()[head].astype(np.int32), token=np.full(m, -1, np.int32),
+                     layer=layer.astype(np.int32), experts=expert.reshape(m, k).astype(np.int32), weights=None,
+                     header=header, n_records=m)
 
 
 def read_moe_trace_csv(path: str | os.PathLike[str], fp: ModelFingerprint) -> TraceData:
     """A moe-trace CSV as a TraceData of the model ``fp`` (k and the expert count come from it)."""
     where = str(path)
+    with open(path, "rb") as f:
+        if f.readline().strip() == FORK_HEADER:
+            return _read_fork(where, fp)
     try:
         df = pd.read_csv(path, header=None, names=["layer", "expert"], dtype=np.int64, skip_blank_lines=True,
                          engine="c")
