@@ -387,6 +387,13 @@ def test_bad_imatrix(run_cli, tiny, tmp_path, values, msg):
     assert r.rc == 2 and r.err.count("\n") == 1 and msg in r.err, r.err
 
 
+def test_imatrix_output_needs_a_file_and_the_model(run_cli, tiny, tmp_path):
+    r = run_cli("stats", tiny["trace"], "--format", "imatrix")
+    assert r.rc == 2 and "give -o FILE.gguf" in r.err and r.err.count("\n") == 1
+    r = run_cli("stats", tiny["trace"], "--format", "imatrix", "-o", tmp_path / "i.gguf")
+    assert r.rc == 2 and "needs --model" in r.err and not (tmp_path / "i.gguf").exists()
+
+
 def test_formats_that_need_the_model_say_so(run_cli, tmp_path):
     for name, data in (("a", b"0,1\n0,2\n"), ("b", b"RTRACE01" + struct.pack("<ii", M, 0))):
         p = tmp_path / name

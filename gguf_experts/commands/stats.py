@@ -13,6 +13,7 @@ from ..analysis.stats import (
     sequence_frame,
     stats_document,
 )
+from ..errors import InputError
 from ..formats import COUNT_WRITERS, ExpertCounts, write_counts
 from ..formats.rtrace import near_ties
 from ..formats.write import count_text
@@ -71,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format in COUNT_WRITERS:
         out = ExpertCounts(acc.counts, acc.tokens, k=fp.n_expert_used or None, source=inp.format,
                            phase_known=phase_known, meta=dict(inp.counts.meta) if inp.counts is not None else {})
-        if args.output or args.format == "imatrix":
-            write_counts(args.format, out, args.output or "", model=args.model)
+        if args.format == "imatrix" and not args.output:
+            raise InputError("--format imatrix writes a GGUF file: give -o FILE.gguf (and --model)")
+        if args.output:
+            write_counts(args.format, out, args.output, model=args.model)
         else:
             write_text(count_text(args.format, out), None)
         return 0
