@@ -39,7 +39,7 @@ def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, 
     from gguf_experts.trace.capture import TracedLlama
     from gguf_experts.trace.format import PHASE_PREFILL
 
-    model = tinymodel.make_tiny_model(tmp_path / "tiny.gguf", seed=7)
+    model = tinymodel.make_tiny_model(tmp_path / "tiny.gguf", seed=7, add_bos=True)
     text = tmp_path / "calibration.txt"
     text.write_text(TEXT)
     imat = tmp_path / "imatrix.gguf"
@@ -54,10 +54,10 @@ def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, 
                                                        n_threads=2) as tl:
         tokens = tl.tokenize(TEXT, add_special=True)
         bos = int(tl.lc.llama_vocab_bos(tl.vocab))
-        assert len(tokens) >= N_CTX * N_CHUNKS
+        assert tokens[0] == bos and len(tokens) >= N_CTX * N_CHUNKS  # the vocabulary adds BOS
         for c in range(N_CHUNKS):
             chunk = tokens[c * N_CTX:(c + 1) * N_CTX]
-            chunk[0] = bos
+            chunk[0] = bos  # llama-imatrix: BOS at every chunk's first position (add_bos vocabularies)
             tl.new_sequence()
             tl.eval(chunk, phase=PHASE_PREFILL, logits="all")
 
