@@ -14,7 +14,8 @@ from ..analysis.stats import (
     stats_document,
 )
 from ..errors import InputError
-from ..formats import COUNT_WRITERS, ExpertCounts, write_counts
+from ..fingerprint import ModelFingerprint
+from ..formats import COUNT_WRITERS, ExpertCounts, Input, write_counts
 from ..formats.rtrace import near_ties
 from ..formats.write import count_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, write_text
@@ -49,35 +50,45 @@ def _margin_frame(layer: np.ndarray, margin: np.ndarray, n_layer: int, threshold
                          "near_tie_share": t["share"][ls], "median_margin": t["median_margin"][ls]})
 
 
-def run(args: argparse.Namespace) -> int:
-    inp = open_any(args.trace, args.model)
+def _accumulate(inp: Input, model: str | None) -> tuple[StatsAccumulator, ModelFingerprint, bool]:
+    """Counts of any input in a StatsAccumulator, the fingerprint to report with, and whether phases are known."""
     if inp.counts is not None:
         counts = inp.counts
         fp = counts.fingerprint()
-        if args.model:
+        if model:
             from ..gguf_file import open_model
             from ..layout import fingerprint
 
-            fp = fingerprint(open_model(args.model))
+            fp = fingerprint(open_model(model))
         acc = StatsAccumulator(counts.n_layer, counts.n_expert)
         acc.counts, acc.tokens = counts.counts.copy(), counts.tokens.copy()
-        phase_known = counts.phase_known
+        return acc, fp, counts.phase_known
+    assert inp.header is not None and inp.chunks is not None
+    fp = inp.header.fingerprint
+    acc = StatsAccumulator(fp.n_layer, fp.n_expert)
+    for c in inp.chunks:
+        acc.update(c.layer, c.experts, c.phase, c.seq)
+    return acc, fp, bool(inp.header.meta.get("phase_known", True))
+
+
+def _write_counts(args: argparse.Namespace, inp: Input, acc: StatsAccumulator, fp: ModelFingerprint,
+                  phase_known: bool) -> None:
+    """--format tracer-json / reap-json / imatrix: the counts in another tool's format."""
+    out = ExpertCounts(acc.counts, acc.tokens, k=fp.n_expert_used or None, source=inp.format,
+                       phase_known=phase_known, meta=dict(inp.counts.meta) if inp.counts is not None else {})
+    if args.format == "imatrix" and not args.output:
+        raise InputError("--format imatrix writes a GGUF file: give -o FILE.gguf (and --model)")
+    if args.output:
+        write_counts(args.format, out, args.output, model=args.model)
     else:
-        assert inp.header is not None and inp.chunks is not None
-        fp = inp.header.fingerprint
-        acc = StatsAccumulator(fp.n_layer, fp.n_expert)
-        for c in inp.chunks:
-            acc.update(c.layer, c.experts, c.phase, c.seq)
-        phase_known = bool(inp.header.meta.get("phase_known", True))
+        write_text(count_text(args.format, out), None)
+
+
+def run(args: argparse.Namespace) -> int:
+    inp = open_any(args.trace, args.model)
+    acc, fp, phase_known = _accumulate(inp, args.model)
     if args.format in COUNT_WRITERS:
-        out = ExpertCounts(acc.counts, acc.tokens, k=fp.n_expert_used or None, source=inp.format,
-                           phase_known=phase_known, meta=dict(inp.counts.meta) if inp.counts is not None else {})
-        if args.format == "imatrix" and not args.output:
-            raise InputError("--format imatrix writes a GGUF file: give -o FILE.gguf (and --model)")
-        if args.output:
-            write_counts(args.format, out, args.output, model=args.model)
-        else:
-            write_text(count_text(args.format, out), None)
+        _write_counts(args, inp, acc, fp, phase_known)
         return 0
     eb = expert_bytes(args.model, fp, args.trace)
     if eb is not None and eb.shape[0] != acc.n_layer:
