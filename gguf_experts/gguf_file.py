@@ -244,7 +244,8 @@ class _Parser:
 def _detect(buf: Any, path: Path) -> tuple[str, int]:
     size = len(buf)
     if size == 0:
-        raise GGUFFormatError(f"{path}: empty file (0 bytes); expected a GGUF model: check the path or download it again")
+        raise GGUFFormatError(f"{path}: empty file (0 bytes); "
+                              "expected a GGUF model: check the path or download it again")
     if size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
         head = bytes(buf[:4])
         raise GGUFFormatError(f"{path}: not a GGUF file (magic {head!r}, expected b'GGUF'); "
@@ -276,6 +277,21 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
             return _parse(mm, path, file_size)
 
 
+def _read_kv(p: _Parser, n_kv: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """The metadata key/value pairs and their GGUF types; a key given twice is refused, as llama.cpp does."""
+    kv: dict[str, Any] = {}
+    kv_types: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = p.string("metadata key")
+        if key in kv:
+            raise GGUFFormatError(f"{p.path}: metadata key {key!r} appears twice; llama.cpp refuses this file: "
+                                  "convert it again")
+        vtype = p.u32(f"type of {key!r}")
+        kv[key] = p.value(vtype, key=key)
+        kv_types[key] = vtype
+    return kv, kv_types
+
+
 def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
     bo, version = _detect(buf, path)
     p = _Parser(buf, path, bo, version)
@@ -287,16 +303,7 @@ def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
         raise p.fail(f"metadata count {n_kv} is impossible for a {file_size}-byte file")
     if n_tensors * 33 > file_size - p.off:
         raise p.fail(f"tensor count {n_tensors} is impossible for a {file_size}-byte file")
-    kv: dict[str, Any] = {}
-    kv_types: dict[str, int] = {}
-    for _ in range(n_kv):
-        key = p.string("metadata key")
-        if key in kv:
-            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; llama.cpp refuses this file: "
-                                  "convert it again")
-        vtype = p.u32(f"type of {key!r}")
-        kv[key] = p.value(vtype, key=key)
-        kv_types[key] = vtype
+    kv, kv_types = _read_kv(p, n_kv)
     alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"{path}: general.alignment = {alignment!r} is not a power of two; the file is corrupt")

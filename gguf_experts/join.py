@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .fingerprint import QuantizationMismatchWarning  # noqa: F401  (re-exported: its home is fingerprint.py)
 from .fingerprint import ModelFingerprint, check_model
-from .trace.format import TraceData
+from .fingerprint import QuantizationMismatchWarning  # noqa: F401  (re-exported: its home is gguf_experts.fingerprint)
+from .trace.format import TraceData, TraceHeader
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
 
 EXPERT_COLUMNS = ["layer", "expert", "activations", "share", "bytes_per_activation", "bytes_read"]
@@ -154,7 +154,8 @@ def page_heat(slices: pd.DataFrame, page_size: int = 4096) -> pd.DataFrame:
     """Activations per file page, as runs of pages with equal heat (never a dense array over the file).
 
     A page's heat is the number of activations whose slices touch it: memory traffic, not disk reads
-    (llama.cpp prefetches the whole mapping; see the README). Pages of cold experts (heat 0) are listed; pages of no expert slice (attention, norms) are not.
+    (llama.cpp prefetches the whole mapping; see the README). Pages of cold experts (heat 0) are listed;
+    pages of no expert slice (attention, norms) are not.
     bytes_read is heat x the run's bytes (page granular: a partly used page is read whole).
     """
     if page_size <= 0 or page_size & (page_size - 1):
@@ -199,7 +200,8 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
 
 
 def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:
-    """Heat of a trace (path, TraceData or iterable of chunks) on a model (path or gguf_file.Model).
+    """Heat of a trace (path, TraceData, iterable of chunks, or formats.ExpertCounts) on a model (path or
+    gguf_file.Model).
 
     Raises ModelMismatchError when the trace was captured from another model; warns
     (QuantizationMismatchWarning) when only the quantization differs.
@@ -207,12 +209,33 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     from .gguf_file import Model, open_model
     from .layout import expert_slices
 
+    from .formats.counts import ExpertCounts
+
     m = model if isinstance(model, Model) else open_model(model)
+    if isinstance(trace, ExpertCounts):  # a count-only input (imatrix, tracer or REAP JSON): no sequences
+        from .layout import fingerprint
+
+        fp = fingerprint(m)
+        trace.check_model(fp, trace.source or "counts")
+        res = heat(trace.resized(fp.n_layer).to_join_counts(), expert_slices(m), model_name=m.name,
+                   files=[s.path.name for s in m.shards])
+        res.summary["source_format"] = trace.source
+        return res
     chunks, where = _chunks(trace, max_rows)
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")
-    msg = check_model(first.header.fingerprint, m, where)
+    fp0 = first.header.fingerprint
+    if fp0.tensor_digest:
+        msg = check_model(fp0, m, where)
+    else:  # made from a foreign log without the model: checked by shape, then counted as the model's
+        from .formats.load import fingerprint_for
+        from .layout import fingerprint
+
+        msg = None
+        mfp = fingerprint(m)
+        fingerprint_for(where, mfp, fp0.n_layer, fp0.n_expert, fp0.n_expert_used)
+        first.header = TraceHeader(first.header.version, mfp, first.header.meta)
     counts = count_chunks(chain([first], chunks), first.header.fingerprint)
     res = heat(counts, expert_slices(m), model_name=m.name, files=[s.path.name for s in m.shards])
     if msg:

@@ -131,7 +131,8 @@ def test_slices_against_the_model(tmp_path: Path) -> None:
     rs = load_ranges(write(tmp_path))
     sl = rs.ranges["expert_id"].notna()
     rs.ranges.loc[sl, "size"] = rs.ranges.loc[sl, "size"] - 2  # slices tile each other but not the tensor
-    rs.ranges.loc[sl, "offset"] = rs.ranges.loc[sl, "offset"].min() + rs.ranges.loc[sl, "expert_id"].astype(int) * (Q8 - 2)
+    eid = rs.ranges.loc[sl, "expert_id"].astype(int)
+    rs.ranges.loc[sl, "offset"] = rs.ranges.loc[sl, "offset"].min() + eid * (Q8 - 2)
     f = check(rs)
     assert f.loc[f["kind"] == "not_tiled", "name"].tolist() == ["blk.0.ffn_up_exps.weight"]
 

@@ -69,8 +69,8 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: Any, ok: tuple[int, ...] = (0
     lines = capsys.readouterr().err.splitlines()
     warned = [ln for ln in lines if ln.startswith("gguf-experts: warning: ")]  # documented: damaged tails etc.
     errors = [ln for ln in lines if ln not in warned]
-    assert (rc in ok and not errors) or (rc == 2 and len(errors) == 1 and errors[0].startswith("gguf-experts: error: ")), \
-        (rc, lines)
+    one_error = len(errors) == 1 and errors[0].startswith("gguf-experts: error: ")
+    assert (rc in ok and not errors) or (rc == 2 and one_error), (rc, lines)
     return rc
 
 

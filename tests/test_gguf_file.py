@@ -79,7 +79,8 @@ def test_versions_byteorders_alignments(tmp_path: Path, version: int, byteorder:
 def test_arrays_of_arrays_small_and_lazy(tmp_path: Path) -> None:
     nested = [[1, 2, 3], [4], []]
     big_nested = [[i, i + 1] for i in range(SMALL_ARRAY + 5)]
-    kv = {"general.architecture": "x", "n": (V.ARRAY, (V.ARRAY, [(V.UINT32, r) if r else (V.UINT32, []) for r in nested])),
+    arrays = [(V.UINT32, r) if r else (V.UINT32, []) for r in nested]
+    kv = {"general.architecture": "x", "n": (V.ARRAY, (V.ARRAY, arrays)),
           "strs": [["a", "b"], ["c"]], "big": big_nested}
     p = write_gguf(tmp_path / "n.gguf", kv, [TensorSpec.make("t", (4,), "F32")])
     h = read_header(p)

@@ -41,7 +41,8 @@ def bad_trace(tmp_path: Path, change: dict) -> Path:
     fp = {k: v for k, v in fp.items() if v is not None}
     p = tmp_path / "bad.bin"
     # one real record after the header: the reader would go on to size arrays by the fingerprint
-    rec = RECORD_FIXED.pack(REC_MARKER, record_length(1, 2, False), 0, 0, 0, 0, 0, 1, 2) + struct.pack("<4i", 0, 5, 1, 2)
+    rec = (RECORD_FIXED.pack(REC_MARKER, record_length(1, 2, False), 0, 0, 0, 0, 0, 1, 2)
+           + struct.pack("<4i", 0, 5, 1, 2))
     p.write_bytes(header_bytes(fp) + rec + struct.pack("<I", zlib.crc32(rec)))
     return p
 

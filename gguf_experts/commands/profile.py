@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, observe_down_norms=True) as llm:
             for i in range(acc.records, end):  # one llama.cpp evaluation per record
                 # cut to what can hold ctx-size tokens before tokenising (its cost grows faster than the text)
-                text = head_for(texts[i], args.ctx_size, llm.max_token_bytes())
-                toks = llm.tokenize(text) if text.strip() else []
+                head = head_for(texts[i], args.ctx_size, llm.max_token_bytes())
+                toks = llm.tokenize(head) if head.strip() else []
                 if len(toks) > args.ctx_size:
                     toks = toks[:args.ctx_size]
                     acc.meta["truncated_records"] = acc.meta.get("truncated_records", 0) + 1

@@ -74,11 +74,10 @@ def frame_to_csv(df: pd.DataFrame) -> str:
 def frame_to_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
     if df.empty:
         return "(no rows)\n"
-    shown = df if max_rows is None or len(df) <= max_rows else df.head(max_rows)
-    text = shown.to_string(index=False)
-    if shown is not df:
-        text += f"\n... {len(df) - max_rows} more rows (use --format csv for all)"
-    return text + "\n"
+    if max_rows is None or len(df) <= max_rows:
+        return df.to_string(index=False) + "\n"
+    text = df.head(max_rows).to_string(index=False)
+    return text + f"\n... {len(df) - max_rows} more rows (use --format csv for all)\n"
 
 
 def human_bytes(n: float) -> str:
@@ -103,8 +102,9 @@ def emit(output: Output, fmt: str, path: str | None) -> None:
     write_text(output.render(fmt), path)
 
 
-def add_output_options(parser: Any, default: str = "csv") -> None:
-    parser.add_argument("--format", "-f", choices=FORMATS, default=default,
-                        help=f"output format (default: {default})")
+def add_output_options(parser: Any, default: str = "csv", extra: tuple[str, ...] = (), extra_help: str = "") -> None:
+    """--format (csv/json/table, plus a command's own ``extra`` formats) and -o."""
+    parser.add_argument("--format", "-f", choices=FORMATS + tuple(extra), default=default,
+                        help=f"output format (default: {default}){extra_help}")
     parser.add_argument("-o", "--output", metavar="FILE", default=None,
                         help="write to FILE (atomically: temp file, then rename) instead of stdout")

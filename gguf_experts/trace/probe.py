@@ -64,11 +64,12 @@ class Probe:
             return False
 
 
-class NodeMap(dict):
+class NodeMap(dict[int, Any]):
     """pointer -> False (not observed) or Probe. Its C-level ``__getitem__`` *is* the eval callback, so
     the ask call for a known node runs no Python code; only misses (``__missing__``) do."""
 
     __slots__ = ("col",)
+    col: Collector
 
     def __missing__(self, t: int) -> Any:
         try:
@@ -150,9 +151,7 @@ class Collector:
     def miss(self, t: int) -> Any:
         """Answer for a pointer not in the live map: by its name; stored in the map."""
         key = self.read_key(t)
-        d = self.decisions.get(key, 0)
-        if d == 0:
-            d = self._decide(key)
+        d = self.decisions[key] if key in self.decisions else self._decide(key)
         v: Any = False
         if d is not None:
             # with weights, once the layer's last weight stage is known, its top-k is read together with
