@@ -172,7 +172,9 @@ class ReapAccumulator:
         try:
             doc = load_json(path, "expert-stats JSON")
         except InputError as e:
-            raise InputError(f"{e}; pass the expert-stats JSON profile wrote, or drop --resume") from None
+            why = str(e).removeprefix(f"{path}: ")
+            raise InputError(f"{path}: not a readable expert-stats JSON ({why}); pass the file profile wrote, "
+                             "or drop --resume") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
             raise InputError(f"{path}: not an expert-stats file written by `gguf-experts profile`; "
                              "pass another -o or drop --resume")
