@@ -163,3 +163,12 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenising(model: Path, tmp_
     r = run_cli("profile", model, "--jsonl", data, "-c", "64", "-o", tmp_path / "s.json", "--no-progress", "-f", "json")
     assert r.rc == 0 and time.perf_counter() - t0 < 30, r.err
     assert json.loads((tmp_path / "s.json").read_text())["meta"]["truncated_records"] == 1
+
+
+def test_a_key_llama_cpp_checks_itself_gives_its_reason(model: Path, tmp_path: Path) -> None:
+    """embedding_length is not ours to range-check (0 is a sound u32); llama.cpp refuses the shapes, and the
+    one line carries its reason, not a metadata dump line that happens to contain 'unknown'."""
+    bad = set_u32_in_place(model, tmp_path / "e0.gguf", f"{A}.embedding_length", 0)
+    r = capture_cli(bad, tmp_path / "t.bin", "-p", "hello", "-n", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "error loading model" in r.stderr and "has wrong shape" in r.stderr and "kv " not in r.stderr
