@@ -44,8 +44,9 @@ class ValueType(IntEnum):
     FLOAT64 = 12
 
 
-# value type -> (struct code, numpy dtype char); strings and arrays are variable-sized.
-_SCALAR: dict[int, tuple[str, str]] = {
+# value type -> (struct code, numpy dtype char); strings and arrays are variable-sized. Public: the
+# writer (gguf_writer) encodes with the same table the reader decodes with.
+SCALAR_FORMATS: dict[int, tuple[str, str]] = {
     ValueType.UINT8: ("B", "u1"), ValueType.INT8: ("b", "i1"),
     ValueType.UINT16: ("H", "u2"), ValueType.INT16: ("h", "i2"),
     ValueType.UINT32: ("I", "u4"), ValueType.INT32: ("i", "i4"),
@@ -83,8 +84,8 @@ class LazyArray:
 
     def load(self) -> np.ndarray | list[Any]:
         with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if self.element_type in _SCALAR:
-                dt = np.dtype(self.byteorder + _SCALAR[self.element_type][1])
+            if self.element_type in SCALAR_FORMATS:
+                dt = np.dtype(self.byteorder + SCALAR_FORMATS[self.element_type][1])
                 arr = np.frombuffer(mm, dtype=dt, count=self.count, offset=self.offset).copy()
                 return arr.astype(bool) if self.element_type == ValueType.BOOL else arr
             p = _Parser(mm, self.path, self.byteorder, 2)
@@ -194,8 +195,8 @@ class _Parser:
         self.off = off
 
     def value(self, vtype: int, decode_all: bool = False, key: str = "value") -> Any:
-        if vtype in _SCALAR:
-            v = self.scalar(_SCALAR[vtype][0], key)
+        if vtype in SCALAR_FORMATS:
+            v = self.scalar(SCALAR_FORMATS[vtype][0], key)
             return bool(v) if vtype == ValueType.BOOL else v
         if vtype == ValueType.STRING:
             return self.string(key)
@@ -216,15 +217,18 @@ class _Parser:
             raise self.fail(f"array {key!r} has unknown element type {etype}")
         count = self.u64(f"length of array {key}")
         left = self.size - self.off
-        min_elem = struct.calcsize(_SCALAR[etype][0]) if etype in _SCALAR else (8 if etype == ValueType.STRING else 12)
+        if etype in SCALAR_FORMATS:
+            min_elem = struct.calcsize(SCALAR_FORMATS[etype][0])
+        else:
+            min_elem = 8 if etype == ValueType.STRING else 12
         if count * min_elem > left:
             raise self.fail(f"array {key!r} claims {count} elements, at least {count * min_elem} bytes, "
                             f"only {left} left in the file")
         start = self.off
-        if etype in _SCALAR:
+        if etype in SCALAR_FORMATS:
             nbytes = count * min_elem
             if decode_all or count <= SMALL_ARRAY:
-                dt = np.dtype(self.bo + _SCALAR[etype][1])
+                dt = np.dtype(self.bo + SCALAR_FORMATS[etype][1])
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=start)
                 self.off += nbytes
                 out = arr.tolist()

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from gguf_experts.gguf_file import open_model
 from gguf_experts.layout import byte_map
-from gguf_experts.shapes import SHAPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shapes fixture
+from shapes import SHAPES  # noqa: E402
 
 TARGET_HEADER_MS = 150.0
 TARGET_RATIO = 100.0

@@ -9,7 +9,6 @@ from itertools import chain
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
 
 from ..atomic import atomic_write
 from ..errors import InputError
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.detail and work is _csv_to_trace:
         raise InputError("--detail applies to trace -> CSV; a CSV log's form is read from its header line")
     info = work(args)
-    emit(Output(pd.DataFrame([info]), document=info,
+    emit(Output({k: [v] for k, v in info.items()}, document=info,
                 text=f"{info['direction']}: {info['rows']} rows, {info['input']} -> {info['output']}\n"),
          args.format, args.output)
     return 0
