@@ -14,12 +14,13 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import GGUFFormatError, ShardError
 from .ggml_types import GGMLType, ggml_type
+
+if TYPE_CHECKING:  # numpy is imported where a big array is loaded: `dump` never needs it (start-up)
+    import numpy as np
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -83,6 +84,8 @@ class LazyArray:
     nbytes: int
 
     def load(self) -> np.ndarray | list[Any]:
+        import numpy as np
+
         with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             if self.element_type in SCALAR_FORMATS:
                 dt = np.dtype(self.byteorder + SCALAR_FORMATS[self.element_type][1])
@@ -228,11 +231,9 @@ class _Parser:
         if etype in SCALAR_FORMATS:
             nbytes = count * min_elem
             if decode_all or count <= SMALL_ARRAY:
-                dt = np.dtype(self.bo + SCALAR_FORMATS[etype][1])
-                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=start)
+                out = list(struct.unpack_from(f"{self.bo}{count}{SCALAR_FORMATS[etype][0]}", self.buf, start))
                 self.off += nbytes
-                out = arr.tolist()
-                return [bool(x) for x in out] if etype == ValueType.BOOL else out
+                return out  # '?' already gives bools
             self.off += nbytes
             return LazyArray(self.path, self.bo, etype, count, start, nbytes)
         if decode_all or count <= SMALL_ARRAY:

@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 
 from .errors import GGUFFormatError
 from .gguf_file import Model, TensorInfo
@@ -118,6 +116,7 @@ def byte_columns(model: Model, split_experts: bool = False) -> dict[str, list[An
 
 def byte_map(model: Model, split_experts: bool = False) -> pd.DataFrame:
     """One row per tensor (or per expert slice with split_experts), in file order; columns COLUMNS."""
+    import numpy as np
     import pandas as pd
 
     cols = byte_columns(model, split_experts)
