@@ -282,6 +282,21 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
             return _parse(mm, path, file_size)
 
 
+def _read_kv(p: _Parser, n_kv: int, path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The metadata: key -> value and key -> GGUF value type; a key given twice is refused."""
+    kv: dict[str, Any] = {}
+    kv_types: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = p.string("metadata key")
+        if key in kv:
+            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; llama.cpp refuses this file: "
+                                  "convert it again")
+        vtype = p.u32(f"type of {key!r}")
+        kv[key] = p.value(vtype, key=key)
+        kv_types[key] = vtype
+    return kv, kv_types
+
+
 def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
     bo, version = _detect(buf, path)
     p = _Parser(buf, path, bo, version)
@@ -293,13 +308,7 @@ def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
         raise p.fail(f"metadata count {n_kv} is impossible for a {file_size}-byte file")
     if n_tensors * 33 > file_size - p.off:
         raise p.fail(f"tensor count {n_tensors} is impossible for a {file_size}-byte file")
-    kv: dict[str, Any] = {}
-    kv_types: dict[str, int] = {}
-    for _ in range(n_kv):
-        key = p.string("metadata key")
-        vtype = p.u32(f"type of {key!r}")
-        kv[key] = p.value(vtype, key=key)
-        kv_types[key] = vtype
+    kv, kv_types = _read_kv(p, n_kv, path)
     alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"{path}: general.alignment = {alignment!r} is not a power of two; the file is corrupt")
@@ -477,4 +486,8 @@ def open_model(path: str | os.PathLike[str]) -> Model:
             seen[t.name] = h.path
             t.shard = si
             tensors.append(t)
-    return Model(headers, tensors)
+    from .metadata import check_model
+
+    model = Model(headers, tensors)
+    check_model(model)  # types and ranges of the metadata every command reads, before anything uses it
+    return model

@@ -7,30 +7,23 @@ count matrix and the expert-slice table (``layout.expert_slices``), so it is tes
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .trace.format import ModelFingerprint, TraceData, check_fingerprint
+from .fingerprint import ModelFingerprint, check_model
+from .trace.format import TraceData
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
-
-if TYPE_CHECKING:
-    from .gguf_file import Model
 
 EXPERT_COLUMNS = ["layer", "expert", "activations", "share", "bytes_per_activation", "bytes_read"]
 SLICE_COLUMNS = ["layer", "expert", "name", "base_name", "component", "file", "offset", "size",
                  "activations", "bytes_read"]
 LAYER_COLUMNS = ["layer", "tokens", "activations", "bytes_read", "dense_bytes"]
 PAGE_COLUMNS = ["file", "page_start", "page_end", "offset_start", "offset_end", "activations", "bytes_read"]
-
-
-class QuantizationMismatchWarning(UserWarning):
-    """The trace was captured from another quantization of the same model: counts carry over."""
 
 
 @dataclass
@@ -202,16 +195,6 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
     if isinstance(trace, TraceData):
         return iter([trace]), "trace"
     return iter(trace), "trace"
-
-
-def check_model(trace_fp: ModelFingerprint, model: Model, trace_name: str) -> str | None:
-    """Refuse another model (ModelMismatchError); warn, and return the message, for another quantization."""
-    from .layout import fingerprint
-
-    msg = check_fingerprint(trace_fp, fingerprint(model), trace_name=trace_name, model_name=str(model.path))
-    if msg:
-        warnings.warn(QuantizationMismatchWarning(msg), stacklevel=3)
-    return msg
 
 
 def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:

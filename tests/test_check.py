@@ -32,7 +32,8 @@ def specs() -> list[TensorSpec]:
 
 
 def write(tmp_path: Path, offsets: list[int] | None = None, name: str = "m.gguf", alignment: int = 32) -> Path:
-    return write_gguf(tmp_path / name, {"general.architecture": "qwen3moe", "qwen3moe.expert_count": E}, specs(),
+    return write_gguf(tmp_path / name, {"general.architecture": "qwen3moe", "qwen3moe.expert_count": E,
+                                            "qwen3moe.expert_used_count": 2}, specs(),
                       offsets=offsets, alignment=alignment)
 
 
