@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
+from .fingerprint import QuantizationMismatchWarning  # noqa: F401  (re-exported: its home is fingerprint.py)
 from .fingerprint import ModelFingerprint, check_model
 from .trace.format import TraceData
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
