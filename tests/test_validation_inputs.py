@@ -172,3 +172,16 @@ def test_a_key_llama_cpp_checks_itself_gives_its_reason(model: Path, tmp_path: P
     r = capture_cli(bad, tmp_path / "t.bin", "-p", "hello", "-n", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "error loading model" in r.stderr and "has wrong shape" in r.stderr and "kv " not in r.stderr
+
+
+def test_the_library_driver_checks_the_metadata_too(model: Path, tmp_path: Path) -> None:
+    """TracedLlama takes a fingerprint from its caller (the `run` tool computes its own): it still refuses a
+    file llama.cpp would abort on (it did: exit 134) before llama.cpp sees it."""
+    bad = set_u32_in_place(model, tmp_path / "u17.gguf", f"{A}.expert_used_count", 17)
+    code = ("import sys\nfrom gguf_experts.errors import GGUFExpertsError\n"
+            "from gguf_experts.fingerprint import ModelFingerprint\n"
+            "from gguf_experts.trace.capture import MemorySink, TracedLlama\n"
+            "try:\n    TracedLlama(sys.argv[1], MemorySink(), ModelFingerprint('qwen3moe', 4, 16, 4, 'x', 'y'))\n"
+            "except GGUFExpertsError as e:\n    print(e)\n    sys.exit(2)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "exceeds" in r.stdout, (r.returncode, r.stderr[-300:])

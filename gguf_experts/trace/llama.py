@@ -69,6 +69,9 @@ class TracedLlama:
         self._model = self._ctx = None
         self._batch: Any = None
         self._pool: ThreadPool | None = None
+        from ..gguf_file import open_model
+
+        open_model(model_path)  # the metadata checks first: llama.cpp aborts the process on some bad values
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = int(n_gpu_layers)
         with LlamaLog() as log:
