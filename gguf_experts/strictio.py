@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,18 +79,23 @@ def _depth_ok(text: str) -> None:
             depth -= 1
 
 
-def loads(text: str, where: str, what: str = "JSON") -> Any:
-    """json.loads with every failure as one InputError: syntax (line, column), depth, huge integers,
-    NaN/Infinity, duplicate keys."""
+def loads(text: str, where: str, what: str = "JSON", numbers: bool = True) -> Any:
+    """json.loads with every failure as one InputError: syntax (line, column), depth, duplicate keys and,
+    where the numbers are ours (byte maps, stats), integers past int64's digits and NaN/Infinity. Records
+    of other tools' data (JSONL) keep Python's rules for numbers (up to 4300 digits, NaN allowed)."""
     try:
         if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
             _depth_ok(text)
+        if not numbers:
+            return json.loads(text, object_pairs_hook=_no_duplicates)
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int,
                           parse_constant=_parse_const)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: line {e.lineno}, column {e.colno}: not valid {what} ({e.msg})") from None
     except (ValueError, RecursionError) as e:
-        raise InputError(f"{where}: not valid {what}: {e}") from None
+        m = re.search(r"value has (\d+) digits", str(e))  # Python's own limit (4300 digits)
+        why = f"an integer of {m.group(1)} digits is out of range" if m else str(e)
+        raise InputError(f"{where}: not valid {what}: {why}") from None
 
 
 def load_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
@@ -101,7 +107,7 @@ def iter_jsonl(path: str | os.PathLike[str], what: str = "JSONL file") -> Iterat
     text = read_text(path, what)
     for no, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            yield no, loads(line, f"{path}:{no}", "JSON (one object per line)")
+            yield no, loads(line, f"{path}:{no}", "JSON (one object per line)", numbers=False)
 
 
 def check_encodable(text: str, where: str) -> str:
