@@ -94,22 +94,29 @@ def _load_json(path: Path) -> RangeSet:
 
 def _load_csv(path: Path) -> RangeSet:
     """Every row must have one field per column (pandas would silently shift a row with one extra)."""
-    import csv
+    import io
 
-    from .strictio import read_text
+    from .strictio import check_field_counts, decode_text
 
-    text = read_text(path, "CSV byte map")
-    rows = list(csv.reader(text.splitlines()))
-    while rows and not rows[-1]:
-        rows.pop()
-    if not rows:
+    raw = path.read_bytes()
+    text = decode_text(raw, str(path), "CSV byte map")
+    if not text.strip():
         raise InputError(f"{path}: empty file; expected a GGUF model or a CSV/JSON byte map")
-    header = [c.strip() for c in rows[0]]
-    for i, r in enumerate(rows[1:], 2):
-        if len(r) != len(header):
-            raise InputError(f"{path}: line {i}: {len(r)} fields, the header has {len(header)} "
-                             f"({','.join(header)}); every row needs one value per column")
-    df = pd.DataFrame([[v.strip() for v in r] for r in rows[1:]], columns=header, dtype=object)
+    if '"' in text:  # quoted fields may hold commas: the csv module counts them exactly (slower)
+        import csv
+
+        rows = [r for r in csv.reader(text.splitlines())]
+        header = [c.strip() for c in rows[0]]
+        for i, r in enumerate(rows[1:], 2):
+            if r and len(r) != len(header):
+                raise InputError(f"{path}: line {i}: malformed CSV ({len(r)} fields, the header has {len(header)}); "
+                                 "every row needs one value per column: fix or remove that line")
+        df = pd.DataFrame([[v.strip() for v in r] for r in rows[1:] if r], columns=header, dtype=object)
+    else:
+        header = [c.strip() for c in text.split("\n", 1)[0].split(",")]
+        check_field_counts(raw, len(header), str(path))
+        df = pd.read_csv(io.StringIO(text), index_col=False, skipinitialspace=True, skip_blank_lines=True)
+        df = df.set_axis(header, axis=1)
     rs = RangeSet(str(path), _normalise(df, path))
     for fname in rs.ranges["file"].unique():
         cand = path.parent / str(fname)
@@ -131,7 +138,7 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))}); "
                          "a byte map needs at least name, offset and size")
     for c in ("offset", "size"):
-        v = pd.to_numeric(df[c].map(_as_number), errors="coerce")
+        v = pd.to_numeric(_numbers(df[c]), errors="coerce")
         wrong = (v.isna() | (v < 0) | (v >= 2**62) | (v % 1 != 0)).to_numpy(dtype=bool)
         if wrong.any():
             bad = int(np.flatnonzero(wrong)[0])
@@ -142,7 +149,7 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     if "expert_id" not in df.columns:
         ext = df["name"].astype(str).str.extract(r"\[(\d+)\]$")[0]
         df["expert_id"] = pd.to_numeric(ext, errors="coerce")
-    eid = pd.to_numeric(df["expert_id"].map(_as_number), errors="coerce")
+    eid = pd.to_numeric(_numbers(df["expert_id"]), errors="coerce")
     wrong = (eid.notna() & ((eid < 0) | (eid >= 2**31) | (eid % 1 != 0))).to_numpy(dtype=bool)
     if wrong.any():
         bad = int(np.flatnonzero(wrong)[0])
@@ -154,6 +161,14 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     df["name"] = df["name"].astype(str)
     df["base_name"] = df["base_name"].fillna(df["name"]).astype(str)
     return df[["name", "base_name", "expert_id", "file", "offset", "size"]]
+
+
+def _numbers(col: pd.Series) -> pd.Series:
+    """A column pandas may convert to numbers: numeric columns as they are (the C parser made them),
+    object columns (JSON values, mixed text) cell by cell through _as_number; booleans are not numbers."""
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        return col
+    return col.map(_as_number)
 
 
 def _as_number(v: Any) -> Any:

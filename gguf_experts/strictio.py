@@ -110,6 +110,32 @@ def iter_jsonl(path: str | os.PathLike[str], what: str = "JSONL file") -> Iterat
             yield no, loads(line, f"{path}:{no}", "JSON (one object per line)", numbers=False)
 
 
+def check_field_counts(data: bytes, n_fields: int, where: str, first_line: int = 1, skip_lines: int = 1,
+                       allow_fewer: bool = False) -> int:
+    """Raise on the first non-blank line of ``data`` (unquoted CSV) whose field count is not ``n_fields``
+    (more only, with ``allow_fewer``), naming its line; vectorised over the bytes. The first ``skip_lines``
+    lines of the file (its header) are not checked. Returns the number of lines in ``data``."""
+    import numpy as np
+
+    arr = np.frombuffer(data, np.uint8)
+    nl = np.flatnonzero(arr == 10)
+    ends = np.r_[nl, len(arr)] if len(arr) and arr[-1] != 10 else nl
+    if not len(ends):
+        return 0
+    starts = np.r_[0, ends[:-1] + 1]
+    commas = np.concatenate([np.zeros(1, np.int32), np.cumsum(arr == 44, dtype=np.int32)])  # data < 2 GiB
+    nfields = commas[ends] - commas[starts] + 1
+    text_len = ends - starts - ((arr[np.maximum(ends - 1, 0)] == 13) & (ends > starts))
+    lines = first_line + np.arange(len(ends))
+    wrong = nfields > n_fields if allow_fewer else nfields != n_fields
+    bad = (text_len > 0) & wrong & (lines > skip_lines)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f"{where}: line {int(lines[i])}: malformed CSV ({int(nfields[i])} fields, the header has "
+                         f"{n_fields}); every row needs one value per column: fix or remove that line")
+    return len(ends)
+
+
 def check_encodable(text: str, where: str) -> str:
     """A str that UTF-8 can encode (JSON's "\\ud800" escapes give lone surrogates, which cannot be)."""
     try:
@@ -120,4 +146,5 @@ def check_encodable(text: str, where: str) -> str:
     return text
 
 
-__all__ = ["InputError", "check_encodable", "decode_text", "iter_jsonl", "load_json", "loads", "read_text"]
+__all__ = ["InputError", "check_encodable", "check_field_counts", "decode_text", "iter_jsonl", "load_json", "loads",
+           "read_text"]

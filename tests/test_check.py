@@ -208,8 +208,10 @@ MAP = {"model": {"files": [{"file": "m.gguf", "size": 4096, "data_offset": 64, "
     ('{"tensors": [], "tensors": []}', "duplicate key"),
     ("name,offset,start,size\na,0,0,4\n", "both mean 'offset'"),
     ("name,name,offset,size\na,b,0,4\n", "both mean 'name'"),
-    ("name,offset,size\na,0,4,extra\n", "line 2: 4 fields, the header has 3"),
-    ("name,offset,size\na,0,4\nb,4\n", "line 3: 2 fields"),
+    ("name,offset,size\na,0,4,extra\n", "line 2: malformed CSV (4 fields, the header has 3)"),
+    ("name,offset,size\na,0,4\nb,4\n", "line 3: malformed CSV (2 fields"),
+    ('name,offset,size\n"a,b",0,4\n"c",4\n', "line 3: malformed CSV (2 fields"),
+    ("name,offset,size\na,True,4\n", "not a byte count"),
 ])
 def test_malformed_maps_are_one_line(tmp_path: Path, run_cli, content: str, what: str) -> None:
     p = tmp_path / "in.map"

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..strictio import decode_text
+from ..strictio import check_field_counts, decode_text
 from .format import PHASE_DECODE, ModelFingerprint, TraceData, encode_header
 from .writer import encode_records
 
@@ -92,21 +92,8 @@ def _prescan(path: str, n_fields: int) -> None:
             body, rest = data[:cut], data[cut:]
             if body:
                 decode_text(body, f"{path} (from line {line0})", "CSV expert log")
-                arr = np.frombuffer(body, np.uint8)
-                nl = np.flatnonzero(arr == 10)
-                ends = np.r_[nl, len(arr)] if len(arr) and arr[-1] != 10 else nl
-                starts = np.r_[0, ends[:-1] + 1] if len(ends) else ends
-                commas = np.concatenate([np.zeros(1, np.int32), np.cumsum(arr == 44, dtype=np.int32)])  # block < 2 GiB
-                nfields = commas[ends] - commas[starts] + 1
-                text_len = ends - starts - ((arr[np.maximum(ends - 1, 0)] == 13) & (ends > starts))
-                blank = text_len <= 0
-                lines = line0 + np.arange(len(ends))
-                bad = ~blank & (nfields > n_fields) & (lines > 1)  # fewer: pandas names the missing column
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise InputError(f"{path}: line {int(lines[i])}: malformed CSV ({int(nfields[i])} fields, the "
-                                     f"header has {n_fields}); fix or remove that line")
-                line0 += len(ends)
+                # fewer fields: pandas names the missing column
+                line0 += check_field_counts(body, n_fields, path, first_line=line0, allow_fewer=True)
             if not block:
                 return
 
