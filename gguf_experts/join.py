@@ -223,14 +223,24 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     from .gguf_file import Model, open_model
     from .layout import expert_slices
 
+    from .prune_map import model_view, to_original
+
     m = model if isinstance(model, Model) else open_model(model)
     chunks, where = _chunks(trace, max_rows)
+    chunks = to_original(chunks, m)  # a trace of a pruned model speaks in the original model's expert ids
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")
-    msg = check_model(first.header.fingerprint, m, where)
+    model_fp, pruned = model_view(m)
+    if pruned is None:
+        msg = check_model(first.header.fingerprint, m, where)
+    else:  # a pruned model: checked against (and its slices labelled with) the original's ids
+        msg = check_fingerprint(first.header.fingerprint, model_fp, trace_name=where, model_name=str(m.path))
+        if msg:
+            warnings.warn(QuantizationMismatchWarning(msg), stacklevel=2)
+    slices = expert_slices(m) if pruned is None else pruned.relabel(expert_slices(m))
     counts = count_chunks(chain([first], chunks), first.header.fingerprint)
-    res = heat(counts, expert_slices(m), model_name=m.name, files=[s.path.name for s in m.shards])
+    res = heat(counts, slices, model_name=m.name, files=[s.path.name for s in m.shards])
     if msg:
         res.summary["warning"] = msg
     return res

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import TraceData, TraceHeader
+from ..trace.format import TraceData, TraceHeader, check_fingerprint
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
@@ -21,8 +21,11 @@ def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False
 
 
 def open_trace(path: str, max_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[TraceHeader, Iterator[TraceData]]:
-    """The header, and the chunks (bounded memory whatever the trace size)."""
-    return read_trace_header(path), iter_trace_chunks(path, max_rows=max_rows)
+    """The header, and the chunks (bounded memory whatever the trace size); a trace of a pruned model
+    is given in the original model's expert ids (prune_map)."""
+    from ..prune_map import to_original, translate_header
+
+    return translate_header(read_trace_header(path)), to_original(iter_trace_chunks(path, max_rows=max_rows))
 
 
 def expert_bytes(model_path: str | None, header: TraceHeader, trace_name: str) -> np.ndarray | None:
@@ -33,10 +36,19 @@ def expert_bytes(model_path: str | None, header: TraceHeader, trace_name: str) -
     from ..join import check_model
     from ..layout import expert_bytes as eb_frame
 
+    from ..prune_map import mapping_of
+
     model = open_model(model_path)
-    check_model(header.fingerprint, model, trace_name)
+    pruned = mapping_of(model.kv)
+    if pruned is None:
+        check_model(header.fingerprint, model, trace_name)
+    else:  # bytes of the kept experts under their original ids
+        check_fingerprint(header.fingerprint, pruned.source_fp(), trace_name=trace_name, model_name=model_path)
     fp = header.fingerprint
     df = eb_frame(model)
+    if pruned is not None and len(df):
+        df = df.assign(expert=pruned.lut(int(df["layer"].max()) + 1)[df["layer"].to_numpy(np.int64),
+                                                                      df["expert"].to_numpy(np.int64)])
     out = np.zeros((fp.n_layer, fp.n_expert), np.float64)
     if len(df):
         out[df["layer"].to_numpy(np.int64), df["expert"].to_numpy(np.int64)] = df["bytes"].to_numpy(np.float64)

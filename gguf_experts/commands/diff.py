@@ -11,6 +11,7 @@ import pandas as pd
 from ..analysis.diff import ShareDiff, diff_frames, share_diff, top_changes
 from ..errors import ModelMismatchError
 from ..join import count_chunks, join
+from ..prune_map import to_original, translate_header
 from ..reporters.tabular import (
     Output,
     add_output_options,
@@ -40,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _counts(path: str) -> tuple[np.ndarray, np.ndarray]:
-    header = read_trace_header(path)
-    c = count_chunks(iter_trace_chunks(path, weights=False), header.fingerprint)
+    header = translate_header(read_trace_header(path))
+    c = count_chunks(to_original(iter_trace_chunks(path, weights=False)), header.fingerprint)
     return c.activations, c.tokens
 
 
@@ -50,7 +51,8 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], model: str | N
     if model:
         ha, hb = join(a, model), join(b, model)
         return diff_frames(ha.experts, hb.experts, ha.layers, hb.layers)
-    fa, fb = read_trace_header(a).fingerprint, read_trace_header(b).fingerprint
+    # traces of a pruned model compare in the original model's ids (prune_map)
+    fa, fb = (translate_header(read_trace_header(p)).fingerprint for p in (a, b))
     fields = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
     bad = [f"{f}: {getattr(fa, f)!r} vs {getattr(fb, f)!r}" for f in fields if getattr(fa, f) != getattr(fb, f)]
     if bad:

@@ -19,6 +19,7 @@ from ..layout import byte_map
 from ..reporters.html import ReportInput, write_html
 from ..reporters.tabular import FORMATS, Output, emit
 from ..trace.format import TraceData
+from ..prune_map import to_original
 from ..trace.reader import iter_trace_chunks, read_trace
 
 NAME = "report"
@@ -68,7 +69,7 @@ def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, op
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)
-    for chunk in chunks:
+    for chunk in to_original(chunks):  # a trace of a pruned model: in the original ids, as the heat is
         fp = chunk.header.fingerprint
         if lru is None:
             lru = LayerLRU(fp.n_layer, fp.n_expert, fp.n_expert_used,
@@ -86,6 +87,7 @@ def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, op
         opt = False
     if opt:
         td = trace if isinstance(trace, TraceData) else read_trace(trace)
+        td = next(to_original([td]))
         fp = td.header.fingerprint
         curves.append(opt_curves(td.layer, td.experts, fp.n_layer, fp.n_expert,
                                  expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))

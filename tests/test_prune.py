@@ -1,0 +1,169 @@
+"""prune on generated files (no llama.cpp run): every per-expert tensor layout, shards, alignment, refusals."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import CliResult
+from prune_check import assert_pruned_correctly
+
+from gguf_experts.gguf_file import ValueType, open_model, read_header
+from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
+from gguf_experts.layout import fingerprint
+from gguf_experts.prune_map import mapping_of
+
+N_EXPERT, K, EMBD, FF = 8, 2, 64, 64
+
+
+def _data(rng: np.random.Generator, spec: TensorSpec) -> TensorSpec:
+    spec.data = rng.integers(0, 256, spec.nbytes, dtype=np.uint8).tobytes()
+    return spec
+
+
+def moe_model(path: Path, arch: str = "deepseek2", n_layer: int = 3, alignment: int = 32,
+              shards: int = 1, extra_kv: dict[str, Any] | None = None) -> Path:
+    """Layer 0 dense; MoE layers with router (+bias), exp_probs_b, fused gate_up (NVFP4 + .scale), down
+    (Q8_0, gpt-oss-style .bias), shared experts: every per-expert layout prune must cut."""
+    rng = np.random.default_rng(7)
+    kv: dict[str, Any] = {"general.architecture": arch, "general.name": "layout-test",
+                          f"{arch}.block_count": n_layer, f"{arch}.expert_count": N_EXPERT,
+                          f"{arch}.expert_used_count": K, f"{arch}.leading_dense_block_count": 1,
+                          "tokenizer.ggml.tokens": [f"t{i}" for i in range(200)], **(extra_kv or {})}
+    t = [TensorSpec.make("token_embd.weight", (EMBD, 50), "F32")]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t.append(TensorSpec.make(p + "attn_q.weight", (EMBD, EMBD), "F16"))
+        if i == 0:
+            t.append(TensorSpec.make(p + "ffn_up.weight", (EMBD, FF), "F32"))
+            continue
+        t += [TensorSpec.make(p + "ffn_gate_inp.weight", (EMBD, N_EXPERT), "F32"),
+              TensorSpec.make(p + "ffn_gate_inp.bias", (N_EXPERT,), "F32"),
+              TensorSpec.make(p + "exp_probs_b.bias", (N_EXPERT,), "F32"),
+              TensorSpec.make(p + "ffn_gate_up_exps.weight", (EMBD, 2 * FF, N_EXPERT), "NVFP4"),
+              TensorSpec.make(p + "ffn_gate_up_exps.scale", (N_EXPERT,), "F32"),
+              TensorSpec.make(p + "ffn_down_exps.weight", (FF, EMBD, N_EXPERT), "Q8_0"),
+              TensorSpec.make(p + "ffn_down_exps.bias", (EMBD, N_EXPERT), "F32"),
+              TensorSpec.make(p + "ffn_gate_inp_shexp.weight", (EMBD,), "F32"),
+              TensorSpec.make(p + "ffn_up_shexp.weight", (EMBD, FF), "Q8_0")]
+    t.append(TensorSpec.make("output.weight", (EMBD, 50), "F16"))
+    t = [_data(rng, s) for s in t]
+    if shards > 1:
+        stem = path.name.removesuffix(".gguf")
+        return write_split(path.parent, stem, kv, t, shards, alignment=alignment)[0]
+    return write_gguf(path, kv, t, alignment=alignment)
+
+
+def drops_csv(path: Path, drops: dict[int, list[int]]) -> Path:
+    path.write_text("layer,expert\n" + "".join(f"{la},{e}\n" for la, es in drops.items() for e in es))
+    return path
+
+
+@pytest.mark.parametrize("alignment", [32, 64])
+def test_every_per_expert_layout_is_cut(tmp_path: Path, run_cli: Callable[..., CliResult], alignment: int) -> None:
+    src = moe_model(tmp_path / "src.gguf", alignment=alignment)
+    plan = drops_csv(tmp_path / "drop.csv", {1: [0, 5, 6], 2: [1, 2, 7]})
+    r = run_cli("prune", src, "--plan", plan, "-o", tmp_path / "out.gguf")
+    assert r.rc == 0, r.err
+    out = tmp_path / "out.gguf"
+    ids = assert_pruned_correctly(src, out)
+    assert ids[1].tolist() == [1, 2, 3, 4, 7] and ids[2].tolist() == [0, 3, 4, 5, 6]
+    m = open_model(out)
+    assert m.expert_count == 5 and m.alignment == alignment
+    shapes = {t.name: t.ne for t in m.tensors}
+    assert shapes["blk.1.ffn_gate_up_exps.weight"] == (EMBD, 2 * FF, 5)
+    assert shapes["blk.1.ffn_down_exps.bias"] == (EMBD, 5)
+    assert shapes["blk.1.ffn_gate_up_exps.scale"] == (5,)
+    assert shapes["blk.2.exp_probs_b.bias"] == (5,) and shapes["blk.2.ffn_gate_inp.bias"] == (5,)
+    assert shapes["blk.1.ffn_gate_inp.weight"] == (EMBD, 5)
+    assert shapes["blk.1.ffn_up_shexp.weight"] == (EMBD, FF)  # shared experts untouched
+    assert m.kv["tokenizer.ggml.tokens"].load()[199] == "t199"  # big arrays copied through
+    mp = mapping_of(m.kv)
+    assert mp is not None and mp.source == "src.gguf" and mp.source_n_expert == N_EXPERT
+    assert mp.source_fp() == fingerprint(open_model(src))
+    assert read_header(out).kv_types["deepseek2.expert_count"] == ValueType.UINT32
+
+
+def test_shards_in_and_split_out(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    first = moe_model(tmp_path / "src.gguf", shards=3, alignment=64)
+    second = first.with_name(first.name.replace("00001-of", "00002-of"))
+    plan = drops_csv(tmp_path / "drop.csv", {1: [3], 2: [4]})
+    r = run_cli("prune", second, "--plan", plan, "-o", tmp_path / "out.gguf", "--split-max-size", "200K")
+    assert r.rc == 0, r.err
+    outs = sorted(tmp_path.glob("out-*-of-*.gguf"))
+    assert len(outs) > 1 and not (tmp_path / "out.gguf").exists()
+    for p in outs:
+        h = read_header(p)
+        assert h.alignment == 64 and h.get("split.count") == len(outs)
+        assert sum(t.nbytes for t in h.tensors) <= 200_000 or len(h.tensors) == 1
+    assert_pruned_correctly(first, outs[1])
+    m = open_model(outs[0])
+    assert m.expert_count == 7 and len(m.tensors) == len(open_model(first).tensors)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _refuse(r: CliResult, *words: str) -> None:
+    assert r.rc == 2, r.out + r.err
+    line = r.err.strip()
+    assert "\n" not in line and "Traceback" not in r.err, r.err
+    for w in words:
+        assert w in line, line
+
+
+def test_refusals(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    src = moe_model(tmp_path / "src.gguf")
+    out = tmp_path / "out.gguf"
+    _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "a.csv", {1: [0], 2: [0, 1]}), "-o", out),
+            "different numbers of experts per layer", "layer 1: 1", "layer 2: 2", "same number")
+    _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "b.csv", {1: range(7), 2: range(7)}), "-o", out),
+            "fewer than expert_used_count 2", "keep at least 2")
+    _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "c.csv", {5: [0]}), "-o", out),
+            "layer 5 is not a MoE layer")
+    _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "d.csv", {1: [8], 2: [0]}), "-o", out),
+            "expert 8 does not exist")
+    other = moe_model(tmp_path / "other.gguf", n_layer=4)
+    stats = {"format": "gguf-experts expert_stats", "n_layer": 3, "n_expert": N_EXPERT,
+             "meta": {"fingerprint": fingerprint(open_model(other)).to_dict()},
+             "layers": [{"layer": la, "activation_counts": [1] * N_EXPERT, "reap": list(range(N_EXPERT))}
+                        for la in (1, 2)]}
+    (tmp_path / "s.json").write_text(json.dumps(stats))
+    _refuse(run_cli("prune", src, "--plan", tmp_path / "s.json", "--keep", "4", "-o", out),
+            "another model", "fingerprint")
+    _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "e.csv", {1: [0], 2: [0]}), "-o", src),
+            "never written")
+    _refuse(run_cli("prune", src, "-o", out), "--plan")
+    assert not out.exists()
+
+
+def test_llama_expert_profile_json_and_dry_run(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    src = moe_model(tmp_path / "src.gguf")
+    reap = {str(la): {"total_tokens": 100, "activation_counts": [10] * N_EXPERT,
+                      "activation_frequency": [0.1] * N_EXPERT, "avg_gate_weight": [0.2] * N_EXPERT,
+                      "ean_mean": [1.0] * N_EXPERT, "reap": [float((e * 3 + la) % N_EXPERT) for e in range(N_EXPERT)],
+                      "never_activated": 0} for la in (1, 2)}
+    (tmp_path / "reap.json").write_text(json.dumps(reap))
+    r = run_cli("prune", src, "--plan", tmp_path / "reap.json", "--keep-fraction", "0.5", "--dry-run",
+                "--format", "json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["experts_after"] == 4 and doc["model_bytes_after"] < doc["model_bytes_before"]
+    for row in doc["layers"]:
+        la = row["layer"]
+        best = sorted(range(N_EXPERT), key=lambda e: -reap[str(la)]["reap"][e])[:4]
+        assert row["kept_ids"] == " ".join(map(str, sorted(best)))
+    assert not list(tmp_path.glob("*.gguf"))[1:]  # nothing written
+
+
+def test_group_limited_routing(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    groups = {"deepseek2.expert_group_count": 2, "deepseek2.expert_group_used_count": 1}
+    src = moe_model(tmp_path / "src.gguf", extra_kv=groups)
+    _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "a.csv", {1: [0, 1], 2: [0, 1]}), "-o",
+                    tmp_path / "o.gguf"), "same number of experts kept in every group")
+    r = run_cli("prune", src, "--plan", drops_csv(tmp_path / "b.csv", {1: [0, 7], 2: [3, 4]}), "-o",
+                tmp_path / "o.gguf")
+    assert r.rc == 0, r.err
+    assert "group selection" in r.err  # the warning that selection can still change
+    assert_pruned_correctly(src, tmp_path / "o.gguf")
