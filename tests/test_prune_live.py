@@ -1,0 +1,109 @@
+"""prune through the real llama.cpp: pruning never-selected experts leaves routing and logits unchanged;
+a REAP-pruned model loads, generates and never selects a removed expert; analyses speak original ids."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CliResult
+from prune_check import assert_pruned_correctly
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
+
+from gguf_experts import tinymodel
+from gguf_experts.gguf_file import open_model
+from gguf_experts.join import join
+from gguf_experts.prune_map import mapping_of
+from gguf_experts.trace import read_trace
+from gguf_experts.trace.capture import Recorder
+
+pytestmark = pytest.mark.live
+PROMPTS_A = ["Hi cat.", "x = 1"]  # short: every layer leaves experts unselected
+CASES = [("qwen3moe", "F32"), ("qwen3moe", "Q8_0"), ("qwen3moe", "MXFP4_MOE"),
+         ("gpt-oss", "F32"), ("gpt-oss", "Q8_0"), ("gpt-oss", "MXFP4_MOE")]
+
+
+def run_prompts(model: Path, trace: Path) -> list[np.ndarray]:
+    """Capture PROMPTS_A (every row an output, so every layer sees every token) and return the logits."""
+    out = []
+    with Recorder(trace) as rec:
+        llm = rec.llama(model, n_ctx=128, n_threads=2)
+        for text in PROMPTS_A:
+            toks = llm.tokenize(text)
+            llm.new_sequence()
+            llm.eval(toks, logits="all")
+            p = llm.lc.llama_get_logits(llm._ctx)
+            out.append(np.ctypeslib.as_array(p, shape=(len(toks), llm.n_vocab)).copy())
+    return out
+
+
+@pytest.mark.parametrize(("arch", "quant"), CASES)
+def test_never_used_prune_keeps_routing_and_logits(tmp_path: Path, run_cli: Callable[..., CliResult], arch: str,
+                                                   quant: str) -> None:
+    src = tinymodel.make_tiny_model(tmp_path / "src.gguf", arch=arch, n_expert=32, seed=3, quant=quant)
+    logits_a = run_prompts(src, tmp_path / "a.bin")
+    r = run_cli("prune", src, "--by", "never-used", "--trace", tmp_path / "a.bin", "-o", tmp_path / "p.gguf")
+    assert r.rc == 0, r.err
+    pruned = tmp_path / "p.gguf"
+    ids = assert_pruned_correctly(src, pruned)
+    assert open_model(pruned).expert_count < 32
+    logits_b = run_prompts(pruned, tmp_path / "b.bin")  # llama.cpp loads and runs it
+    ta, tb = read_trace(tmp_path / "a.bin"), read_trace(tmp_path / "b.bin")
+    assert len(ta) == len(tb) and len(ta) > 0
+    np.testing.assert_array_equal(ta.layer, tb.layer)
+    np.testing.assert_array_equal(ta.pos, tb.pos)
+    lut = mapping_of(open_model(pruned).kv).lut(ta.header.fingerprint.n_layer)  # type: ignore[union-attr]
+    assert tb.experts.max() < open_model(pruned).expert_count
+    np.testing.assert_array_equal(lut[tb.layer[:, None], tb.experts], ta.experts)  # every row, top-k order
+    for a, b in zip(logits_a, logits_b):
+        # float tolerance: the router matmul and softmax run over fewer experts (other sums, same maths)
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()))
+        np.testing.assert_array_equal(b.argmax(axis=1), a.argmax(axis=1))
+    # analyses of the pruned model's trace speak in original ids: the same heat as the original's trace
+    ha, hb, hb_src = join(tmp_path / "a.bin", src), join(tmp_path / "b.bin", pruned), join(tmp_path / "b.bin", src)
+    np.testing.assert_array_equal(hb.experts["activations"], ha.experts["activations"])
+    np.testing.assert_array_equal(hb_src.experts["activations"], ha.experts["activations"])
+    kept = {(la, int(e)) for la, es in ids.items() for e in es}
+    dropped_rows = hb.experts[[(int(la), int(e)) not in kept for la, e in zip(hb.experts["layer"], hb.experts["expert"])]]
+    assert (dropped_rows["bytes_per_activation"] == 0).all() and (dropped_rows["activations"] == 0).all()
+    sa, sb = (run_cli("stats", tmp_path / t, "--format", "csv") for t in ("a.bin", "b.bin"))
+    assert sa.rc == sb.rc == 0 and sa.out == sb.out
+    d = run_cli("diff", tmp_path / "a.bin", tmp_path / "b.bin", "--format", "json")
+    assert d.rc == 0, d.err
+    assert json.loads(d.out)["overall_js_divergence"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_reap_half_runs_and_never_selects_removed(tmp_path: Path, run_cli: Callable[..., CliResult],
+                                                  arch: str) -> None:
+    src = tinymodel.make_tiny_model(tmp_path / "src.gguf", arch=arch, seed=5)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": "ok then, " * 3}) + "\n"
+                            for p in ("def f(x): return x", "Tell me a story about a fox.", "2+2=4", "Bonjour")))
+    r = run_cli("profile", src, "--jsonl", data, "-o", tmp_path / "stats.json", "--no-progress")
+    assert r.rc == 0, r.err
+    r = run_cli("prune", src, "--plan", tmp_path / "stats.json", "--keep-fraction", "0.5", "-o", tmp_path / "p.gguf")
+    assert r.rc == 0, r.err
+    pruned = tmp_path / "p.gguf"
+    ids = assert_pruned_correctly(src, pruned)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    for entry in stats["layers"]:  # the kept ones are the highest-REAP experts
+        reap = np.asarray(entry["reap"])
+        kept = ids[entry["layer"]]
+        assert len(kept) == 8 and reap[kept].min() >= np.sort(reap)[::-1][7]
+    r = run_cli("capture", pruned, "--prompt", "Once upon a time", "-n", "24", "-o", tmp_path / "b.bin")
+    assert r.rc == 0, r.err
+    tb = read_trace(tmp_path / "b.bin")
+    assert ((tb.phase == 1) & (tb.layer == 0)).sum() == 24  # it generated 24 tokens
+    assert tb.experts.max() < 8
+    assert tb.header.meta["prune"]["source"] == "src.gguf"
+    for layer, kept in ids.items():
+        removed = np.setdiff1d(np.arange(16), kept)
+        lut = np.asarray(kept)
+        assert not np.isin(lut[tb.experts[tb.layer == layer]], removed).any()
+    heat = join(tmp_path / "b.bin", pruned).experts  # original ids: only kept ones are ever active
+    active = heat[heat["activations"] > 0]
+    assert all(int(e) in set(ids[int(la)].tolist()) for la, e in zip(active["layer"], active["expert"]))
