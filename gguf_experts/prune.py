@@ -25,7 +25,7 @@ from .errors import GGUFFormatError, InputError, ModelMismatchError
 from .gguf_file import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, Model, TensorInfo, ValueType
 from .gguf_stream import RangeCopier, TensorEntry, encode_header, encode_kv, source_kv_entries
 from .layout import kind_of, split_name
-from .prune_map import PREFIX, PruneMapping, mapping_of
+from .prune_map import PREFIX, mapping_of
 
 BY = ("reap", "frequency", "never-used")
 
@@ -443,6 +443,20 @@ def _split(tensors: list[OutTensor], max_size: int | None) -> list[list[OutTenso
     return shards
 
 
+def check_output(model: Model, plan: PrunePlan, out: str | os.PathLike[str], split_max_size: int | None = None
+                 ) -> list[Path]:
+    """The output path(s), refused where one is a file of the source model (never written)."""
+    out = Path(out)
+    paths = shard_names(out, len(_split(out_tensors(model, plan), split_max_size)))
+    sources = {s.path.resolve() for s in model.shards}
+    for p in paths:
+        if p.resolve() in sources:
+            raise InputError(f"-o {p}: that is the source model; the model file is never written: pick another -o")
+        if not p.parent.is_dir():
+            raise InputError(f"-o {p}: the folder {p.parent} does not exist; create it or pick another -o")
+    return paths
+
+
 @dataclass
 class PruneResult:
     paths: list[Path]
@@ -455,15 +469,10 @@ class PruneResult:
 def write_pruned(model: Model, plan: PrunePlan, out: str | os.PathLike[str], split_max_size: int | None = None,
                  progress: Callable[[int], None] | None = None) -> PruneResult:
     """Write the pruned model (temp files renamed into place when all are complete); the source is only read."""
-    out = Path(out)
     routing = routing_semantics(model)
     tensors = out_tensors(model, plan)
     shards = _split(tensors, split_max_size)
-    paths = shard_names(out, len(shards))
-    sources = {s.path.resolve() for s in model.shards}
-    for p in paths:
-        if p.resolve() in sources:
-            raise InputError(f"-o {p}: that is the source model; the model file is never written: pick another -o")
+    paths = check_output(model, plan, out, split_max_size)
     for t in tensors:
         sh = model.shards[t.source.shard]
         if t.source.offset + t.source.nbytes > sh.file_size:
@@ -593,6 +602,3 @@ def dry_run(model: Model, plan: PrunePlan, trace: str | os.PathLike[str] | None 
         bytes_per_token_after=ptb["nonexpert_bytes_per_token"] - router_saved + k * kept_mean)
     return rows, summary
 
-
-__all__ = ["BY", "DropList", "PruneMapping", "PrunePlan", "PruneResult", "Routing", "Scores", "build_plan", "dry_run",
-           "moe_layers", "out_tensors", "read_plan_file", "routing_semantics", "trace_scores", "write_pruned"]

@@ -167,3 +167,42 @@ def test_group_limited_routing(tmp_path: Path, run_cli: Callable[..., CliResult]
     assert r.rc == 0, r.err
     assert "group selection" in r.err  # the warning that selection can still change
     assert_pruned_correctly(src, tmp_path / "o.gguf")
+
+
+def test_progress_bar_in_a_terminal(tmp_path: Path) -> None:
+    """Run in a real pty (stderr a TTY): the progress bar is drawn and the command succeeds."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    src = moe_model(tmp_path / "src.gguf")
+    plan = drops_csv(tmp_path / "drop.csv", {1: [0], 2: [1]})
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    try:
+        p = subprocess.run([sys.executable, "-m", "gguf_experts", "prune", str(src), "--plan", str(plan), "-o",
+                            str(tmp_path / "out.gguf")], stdin=slave, stdout=subprocess.PIPE, stderr=slave,
+                           timeout=120)
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child side is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert p.returncode == 0, seen.decode(errors="replace")
+    assert b"prune" in seen and b"100%" in seen, seen
+    assert b"wrote" in p.stdout
+    assert_pruned_correctly(src, tmp_path / "out.gguf")

@@ -77,15 +77,19 @@ def _plan(args: argparse.Namespace, model: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from ..gguf_file import open_model
-    from ..prune import dry_run, write_pruned
+    from ..prune import check_output, dry_run, write_pruned
 
     model = open_model(args.model)
     plan = _plan(args, model)
     split = parse_size(args.split_max_size)
-    rows, summary = dry_run(model, plan, args.trace)
     if not args.dry_run:
         if not args.output:
             raise InputError("prune: give the output with -o OUT.gguf (or pass --dry-run)")
+        check_output(model, plan, args.output, split)
+    rows, summary = dry_run(model, plan, args.trace)
+    if summary["routing_changes"]:
+        print(f"warning: {summary['routing']}", file=sys.stderr)
+    if not args.dry_run:
         bar = None
         if not args.no_progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -97,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.close()
         summary.update(written=[str(p) for p in res.paths], bytes_written=res.bytes_written)
-    if summary["routing_changes"]:
-        print(f"warning: {summary['routing']}", file=sys.stderr)
     df = pd.DataFrame(rows)
 
     def text() -> str:
