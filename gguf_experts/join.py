@@ -222,7 +222,6 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     """
     from .gguf_file import Model, open_model
     from .layout import expert_slices
-
     from .prune_map import model_view, to_original
 
     m = model if isinstance(model, Model) else open_model(model)

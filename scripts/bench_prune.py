@@ -67,7 +67,7 @@ def time_cp(src: Path, dst: Path) -> float:
 
 
 def drop_csv(path: Path, n_layer: int, keep_fraction: float) -> Path:
-    drop = N_EXPERT - int(round(keep_fraction * N_EXPERT))
+    drop = N_EXPERT - round(keep_fraction * N_EXPERT)
     path.write_text("layer,expert\n" + "".join(f"{la},{e}\n" for la in range(n_layer)
                                               for e in range(0, 2 * drop, 2)))  # every other one: many runs
     return path

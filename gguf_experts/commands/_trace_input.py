@@ -35,7 +35,6 @@ def expert_bytes(model_path: str | None, header: TraceHeader, trace_name: str) -
     from ..gguf_file import open_model
     from ..join import check_model
     from ..layout import expert_bytes as eb_frame
-
     from ..prune_map import mapping_of
 
     model = open_model(model_path)

@@ -8,7 +8,14 @@ from typing import Any
 import pandas as pd
 
 from ..errors import InputError
-from ..reporters.tabular import FORMATS, Output, emit, frame_records, frame_to_table, human_bytes
+from ..reporters.tabular import (
+    FORMATS,
+    Output,
+    emit,
+    frame_records,
+    frame_to_table,
+    human_bytes,
+)
 
 NAME = "prune"
 HELP = "write a copy of a MoE model without some experts (by a REAP profile, a drop list, or use in a trace)"
@@ -77,7 +84,8 @@ def _plan(args: argparse.Namespace, model: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from ..gguf_file import open_model
-    from ..prune import check_output, dry_run, write_pruned
+    from ..prune import check_output, write_pruned
+    from ..prune_dry_run import dry_run
 
     model = open_model(args.model)
     plan = _plan(args, model)
@@ -105,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
     def text() -> str:
         s = summary
-        head = [f"{s['source']}: {s['architecture']}, {s['experts_before']} -> {s['experts_after']} experts per "
-                f"layer (top-{s['n_expert_used']}), {s['method']}; model {human_bytes(s['model_bytes_before'])} "
-                f"-> {human_bytes(s['model_bytes_after'])}", f"routing: {s['routing']}"]
+        head = [(f"{s['source']}: {s['architecture']}, {s['experts_before']} -> {s['experts_after']} experts per "
+                 f"layer (top-{s['n_expert_used']}), {s['method']}; model {human_bytes(s['model_bytes_before'])} "
+                 f"-> {human_bytes(s['model_bytes_after'])}"), f"routing: {s['routing']}"]
         if "trace" in s:
             head.append(f"{s['trace']}: {s['tokens']} tokens, {s['selections']} selections; "
                         f"{100 * s['dropped_selection_share']:.2f}% of selections hit dropped experts, "

@@ -16,10 +16,10 @@ from ..errors import InputError
 from ..gguf_file import Model, open_model
 from ..join import HeatResult, join
 from ..layout import byte_map
+from ..prune_map import to_original
 from ..reporters.html import ReportInput, write_html
 from ..reporters.tabular import FORMATS, Output, emit
 from ..trace.format import TraceData
-from ..prune_map import to_original
 from ..trace.reader import iter_trace_chunks, read_trace
 
 NAME = "report"

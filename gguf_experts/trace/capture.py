@@ -530,10 +530,9 @@ class Recorder:
                           seq_counter=self._seqs)
         try:
             if self.sink is None:
-                from .writer import TraceWriter
-
                 from ..gguf_file import open_model
                 from ..prune_map import META_KEY, mapping_of
+                from .writer import TraceWriter
 
                 meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
                         "n_ubatch": n_ubatch, "weights": self.weights,
