@@ -107,3 +107,17 @@ def test_reap_half_runs_and_never_selects_removed(tmp_path: Path, run_cli: Calla
     heat = join(tmp_path / "b.bin", pruned).experts  # original ids: only kept ones are ever active
     active = heat[heat["activations"] > 0]
     assert all(int(e) in set(ids[int(la)].tolist()) for la, e in zip(active["layer"], active["expert"]))
+
+
+def test_split_output_loads_in_llama_cpp(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    src = tinymodel.make_tiny_model(tmp_path / "src.gguf", arch="gpt-oss", seed=2, quant="Q8_0")
+    (tmp_path / "drop.csv").write_text("".join(f"{la},{e}\n" for la in range(4) for e in (la, la + 5)))
+    r = run_cli("prune", src, "--plan", tmp_path / "drop.csv", "-o", tmp_path / "p.gguf", "--split-max-size", "150K")
+    assert r.rc == 0, r.err
+    shards = sorted(tmp_path.glob("p-*-of-*.gguf"))
+    assert len(shards) >= 3
+    assert_pruned_correctly(src, shards[-1])
+    r = run_cli("capture", shards[0], "--prompt", "Hello", "-n", "4", "-o", tmp_path / "b.bin")  # llama.cpp loads it
+    assert r.rc == 0, r.err
+    tb = read_trace(tmp_path / "b.bin")
+    assert tb.experts.max() < 14 and ((tb.phase == 1) & (tb.layer == 0)).sum() == 4
