@@ -42,7 +42,7 @@ if has build && [ ! -x "$BIN/llama-bench" ]; then
   cmake -S .gpu/llama.cpp -B "$W/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=ON \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_APP=OFF -DGGML_NATIVE=ON \
     -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL >"$OUT/build.log" 2>&1 \
   && timeout "${BUILD_TIMEOUT:-420}" cmake --build "$W/build" -j "$(nproc)" --target llama llama-bench >>"$OUT/build.log" 2>&1 \
   || { el "BUILD FAILED"; tail -30 "$OUT/build.log"; exit 3; }
@@ -108,6 +108,7 @@ print("Once upon a time, in a land far away, there lived a")
 print(" ".join(f"def f{i}(x): return x * {i} + {i % 7}" for i in range(30)))
 EOF
   python3 scripts/gpu_selfcheck.py "$M" --prompts "$W/prompts.txt" -n 16 --ngl 0 99 2>&1 | grep -v "^llama\|^load" | tail -6
+  python3 scripts/gpu_agree.py "$M" --ngl 0 99 2>&1 | tee "$OUT/agree.md" | grep -v "^llama\|^load" | tail -60
 fi
 python3 scripts/gpu_big_table.py "$J" "$OUT/llama-bench.jsonl" 2>&1 | tee "$OUT/table.md"
 el "done"

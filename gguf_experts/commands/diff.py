@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.diff import ShareDiff, diff_frames, share_diff, top_changes
-from ..errors import ModelMismatchError
+from ..fingerprint import check_same_model
 from ..join import count_chunks, join
 from ..prune_map import to_original, translate_header
 from ..reporters.tabular import (
@@ -53,11 +53,7 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], model: str | N
         return diff_frames(ha.experts, hb.experts, ha.layers, hb.layers)
     # traces of a pruned model compare in the original model's ids (prune_map)
     fa, fb = (translate_header(read_trace_header(p)).fingerprint for p in (a, b))
-    fields = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
-    bad = [f"{f}: {getattr(fa, f)!r} vs {getattr(fb, f)!r}" for f in fields if getattr(fa, f) != getattr(fb, f)]
-    if bad:
-        raise ModelMismatchError(f"{a} and {b} were captured from different models ({', '.join(bad)}); "
-                                 "compare traces of one model")
+    check_same_model(fa, fb, str(a), str(b))
     (aa, ta), (ab, tb) = _counts(str(a)), _counts(str(b))
     return share_diff(aa, ab, tokens_a=ta, tokens_b=tb)
 

@@ -74,11 +74,10 @@ def frame_to_csv(df: pd.DataFrame) -> str:
 def frame_to_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
     if df.empty:
         return "(no rows)\n"
-    shown = df if max_rows is None or len(df) <= max_rows else df.head(max_rows)
-    text = shown.to_string(index=False)
-    if shown is not df:
-        text += f"\n... {len(df) - max_rows} more rows (use --format csv for all)"
-    return text + "\n"
+    if max_rows is None or len(df) <= max_rows:
+        return df.to_string(index=False) + "\n"
+    text = df.head(max_rows).to_string(index=False)
+    return text + f"\n... {len(df) - max_rows} more rows (use --format csv for all)\n"
 
 
 def human_bytes(n: float) -> str:
