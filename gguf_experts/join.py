@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_model
+from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_fingerprint, check_model
 from .trace.format import TraceData
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
 

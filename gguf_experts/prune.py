@@ -242,7 +242,7 @@ def _order(counts: np.ndarray, reap: np.ndarray | None) -> np.ndarray:
 def build_plan(model: Model, source: Scores | DropList, by: str | None = None, keep: int | None = None,
                keep_fraction: float | None = None) -> PrunePlan:
     """Validate a plan against the model and turn it into kept ids per MoE layer (equal counts)."""
-    from .layout import fingerprint
+    from .fingerprint import fingerprint
 
     n, k = model.expert_count, model.expert_used_count
     layers = moe_layers(model)
@@ -296,23 +296,9 @@ def _plan_from_drops(source: DropList, layers: list[int], n: int) -> dict[int, l
     return {layer: sorted(set(range(n)) - set(source.drop.get(layer, []))) for layer in layers}
 
 
-def _plan_from_scores(source: Scores, layers: list[int], n: int, k: int, by: str | None, keep: int | None,
-                      keep_fraction: float | None, model: Model) -> tuple[dict[int, list[int]], str]:
-    by = by or ("reap" if source.reap else "frequency")
-    if by not in BY:
-        raise InputError(f"--by {by}: choose one of {', '.join(BY)}")
-    if by == "reap" and not source.reap:
-        raise InputError(f"--by reap: {source.source} has no REAP scores (a trace has no expert output norms); "
-                         "run `gguf-experts profile` and pass its output with --plan, or use --by frequency")
-    extra = sorted(set(source.counts) - set(layers))
-    if extra:
-        raise InputError(f"{source.source}: has layer {extra[0]}, which is not a MoE layer of {model.path.name}; "
-                         "this plan was made for another model")
-    missing = [layer for layer in layers if layer not in source.counts]
-    if missing:
-        raise InputError(f"{source.source}: no data for MoE layer {missing[0]}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                         + "; profile or capture with every layer's outputs (e.g. longer prompts)")
+def _resolve_keep(source: Scores, layers: list[int], n: int, k: int, by: str, keep: int | None,
+                  keep_fraction: float | None) -> int:
+    """Experts to keep per layer from --keep / --keep-fraction (never-used: the fewest that keeps all used)."""
     if keep is not None and keep_fraction is not None:
         raise InputError("give --keep or --keep-fraction, not both")
     if keep_fraction is not None:
@@ -330,6 +316,27 @@ def _plan_from_scores(source: Scores, layers: list[int], n: int, k: int, by: str
         raise InputError(f"--by {by}: say how many experts to keep per layer with --keep N or --keep-fraction F")
     if not 0 < keep <= n:
         raise InputError(f"--keep {keep}: must be in 1..{n}")
+    return keep
+
+
+def _plan_from_scores(source: Scores, layers: list[int], n: int, k: int, by: str | None, keep: int | None,
+                      keep_fraction: float | None, model: Model) -> tuple[dict[int, list[int]], str]:
+    by = by or ("reap" if source.reap else "frequency")
+    if by not in BY:
+        raise InputError(f"--by {by}: choose one of {', '.join(BY)}")
+    if by == "reap" and not source.reap:
+        raise InputError(f"--by reap: {source.source} has no REAP scores (a trace has no expert output norms); "
+                         "run `gguf-experts profile` and pass its output with --plan, or use --by frequency")
+    extra = sorted(set(source.counts) - set(layers))
+    if extra:
+        raise InputError(f"{source.source}: has layer {extra[0]}, which is not a MoE layer of {model.path.name}; "
+                         "this plan was made for another model")
+    missing = [layer for layer in layers if layer not in source.counts]
+    if missing:
+        raise InputError(f"{source.source}: no data for MoE layer {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                         + "; profile or capture with every layer's outputs (e.g. longer prompts)")
+    keep = _resolve_keep(source, layers, n, k, by, keep, keep_fraction)
     groups = int(model.kv.get(f"{model.architecture}.expert_group_count", 0) or 0)
     plan: dict[int, list[int]] = {}
     for layer in layers:
@@ -403,7 +410,7 @@ def out_tensors(model: Model, plan: PrunePlan) -> list[OutTensor]:
 
 def output_kv(model: Model, plan: PrunePlan, routing: Routing) -> list[bytes]:
     """The source's metadata (raw) with expert_count changed, split keys removed and the mapping added."""
-    from .layout import fingerprint
+    from .fingerprint import fingerprint
 
     first = model.shards[0]
     bo = first.byteorder

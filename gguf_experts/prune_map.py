@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .gguf_file import Model
-    from .trace.format import ModelFingerprint, TraceData, TraceHeader
+    from .fingerprint import ModelFingerprint
+    from .trace.format import TraceData, TraceHeader
 
 PREFIX = "gguf_experts.prune."
 META_KEY = "prune"  # in a trace header's meta
@@ -48,7 +49,7 @@ class PruneMapping:
                    {int(k): np.asarray(v, np.int64) for k, v in d["original_ids"].items()})
 
     def source_fp(self) -> ModelFingerprint:
-        from .trace.format import ModelFingerprint
+        from .fingerprint import ModelFingerprint
 
         return ModelFingerprint.from_dict(self.source_fingerprint, where=f"prune mapping of {self.source}")
 
@@ -115,7 +116,7 @@ def to_original(chunks: Iterable[TraceData], model: Model | None = None) -> Iter
         return iter(())
     mapping = trace_mapping(first.header)
     if mapping is None and model is not None:
-        from .layout import fingerprint
+        from .fingerprint import fingerprint
 
         m = mapping_of(model.kv)
         if m is not None and fingerprint(model).tensor_digest == first.header.fingerprint.tensor_digest:
@@ -132,7 +133,7 @@ def translate_header(header: TraceHeader) -> TraceHeader:
 
 def model_view(model: Model) -> tuple[ModelFingerprint, PruneMapping | None]:
     """The fingerprint a translated trace is checked against, and the model's own mapping (if pruned)."""
-    from .layout import fingerprint
+    from .fingerprint import fingerprint
 
     m = mapping_of(model.kv)
     return (m.source_fp() if m is not None else fingerprint(model)), m

@@ -114,7 +114,8 @@ def main() -> int:
             print(f"model {size / 1e9:.2f} GB ({n_layer} MoE layers x {N_EXPERT} experts, Q8_0), keep "
                   f"{args.keep_fraction:.0%} of experts -> {written / 1e9:.2f} GB")
             print(f"  cp:    {cp:.2f} s ({size / cp / 1e9:.2f} GB/s written)  [runs: {cp1:.2f} s, {cp2:.2f} s]")
-            print(f"  prune: {dt:.2f} s ({written / dt / 1e9:.2f} GB/s written), peak RSS {rss[n_layer] / 2**20:.0f} MiB")
+            print(f"  prune: {dt:.2f} s ({written / dt / 1e9:.2f} GB/s written), "
+                  f"peak RSS {rss[n_layer] / 2**20:.0f} MiB")
             print(f"  throughput ratio prune/cp (bytes written per second): {(written / dt) / (size / cp):.2f}x; "
                   f"wall-time ratio cp/prune: {cp / dt:.2f}x")
             src.unlink()

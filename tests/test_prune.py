@@ -13,7 +13,7 @@ from prune_check import assert_pruned_correctly
 
 from gguf_experts.gguf_file import ValueType, open_model, read_header
 from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
-from gguf_experts.layout import fingerprint
+from gguf_experts.fingerprint import fingerprint
 from gguf_experts.prune_map import mapping_of
 
 N_EXPERT, K, EMBD, FF = 8, 2, 64, 64

@@ -67,7 +67,8 @@ def test_never_used_prune_keeps_routing_and_logits(tmp_path: Path, run_cli: Call
     np.testing.assert_array_equal(hb.experts["activations"], ha.experts["activations"])
     np.testing.assert_array_equal(hb_src.experts["activations"], ha.experts["activations"])
     kept = {(la, int(e)) for la, es in ids.items() for e in es}
-    dropped_rows = hb.experts[[(int(la), int(e)) not in kept for la, e in zip(hb.experts["layer"], hb.experts["expert"])]]
+    ex = hb.experts
+    dropped_rows = ex[[(int(la), int(e)) not in kept for la, e in zip(ex["layer"], ex["expert"])]]
     assert (dropped_rows["bytes_per_activation"] == 0).all() and (dropped_rows["activations"] == 0).all()
     sa, sb = (run_cli("stats", tmp_path / t, "--format", "csv") for t in ("a.bin", "b.bin"))
     assert sa.rc == sb.rc == 0 and sa.out == sb.out

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import TraceData, TraceHeader, check_fingerprint
+from ..fingerprint import check_fingerprint
+from ..trace.format import TraceData, TraceHeader
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
