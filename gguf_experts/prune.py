@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +382,9 @@ def is_per_expert(t: TensorInfo, plan: PrunePlan) -> bool:
     return True
 
 
+_LEGACY_EXPERT = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<ffn>ffn_gate|ffn_down|ffn_up)\.(?P<expert>\d+)\.weight$")
+
+
 @dataclass
 class OutTensor:
     entry: TensorEntry
@@ -392,6 +396,19 @@ def out_tensors(model: Model, plan: PrunePlan) -> list[OutTensor]:
     """Every tensor of the output, in source order, with the source byte runs its data is made of."""
     out = []
     for t in model.tensors:
+        legacy = _LEGACY_EXPERT.match(t.name)  # old Mixtral files: one 2-D tensor per expert
+        if legacy and int(legacy["layer"]) in plan.keep:
+            kept_ids = plan.keep[int(legacy["layer"])]
+            e = int(legacy["expert"])
+            if e >= plan.n_expert:
+                raise GGUFFormatError(f"{t.file}: tensor {t.name!r} names expert {e} of {plan.n_expert}; the file "
+                                      "is inconsistent")
+            pos = int(np.searchsorted(kept_ids, e))
+            if pos < len(kept_ids) and kept_ids[pos] == e:  # kept: renumbered to its place among the kept
+                name = f"blk.{legacy['layer']}.{legacy['ffn']}.{pos}.weight"
+                out.append(OutTensor(TensorEntry(name, tuple(t.ne), t.type.id, t.nbytes), t,
+                                     [(t.offset, 0, t.nbytes)]))
+            continue
         if not is_per_expert(t, plan):
             entry = TensorEntry(t.name, tuple(t.ne), t.type.id, t.nbytes)
             out.append(OutTensor(entry, t, [(t.offset, 0, t.nbytes)]))

@@ -15,13 +15,16 @@ from .prune import PrunePlan, out_tensors, routing_semantics
 
 
 def iter_layer_rows(model: Model, plan: PrunePlan) -> Iterator[dict[str, Any]]:
-    """Per MoE layer: kept and dropped ids, and the bytes of its per-expert tensors before and after."""
+    """Per MoE layer: kept and dropped ids, and the bytes of all the layer's tensors before and after."""
     before: dict[int, int] = {}
     after: dict[int, int] = {}
+    for src in model.tensors:
+        layer = split_name(src.name)[0]
+        if layer in plan.keep:
+            before[layer] = before.get(layer, 0) + src.nbytes
     for t in out_tensors(model, plan):
         layer = split_name(t.source.name)[0]
         if layer in plan.keep:
-            before[layer] = before.get(layer, 0) + t.source.nbytes
             after[layer] = after.get(layer, 0) + t.entry.nbytes
     for layer, kept in sorted(plan.keep.items()):
         yield {"layer": layer, "kept": len(kept), "dropped": plan.n_expert - len(kept),

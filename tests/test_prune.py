@@ -206,3 +206,87 @@ def test_progress_bar_in_a_terminal(tmp_path: Path) -> None:
     assert b"prune" in seen and b"100%" in seen, seen
     assert b"wrote" in p.stdout
     assert_pruned_correctly(src, tmp_path / "out.gguf")
+
+
+def test_legacy_per_expert_tensors_renumbered(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    """Old Mixtral files hold one 2-D tensor per expert (blk.L.ffn_gate.E.weight): dropped ones go, kept ones
+    are renumbered to their place among the kept, bytes unchanged."""
+    import ggml_ref
+
+    rng = np.random.default_rng(3)
+    kv = {"general.architecture": "llama", "general.name": "legacy", "llama.block_count": 1,
+          "llama.expert_count": 4, "llama.expert_used_count": 2}
+    t = [TensorSpec.make("token_embd.weight", (EMBD, 50), "F32"),
+         TensorSpec.make("blk.0.ffn_gate_inp.weight", (EMBD, 4), "F32")]
+    for e in range(4):
+        t += [TensorSpec.make(f"blk.0.{f}.{e}.weight", (EMBD, FF) if f != "ffn_down" else (FF, EMBD), "Q8_0")
+              for f in ("ffn_gate", "ffn_down", "ffn_up")]
+    src = write_gguf(tmp_path / "src.gguf", kv, [_data(rng, s) for s in t])
+    r = run_cli("prune", src, "--plan", drops_csv(tmp_path / "d.csv", {0: [1]}), "-o", tmp_path / "out.gguf")
+    assert r.rc == 0, r.err
+    out = open_model(tmp_path / "out.gguf")
+    ggml_ref.assert_matches_ggml(out.shards[0])
+    names = [x.name for x in out.tensors]
+    assert "blk.0.ffn_up.3.weight" not in names and out.expert_count == 3
+    s = open_model(src)
+    src_by = {x.name: x for x in s.tensors}
+    for new, old in ((0, 0), (1, 2), (2, 3)):
+        for f in ("ffn_gate", "ffn_down", "ffn_up"):
+            a = src_by[f"blk.0.{f}.{old}.weight"]
+            b = next(x for x in out.tensors if x.name == f"blk.0.{f}.{new}.weight")
+            assert Path(b.file).read_bytes()[b.offset:b.offset + b.nbytes] == \
+                Path(a.file).read_bytes()[a.offset:a.offset + a.nbytes]
+
+
+def test_prune_a_pruned_model_keeps_original_ids(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    src = moe_model(tmp_path / "src.gguf")
+    assert run_cli("prune", src, "--plan", drops_csv(tmp_path / "a.csv", {1: [0, 1], 2: [6, 7]}), "-o",
+                   tmp_path / "p1.gguf").rc == 0
+    # p1's experts 0..5 are the source's 2..7 (layer 1) and 0..5 (layer 2); drop p1's 0 and 5
+    r = run_cli("prune", tmp_path / "p1.gguf", "--plan", drops_csv(tmp_path / "b.csv", {1: [0, 5], 2: [0, 5]}),
+                "-o", tmp_path / "p2.gguf")
+    assert r.rc == 0, r.err
+    m = mapping_of(open_model(tmp_path / "p2.gguf").kv)
+    assert m is not None and m.source == "src.gguf" and m.source_n_expert == N_EXPERT
+    assert m.original_ids[1].tolist() == [3, 4, 5, 6] and m.original_ids[2].tolist() == [1, 2, 3, 4]
+    assert m.source_fp() == fingerprint(open_model(src))
+    assert_pruned_correctly(src, tmp_path / "p2.gguf")  # slices compared with the first source through the mapping
+
+
+@pytest.mark.parametrize(("arch", "extra", "warned"), [
+    ("qwen3moe", {}, False), ("llama", {}, False), ("gpt-oss", {}, False), ("qwen2moe", {}, True),
+    ("deepseek2", {"deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True}, False),
+    ("deepseek2", {"deepseek2.expert_gating_func": 1}, True),
+    ("deepseek2", {"deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True,
+                   "deepseek2.expert_group_count": 2, "deepseek2.expert_group_used_count": 1}, True),
+    ("mixtral-like-unknown", {}, True)])
+def test_routing_semantics_stated(tmp_path: Path, run_cli: Callable[..., CliResult], arch: str,
+                                  extra: dict[str, Any], warned: bool) -> None:
+    src = moe_model(tmp_path / "src.gguf", arch=arch, extra_kv=extra)
+    r = run_cli("prune", src, "--plan", drops_csv(tmp_path / "a.csv", {1: [0, 7], 2: [0, 7]}), "-o",
+                tmp_path / "o.gguf")
+    assert r.rc == 0, r.err
+    assert ("warning:" in r.err) == warned, r.err
+    routing = open_model(tmp_path / "o.gguf").kv["gguf_experts.prune.routing"]
+    assert routing.startswith(arch)
+    if not warned:
+        assert "same experts with the same gate weights" in routing or "unchanged" in routing
+
+
+def test_big_endian_source(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    rng = np.random.default_rng(1)
+    kv = {"general.architecture": "qwen3moe", "qwen3moe.block_count": 1, "qwen3moe.expert_count": 4,
+          "qwen3moe.expert_used_count": 2, "tokenizer.ggml.scores": np.arange(100, dtype=np.float32)}
+    t = [_data(rng, TensorSpec.make("blk.0.ffn_gate_inp.weight", (EMBD, 4), "F32")),
+         _data(rng, TensorSpec.make("blk.0.ffn_up_exps.weight", (EMBD, FF, 4), "Q8_0"))]
+    src = write_gguf(tmp_path / "be.gguf", kv, t, byteorder=">")
+    assert run_cli("prune", src, "--plan", drops_csv(tmp_path / "a.csv", {0: [2]}), "-o", tmp_path / "o.gguf").rc == 0
+    h = read_header(tmp_path / "o.gguf")
+    assert h.byteorder == ">" and h.kv["qwen3moe.expert_count"] == 3
+    assert list(h.kv["tokenizer.ggml.scores"].load()[:3]) == [0.0, 1.0, 2.0]
+    assert h.kv["gguf_experts.prune.original_ids.0"] == [0, 1, 3]
+    up = next(x for x in h.tensors if x.name == "blk.0.ffn_up_exps.weight")
+    slab = up.nbytes // 3
+    raw = (tmp_path / "o.gguf").read_bytes()[up.offset:up.offset + up.nbytes]
+    src_raw = t[1].data
+    assert raw == src_raw[:2 * slab] + src_raw[3 * slab:4 * slab]  # type: ignore[index]

@@ -122,3 +122,40 @@ def test_split_output_loads_in_llama_cpp(tmp_path: Path, run_cli: Callable[..., 
     assert r.rc == 0, r.err
     tb = read_trace(tmp_path / "b.bin")
     assert tb.experts.max() < 14 and ((tb.phase == 1) & (tb.layer == 0)).sum() == 4
+
+
+def test_dry_run_numbers_from_the_trace(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    """--dry-run --by frequency --keep 8: the shares it prints equal a direct count over the trace's rows."""
+    src = tinymodel.make_tiny_model(tmp_path / "src.gguf", arch="qwen3moe", seed=4)
+    r = run_cli("capture", src, "--prompt", "The quick brown fox jumps over the lazy dog. def f(x): return x",
+                "-n", "16", "-o", tmp_path / "a.bin")
+    assert r.rc == 0, r.err
+    r = run_cli("prune", src, "--by", "frequency", "--trace", tmp_path / "a.bin", "--keep", "8", "--dry-run",
+                "--format", "json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    assert not list(tmp_path.glob("*.gguf"))[1:]  # nothing written
+    ta = read_trace(tmp_path / "a.bin")
+    counts = np.zeros((4, 16), np.int64)
+    np.add.at(counts, (np.repeat(ta.layer, 4), ta.experts.ravel()), 1)
+    dropped = np.zeros((4, 16), bool)
+    hits = 0
+    changed_tokens: set[tuple[int, int]] = set()
+    for row in doc["layers"]:
+        la = row["layer"]
+        kept = [int(x) for x in row["kept_ids"].split()]
+        # the 8 most selected (ties: lower id)
+        order = sorted(range(16), key=lambda e: (-counts[la, e], e))
+        assert sorted(order[:8]) == kept
+        dropped[la] = ~np.isin(np.arange(16), kept)
+        sel = ta.layer == la
+        hit = dropped[la][ta.experts[sel]]
+        assert row["dropped_selection_share"] == pytest.approx(hit.sum() / hit.size)
+        assert row["changed_token_share"] == pytest.approx(hit.any(axis=1).mean())
+        hits += int(hit.sum())
+        changed_tokens |= {(int(s), int(p)) for s, p in zip(ta.seq[sel][hit.any(axis=1)], ta.pos[sel][hit.any(axis=1)])}
+    assert doc["dropped_selection_share"] == pytest.approx(hits / ta.experts.size)
+    n_tok = int((ta.layer == 0).sum())
+    assert doc["changed_token_share"] == pytest.approx(len(changed_tokens) / n_tok)
+    assert 0 < doc["dropped_selection_share"] < 1
+    assert doc["model_bytes_after"] < doc["model_bytes_before"] and doc["experts_after"] == 8
