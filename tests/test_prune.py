@@ -290,3 +290,35 @@ def test_big_endian_source(tmp_path: Path, run_cli: Callable[..., CliResult]) ->
     raw = (tmp_path / "o.gguf").read_bytes()[up.offset:up.offset + up.nbytes]
     src_raw = t[1].data
     assert raw == src_raw[:2 * slab] + src_raw[3 * slab:4 * slab]  # type: ignore[index]
+
+
+def test_report_of_a_pruned_models_trace_in_a_browser(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+    """report --model PRUNED: heat in original ids, the strip maps each slot of a tensor to its original expert."""
+    from gguf_experts.reporters.chromium import find_chromium, render_page
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    from test_report import tiny_model
+    from test_report_browser import PROBE
+
+    from gguf_experts.commands.report import build_report, write_report
+    from gguf_experts.trace.writer import TraceWriter
+
+    src = tiny_model(tmp_path / "m.gguf")
+    r = run_cli("prune", src, "--plan", drops_csv(tmp_path / "d.csv", {1: [0, 3], 2: [2, 5]}), "-o",
+                tmp_path / "p.gguf")
+    assert r.rc == 0, r.err
+    pruned = tmp_path / "p.gguf"
+    rng = np.random.default_rng(0)
+    with TraceWriter(tmp_path / "t.bin", fingerprint(open_model(pruned)), {}) as w:  # a trace of the pruned model
+        for layer in (1, 2):
+            e = np.argsort(rng.random((30, 6)), axis=1)[:, :2].astype(np.int32)
+            w.write(0, 0, layer, np.arange(30), np.zeros(30, np.int32), e, None)
+    inp = build_report([tmp_path / "t.bin"], pruned)
+    ex = inp.heat.experts
+    assert set(ex[ex["activations"] > 0]["expert"][ex["layer"] == 1]) == {1, 2, 4, 5, 6, 7}  # original ids
+    write_report(tmp_path / "r.html", inp)
+    res = render_page(tmp_path / "r.html", probe=PROBE, width=1280, height=900, screenshot=False)
+    assert res.rendered and res.errors == [], res.errors
+    tip = res.probe["heatTip"]  # layer 1, expert 5 (kept, slot 3 of the pruned tensors)
+    assert tip.startswith("layer 1  expert 5") and "blk.1.ffn_down_exps.weight[3]" in tip, tip

@@ -62,14 +62,15 @@ def _name(trace: str | os.PathLike[str] | TraceData, i: int) -> str:
 
 
 def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, opt: bool = True,
-                 opt_max_rows: int = OPT_MAX_ROWS) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+                 opt_max_rows: int = OPT_MAX_ROWS, model: Model | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(miss-ratio curves: LRU and OPT at every capacity, one pass each; working sets; notes) of one trace."""
     from ..analysis.cache import LayerLRU
     from ..analysis.opt import opt_curves
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)
-    for chunk in to_original(chunks):  # a trace of a pruned model: in the original ids, as the heat is
+    for chunk in to_original(chunks, model):  # a trace of a pruned model: in the original ids, as the heat
         fp = chunk.header.fingerprint
         if lru is None:
             lru = LayerLRU(fp.n_layer, fp.n_expert, fp.n_expert_used,
@@ -87,7 +88,7 @@ def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, op
         opt = False
     if opt:
         td = trace if isinstance(trace, TraceData) else read_trace(trace)
-        td = next(to_original([td]))
+        td = next(to_original([td], model))
         fp = td.header.fingerprint
         curves.append(opt_curves(td.layer, td.experts, fp.n_layer, fp.n_expert,
                                  expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))
@@ -108,7 +109,7 @@ def build_report(traces: Sequence[str | os.PathLike[str] | TraceData], model: st
     sources = [names[i] if isinstance(t, TraceData) else Path(t).name for i, t in enumerate(traces)]
     inp = ReportInput(heat=heats[0], tensors=byte_map(m), sources=sources, labels=(names[0], names[-1]))
     if cache:
-        inp.curves, inp.working_set, inp.notes = cache_tables(traces[0], heats[0], opt=opt)
+        inp.curves, inp.working_set, inp.notes = cache_tables(traces[0], heats[0], opt=opt, model=m)
     if len(heats) == 2:
         inp.diff = diff_frames(heats[0].experts, heats[1].experts, heats[0].layers, heats[1].layers)
     return inp
