@@ -251,8 +251,9 @@ def build_plan(model: Model, source: Scores | DropList, by: str | None = None, k
         raise InputError(f"{model.path}: not a Mixture-of-Experts model (no expert_count or no ffn_gate_inp "
                          "tensors); nothing to prune")
     if isinstance(source, DropList):
-        if keep is not None or keep_fraction is not None:
-            raise InputError("--keep/--keep-fraction do not apply to a CSV of experts to drop")
+        if keep is not None or keep_fraction is not None or by is not None:
+            raise InputError("--by/--keep/--keep-fraction do not apply to a CSV of experts to drop (it says "
+                             "exactly which go); drop them, or pass a profile JSON or a trace instead")
         plan = _plan_from_drops(source, layers, n)
         method = "drop list"
     else:
@@ -489,6 +490,8 @@ def check_output(model: Model, plan: PrunePlan, out: str | os.PathLike[str], spl
     for p in paths:
         if p.resolve() in sources:
             raise InputError(f"-o {p}: that is the source model; the model file is never written: pick another -o")
+        if p.is_dir():
+            raise InputError(f"-o {p}: is a directory; give a file name such as {p / 'pruned.gguf'}")
         if not p.parent.is_dir():
             raise InputError(f"-o {p}: the folder {p.parent} does not exist; create it or pick another -o")
     return paths
@@ -520,35 +523,48 @@ def write_pruned(model: Model, plan: PrunePlan, out: str | os.PathLike[str], spl
     bo, version, alignment = first.byteorder, first.version, model.alignment
     copier = RangeCopier(progress)
     written = copied = 0
-    with contextlib.ExitStack() as stack:
-        src_fds = [_open_ro(stack, s.path) for s in model.shards]
-        for i, (chunk, path) in enumerate(zip(shards, paths)):
-            entries = list(kv) if i == 0 else []
-            if i > 0 and alignment != 32:
-                entries.append(encode_kv("general.alignment", ValueType.UINT32, alignment, bo))
-            if len(shards) > 1:
-                entries += [encode_kv(SPLIT_NO, ValueType.UINT16, i, bo),
-                            encode_kv(SPLIT_COUNT, ValueType.UINT16, len(shards), bo),
-                            encode_kv(SPLIT_TENSORS, ValueType.INT32, len(tensors), bo)]
-            head, rel, data_start = encode_header(entries, [t.entry for t in chunk], alignment, version, bo)
-            tmp = stack.enter_context(atomic_path(path))
-            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-            try:
-                os.pwrite(fd, head.ljust(data_start, b"\0"), 0)
-                end = data_start
-                for t, r in zip(chunk, rel):
-                    base = data_start + r
-                    for src_off, dst_off, length in t.runs:
-                        copier.copy(src_fds[t.source.shard], src_off, fd, base + dst_off, length,
-                                    where=str(model.shards[t.source.shard].path))
-                        copied += length
-                    end = base + t.entry.nbytes
-                os.ftruncate(fd, end)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            written += end
+    try:
+        with contextlib.ExitStack() as stack:
+            src_fds = [_open_ro(stack, s.path) for s in model.shards]
+            for i, (chunk, path) in enumerate(zip(shards, paths)):
+                entries = list(kv) if i == 0 else []
+                if i > 0 and alignment != 32:
+                    entries.append(encode_kv("general.alignment", ValueType.UINT32, alignment, bo))
+                if len(shards) > 1:
+                    entries += [encode_kv(SPLIT_NO, ValueType.UINT16, i, bo),
+                                encode_kv(SPLIT_COUNT, ValueType.UINT16, len(shards), bo),
+                                encode_kv(SPLIT_TENSORS, ValueType.INT32, len(tensors), bo)]
+                head, rel, data_start = encode_header(entries, [t.entry for t in chunk], alignment, version, bo)
+                tmp = stack.enter_context(atomic_path(path))
+                end, n = _write_shard(tmp, head, data_start, chunk, rel, src_fds, copier, model)
+                written += end
+                copied += n
+    except OSError as e:  # e.g. a full disk: the temp files are gone, the source untouched
+        raise InputError(f"-o {paths[0]}: writing failed ({e.strerror or e}); free space or pick another -o"
+                         ) from None
     return PruneResult(paths, written, copied, routing, plan.method)
+
+
+def _write_shard(tmp: Path, head: bytes, data_start: int, chunk: list[OutTensor], rel: list[int],
+                 src_fds: list[int], copier: RangeCopier, model: Model) -> tuple[int, int]:
+    """Header, then each tensor's runs copied at its aligned offset; returns (file size, bytes copied)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+    copied = 0
+    try:
+        os.pwrite(fd, head.ljust(data_start, b"\0"), 0)
+        end = data_start
+        for t, r in zip(chunk, rel):
+            base = data_start + r
+            for src_off, dst_off, length in t.runs:
+                copier.copy(src_fds[t.source.shard], src_off, fd, base + dst_off, length,
+                            where=str(model.shards[t.source.shard].path))
+                copied += length
+            end = base + t.entry.nbytes
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return end, copied
 
 
 def _open_ro(stack: contextlib.ExitStack, path: Path) -> int:

@@ -322,3 +322,22 @@ def test_report_of_a_pruned_models_trace_in_a_browser(tmp_path: Path, run_cli: C
     assert res.rendered and res.errors == [], res.errors
     tip = res.probe["heatTip"]  # layer 1, expert 5 (kept, slot 3 of the pruned tensors)
     assert tip.startswith("layer 1  expert 5") and "blk.1.ffn_down_exps.weight[3]" in tip, tip
+
+
+def test_write_failure_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A write that fails midway (here: a file size limit, as a full disk would) gives exit 2, one line on
+    stderr, no temp file and no output."""
+    import subprocess
+    import sys
+
+    src = moe_model(tmp_path / "src.gguf")
+    plan = drops_csv(tmp_path / "drop.csv", {1: [0], 2: [1]})
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+            "from gguf_experts.cli import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "prune", str(src), "--plan", str(plan), "-o",
+                        str(tmp_path / "out.gguf")], capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = [x for x in p.stderr.splitlines() if "warning" not in x]
+    assert len(lines) == 1 and "writing failed" in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["drop.csv", "src.gguf"]

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(model, plan, args.output, split)
     rows, summary = dry_run(model, plan, args.trace)
     if summary["routing_changes"]:
-        print(f"warning: {summary['routing']}", file=sys.stderr)
+        print(f"gguf-experts: warning: {summary['routing']}", file=sys.stderr)
     if not args.dry_run:
         bar = None
         if not args.no_progress and sys.stderr.isatty():
