@@ -5,8 +5,6 @@ import argparse
 import sys
 from typing import Any
 
-import pandas as pd
-
 from ..errors import InputError
 from ..reporters.tabular import (
     FORMATS,
@@ -109,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.close()
         summary.update(written=[str(p) for p in res.paths], bytes_written=res.bytes_written)
+    import pandas as pd  # here, not at import time: cli imports every command to build its parser
+
     df = pd.DataFrame(rows)
 
     def text() -> str:
