@@ -125,6 +125,14 @@ def to_original(chunks: Iterable[TraceData], model: Model | None = None) -> Iter
     return mapping.translate(rest) if mapping is not None else rest
 
 
+def original_input(inp: Any) -> Any:
+    """A formats.Input with an ordered trace of a pruned model (mapping in its header) in original ids."""
+    if inp.header is not None and inp.chunks is not None and trace_mapping(inp.header) is not None:
+        inp.header = translate_header(inp.header)
+        inp.chunks = to_original(inp.chunks)
+    return inp
+
+
 def translate_header(header: TraceHeader) -> TraceHeader:
     """The header as the translated chunks carry it (source fingerprint for a trace of a pruned model)."""
     m = trace_mapping(header)

@@ -102,8 +102,9 @@ def emit(output: Output, fmt: str, path: str | None) -> None:
     write_text(output.render(fmt), path)
 
 
-def add_output_options(parser: Any, default: str = "csv") -> None:
-    parser.add_argument("--format", "-f", choices=FORMATS, default=default,
-                        help=f"output format (default: {default})")
+def add_output_options(parser: Any, default: str = "csv", extra: tuple[str, ...] = (), extra_help: str = "") -> None:
+    """--format (csv/json/table, plus a command's own ``extra`` formats) and -o."""
+    parser.add_argument("--format", "-f", choices=FORMATS + tuple(extra), default=default,
+                        help=f"output format (default: {default}){extra_help}")
     parser.add_argument("-o", "--output", metavar="FILE", default=None,
                         help="write to FILE (atomically: temp file, then rename) instead of stdout")
