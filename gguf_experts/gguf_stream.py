@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GGUFFormatError
-from .gguf_file import _SCALAR, GGUF_MAGIC, GGUFHeader, ValueType, _Parser
+from .gguf_file import GGUF_MAGIC, SCALAR_FORMATS, GGUFHeader, ValueType, _Parser
 
 COPY_CHUNK = 64 << 20  # bytes per copy call: big enough for throughput, small enough for a smooth progress bar
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
@@ -65,8 +65,8 @@ def encode_kv(key: str, vtype: ValueType, value: Any, byteorder: str = "<",
     e = _Enc(byteorder)
     e.string(key)
     e.pack("I", int(vtype))
-    if vtype in _SCALAR:
-        e.pack(_SCALAR[vtype][0], value)
+    if vtype in SCALAR_FORMATS:
+        e.pack(SCALAR_FORMATS[vtype][0], value)
     elif vtype == ValueType.STRING:
         e.string(str(value))
     elif vtype == ValueType.ARRAY:
@@ -75,8 +75,8 @@ def encode_kv(key: str, vtype: ValueType, value: Any, byteorder: str = "<",
         items = list(value)
         e.pack("I", int(element_type))
         e.pack("Q", len(items))
-        if element_type in _SCALAR:
-            e.parts.append(np.asarray(items).astype(byteorder + _SCALAR[element_type][1]).tobytes())
+        if element_type in SCALAR_FORMATS:
+            e.parts.append(np.asarray(items).astype(byteorder + SCALAR_FORMATS[element_type][1]).tobytes())
         elif element_type == ValueType.STRING:
             for s in items:
                 e.string(str(s))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
 
 from ..atomic import atomic_write
 from ..errors import InputError
@@ -166,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.input} is already a trace; nothing to convert")
     else:
         info = _convert(args, fmt_in, to)
-    emit(Output(pd.DataFrame([info]), document=info,
+    emit(Output({k: [v] for k, v in info.items()}, document=info,
                 text=f"{info['direction']}: {info['rows']} rows, {info['input']} -> {info['output']}\n"),
          args.format, args.output)
     return 0
