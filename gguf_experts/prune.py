@@ -275,7 +275,9 @@ def build_plan(model: Model, source: Scores | DropList, by: str | None = None, k
         raise InputError(f"{source.source}: keeps {n_keep} experts per layer, fewer than expert_used_count {k} "
                          f"(llama.cpp selects {k} per token); keep at least {k}")
     if n_keep == n:
-        raise InputError(f"{source.source}: the plan drops no experts; nothing to prune")
+        raise InputError(f"{source.source}: the plan drops no experts (every expert is selected in some layer, "
+                         "or the drop list is empty); nothing to prune: use --by frequency --keep N to drop the "
+                         "least selected ones")
     _check_groups(model, plan, n)
     return PrunePlan(n, {layer: np.asarray(sorted(v), np.int64) for layer, v in plan.items()}, method, source.source)
 
