@@ -72,7 +72,7 @@ def _plan(args: argparse.Namespace, model: Any) -> Any:
 
     if args.plan is not None:
         source = read_plan_file(args.plan, model)
-    elif args.trace is not None and args.by is not None:
+    elif args.trace is not None:
         source = trace_scores(args.trace, model)
     else:
         raise InputError("say which experts to drop: --plan FILE, or --by frequency|never-used --trace T.bin "
