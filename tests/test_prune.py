@@ -135,6 +135,17 @@ def test_refusals(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
     _refuse(run_cli("prune", src, "--plan", drops_csv(tmp_path / "e.csv", {1: [0], 2: [0]}), "-o", src),
             "never written")
     _refuse(run_cli("prune", src, "-o", out), "--plan")
+    from gguf_experts.trace.writer import TraceWriter
+
+    for name, model in (("other.bin", other), ("own.bin", src)):
+        with TraceWriter(tmp_path / name, fingerprint(open_model(model)), {}) as w:
+            w.write(0, 0, 1, np.arange(4), np.zeros(4, np.int32), np.tile(np.arange(K, dtype=np.int32), (4, 1)), None)
+    _refuse(run_cli("prune", src, "--by", "frequency", "--trace", tmp_path / "other.bin", "--keep", "4", "-o", out),
+            "was not captured from")
+    _refuse(run_cli("prune", src, "--by", "reap", "--trace", tmp_path / "own.bin", "--keep", "4", "-o", out),
+            "no REAP scores", "gguf-experts profile")
+    _refuse(run_cli("prune", src, "--by", "frequency", "--trace", tmp_path / "own.bin", "--keep", "4", "-o", out),
+            "no data for MoE layer 2")
     assert not out.exists()
 
 
