@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InputError
+from ..fingerprint import check_fingerprint
 from ..formats import Input, open_input
 from ..trace.format import ModelFingerprint, TraceData, TraceHeader
 
@@ -24,15 +25,18 @@ def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False
 
 
 def open_any(path: str, model: str | None = None, max_rows: int = DEFAULT_CHUNK_ROWS) -> Input:
-    """Any supported input: an ordered trace (chunks) or counts (see gguf_experts.formats)."""
-    return open_input(path, model, max_rows=max_rows)
+    """Any supported input: an ordered trace (chunks) or counts (see gguf_experts.formats); a trace of a
+    pruned model is given in the original model's expert ids (prune_map)."""
+    from ..prune_map import original_input
+
+    return original_input(open_input(path, model, max_rows=max_rows))
 
 
 def open_trace(path: str, max_rows: int = DEFAULT_CHUNK_ROWS, model: str | None = None
                ) -> tuple[TraceHeader, Iterator[TraceData]]:
     """The header, and the chunks (bounded memory for trace.bin). Count-only inputs are refused with the
     reason (NeedsTraceError): the caller replays tokens in order."""
-    inp = open_input(path, model, max_rows=max_rows)
+    inp = open_any(path, model, max_rows=max_rows)
     inp.require_order()
     assert inp.header is not None and inp.chunks is not None
     return inp.header, inp.chunks
@@ -49,14 +53,21 @@ def expert_bytes(model_path: str | None, header: TraceHeader | ModelFingerprint,
     from ..join import check_model
     from ..layout import expert_bytes as eb_frame
     from ..layout import fingerprint
+    from ..prune_map import mapping_of
 
     model = open_model(model_path)
     fp = header.fingerprint if isinstance(header, TraceHeader) else header
-    if fp.tensor_digest:
+    pruned = mapping_of(model.kv)
+    if pruned is not None and fp.tensor_digest:  # a pruned model: bytes of the kept experts, original ids
+        check_fingerprint(fp, pruned.source_fp(), trace_name=trace_name, model_name=model_path)
+    elif fp.tensor_digest:
         check_model(fp, model, trace_name)
     else:
         fingerprint_for(trace_name, fingerprint(model), fp.n_layer, fp.n_expert, fp.n_expert_used)
     df = eb_frame(model)
+    if pruned is not None and fp.tensor_digest and len(df):
+        df = df.assign(expert=pruned.lut(int(df["layer"].max()) + 1)[df["layer"].to_numpy(np.int64),
+                                                                      df["expert"].to_numpy(np.int64)])
     out = np.zeros((max(fp.n_layer, model.block_count), fp.n_expert), np.float64)
     if len(df):
         out[df["layer"].to_numpy(np.int64), df["expert"].to_numpy(np.int64)] = df["bytes"].to_numpy(np.float64)

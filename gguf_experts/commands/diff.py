@@ -13,6 +13,7 @@ from ..errors import ModelMismatchError
 from ..fingerprint import check_same_model
 from ..formats import Input, open_input
 from ..join import join
+from ..prune_map import original_input
 from ..reporters.tabular import (
     Output,
     add_output_options,
@@ -58,7 +59,7 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], model: str | N
     if model:
         ha, hb = join(_source(a, model), model), join(_source(b, model), model)
         return diff_frames(ha.experts, hb.experts, ha.layers, hb.layers)
-    ia, ib = open_input(a), open_input(b)
+    ia, ib = original_input(open_input(a)), original_input(open_input(b))  # a pruned model's: original ids
     fa, fb = _shape(ia), _shape(ib)
     if fa.tensor_digest and fb.tensor_digest:
         check_same_model(fa, fb, str(a), str(b))

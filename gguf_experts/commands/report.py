@@ -17,6 +17,7 @@ from ..formats import ExpertCounts
 from ..gguf_file import Model, open_model
 from ..join import HeatResult, join
 from ..layout import byte_map
+from ..prune_map import to_original
 from ..reporters.html import ReportInput, write_html
 from ..reporters.tabular import FORMATS, Output, emit
 from ..trace.format import TraceData
@@ -82,14 +83,15 @@ def load_inputs(paths: Sequence[str], model: str | Model) -> list[Loaded]:
 
 
 def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, opt: bool = True,
-                 opt_max_rows: int = OPT_MAX_ROWS) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+                 opt_max_rows: int = OPT_MAX_ROWS, model: Model | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(miss-ratio curves: LRU and OPT at every capacity, one pass each; working sets; notes) of one trace."""
     from ..analysis.cache import LayerLRU
     from ..analysis.opt import opt_curves
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)
-    for chunk in chunks:
+    for chunk in to_original(chunks, model):  # a trace of a pruned model: in the original ids, as the heat
         fp = chunk.header.fingerprint
         if lru is None:
             lru = LayerLRU(fp.n_layer, fp.n_expert, fp.n_expert_used,
@@ -107,6 +109,7 @@ def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, op
         opt = False
     if opt:
         td = trace if isinstance(trace, TraceData) else read_trace(trace)
+        td = next(to_original([td], model))
         fp = td.header.fingerprint
         curves.append(opt_curves(td.layer, td.experts, fp.n_layer, fp.n_expert,
                                  expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))
@@ -131,7 +134,7 @@ def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model
         if isinstance(first, ExpertCounts):
             inp.notes = [f"cache curves and working sets left out: {names[0]} holds counts only (no token order)"]
         else:
-            inp.curves, inp.working_set, inp.notes = cache_tables(first, heats[0], opt=opt)
+            inp.curves, inp.working_set, inp.notes = cache_tables(first, heats[0], opt=opt, model=m)
     if len(heats) == 2:
         inp.diff = diff_frames(heats[0].experts, heats[1].experts, heats[0].layers, heats[1].layers)
     return inp
