@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     k = len(next(iter(ra.values()))[0])
     print(f"{a.model}: -ngl {a.ngl[0]} vs {a.ngl[1]}, {a.prompts} sequences x ({a.prompt_tokens} prefill + {a.decode} "
           f"teacher-forced decode) tokens; {len(keys)} rows; margin = ln(p_k / p_(k+1)) of the -ngl {a.ngl[0]} run")
-    print("| layer | rows | same ids, same order | same set | logit gap < 1e-3 | median margin | median margin where ids differ |")
+    print("| layer | rows | same ids, same order | same set | logit gap < 1e-3 | median margin "
+          "| median margin where ids differ |")
     print("|---|---|---|---|---|---|---|")
     tot_same = tot_set = tot = tot_tie = 0
     for layer in layers:

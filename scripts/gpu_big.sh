@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1
 el "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null); $(nproc) cores; $(nvcc --version | tail -1)"
 
 rm -rf /tmp/site && cp -r .gpu/site /tmp/site
-export PYTHONPATH=/tmp/site:$REPO
+export PYTHONPATH=/tmp/site:${PYSRC:-$REPO}  # PYSRC: another copy of the package to measure (default: this one)
 BIN=$W/build/bin
 if [ -n "${PREBUILT:-}" ] && ls "$PREBUILT"/cuda.tar.xz.* >/dev/null 2>&1; then
   cat "$PREBUILT"/cuda.tar.xz.* | xz -d | tar x -C "$W" && el "unpacked the saved build"
@@ -62,7 +62,7 @@ if has model && [ ! -f "$M" ]; then
   el "writing the model"
   python3 scripts/make_big_model.py "$M" --quant "$QUANT" --layers "$LAYERS" || exit 5
 fi
-ge() { python3 -m gguf_experts "$@"; }
+ge() { (cd /tmp && python3 -m gguf_experts "$@"); }  # not from the repo root: PYSRC must win
 J=$OUT/bench.jsonl
 if has python; then
   for nc in 0 "$NCMOE"; do
@@ -77,7 +77,7 @@ if has run && ge run --help >/dev/null 2>&1; then
     for mode in $MODES; do
       for w in "" "--weights"; do
         el "C recorder ($mode $w) under the Python harness, --n-cpu-moe $nc"
-        GGUF_EXPERTS_MODE=$mode ge run $w -o "$W/run-$mode.bin" -- python3 scripts/bench_gpu_big.py "$M" --ngl 99 \
+        GGUF_EXPERTS_MODE=$mode ge run $w -o "$W/run-$mode.bin" -- python3 "$REPO/scripts/bench_gpu_big.py" "$M" --ngl 99 \
           --n-cpu-moe "$nc" --rounds "$ROUNDS" --variants plain --json "$J" --label "C-$mode$w" 2>&1 | tail -2
         ge stats "$W/run-$mode.bin" --by layer -f csv 2>&1 | head -3
       done

@@ -42,6 +42,19 @@ def block_pool(quant: str, rng: np.random.Generator, n_in: int) -> np.ndarray:
     return raw.reshape(-1)
 
 
+def pool_bytes(pool: np.ndarray, need: int, bsize: int, rng: np.random.Generator) -> np.ndarray:
+    """need bytes of whole blocks from the pool, starting at a random block, wrapping around."""
+    start = int(rng.integers(0, len(pool) // bsize)) * bsize
+    chunks = []
+    got = 0
+    while got < need:
+        piece = pool[start:start + (need - got)]
+        chunks.append(piece)
+        got += len(piece)
+        start = 0
+    return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -137,23 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     wr.write_ti_data_to_file()
     pools = {n_in: block_pool(q, rng, n_in) for n_in in {a.embd, a.ff, qd}}
     total = 0
-    for name, ne, typ, src in plan:
-        if typ == "F32":
-            wr.write_tensor_data(src)
-            total += src.nbytes
-            continue
-        pool = pools[int(src)]  # type: ignore[call-overload]
-        need = nbytes(ne, typ)
-        start = int(rng.integers(0, len(pool) // bsize)) * bsize
-        chunks = []
-        got = 0
-        while got < need:
-            piece = pool[start:start + (need - got)]
-            chunks.append(piece)
-            got += len(piece)
-            start = 0
-        wr.write_tensor_data(np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
-        total += need
+    for _, ne, typ, src in plan:
+        data = src if typ == "F32" else pool_bytes(pools[int(src)], nbytes(ne, typ), bsize, rng)  # type: ignore
+        wr.write_tensor_data(data)
+        total += data.nbytes
     wr.close()
     print(f"wrote {a.out}: {total / 2**30:.2f} GiB of tensor data, {len(plan)} tensors, "
           f"{time.perf_counter() - t0:.1f} s")

@@ -37,8 +37,10 @@ def words_for(n_items: int) -> int:
 
 def chunk_rows_for(n_items: int, k: int) -> int:
     """Rows per chunk_distances call: per-access bitset arrays of ~1 MiB stay in cache; at 2 MiB the
-    throughput halved (bench_analysis.py: 14.5 vs 5.9 M accesses/s for 128 experts, top-8)."""
-    return int(min(8192, max(512, (1 << 20) // (max(1, k) * words_for(n_items) * 8))))
+    throughput halved (bench_analysis.py: 14.5 vs 5.9 M accesses/s for 128 experts, top-8). Rows of one
+    access (--order access) take up to 32768 rows a piece: 6.2 vs 4.2 M accesses/s at 8192 (128 experts)."""
+    cap = max(8192, 32768 // max(1, k))
+    return int(min(cap, max(512, (1 << 20) // (max(1, k) * words_for(n_items) * 8))))
 
 
 def row_bits(items: np.ndarray, n_words: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -142,7 +144,6 @@ class ChunkDistances:
     items: np.ndarray  # int64 [R, k]
     distance: np.ndarray  # int64 [R, k]: distinct items between the last use and now; COLD for first uses
     gap: np.ndarray  # int64 [R, k]: rows of the stream since the last use; COLD for first uses
-    local_row: np.ndarray  # int64 [R]: the row's index in its stream (counting earlier chunks)
     byte_distance: np.ndarray | None = None  # float64 [R, k]: bytes of the distinct items (item_bytes given)
 
 
@@ -200,7 +201,7 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     w = words_for(n_items)
     if r == 0:
         z = np.zeros((0, k), np.int64)
-        return ChunkDistances(np.zeros(0, np.int64), stream, items, z, z.copy(), np.zeros(0, np.int64),
+        return ChunkDistances(np.zeros(0, np.int64), stream, items, z, z.copy(),
                               None if item_bytes is None else np.zeros((0, k)))
     order = _order_by_stream(stream, s_n) if s_n > 1 else np.arange(r)
     st_sorted = stream[order]
@@ -272,5 +273,5 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     state.last.reshape(-1)[g[li]] = local[li // k] * k + (k - 1 - li % k)
     state.last_row.reshape(-1)[g[li]] = local[li // k]
     state.rows += counts
-    return ChunkDistances(order, st_sorted, it, dist.reshape(r, k), gap.reshape(r, k), local,
+    return ChunkDistances(order, st_sorted, it, dist.reshape(r, k), gap.reshape(r, k),
                           None if byte_dist is None else byte_dist.reshape(r, k))

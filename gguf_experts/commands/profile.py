@@ -11,7 +11,7 @@ import numpy as np
 from ..analysis.reap import ReapAccumulator
 from ..errors import InputError
 from ..reporters.tabular import FORMATS, Output, emit, frame_records, frame_to_table
-from .capture import jsonl_texts
+from ..prompts import head_for, jsonl_texts
 
 NAME = "profile"
 HELP = "REAP expert saliency (router-weighted expert activation norms) from JSONL texts run through llama.cpp"
@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         with TracedLlama(args.model, sink, fp, weights=True, n_ctx=args.ctx_size, n_ubatch=args.ubatch_size,
                          n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, observe_down_norms=True) as llm:
             for i in range(acc.records, end):  # one llama.cpp evaluation per record
-                toks = llm.tokenize(texts[i]) if texts[i].strip() else []
+                # cut to what can hold ctx-size tokens before tokenising (its cost grows faster than the text)
+                head = head_for(texts[i], args.ctx_size, llm.max_token_bytes())
+                toks = llm.tokenize(head) if head.strip() else []
                 if len(toks) > args.ctx_size:
                     toks = toks[:args.ctx_size]
                     acc.meta["truncated_records"] = acc.meta.get("truncated_records", 0) + 1

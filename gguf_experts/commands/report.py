@@ -13,9 +13,11 @@ import pandas as pd
 from ..analysis.diff import diff_frames
 from ..atomic import atomic_write
 from ..errors import InputError
+from ..formats import ExpertCounts
 from ..gguf_file import Model, open_model
 from ..join import HeatResult, join
 from ..layout import byte_map
+from ..prune_map import to_original
 from ..reporters.html import ReportInput, write_html
 from ..reporters.tabular import FORMATS, Output, emit
 from ..trace.format import TraceData
@@ -30,7 +32,9 @@ OPT_MAX_ROWS = 2_000_000  # OPT needs the whole trace in memory and k steps per 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("traces", nargs="+", metavar="TRACE.bin", help="one trace, or two to compare (B minus A)")
+    p.add_argument("traces", nargs="+", metavar="TRACE.bin",
+                   help="one trace, or two to compare (B minus A); another tool's file too (imatrix, tracer/REAP "
+                        "JSON: no cache curves; moe-trace CSV, MBLT, RTRACE01)")
     p.add_argument("--model", "-m", required=True, metavar="MODEL.gguf",
                    help="the model the trace(s) were captured from (any shard of a split model)")
     p.add_argument("-o", "--output", metavar="REPORT.html", default="report.html",
@@ -56,19 +60,38 @@ def _expert_bytes(heat: HeatResult, n_layer: int, n_expert: int) -> np.ndarray:
     return eb
 
 
-def _name(trace: str | os.PathLike[str] | TraceData, i: int) -> str:
+Loaded = str | os.PathLike[str] | TraceData | ExpertCounts
+
+
+def _name(trace: Loaded, i: int) -> str:
+    if isinstance(trace, ExpertCounts):
+        return f"{trace.source} counts {i + 1}"
     return f"trace {i + 1}" if isinstance(trace, TraceData) else Path(trace).name
 
 
+def load_inputs(paths: Sequence[str], model: str | Model) -> list[Loaded]:
+    """Each input as report takes it: a trace.bin stays a path (streamed), another tool's ordered log is read
+    into a TraceData, a count-only file (imatrix, tracer/REAP JSON) becomes ExpertCounts."""
+    from ..formats import detect_format, load_counts, load_trace
+    from ..formats.load import FORMATS
+
+    out: list[Loaded] = []
+    for p in paths:
+        fmt = detect_format(p)
+        out.append(p if fmt == "trace" else load_trace(p, model) if FORMATS[fmt][1] else load_counts(p, model))
+    return out
+
+
 def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, opt: bool = True,
-                 opt_max_rows: int = OPT_MAX_ROWS) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+                 opt_max_rows: int = OPT_MAX_ROWS, model: Model | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(miss-ratio curves: LRU and OPT at every capacity, one pass each; working sets; notes) of one trace."""
     from ..analysis.cache import LayerLRU
     from ..analysis.opt import opt_curves
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)
-    for chunk in chunks:
+    for chunk in to_original(chunks, model):  # a trace of a pruned model: in the original ids, as the heat
         fp = chunk.header.fingerprint
         if lru is None:
             lru = LayerLRU(fp.n_layer, fp.n_expert, fp.n_expert_used,
@@ -86,13 +109,14 @@ def cache_tables(trace: str | os.PathLike[str] | TraceData, heat: HeatResult, op
         opt = False
     if opt:
         td = trace if isinstance(trace, TraceData) else read_trace(trace)
+        td = next(to_original([td], model))
         fp = td.header.fingerprint
         curves.append(opt_curves(td.layer, td.experts, fp.n_layer, fp.n_expert,
                                  expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))
     return pd.concat(curves, ignore_index=True), lru.working_set(), notes
 
 
-def build_report(traces: Sequence[str | os.PathLike[str] | TraceData], model: str | os.PathLike[str] | Model,
+def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model,
                  labels: Sequence[str] | None = None, cache: bool = True, opt: bool = True) -> ReportInput:
     """Load everything a report shows: join (and diff) the trace(s), byte map, cache curves, working sets.
     A trace is a path or an in-memory TraceData (e.g. one prompt kind of a larger trace)."""
@@ -103,10 +127,14 @@ def build_report(traces: Sequence[str | os.PathLike[str] | TraceData], model: st
     if len(names) != len(traces):
         raise InputError(f"--labels: {len(names)} names for {len(traces)} traces")
     heats = [join(t, m) for t in traces]
-    sources = [names[i] if isinstance(t, TraceData) else Path(t).name for i, t in enumerate(traces)]
+    sources = [names[i] if isinstance(t, (TraceData, ExpertCounts)) else Path(t).name for i, t in enumerate(traces)]
     inp = ReportInput(heat=heats[0], tensors=byte_map(m), sources=sources, labels=(names[0], names[-1]))
+    first = traces[0]
     if cache:
-        inp.curves, inp.working_set, inp.notes = cache_tables(traces[0], heats[0], opt=opt)
+        if isinstance(first, ExpertCounts):
+            inp.notes = [f"cache curves and working sets left out: {names[0]} holds counts only (no token order)"]
+        else:
+            inp.curves, inp.working_set, inp.notes = cache_tables(first, heats[0], opt=opt, model=m)
     if len(heats) == 2:
         inp.diff = diff_frames(heats[0].experts, heats[1].experts, heats[0].layers, heats[1].layers)
     return inp
@@ -176,8 +204,10 @@ def write_report(html_path: str | os.PathLike[str], inp: ReportInput, png: str |
 
 def run(args: argparse.Namespace) -> int:
     parse_size(args.screenshot_size)  # a bad size fails before the work
-    inp = build_report(args.traces, args.model, labels=args.labels, cache=not args.no_cache,
-                       opt=not args.no_opt)
+    m = open_model(args.model)
+    loaded = load_inputs(args.traces, m)
+    labels = args.labels or [Path(p).name for p in args.traces]
+    inp = build_report(loaded, m, labels=labels, cache=not args.no_cache, opt=not args.no_opt)
     size = parse_size(args.screenshot_size)
     written = write_report(args.output, inp, png=args.png, screenshot=args.screenshot, screenshot_size=size)
     df = pd.DataFrame({"output": [w for w, _ in written], "path": [p for _, p in written],
