@@ -90,6 +90,15 @@ if has run && ge run --help >/dev/null 2>&1; then
       traced "$v" python3 "$REPO/scripts/bench_gpu_big.py" "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" \
         --variants plain --json "$J" --label "C-$v" 2>&1 | tail -2
     done
+    if [ "$nc" = 0 ]; then  # the same harness and inputs: keep-alive's trace against the callback's, row by row
+      for pair in "callback keepalive" "callback:w keepalive:w"; do
+        set -- $pair
+        a=$W/t-${1//:/-}.bin b=$W/t-${2//:/-}.bin
+        [ -f "$a" ] && [ -f "$b" ] || continue
+        ge convert "$a" "$a.csv" --detail >/dev/null && ge convert "$b" "$b.csv" --detail >/dev/null \
+          && python3 scripts/gpu_compare.py "$a.csv" "$b.csv" --label "GPU trace, $1 vs $2" | tee -a "$OUT/compare.txt"
+      done
+    fi
   done
 fi
 lb() { "$BIN/llama-bench" -m "$M" -ngl 99 -p 512 -n 64 -r "$ROUNDS" -o jsonl "$@" 2>/dev/null; }

@@ -154,6 +154,9 @@ struct sched_st {
     /* keepalive: the argsort and weight nodes flagged in this graph */
     struct gt **keep;
     int n_keep, cap_keep, keep_pending;
+    /* the tensors this graph's flags were set on by us (not by the program), to clear before the compute */
+    struct gt **flagged;
+    int n_flagged, cap_flagged;
     /* scratch */
     uint8_t *scratch, *kbuf;
     size_t cap_scratch, cap_kbuf;

@@ -64,7 +64,7 @@ static void flag_graph(struct sched_st *s, void *gf) {
     int last_stage[4096];
     if (g_weights) memset(last_stage, 0xff, sizeof last_stage);
     for (int pass = g_weights ? 0 : 1; pass < 2; pass++) {
-        if (s && pass == 1) s->n_keep = 0;
+        if (s && pass == 1) s->n_keep = s->n_flagged = 0;
         for (int i = 0; i < nn; i++) {
             struct gt *t = node(gf, i);
             int layer, what;
@@ -75,6 +75,15 @@ static void flag_graph(struct sched_st *s, void *gf) {
             }
             if (what > 0 && what - 1 != last_stage[layer]) continue;
             struct gt *keep = what == 0 && t->view_src ? t->view_src : t;
+            if (s && !(keep->flags & FLAG_OUTPUT)) { /* ours to clear again before the compute */
+                size_t capf = (size_t)s->cap_flagged;
+                struct gt **f = grow(s->flagged, &capf, (size_t)s->n_flagged + 1, sizeof *f);
+                if (f) {
+                    s->flagged = f;
+                    s->cap_flagged = (int)capf;
+                    s->flagged[s->n_flagged++] = keep;
+                }
+            }
             keep->flags |= FLAG_OUTPUT;
             if (s) {
                 size_t cap = (size_t)s->cap_keep;
@@ -239,6 +248,13 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     if (!s) return real(sched, graph);
     flush_pending(s, sched);
     prepare(s, graph);
+    if (g_keepalive) {
+        /* The allocator planned this graph with our flags (kept alive, never reused in place); the flags have
+         * done their work. Cleared now, the backend sees the graph as untraced: a flagged argsort or weight
+         * stage would stop ggml-cuda's fused top-k MoE kernel (ggml_can_fuse refuses intermediate outputs). */
+        for (int i = 0; i < s->n_flagged; i++) s->flagged[i]->flags &= ~FLAG_OUTPUT;
+        s->n_flagged = 0;
+    }
     int st = real(sched, graph);
     if (s->active) {
         if (st != 0) s->active = 0;
