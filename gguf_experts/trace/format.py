@@ -199,6 +199,14 @@ class TraceData:
     def k(self) -> int:
         return int(self.experts.shape[1])
 
+    def select(self, mask: np.ndarray) -> "TraceData":
+        """The rows where ``mask`` holds (e.g. one sequence or prompt kind), as a TraceData of their own."""
+        import dataclasses
+
+        return dataclasses.replace(self, seq=self.seq[mask], phase=self.phase[mask], pos=self.pos[mask],
+                                   token=self.token[mask], layer=self.layer[mask], experts=self.experts[mask],
+                                   weights=None if self.weights is None else self.weights[mask])
+
     @classmethod
     def empty(cls, header: TraceHeader, weights: bool = False) -> "TraceData":
         k = header.fingerprint.n_expert_used
