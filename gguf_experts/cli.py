@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error(f"{e.filename}: permission denied")
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a failed write (disk full, I/O error): the output was not replaced
+        where = f"{e.filename}: " if e.filename else ""
+        return error(f"{where}{e.strerror or e}; nothing was replaced")
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -45,7 +45,7 @@ def test_clean_model_and_its_maps(tmp_path: Path, run_cli) -> None:
     assert kinds(check_paths([str(p)])) == {}
     if HAVE_GGML:
         assert ggml_accepts(p)
-    r = run_cli("check-overlaps", p)
+    r = run_cli("check-overlaps", p, "-f", "table")
     assert r.rc == 0 and r.out.startswith("clean") and r.err == ""
     for fmt in ("csv", "json"):
         out = tmp_path / f"map.{fmt}"

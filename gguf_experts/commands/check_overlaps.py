@@ -14,7 +14,7 @@ ORDER = 20
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="GGUF file (any shard) or a CSV/JSON byte map (needs name, offset, size)")
-    add_output_options(p, default="table")
+    add_output_options(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detail", action="store_true",
                    help="trace -> CSV: write seq,phase,pos,token,layer,expert_0..,weight_0.. (lossless)")
     p.add_argument("--model", metavar="MODEL.gguf", help="CSV -> trace: the model the log was captured from")
-    add_output_options(p, default="table")
+    add_output_options(p)
 
 
 def _is_csv_log(args: argparse.Namespace) -> bool:
@@ -102,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--detail applies to trace -> CSV; a CSV log's form is read from its header line")
     info = work(args)
     emit(Output(pd.DataFrame([info]), document=info,
-                text=f"{info['direction']}: {info['rows']} rows, {info['input']} -> {info['output']}\n"),
+                text=f"wrote {info['output']}: {info['direction']}, {info['rows']} rows from {info['input']}\n"),
          args.format, args.output)
     return 0

@@ -27,11 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="use this MoE GGUF instead of the bundled tiny model")
     p.add_argument("-n", "--n-predict", type=int, default=16, help="tokens generated per prompt (default 16)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
-    add_output_options(p, default="table")
+    add_output_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.join_trace import summary_text
+    from ..reporters.heat_text import summary_text
     from ..demo import run_demo
 
     res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads)

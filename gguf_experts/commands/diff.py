@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from ..analysis.diff import ShareDiff, diff_frames, share_diff, top_changes
-from ..errors import ModelMismatchError
-from ..join import count_chunks, join
+from ..analysis.diff import ShareDiff, top_changes
+from ..compare import compare
 from ..reporters.tabular import (
     Output,
     add_output_options,
@@ -18,13 +15,12 @@ from ..reporters.tabular import (
     frame_records,
     frame_to_table,
 )
-from ..trace.reader import iter_trace_chunks, read_trace_header
 
 NAME = "diff"
 HELP = "compare two traces of one model: per (layer, expert) share in each, the delta, and per-layer divergence"
 DESCRIPTION = (HELP + ". Divergence is Jensen-Shannon in bits (0 = same routing, 1 = disjoint experts). Rows are "
                "per (layer, expert) with the layer's divergence repeated; --by layer gives one row per layer.")
-ORDER = 55
+ORDER = 58
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,28 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per (layer, expert) [default] or per layer")
     p.add_argument("--top", type=int, default=3, metavar="N",
                    help="table format: the N experts per layer whose share changed most (default 3)")
-    add_output_options(p, default="table")
-
-
-def _counts(path: str) -> tuple[np.ndarray, np.ndarray]:
-    header = read_trace_header(path)
-    c = count_chunks(iter_trace_chunks(path, weights=False), header.fingerprint)
-    return c.activations, c.tokens
-
-
-def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], model: str | None = None) -> ShareDiff:
-    """Load and compare two traces; refuses traces of different models."""
-    if model:
-        ha, hb = join(a, model), join(b, model)
-        return diff_frames(ha.experts, hb.experts, ha.layers, hb.layers)
-    fa, fb = read_trace_header(a).fingerprint, read_trace_header(b).fingerprint
-    fields = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
-    bad = [f"{f}: {getattr(fa, f)!r} vs {getattr(fb, f)!r}" for f in fields if getattr(fa, f) != getattr(fb, f)]
-    if bad:
-        raise ModelMismatchError(f"{a} and {b} were captured from different models ({', '.join(bad)}); "
-                                 "compare traces of one model")
-    (aa, ta), (ab, tb) = _counts(str(a)), _counts(str(b))
-    return share_diff(aa, ab, tokens_a=ta, tokens_b=tb)
+    add_output_options(p)
 
 
 def expert_rows(d: ShareDiff) -> pd.DataFrame:

@@ -6,7 +6,8 @@ import argparse
 import pandas as pd
 
 from ..join import HeatResult, join
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
+from ..reporters.heat_text import summary_text
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 
 NAME = "join-trace"
 HELP = "join a trace with its model: activations and bytes read per expert, expert slice (tensor) or file page"
@@ -22,18 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "file pages with equal heat")
     p.add_argument("--page-size", type=int, default=4096, metavar="BYTES",
                    help="page size for --by page (default 4096; a power of two)")
-    add_output_options(p, default="table")
-
-
-def summary_text(s: dict) -> str:
-    lines = [
-        f"model {s['model']}: {s['tokens']} tokens ({s['prefill_tokens']} prefill, {s['decode_tokens']} decode) "
-        f"in {s['sequences']} sequences, {s['n_layer_moe']} MoE layers, {s['selections']} expert selections",
-        f"expert bytes read: {human_bytes(s['bytes_read'])} = {human_bytes(s['bytes_per_token'])} per token; "
-        f"dense equivalent (every expert per token) {human_bytes(s['dense_bytes_per_token'])} per token; "
-        f"ratio {s['ratio']:.4f}",
-    ]
-    return "\n".join(lines) + "\n"
+    add_output_options(p)
 
 
 def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:

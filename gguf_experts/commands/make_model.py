@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..reporters.tabular import FORMATS, Output, emit
+from ..reporters.tabular import Output, add_output_options, emit
 
 NAME = "make-model"
 HELP = "write a tiny random-weight MoE GGUF (qwen3moe or gpt-oss), optionally re-quantized by llama.cpp"
@@ -27,8 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embd", type=int, default=64, help="embedding length (default 64)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--ff", type=int, default=32, help="expert feed-forward length (default 32)")
-    p.add_argument("--format", "-f", choices=FORMATS, default="table",
-                   help="format of the summary on stdout (default: table)")
+    add_output_options(p, output=False, what="the summary on stdout")
 
 
 def run(args: argparse.Namespace) -> int:

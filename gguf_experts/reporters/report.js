@@ -17,7 +17,11 @@ function fmtBytes(n) {
   while (Math.abs(n) >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return i ? n.toFixed(2) + " " + u[i] : Math.round(n) + " B";
 }
-const hex = n => "0x" + n.toString(16);
+// Offsets are decimal bytes from the start of the file, as gguf-experts dump prints them.
+const span = (a, n) => `offset ${a}  size ${n} (${fmtBytes(n)})`;
+const views = D.views || [];
+let cur = 0;
+const vlabel = () => views.length > 1 ? `[${views[cur].label}]\n` : "";
 const pct = x => (100 * x).toFixed(2) + "%";
 function showTip(ev, text) {
   tip.textContent = text; tip.style.display = "block";
@@ -80,12 +84,12 @@ function heatmap(cv, rows, E, value, color, tipText, onRow) {
 
 function expertTip(r, e) {
   const a = D.acts[r * D.E + e], tot = D.rowActs[r], s = tot ? a / tot : 0;
-  const lines = [`layer ${D.rows[r]}  expert ${e}`, `activations ${a}  share ${pct(s)}  (${(s * D.E).toFixed(2)}x uniform)`];
+  const lines = [`${vlabel()}layer ${D.rows[r]}  expert ${e}`, `activations ${a}  share ${pct(s)}  (${(s * D.E).toFixed(2)}x uniform)`];
   let per = 0; for (const i of rowTensors[r]) per += T.slice[i];
   lines.push(`bytes read ${fmtBytes(a * per)}  (${fmtBytes(per)} per activation)`, "slices:");
   for (const i of rowTensors[r]) {
     const s0 = sliceStart(i, e);
-    lines.push(`  ${T.name[i]}[${e}]  ${D.files[T.file[i]].name}  ${hex(s0)}..${hex(s0 + T.slice[i])}  ${fmtBytes(T.slice[i])}`);
+    lines.push(`  ${T.name[i]}[${e}]`, `    ${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
   }
   return lines.join("\n");
 }
@@ -95,9 +99,13 @@ const starts = new Float64Array(nT), ends = new Float64Array(nT);
 for (let i = 0; i < nT; i++) { starts[i] = D.files[T.file[i]].base + T.off[i]; ends[i] = starts[i] + T.size[i]; }
 const total = D.files.length ? D.files[D.files.length - 1].base + D.files[D.files.length - 1].size : 1;
 let maxB = 0, minB = Infinity;
-for (let i = 0; i < nT; i++) if (T.row[i] >= 0) for (let e = 0; e < T.n[i]; e++) {
-  const b = D.acts[T.row[i] * D.E + e] * T.slice[i]; if (b > 0) { maxB = Math.max(maxB, b); minB = Math.min(minB, b); }
+function rescale() {  // the strip's colour scale spans the bytes of the trace shown
+  maxB = 0; minB = Infinity;
+  for (let i = 0; i < nT; i++) if (T.row[i] >= 0) for (let e = 0; e < T.n[i]; e++) {
+    const b = D.acts[T.row[i] * D.E + e] * T.slice[i]; if (b > 0) { maxB = Math.max(maxB, b); minB = Math.min(minB, b); }
+  }
 }
+rescale();
 function byteColor(b) {
   if (!(b > 0)) return GREY;
   return lut(VIRIDIS, maxB > minB ? 0.08 + 0.92 * Math.log(b / minB) / Math.log(maxB / minB) : 1);
@@ -174,11 +182,11 @@ strip.onmousemove = ev => {
   const i = who[2 * p], e = who[2 * p + 1], lines = [];
   if (e < 0) {
     lines.push(T.name[i], `not routed: read whenever layer ${T.layer[i] >= 0 ? T.layer[i] : "-"} runs`);
-    lines.push(`${D.files[T.file[i]].name}  ${hex(T.off[i])}..${hex(T.off[i] + T.size[i])}  ${fmtBytes(T.size[i])}`);
+    lines.push(`${D.files[T.file[i]].name}  ${span(T.off[i], T.size[i])}`);
   } else {
     const a = D.acts[T.row[i] * D.E + e], s0 = sliceStart(i, e);
-    lines.push(`${T.name[i]}[${e}]`, `layer ${T.layer[i]}  expert ${e}  activations ${a}`, `bytes read ${fmtBytes(a * T.slice[i])}`);
-    lines.push(`${D.files[T.file[i]].name}  ${hex(s0)}..${hex(s0 + T.slice[i])}  ${fmtBytes(T.slice[i])}`);
+    lines.push(`${vlabel()}${T.name[i]}[${e}]`, `layer ${T.layer[i]}  expert ${e}  activations ${a}`, `bytes read ${fmtBytes(a * T.slice[i])}`);
+    lines.push(`${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
   }
   if (count[p] > 1) lines.push(`(+${count[p] - 1} more bars in this pixel: zoom in)`);
   showTip(ev, lines.join("\n"));
@@ -238,6 +246,15 @@ legend("heat-legend", t => lut(VIRIDIS, t));
 legend("strip-legend", t => lut(VIRIDIS, 0.08 + 0.92 * t));
 legend("diff-legend", t => divColor(2 * t - 1, 1));
 document.querySelectorAll(".sw[data-c]").forEach(s => { s.style.background = rgb(s.dataset.c === "grey" ? GREY : DENSE); });
-render();
+function setView(i) {  // show trace i: its maps, curves, cards and tables
+  cur = i; const v = views[i];
+  D.acts = v.acts; D.rowActs = v.rowActs; D.curves = v.curves;
+  document.querySelectorAll(".view[data-view]").forEach(b => { b.style.display = b.dataset.view === String(i) ? "" : "none"; });
+  document.querySelectorAll(".vname").forEach(s => { s.textContent = " \u2014 " + v.label; });
+  document.body.dataset.shown = String(i);
+  rescale(); render();
+}
+const viewSel = document.getElementById("view");
+if (viewSel && views.length > 1) { viewSel.onchange = () => setView(+viewSel.value); setView(0); } else render();
 let rt = null; window.addEventListener("resize", () => { clearTimeout(rt); rt = setTimeout(render, 150); });
 })();

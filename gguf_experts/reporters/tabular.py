@@ -2,12 +2,16 @@
 
 A command builds an :class:`Output` (rows for CSV, a document for JSON, text for people) and hands it to
 :func:`emit`; no command dispatches on the format itself.
+
+The default format follows one rule (:func:`resolve_format`): a table for a person at a terminal; CSV when
+stdout is piped or redirected, or with ``-o FILE`` (``-o FILE.json``: JSON); ``--format`` overrides it.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +33,9 @@ class Output:
     text: str | Callable[[], str] | None = None  # for people; defaults to the frame as an aligned table
     extra_frames: dict[str, pd.DataFrame] = field(default_factory=dict)
 
+    #: why a table cell shows "-" (a value that does not exist, e.g. no decode tokens to compare)
+    na_note: str | None = None
+
     def render(self, fmt: str) -> str:
         if fmt == "csv":
             return frame_to_csv(self.frame)
@@ -42,7 +49,7 @@ class Output:
                 return self.text()
             if self.text is not None:
                 return self.text
-            return frame_to_table(self.frame)
+            return frame_to_table(self.frame, na_note=self.na_note)
         raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -71,13 +78,45 @@ def frame_to_csv(df: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
-def frame_to_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
+NA_MARK = "-"
+
+
+def _number(x: float) -> str:
+    """Rounded for reading: 4 significant digits, whole numbers from 10,000 up."""
+    return f"{x:.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
+
+
+def table_cells(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The frame as strings for a table: floats rounded, missing values as NA_MARK; and whether any was."""
+    out = {}
+    missing = False
+    for col in df.columns:
+        s = df[col]
+        na = s.isna().to_numpy()
+        missing |= bool(na.any())
+        if pd.api.types.is_float_dtype(s.dtype):
+            cells = [NA_MARK if m else _number(float(v)) for v, m in zip(s.to_numpy(), na)]
+        elif na.any():
+            cells = [NA_MARK if m else str(v) for v, m in zip(s.astype(object).to_numpy(), na)]
+        else:
+            out[col] = s
+            continue
+        out[col] = pd.Series(cells, index=s.index, dtype=object)
+    return pd.DataFrame(out, index=df.index), missing
+
+
+def frame_to_table(df: pd.DataFrame, max_rows: int | None = None, na_note: str | None = None) -> str:
+    """An aligned table for people: floats rounded; a missing value is shown as '-' and explained below
+    the table (``na_note``: why it is missing; CSV leaves it empty, JSON writes null)."""
     if df.empty:
         return "(no rows)\n"
     shown = df if max_rows is None or len(df) <= max_rows else df.head(max_rows)
-    text = shown.to_string(index=False)
-    if shown is not df:
+    cells, missing = table_cells(shown)
+    text = cells.to_string(index=False)
+    if max_rows is not None and len(df) > max_rows:
         text += f"\n... {len(df) - max_rows} more rows (use --format csv for all)"
+    if missing:
+        text += f"\n{NA_MARK} = {na_note or 'no value: there was nothing to compute it from'}"
     return text + "\n"
 
 
@@ -89,9 +128,30 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def write_text(text: str, path: str | None) -> None:
+def to_stdout(path: str | os.PathLike[str] | None) -> bool:
+    return path is None or str(path) == "-"
+
+
+def resolve_format(fmt: str | None, path: str | os.PathLike[str] | None = None) -> str:
+    """The one rule for the default format: ``--format`` if given; else with ``-o FILE`` JSON for a
+    ``.json`` name and CSV otherwise; else a table when stdout is a terminal (a person reads it) and CSV
+    when it is piped or redirected (a program reads it)."""
+    if fmt:
+        return fmt
+    if not to_stdout(path):
+        return "json" if str(path).lower().endswith(".json") else "csv"
+    isatty = getattr(sys.stdout, "isatty", None)
+    return "table" if isatty is not None and isatty() else "csv"
+
+
+def say_wrote(path: str | os.PathLike[str], what: str = "") -> None:
+    """One line on stderr for each file a command writes, so a person knows where the output went."""
+    sys.stderr.write(f"wrote {path}{f' ({what})' if what else ''}\n")
+
+
+def write_text(text: str, path: str | os.PathLike[str] | None) -> None:
     """Write to ``path`` atomically, or to stdout when path is None or '-'."""
-    if path is None or path == "-":
+    if to_stdout(path):
         sys.stdout.write(text)
         sys.stdout.flush()
         return
@@ -99,12 +159,23 @@ def write_text(text: str, path: str | None) -> None:
         fh.write(text)
 
 
-def emit(output: Output, fmt: str, path: str | None) -> None:
+def emit(output: Output, fmt: str | None, path: str | os.PathLike[str] | None) -> None:
+    """Render in the format the rule gives and write it; a file written is announced on stderr."""
+    fmt = resolve_format(fmt, path)
     write_text(output.render(fmt), path)
+    if not to_stdout(path):
+        say_wrote(path, fmt)
 
 
-def add_output_options(parser: Any, default: str = "csv") -> None:
-    parser.add_argument("--format", "-f", choices=FORMATS, default=default,
-                        help=f"output format (default: {default})")
-    parser.add_argument("-o", "--output", metavar="FILE", default=None,
-                        help="write to FILE (atomically: temp file, then rename) instead of stdout")
+FORMAT_HELP = ("csv, json or table (default: a table at a terminal; CSV when piped or with -o, JSON for "
+               "-o FILE.json)")
+
+
+def add_output_options(parser: Any, output: bool = True, what: str = "") -> None:
+    """--format (and -o FILE, unless the command's -o names a data file of its own: then --format is the
+    format of the summary it prints). ``what``: what the output is, for --help."""
+    parser.add_argument("--format", "-f", choices=FORMATS, default=None,
+                        help=(f"format of {what}: " if what else "output format: ") + FORMAT_HELP)
+    if output:
+        parser.add_argument("-o", "--output", metavar="FILE", default=None,
+                            help="write to FILE (atomically: temp file, then rename) instead of stdout")

@@ -316,8 +316,9 @@ class TracedLlama:
         self.tokens_done = 0
 
     # -- driving -----------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        raw = text.encode("utf-8")
+    def tokenize(self, text: str | bytes, add_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (str, or UTF-8 bytes as llama-cpp-python's Llama.tokenize takes)."""
+        raw = bytes(text) if isinstance(text, (bytes, bytearray)) else text.encode("utf-8")
         cap = len(raw) + 8
         buf = (self.lc.llama_token * cap)()
         n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, False)
@@ -424,12 +425,12 @@ class TracedLlama:
         row = np.ctypeslib.as_array(p, shape=(self.n_vocab,))
         return int(np.argmax(row))
 
-    def generate(self, prompt: str | Sequence[int], n_predict: int = 32, ignore_eos: bool = False,
+    def generate(self, prompt: str | bytes | Sequence[int], n_predict: int = 32, ignore_eos: bool = False,
                  new_sequence: bool = True, logits: str = "last",
                  progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[int]:
         """Prefill the prompt (fresh sequence), then greedy-decode up to n_predict tokens one by one."""
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        toks = self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
         if not toks:
             raise InputError("empty prompt: nothing to evaluate")
         if new_sequence:
@@ -569,6 +570,7 @@ class CaptureResult:
     records: int
     seconds: float
     interrupted: bool
+    stopped_at_eog: int = 0  # sequences whose decode ended at an end-of-generation token before n_predict
 
     @property
     def tokens_per_s(self) -> float:
@@ -609,7 +611,7 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
     texts = list(prompts)
     if not texts:
         raise InputError("no prompts given: pass at least one non-empty prompt")
-    seqs = prefill = decode = 0
+    seqs = prefill = decode = eog = 0
     interrupted = False
     rec = Recorder(out, weights=weights, meta={"n_predict": n_predict, "prompts": len(texts), **(meta or {})})
     with _StopOnSigint() as stop, rec:
@@ -634,10 +636,11 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
                 seqs += 1
                 prefill += len(toks)
                 decode += len(new)
+                eog += len(new) < min(n_predict, n_ctx - len(toks)) and not stop.stop
             interrupted = stop.stop
         except KeyboardInterrupt:
             interrupted = True
     records = getattr(rec.sink, "records_written", 0)
     return CaptureResult(Path(out), seqs, prefill + decode, prefill, decode, records, time.perf_counter() - t0,
-                         interrupted)
+                         interrupted, eog)
 
