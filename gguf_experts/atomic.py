@@ -57,9 +57,25 @@ def clean_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
-def resolve_target(path: str | os.PathLike[str]) -> tuple[Path, bool]:
+GGUF_MAGIC = b"GGUF"
+
+
+def refuse_model(path: str | os.PathLike[str]) -> None:
+    """Refuse an output that would replace an existing GGUF model (``dump m.gguf -o m.gguf``): model
+    files are only ever read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return
+    if head == GGUF_MAGIC:
+        raise OutputError(f"{path}: is a GGUF model; outputs never replace a model, give another output name")
+
+
+def resolve_target(path: str | os.PathLike[str], model: bool = False) -> tuple[Path, bool]:
     """(the path to write, whether to write it directly): symlinks followed, non-regular files direct;
-    raises OutputError naming the directory when it is missing or not writable."""
+    raises OutputError naming the directory when it is missing or not writable, or when the output
+    would replace a GGUF model (unless ``model``: the output is a model itself, as make-model's)."""
     p = Path(path)
     if str(path) == "":
         raise OutputError("empty output path; give a file name")
@@ -73,6 +89,8 @@ def resolve_target(path: str | os.PathLike[str]) -> tuple[Path, bool]:
         raise OutputError(f"{path}: is a directory; give a file name")
     if st is not None and not stat.S_ISREG(st.st_mode):
         return p, True  # a device, FIFO or socket: write into it, never rename over it
+    if st is not None and not model:
+        refuse_model(p)
     real = Path(os.path.realpath(p)) if p.is_symlink() else p
     parent = real.parent if str(real.parent) else Path(".")
     if not parent.is_dir():
@@ -83,11 +101,11 @@ def resolve_target(path: str | os.PathLike[str]) -> tuple[Path, bool]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], model: bool = False) -> Iterator[Path]:
     """Yield a temp path for a writer that wants a file name (gguf-py, llama.cpp's quantizer); on success
     it replaces ``path`` atomically with the usual permissions (or is copied into a non-regular ``path``),
-    on error it is removed."""
-    target, direct = resolve_target(path)
+    on error it is removed. ``model``: the output is a GGUF model and may replace one."""
+    target, direct = resolve_target(path, model)
     if direct:
         with tempfile.TemporaryDirectory(prefix="gguf-experts-") as d:
             tmp = Path(d) / target.name
@@ -114,17 +132,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8",
+                 model: bool = False) -> Iterator[IO]:
     """Yield a file object; on success it replaces ``path`` atomically (or has been written straight into a
-    device or FIFO), on error it is removed."""
+    device or FIFO), on error it is removed. ``model``: the output is a GGUF model and may replace one."""
     binary = "b" in mode
     kw = {} if binary else {"encoding": encoding, "newline": ""}
-    target, direct = resolve_target(path)
+    target, direct = resolve_target(path, model)
     if direct:
         with open(target, mode, **kw) as fh:  # type: ignore[call-overload]
             yield fh
         return
-    with atomic_path(target) as tmp:
+    with atomic_path(target, model) as tmp:
         with open(tmp, mode, **kw) as fh:  # type: ignore[call-overload]
             yield fh
             fh.flush()

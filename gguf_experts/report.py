@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis.diff import diff_frames
-from .atomic import atomic_group, atomic_path
+from .atomic import atomic_group, atomic_path, resolve_target
 from .errors import InputError, OutputError
 from .gguf_file import Model, open_model
 from .join import HeatResult, join
@@ -145,11 +145,14 @@ def write_report(html_path: str | os.PathLike[str], inp: ReportInput, png: str |
 
 
 def check_output_names(html_path: str | os.PathLike[str], *others: str | os.PathLike[str] | None) -> None:
-    """Refuse two outputs of one report that are the same file (the second would replace the first)."""
+    """Before any work: every output's directory is writable, none is a model, and no two outputs of one
+    report are the same file (the second would replace the first)."""
+    resolve_target(html_path)
     seen = {os.path.realpath(html_path)}
     for p in others:
         if p is None:
             continue
+        resolve_target(p)
         if os.path.realpath(p) in seen:
             raise OutputError(f"{p}: given for two outputs of the report; give each its own file")
         seen.add(os.path.realpath(p))

@@ -111,7 +111,7 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
     head_dim = n_embd // n_head
     tokens, scores, types = _byte_vocab()
     rng = np.random.default_rng([seed, ARCHES.index(arch)])
-    with atomic_path(path) as tmp:
+    with atomic_path(path, model=True) as tmp:
         wr = GGUFWriter(str(tmp), arch)
         wr.add_name(name or f"tiny-{arch}-s{seed}")
         wr.add_file_type(1 if f16 else 0)
@@ -160,7 +160,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
         raise InputError(f"quantize: {quant!r} is not one of {', '.join(QUANT_FTYPES)}")
     lc = load_llama_cpp()
     dst = Path(dst)
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, model=True) as tmp:
         params = lc.llama_model_quantize_default_params()
         params.ftype = QUANT_FTYPES[quant]
         params.nthread = threads

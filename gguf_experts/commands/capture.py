@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..atomic import resolve_target
 from ..errors import GGUFExpertsWarning, InputError
 from ..reporters.tabular import Output, add_output_options, emit
 from ._llama_options import add_llama_options, add_progress, check_llama_options, progress
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if n_predict < 0:
         raise InputError(f"-n {n_predict}: the number of tokens to generate must be >= 0")
     check_llama_options(args)
+    resolve_target(args.output)  # a missing or read-only directory, or a model as -o, fails before the run
     with progress(args, "capture", "tok") as update:
         res = capture(args.model, texts, args.output, n_predict=n_predict, weights=args.weights,
                       n_ctx=args.ctx_size, n_ubatch=args.ubatch_size, n_threads=args.threads,

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
 from itertools import chain
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_write
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..reporters.tabular import Output, add_output_options, emit
 from ..trace.csvlog import PLAIN_PREFIX, encode_trace, read_csv_log, write_csv_chunks
 from ..trace.format import MAGIC, TraceData, TraceRecoveryWarning
@@ -96,8 +98,28 @@ def _csv_to_trace(args: argparse.Namespace) -> dict[str, Any]:
             "rows": stats["rows"], "sequences": len(stats["seqs"])}
 
 
+#: output name endings that say the other format (a CSV named .bin, a trace named .csv)
+CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl")
+BINARY_SUFFIXES = (".bin", ".trace", ".gguf")
+
+
+def _check_output(args: argparse.Namespace, to_csv: bool) -> None:
+    """Refuse to overwrite the input, and an output name whose extension says the other format."""
+    dest = Path(args.dest)
+    if dest.exists() and os.path.samefile(args.input, dest):
+        raise OutputError(f"{args.dest}: is the input; convert writes a new file, give another output name")
+    suffix = dest.suffix.lower()
+    if to_csv and suffix in BINARY_SUFFIXES:
+        raise OutputError(f"{args.dest}: a trace converts to a CSV log, but the name ends in {suffix}; "
+                          "name it .csv")
+    if not to_csv and suffix in CSV_SUFFIXES:
+        raise OutputError(f"{args.dest}: a CSV log converts to a binary trace, but the name ends in {suffix}; "
+                          "name it .bin")
+
+
 def run(args: argparse.Namespace) -> int:
     work = _csv_to_trace if _is_csv_log(args) else _trace_to_csv
+    _check_output(args, to_csv=work is _trace_to_csv)
     if args.detail and work is _csv_to_trace:
         raise InputError("--detail applies to trace -> CSV; a CSV log's form is read from its header line")
     info = work(args)

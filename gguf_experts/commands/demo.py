@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from ..errors import InputError
 from ..reporters.tabular import (
     Output,
     add_output_options,
@@ -12,6 +14,7 @@ from ..reporters.tabular import (
     frame_to_table,
     human_bytes,
 )
+from ._llama_options import add_progress, progress
 
 NAME = "demo"
 HELP = "end-to-end demo: tiny MoE model -> byte map -> live llama.cpp capture (code, chat, math, story) -> heat"
@@ -23,18 +26,26 @@ ORDER = 1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..demo import DEFAULT_DIR
 
-    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where the traces go (default ./{DEFAULT_DIR}/)")
+    p.add_argument("--dir", default=DEFAULT_DIR,
+                   help=f"where the trace, report.html and heatmap.png go (default ./{DEFAULT_DIR}/ in the current "
+                        "directory; it is in the project's .gitignore)")
     p.add_argument("--model", default=None, help="use this MoE GGUF instead of the bundled tiny model")
     p.add_argument("-n", "--n-predict", type=int, default=16, help="tokens generated per prompt (default 16)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     add_output_options(p)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..demo import DEMO_PROMPTS, run_demo
     from ..reporters.heat_text import summary_text
-    from ..demo import run_demo
 
-    res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads)
+    if args.n_predict < 0:
+        raise InputError(f"-n {args.n_predict}: the number of tokens to generate must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: must be at least 1")
+    with progress(args, f"demo: {len(DEMO_PROMPTS)} prompts", "tok") as update:
+        res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads, progress=update)
     kinds = res.kinds
 
     def text() -> str:
@@ -61,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
            "kinds": frame_records(kinds), "summary": res.summary, "layers": frame_records(res.layers),
            "hottest": frame_records(res.hottest), "report": {what: path for what, path in res.report}}
     emit(Output(kinds, document=doc, text=text), args.format, args.output)
-    if args.output:
-        sys.stderr.write(f"trace in {res.trace}, html report in {dict(res.report).get('html report')}, "
-                         f"summary in {args.output}\n")
+    if args.output or not sys.stdout.isatty():
+        sys.stderr.write(f"demo files in {res.out_dir}/: trace {res.trace.name}, "
+                         + ", ".join(f"{what} {Path(path).name}" for what, path in res.report) + "\n")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.reap import ReapAccumulator
+from ..atomic import resolve_target
 from ..errors import InputError
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._llama_options import add_llama_options, add_progress, check_llama_options, progress
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prune_plan is not None and args.prune_plan < 1:
         raise InputError(f"--prune-plan {args.prune_plan}: the number of experts per layer must be at least 1")
     check_llama_options(args)
+    resolve_target(args.output)  # fail before the run, not at the first checkpoint
     texts = jsonl_texts(args.jsonl)
     fp = model_fingerprint(args.model)
     acc = _start(args, fp)

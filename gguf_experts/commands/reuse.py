@@ -14,6 +14,7 @@ from ..reporters.tabular import (
     frame_records,
     frame_to_csv,
     frame_to_table,
+    say_wrote,
 )
 from ._trace_input import open_trace
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         co = reuse.coactivation_frame(stats.counts.sum(axis=0), stats.tokens.sum(axis=0))
         with atomic_write(args.coactivation) as fh:
             fh.write(frame_to_csv(co))
+        say_wrote(args.coactivation, f"csv, {len(co)} pairs")
     df = lf if args.by == "layer" else gf
 
     def text() -> str:
