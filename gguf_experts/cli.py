@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .errors import GGUFExpertsError
@@ -30,14 +30,23 @@ def _commands() -> list:
     return mods
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad option is one line on stderr (what, where, what to do) and exit 2, like
+    every other bad input; --help still prints the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Where every expert of a MoE GGUF lives, which experts a real llama.cpp run touches, "
         "and what that costs in bytes.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)

@@ -319,7 +319,8 @@ def test_plain_log_is_the_format_other_tracers_write(tmp_path: Path, capsys: pyt
         "seq,phase,pos,token,layer,expert_0,expert_1,weight_0,weight_1\n"
         "0,0,0,50,1,3,1,nan,nan\n0,0,1,51,1,0,7,nan,nan\n0,1,2,52,1,6,2,0.75,0.25\n")
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith(f"wrote {tmp_path / 'log.csv'}: trace -> csv, 3 rows")  # the table
+    assert out.splitlines()[0].startswith("trace -> csv: 3 rows")  # the first run: the table asked for
+    assert out.splitlines()[0].endswith(f"wrote {tmp_path / 'log.csv'}")
     assert out.splitlines()[1].startswith("input,output,direction,format,rows") and "detail" in out
 
 

@@ -10,27 +10,16 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from ..errors import InputError
+from ._types import at_least
 
 
 def add_llama_options(p: argparse.ArgumentParser, ctx_help: str = "context size (default 2048)") -> None:
     """--ctx-size, --ubatch-size, --threads, --n-gpu-layers (llama.cpp's own spellings)."""
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help=ctx_help)
-    p.add_argument("--ubatch-size", type=int, default=512, help="tokens per ubatch in prefill (default 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: cores, at most 8)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU (default 0)")
-
-
-def check_llama_options(args: argparse.Namespace) -> None:
-    """Refuse values llama.cpp would misread, before the model is loaded."""
-    if args.ctx_size < 8:
-        raise InputError(f"--ctx-size {args.ctx_size}: must be at least 8")
-    if args.ubatch_size < 1:
-        raise InputError(f"--ubatch-size {args.ubatch_size}: must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads {args.threads}: must be at least 1 (or left out: one per core, at most 8)")
-    if args.n_gpu_layers < 0:
-        raise InputError(f"--n-gpu-layers {args.n_gpu_layers}: must be >= 0 (a large number offloads all)")
+    p.add_argument("-c", "--ctx-size", type=at_least(8), default=2048, help=ctx_help)
+    p.add_argument("--ubatch-size", type=at_least(1), default=512, help="tokens per ubatch in prefill (default 512)")
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: cores, at most 8)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=at_least(0), default=0,
+                   help="layers to offload to a GPU (default 0; a large number offloads all)")
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:

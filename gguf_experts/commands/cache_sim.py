@@ -117,15 +117,18 @@ def run(args: argparse.Namespace) -> int:
     def text() -> str:
         out = [f"{args.trace}: {fp.architecture}, {M} experts per layer, top-{k}; {CONVENTION}\n"]
         if args.working_set:
-            return out[0] + "\n" + frame_to_table(ws.round(3))
-        out.append("\nsmallest LRU cache per layer reaching 90/95/99% hits:\n" + frame_to_table(small.round(4)))
+            return out[0] + "\n" + frame_to_table(ws)
+        out.append("\nsmallest LRU cache per layer reaching 90/95/99% hits:\n" + frame_to_table(
+            small, na_note="no capacity reaches that hit rate: even a cache of every expert gets only "
+                           "max_hit_rate, since each expert's first use is a miss"))
         shown = df if caps or gdf is not None else df[df["capacity"].isin(sim_caps)]
         shown = shown[shown["layer"] == "all"] if len(lru.layers()) > 8 else shown
         t = shown.copy()
         if gdf is not None:
             t["capacity"] = [human_bytes(v) if lay == "all" and gdf is not None and v in set(budgets) else v
                              for lay, v in zip(t["layer"], t["capacity"])]
-        out.append("\nhit rates (layer 'all' = every layer together):\n" + frame_to_table(t.round(4)))
+        out.append("\nhit rates (layer 'all' = every layer together):\n" + frame_to_table(
+            t, na_note="bytes_fetched needs --model MODEL.gguf (the bytes of each expert)"))
         return "".join(out)
     emit(Output(main, document=doc, text=text), args.format, args.output)
     return 0

@@ -12,7 +12,8 @@ import pandas as pd
 from ..atomic import resolve_target
 from ..errors import GGUFExpertsWarning, InputError
 from ..reporters.tabular import Output, add_output_options, emit
-from ._llama_options import add_llama_options, add_progress, check_llama_options, progress
+from ._llama_options import add_llama_options, add_progress, progress
+from ._types import at_least
 
 NAME = "capture"
 HELP = "run a MoE model in llama.cpp (llama-cpp-python) and record the experts it selects into trace.bin"
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (blank lines skipped)")
     src.add_argument("--jsonl", metavar="FILE", help="JSON lines of prompt/response records, captured as "
                      "prompt+response (teacher-forced prefill)")
-    p.add_argument("-n", "--n-predict", type=int, default=None,
+    p.add_argument("-n", "--n-predict", type=at_least(0), default=None,
                    help="tokens to generate greedily after each prompt (default 32; 0 with --jsonl)")
     add_llama_options(p)
     p.add_argument("--weights", action="store_true",
@@ -96,9 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
     texts = read_prompts(args)
     n_predict = args.n_predict if args.n_predict is not None else (0 if args.jsonl else 32)
-    if n_predict < 0:
-        raise InputError(f"-n {n_predict}: the number of tokens to generate must be >= 0")
-    check_llama_options(args)
     resolve_target(args.output)  # a missing or read-only directory, or a model as -o, fails before the run
     with progress(args, "capture", "tok") as update:
         res = capture(args.model, texts, args.output, n_predict=n_predict, weights=args.weights,

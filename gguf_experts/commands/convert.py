@@ -124,6 +124,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--detail applies to trace -> CSV; a CSV log's form is read from its header line")
     info = work(args)
     emit(Output(pd.DataFrame([info]), document=info,
-                text=f"wrote {info['output']}: {info['direction']}, {info['rows']} rows from {info['input']}\n"),
+                text=f"{info['direction']}: {info['rows']} rows from {info['input']}; wrote {info['output']}\n"),
          args.format, args.output)
     return 0

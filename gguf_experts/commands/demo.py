@@ -5,7 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InputError
 from ..reporters.tabular import (
     Output,
     add_output_options,
@@ -15,6 +14,7 @@ from ..reporters.tabular import (
     human_bytes,
 )
 from ._llama_options import add_progress, progress
+from ._types import at_least
 
 NAME = "demo"
 HELP = "end-to-end demo: tiny MoE model -> byte map -> live llama.cpp capture (code, chat, math, story) -> heat"
@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"where the trace, report.html and heatmap.png go (default ./{DEFAULT_DIR}/ in the current "
                         "directory; it is in the project's .gitignore)")
     p.add_argument("--model", default=None, help="use this MoE GGUF instead of the bundled tiny model")
-    p.add_argument("-n", "--n-predict", type=int, default=16, help="tokens generated per prompt (default 16)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("-n", "--n-predict", type=at_least(0), default=16, help="tokens generated per prompt (default 16)")
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads")
     add_output_options(p)
     add_progress(p)
 
@@ -40,10 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DEMO_PROMPTS, run_demo
     from ..reporters.heat_text import summary_text
 
-    if args.n_predict < 0:
-        raise InputError(f"-n {args.n_predict}: the number of tokens to generate must be >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads {args.threads}: must be at least 1")
     with progress(args, f"demo: {len(DEMO_PROMPTS)} prompts", "tok") as update:
         res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads, progress=update)
     kinds = res.kinds

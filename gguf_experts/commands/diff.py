@@ -15,6 +15,7 @@ from ..reporters.tabular import (
     frame_records,
     frame_to_table,
 )
+from ._types import at_least
 
 NAME = "diff"
 HELP = "compare two traces of one model: per (layer, expert) share in each, the delta, and per-layer divergence"
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="check both traces against this model (else they are only checked against each other)")
     p.add_argument("--by", choices=("expert", "layer"), default="expert",
                    help="rows per (layer, expert) [default] or per layer")
-    p.add_argument("--top", type=int, default=3, metavar="N",
+    p.add_argument("--top", type=at_least(1), default=3, metavar="N",
                    help="table format: the N experts per layer whose share changed most (default 3)")
     add_output_options(p)
 

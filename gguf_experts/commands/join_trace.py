@@ -8,6 +8,7 @@ import pandas as pd
 from ..join import HeatResult, join
 from ..reporters.heat_text import summary_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ._types import at_least
 
 NAME = "join-trace"
 HELP = "join a trace with its model: activations and bytes read per expert, expert slice (tensor) or file page"
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", choices=("expert", "tensor", "page"), default="expert",
                    help="rows per (layer, expert) [default], per expert slice of each tensor, or per run of "
                         "file pages with equal heat")
-    p.add_argument("--page-size", type=int, default=4096, metavar="BYTES",
+    p.add_argument("--page-size", type=at_least(1), default=4096, metavar="BYTES",
                    help="page size for --by page (default 4096; a power of two)")
     add_output_options(p)
 

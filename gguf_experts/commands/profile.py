@@ -11,7 +11,8 @@ from ..analysis.reap import ReapAccumulator
 from ..atomic import resolve_target
 from ..errors import InputError
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
-from ._llama_options import add_llama_options, add_progress, check_llama_options, progress
+from ._llama_options import add_llama_options, add_progress, progress
+from ._types import at_least
 from .capture import jsonl_texts
 
 NAME = "profile"
@@ -31,11 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jsonl", required=True, metavar="FILE", help="JSON lines of prompt/response records")
     p.add_argument("-o", "--output", required=True, metavar="EXPERT_STATS.json",
                    help="the expert statistics (also the checkpoint --resume continues from)")
-    p.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N records (50)")
+    p.add_argument("--save-every", type=at_least(1), default=50, metavar="N", help="checkpoint every N records (50)")
     add_llama_options(p, ctx_help="context size (default 2048); longer records are cut to it")
     p.add_argument("--resume", action="store_true", help="continue from -o, skipping the records it holds")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N records in total")
-    p.add_argument("--prune-plan", type=int, default=None, metavar="K",
+    p.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="stop after N records in total")
+    p.add_argument("--prune-plan", type=at_least(1), default=None, metavar="K",
                    help="report the K least salient experts per layer instead of the lowest/highest REAP")
     add_output_options(p, output=False, what="the report on stdout")
     add_progress(p)
@@ -96,13 +97,6 @@ def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink
 def run(args: argparse.Namespace) -> int:
     from ..trace.capture import TracedLlama, model_fingerprint
 
-    if args.save_every < 1:
-        raise InputError(f"--save-every {args.save_every}: must be at least 1")
-    if args.limit is not None and args.limit < 0:
-        raise InputError(f"--limit {args.limit}: the number of records must be >= 0")
-    if args.prune_plan is not None and args.prune_plan < 1:
-        raise InputError(f"--prune-plan {args.prune_plan}: the number of experts per layer must be at least 1")
-    check_llama_options(args)
     resolve_target(args.output)  # fail before the run, not at the first checkpoint
     texts = jsonl_texts(args.jsonl)
     fp = model_fingerprint(args.model)

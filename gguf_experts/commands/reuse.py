@@ -26,6 +26,10 @@ DESCRIPTION = (HELP + ". Per layer: mean |E_t & E_t-1| / k over consecutive deco
 ORDER = 55
 
 
+NA_NOTE = ("no value: mean_overlap needs two consecutive decode tokens of one sequence in that layer (decode_pairs "
+           "0: e.g. a prefill-only trace, capture -n 0); the gap columns need an expert used twice")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`)")
     p.add_argument("--by", choices=("layer", "gap"), default="layer",
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     def text() -> str:
         head = f"{args.trace}: {fp.architecture}, {M} experts per layer, top-{k}\n\n"
-        return head + frame_to_table(df.round(4), max_rows=200)
+        return head + frame_to_table(df, max_rows=200, na_note=NA_NOTE)
     emit(Output(df, document=lambda: {"layers": frame_records(lf), "gaps": frame_records(gf)}, text=text),
          args.format, args.output)
     return 0

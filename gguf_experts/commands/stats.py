@@ -14,6 +14,7 @@ from ..analysis.stats import (
 )
 from ..reporters.tabular import Output, add_output_options, emit, frame_to_table
 from ._trace_input import add_trace_arguments, expert_bytes, open_trace
+from ._types import at_least
 
 NAME = "stats"
 HELP = "expert activation statistics: counts and shares per layer and expert, never-activated experts, imbalance"
@@ -22,11 +23,15 @@ DESCRIPTION = (HELP + ". CSV: one row per (layer, expert), sorted by activations
 ORDER = 50
 
 
+NA_NOTE = ("no value: that layer or sequence has no tokens of that phase (e.g. no decode tokens for the *_decode "
+           "columns), so there is nothing to measure")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_arguments(p)
     p.add_argument("--by", choices=("expert", "layer", "sequence"), default="expert",
                    help="CSV/table rows: per (layer, expert) [default], per layer (imbalance), per sequence")
-    p.add_argument("--top", type=int, default=5, metavar="N", help="experts per layer in the table (default 5)")
+    p.add_argument("--top", type=at_least(1), default=5, metavar="N", help="experts per layer in the table (default 5)")
     add_output_options(p)
 
 
@@ -50,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
         head = (f"{args.trace}: {fp.architecture}, {len(lf)} MoE layers x {fp.n_expert} experts, "
                 f"top-{fp.n_expert_used}; {int(lf['tokens'].max()) if len(lf) else 0} tokens\n\n")
         if args.by != "expert":
-            return head + frame_to_table(df)
+            return head + frame_to_table(df, na_note=NA_NOTE)
         cols = ["layer", "tokens", "tokens_prefill", "tokens_decode", "activations", "never_activated",
                 "top10pct_share", "max_mean", "cv", "gini", "entropy"]
         never = [f"  layer {int(l)}: {' '.join(map(str, np.flatnonzero(acc.counts[:, l].sum(axis=0) == 0)))}"
                  for l in lf["layer"][lf["never_activated"] > 0]]
-        return (head + frame_to_table(lf[cols].round(4)) + f"\nbusiest {args.top} experts per layer:\n"
+        return (head + frame_to_table(lf[cols], na_note=NA_NOTE) + f"\nbusiest {args.top} experts per layer:\n"
                 + frame_to_table(top) + ("\nnever activated:\n" + "\n".join(never) + "\n" if never else ""))
     emit(Output(df, document=lambda: stats_document(acc, fp.n_expert_used, eb), text=text),
          args.format, args.output)
