@@ -43,7 +43,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temps(target: Path) -> list[Path]:
     """Remove temp files of our own pattern for ``target`` whose writing process no longer exists."""
     pat = re.compile(rf"^\.{re.escape(target.name)}\.{_TMP_TAG}(\d+)-[A-Za-z0-9_]+\.tmp$")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(target.parent))
     except OSError:
@@ -115,19 +115,19 @@ def atomic_path(path: str | os.PathLike[str], model: bool = False) -> Iterator[P
         return
     clean_stale_temps(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_TMP_TAG}{os.getpid()}-", suffix=".tmp",
-                                   dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{_TMP_TAG}{os.getpid()}-", suffix=".tmp",
+                                    dir=target.parent)
     except OSError as e:
         raise OutputError(f"{path}: cannot write in the directory {target.parent} ({e.strerror}); "
                           "choose another output") from e
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual permissions
-        os.replace(tmp, target)
+        yield Path(name)
+        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual permissions
+        os.replace(name, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(name)
         raise
 
 

@@ -64,10 +64,12 @@ def _load_json(path: Path) -> RangeSet:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); pass a GGUF file or a byte map from `gguf-experts dump`") from None
+        raise InputError(f"{path}: not valid JSON ({e}); "
+                         "pass a GGUF file or a byte map from `gguf-experts dump`") from None
     rows = doc.get("tensors") if isinstance(doc, dict) else doc
     if not isinstance(rows, list):
-        raise InputError(f"{path}: JSON has no 'tensors' list; expected the output of `gguf-experts dump --format json`")
+        raise InputError(f"{path}: JSON has no 'tensors' list; "
+                         "expected the output of `gguf-experts dump --format json`")
     df = pd.DataFrame(rows)
     files: dict[str, FileInfo] = {}
     if isinstance(doc, dict):
@@ -153,11 +155,11 @@ def check(rs: RangeSet) -> pd.DataFrame:
                                      zip(names[idx], names[h], start[idx], ov_end)]))
             gap_start = cummax[:-1]
             gap = start[1:] - gap_start
-            align = info.alignment or 32
-            gi = np.flatnonzero(gap >= align)
+            pad = info.alignment or 32
+            gi = np.flatnonzero(gap >= pad)
             if len(gi):
                 out.append(_finding("gap", fname, names[gi + 1], names[holder[gi]], gap_start[gi], start[gi + 1],
-                                    [f"{int(x)} unexplained bytes before {n} (padding is < {align})"
+                                    [f"{int(x)} unexplained bytes before {n} (padding is < {pad})"
                                      for x, n in zip(gap[gi], names[gi + 1])]))
         if info.data_offset is not None and len(g) and start[0] - info.data_offset >= (info.alignment or 32):
             out.append(_finding("gap", fname, names[:1], [""], [info.data_offset], start[:1],
@@ -225,7 +227,8 @@ def _check_tiling(rs: RangeSet) -> list[pd.DataFrame]:
                 details.append(f"slice of {size[i]} bytes after one of {prev_size[i]}: experts differ in size")
             else:
                 details.append(f"starts at {start[i]}, previous slice ends at {prev_end[i]}")
-        out.append(_finding("not_tiled", files[idx], names[idx], base[idx], start[idx], start[idx] + size[idx], details))
+        out.append(_finding("not_tiled", files[idx], names[idx], base[idx], start[idx], start[idx] + size[idx],
+                            details))
     if rs.model is not None:  # slices against the tensor they came from
         tens = {t.name: t for t in rs.model.tensors}
         g = df.groupby("base_name").agg(lo=("offset", "min"), total=("size", "sum"), n=("size", "size"))
@@ -234,7 +237,8 @@ def _check_tiling(rs: RangeSet) -> list[pd.DataFrame]:
             t = tens.get(bname)
             if t is not None and (r["lo"] != t.offset or r["total"] != t.nbytes):
                 rows.append((t.file.name, bname, bname, t.offset, t.offset + t.nbytes,
-                             f"{r['n']} slices cover {r['total']} bytes from {r['lo']}, tensor is {t.nbytes} bytes at {t.offset}"))
+                             f"{r['n']} slices cover {r['total']} bytes from {r['lo']}, "
+                             f"tensor is {t.nbytes} bytes at {t.offset}"))
         if rows:
             f, n, o, s, e, d = zip(*rows)
             out.append(_finding("not_tiled", list(f), list(n), list(o), list(s), list(e), list(d)))

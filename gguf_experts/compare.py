@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .analysis.diff import ShareDiff, diff_frames, share_diff
-from .errors import ModelMismatchError
+from .fingerprint import check_same_model
 from .join import count_chunks, join
 from .trace.reader import iter_trace_chunks, read_trace_header
 
@@ -24,11 +24,6 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str],
     if model:
         ha, hb = join(a, model), join(b, model)
         return diff_frames(ha.experts, hb.experts, ha.layers, hb.layers)
-    fa, fb = read_trace_header(a).fingerprint, read_trace_header(b).fingerprint
-    fields = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
-    bad = [f"{f}: {getattr(fa, f)!r} vs {getattr(fb, f)!r}" for f in fields if getattr(fa, f) != getattr(fb, f)]
-    if bad:
-        raise ModelMismatchError(f"{a} and {b} were captured from different models ({', '.join(bad)}); "
-                                 "compare traces of one model")
+    check_same_model(read_trace_header(a).fingerprint, read_trace_header(b).fingerprint, str(a), str(b))
     (aa, ta), (ab, tb) = _counts(a), _counts(b)
     return share_diff(aa, ab, tokens_a=ta, tokens_b=tb)

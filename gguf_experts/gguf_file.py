@@ -244,7 +244,8 @@ class _Parser:
 def _detect(buf: Any, path: Path) -> tuple[str, int]:
     size = len(buf)
     if size == 0:
-        raise GGUFFormatError(f"{path}: empty file (0 bytes); expected a GGUF model: check the path or download it again")
+        raise GGUFFormatError(f"{path}: empty file (0 bytes); "
+                              "expected a GGUF model: check the path or download it again")
     if size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
         head = bytes(buf[:4])
         raise GGUFFormatError(f"{path}: not a GGUF file (magic {head!r}, expected b'GGUF'); "
@@ -291,6 +292,9 @@ def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
     kv_types: dict[str, int] = {}
     for _ in range(n_kv):
         key = p.string("metadata key")
+        if key in kv:
+            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; llama.cpp refuses this file: "
+                                  "convert it again")
         vtype = p.u32(f"type of {key!r}")
         kv[key] = p.value(vtype, key=key)
         kv_types[key] = vtype
@@ -471,4 +475,8 @@ def open_model(path: str | os.PathLike[str]) -> Model:
             seen[t.name] = h.path
             t.shard = si
             tensors.append(t)
-    return Model(headers, tensors)
+    from .metadata import check_model
+
+    model = Model(headers, tensors)
+    check_model(model)  # types and ranges of the metadata every command reads, before anything uses it
+    return model

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .trace.format import ModelFingerprint, TraceData, check_fingerprint
+from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_model
+from .trace.format import TraceData
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
 
 if TYPE_CHECKING:
@@ -27,10 +28,6 @@ SLICE_COLUMNS = ["layer", "expert", "name", "base_name", "component", "file", "o
                  "activations", "bytes_read"]
 LAYER_COLUMNS = ["layer", "tokens", "activations", "bytes_read", "dense_bytes"]
 PAGE_COLUMNS = ["file", "page_start", "page_end", "offset_start", "offset_end", "activations", "bytes_read"]
-
-
-class QuantizationMismatchWarning(UserWarning):
-    """The trace was captured from another quantization of the same model: counts carry over."""
 
 
 @dataclass
@@ -202,16 +199,6 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
     if isinstance(trace, TraceData):
         return iter([trace]), "trace"
     return iter(trace), "trace"
-
-
-def check_model(trace_fp: ModelFingerprint, model: Model, trace_name: str) -> str | None:
-    """Refuse another model (ModelMismatchError); warn, and return the message, for another quantization."""
-    from .layout import fingerprint
-
-    msg = check_fingerprint(trace_fp, fingerprint(model), trace_name=trace_name, model_name=str(model.path))
-    if msg:
-        warnings.warn(QuantizationMismatchWarning(msg), stacklevel=3)
-    return msg
 
 
 def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:

@@ -6,19 +6,16 @@ never crosses a row, so the slices tile the tensor exactly. Per-expert biases {n
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .errors import GGUFFormatError
+from .fingerprint import fingerprint  # noqa: F401  (re-exported: its home is gguf_experts.fingerprint)
 from .gguf_file import Model, TensorInfo
-
-if TYPE_CHECKING:
-    from .trace.format import ModelFingerprint
 
 COLUMNS = ["name", "base_name", "expert_id", "layer", "component", "ggml_type",
            "ne0", "ne1", "ne2", "ne3", "file", "offset", "size"]
@@ -141,23 +138,6 @@ def expert_bytes(model: Model) -> pd.DataFrame:
     s = expert_slices(model)
     g = s.groupby(["layer", "expert_id"], sort=True)["size"].sum().reset_index()
     return g.rename(columns={"expert_id": "expert", "size": "bytes"})
-
-
-def fingerprint(model: Model) -> "ModelFingerprint":
-    """Identity of a model for traces: structure (names, shapes) and, separately, quantization (types)."""
-    from .trace.format import ModelFingerprint
-
-    shapes = hashlib.sha256()
-    types = hashlib.sha256()
-    # sorted by name: llama.cpp's quantizer writes tensors in another order than the converter does
-    for t in sorted(model.tensors, key=lambda t: t.name):
-        shapes.update(f"{t.name}:{','.join(map(str, t.ne))}\n".encode())
-        types.update(f"{t.name}:{t.type.name}\n".encode())
-    return ModelFingerprint(
-        architecture=model.architecture, n_layer=model.block_count, n_expert=model.expert_count,
-        n_expert_used=model.expert_used_count, tensor_digest=shapes.hexdigest()[:32],
-        type_digest=types.hexdigest()[:32],
-    )
 
 
 def component_summary(model: Model) -> pd.DataFrame:

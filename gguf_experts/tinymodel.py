@@ -40,7 +40,8 @@ def _byte_vocab() -> tuple[list[str], list[float], list[int]]:
 
 
 def _tensors(arch: str, rng: np.random.Generator, n_layer: int, n_expert: int, n_embd: int, n_head: int,
-             n_head_kv: int, head_dim: int, n_ff_exp: int, n_vocab: int, dtype: type) -> Iterator[tuple[str, np.ndarray]]:
+             n_head_kv: int, head_dim: int, n_ff_exp: int, n_vocab: int,
+             dtype: type) -> Iterator[tuple[str, np.ndarray]]:
     """(name, numpy array) in the order llama.cpp expects; numpy shape = reversed ggml ne."""
     def w(*shape: int, scale: float) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(dtype)

@@ -8,8 +8,8 @@ per layer, plus reuse gaps and working-set histograms), fed chunk by chunk as a 
 and the one-pass OPT curves (every capacity, Mattson's priority stack) over the same whole trace in memory;
 on a prefix the OPT curves are checked against (and timed beside) the per-token OPT simulation at 3 sizes.
 Peer: the textbook LRU cache, an OrderedDict at ONE capacity with a Python step per access (the same
-row convention), timed on a prefix of the trace. Prints accesses per CPU-second (single thread; process time, so other load on a shared machine
-does not count) and the ratio.
+row convention), timed on a prefix of the trace. Prints accesses per CPU-second (single thread; process time,
+so other load on a shared machine does not count) and the ratio.
 """
 from __future__ import annotations
 
@@ -180,7 +180,8 @@ def main() -> int:
     print(f"ratio LRU curves / peer: {n / tl / peer_rate:.1f}x (ours gives {M} capacities, the peer 1)")
     all_rows = curves["acc"].curves()
     hr = all_rows[all_rows.layer == "all"].set_index("capacity")["hit_rate"]
-    print("hit rate, all layers: " + ", ".join(f"C={c}: {hr[c]:.3f}" for c in (M // 16, M // 8, M // 4, M // 2) if c >= 1))
+    caps = (M // 16, M // 8, M // 4, M // 2)
+    print("hit rate, all layers: " + ", ".join(f"C={c}: {hr[c]:.3f}" for c in caps if c >= 1))
     if not a.no_opt_curve:  # the same whole trace as the LRU curves (OPT needs it in memory: the future)
         t0 = time.process_time()
         oc = opt_curves(t["layer"], t["experts"], L, M)
@@ -198,7 +199,8 @@ def main() -> int:
         t0 = time.process_time()
         sims[pol] = simulate(lay, ex, L, M, pol, sim_caps)
         dt = time.process_time() - t0
-        print(f"{pol.upper()} simulated at {len(sim_caps)} capacities {sim_caps}: {ex.size / dt / 1e6:8.2f} M accesses/s "
+        print(f"{pol.upper()} simulated at {len(sim_caps)} capacities {sim_caps}: "
+              f"{ex.size / dt / 1e6:8.2f} M accesses/s "
               f"({ex.size:,} accesses; one step per token, vectorised over layers and capacities)")
     t0 = time.process_time()
     oc = opt_curves(lay, ex, L, M)

@@ -58,7 +58,7 @@ def bench(path: Path, label: str, n_tokens: int, rounds: int, threads: int, tmp:
     llms = {k: make() for k, make in variants.items()}
     rates: dict[str, list[float]] = {k: [] for k in llms}
     cpu: dict[str, list[float]] = {k: [] for k in llms}
-    for k, llm in llms.items():  # warm caches / page in the weights once
+    for llm in llms.values():  # warm caches / page in the weights once
         decode_rate(llm, max(4, n_tokens // 8))
     for _ in range(rounds):
         for k, llm in llms.items():

@@ -4,7 +4,8 @@ read console errors and network requests, take a screenshot.
 Why this small client lives in tests/ and not Playwright: the product's ``report --screenshot`` needs no
 driver (Chromium's own ``--headless --screenshot``), so only the browser test needs one, and Playwright's
 Python package would add a ~40 MB wheel with a bundled Node.js driver, pinned to browser builds it expects,
-to drive the system Chromium for two tests. Why a hand-written client: ``--remote-debugging-pipe`` speaks NUL-delimited JSON on fds 3/4, so the standard
+to drive the system Chromium for two tests.
+Why a hand-written client: ``--remote-debugging-pipe`` speaks NUL-delimited JSON on fds 3/4, so the standard
 library suffices (no selenium/playwright, no websocket, no port). It records what a person would notice:
 console errors, uncaught exceptions and every network request the page makes (a self-contained report
 makes none), then evaluates a probe expression and captures a full-page PNG.

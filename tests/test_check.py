@@ -32,7 +32,8 @@ def specs() -> list[TensorSpec]:
 
 
 def write(tmp_path: Path, offsets: list[int] | None = None, name: str = "m.gguf", alignment: int = 32) -> Path:
-    return write_gguf(tmp_path / name, {"general.architecture": "qwen3moe", "qwen3moe.expert_count": E}, specs(),
+    return write_gguf(tmp_path / name, {"general.architecture": "qwen3moe", "qwen3moe.expert_count": E,
+                                            "qwen3moe.expert_used_count": 2}, specs(),
                       offsets=offsets, alignment=alignment)
 
 
@@ -123,7 +124,8 @@ def test_slices_against_the_model(tmp_path: Path) -> None:
     rs = load_ranges(write(tmp_path))
     sl = rs.ranges["expert_id"].notna()
     rs.ranges.loc[sl, "size"] = rs.ranges.loc[sl, "size"] - 2  # slices tile each other but not the tensor
-    rs.ranges.loc[sl, "offset"] = rs.ranges.loc[sl, "offset"].min() + rs.ranges.loc[sl, "expert_id"].astype(int) * (Q8 - 2)
+    eid = rs.ranges.loc[sl, "expert_id"].astype(int)
+    rs.ranges.loc[sl, "offset"] = rs.ranges.loc[sl, "offset"].min() + eid * (Q8 - 2)
     f = check(rs)
     assert f.loc[f["kind"] == "not_tiled", "name"].tolist() == ["blk.0.ffn_up_exps.weight"]
 

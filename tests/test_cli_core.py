@@ -129,7 +129,8 @@ BAD: dict[str, tuple[bytes, str]] = {
     "strings_2e40": (header(0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 2**40) + PAD, "claims"),
     "tensors_2e40": (header(2**40, 0) + b"\0" * 64, "tensor count 1099511627776 is impossible"),
     "kv_2e40": (header(0, 2**40) + b"\0" * 64, "metadata count 1099511627776 is impossible"),
-    "bad_value_type": (header(0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 13) + PAD, "unknown metadata value type 13"),
+    "bad_value_type": (header(0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 13) + PAD,
+                       "unknown metadata value type 13"),
     "bad_alignment": (encode_header({"general.alignment": 48}, [])[0], "not a power of two"),
 }
 

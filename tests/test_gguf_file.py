@@ -79,7 +79,8 @@ def test_versions_byteorders_alignments(tmp_path: Path, version: int, byteorder:
 def test_arrays_of_arrays_small_and_lazy(tmp_path: Path) -> None:
     nested = [[1, 2, 3], [4], []]
     big_nested = [[i, i + 1] for i in range(SMALL_ARRAY + 5)]
-    kv = {"general.architecture": "x", "n": (V.ARRAY, (V.ARRAY, [(V.UINT32, r) if r else (V.UINT32, []) for r in nested])),
+    arrays = [(V.UINT32, r) if r else (V.UINT32, []) for r in nested]
+    kv = {"general.architecture": "x", "n": (V.ARRAY, (V.ARRAY, arrays)),
           "strs": [["a", "b"], ["c"]], "big": big_nested}
     p = write_gguf(tmp_path / "n.gguf", kv, [TensorSpec.make("t", (4,), "F32")])
     h = read_header(p)
@@ -132,7 +133,8 @@ def test_expert_tensor_variants_parse(tmp_path: Path) -> None:
 
 def _split_model(tmp_path: Path, n: int = 3) -> list[Path]:
     tensors = [TensorSpec.make(f"blk.{i}.ffn_up_exps.weight", (64, 32, 4), "Q8_0") for i in range(7)]
-    return write_split(tmp_path, "M", {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4},
+    return write_split(tmp_path, "M", {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4,
+                                          "qwen3moe.expert_used_count": 2},
                        tensors, n, alignment=64)
 
 
@@ -274,7 +276,8 @@ def test_random_tensor_lists_round_trip(tmp_path: Path, tensors: list[TensorSpec
 
 
 def _valid_small(tmp_path: Path) -> bytes:
-    kv = {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4, "s": "abc", "a": [1, 2, 3],
+    kv = {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
+          "s": "abc", "a": [1, 2, 3],
           "big": list(range(100)), "nest": [[1], [2, 3]]}
     tensors = [TensorSpec.make("blk.0.ffn_up_exps.weight", (64, 8, 4), "Q8_0"), TensorSpec.make("n", (7,), "F32")]
     return write_gguf(tmp_path / "ok.gguf", kv, tensors).read_bytes()

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gguf_experts.cli import main
 from gguf_experts.gguf_file import open_model
 from gguf_experts.layout import fingerprint
 from gguf_experts.trace import TraceWriter
@@ -55,7 +54,8 @@ def test_negative_counts_are_one_line_exit_2(argv: list[str], tmp_path: Path, mo
                                               run_cli) -> None:
     r = run_cli(*[{"T": prefill_only, "M": model}.get(a, a) for a in argv])
     assert r.rc == 2 and r.err.count("\n") == 1 and r.out == "", r.err
-    assert r.err.startswith(f"gguf-experts {argv[0]}: error: argument ") and f"see gguf-experts {argv[0]} --help" in r.err
+    assert r.err.startswith(f"gguf-experts {argv[0]}: error: argument ")
+    assert f"see gguf-experts {argv[0]} --help" in r.err
     assert not (tmp_path / "o.bin").exists()
 
 
@@ -153,7 +153,8 @@ def test_report_labels_both_traces_and_png_draws_both(tmp_path: Path, model: Pat
         assert f'<p class="vtag">{label}</p><div class="cards">' in text
     assert text.count('class="view" data-view="0"') == text.count('class="view" data-view="1"') >= 5
     blob = json.loads(text.split('id="report-data">')[1].split("</script>")[0])
-    assert [v["label"] for v in blob["views"]] == ["a.bin", "b.bin"] and blob["views"][0]["acts"] != blob["views"][1]["acts"]
+    assert [v["label"] for v in blob["views"]] == ["a.bin", "b.bin"]
+    assert blob["views"][0]["acts"] != blob["views"][1]["acts"]
     png = tmp_path / "h.png"
     r = run_cli("report", a, b, "-m", model, "-o", tmp_path / "r.html", "--png", png, "--no-opt", "-f", "table")
     assert r.rc == 0 and f"wrote {png}" in r.out

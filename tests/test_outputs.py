@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_experts.cli import main
 from gguf_experts.gguf_file import open_model
 from gguf_experts.layout import fingerprint
 from gguf_experts.trace import TraceWriter

@@ -457,3 +457,18 @@ def test_convert_prints_the_recovery_warning_as_one_line(tmp_path: Path, capsys:
     assert cap.err.count("\n") == 1 and cap.err.startswith("gguf-experts: warning: ") and "dropped" in cap.err
     assert "trace -> csv: 27 rows" in cap.out  # 4 records of 5 tokens + 7 of the 8 one-token records
     assert len(pd.read_csv(tmp_path / "o.csv")) == 27
+
+
+def test_select_keeps_the_masked_rows_of_every_column(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m.gguf")
+    d = read_trace(make_trace(tmp_path / "t.bin", model, weights=True))
+    mask = (d.seq == 1) & (d.phase == 1)
+    sub = d.select(mask)
+    assert len(sub) == int(mask.sum()) > 0 and sub.header is d.header
+    for f in FIELDS + ("weights",):
+        assert np.array_equal(getattr(sub, f), getattr(d, f)[mask]), f
+    idx = np.flatnonzero(mask)
+    assert np.array_equal(d.select(idx).experts, sub.experts)
+    assert len(d.select(np.zeros(len(d), bool))) == 0
+    with pytest.raises(ValueError):
+        d.select(mask[:-1])

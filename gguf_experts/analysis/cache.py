@@ -81,6 +81,7 @@ class LayerLRU:
         d = np.where(cd.distance == COLD, M, cd.distance)
         lay = np.repeat(cd.stream, self.k)
         idx = lay * (M + 1) + d.ravel()
+        assert self.expert_bytes is not None  # set in __post_init__
         b = self.expert_bytes[lay, cd.items.ravel()]
         self.hist += np.bincount(idx, minlength=L * (M + 1)).reshape(L, M + 1)
         self.byte_hist += np.bincount(idx, weights=b, minlength=L * (M + 1)).reshape(L, M + 1)
@@ -101,6 +102,7 @@ class LayerLRU:
         return np.flatnonzero(self.hist.sum(axis=1) > 0)
 
     def working_set(self, taus: Iterable[int] | None = None) -> pd.DataFrame:
+        assert self.expert_bytes is not None  # set in __post_init__
         return working_set(self.fwd_hist, self.fwd_bytes, self.state, self.expert_bytes, self.layers(), taus)
 
 
@@ -125,7 +127,8 @@ def curve_rows(layers: np.ndarray, policy: str, caps: np.ndarray, acc: np.ndarra
     nl, nc = hits.shape
     rows = pd.DataFrame({
         "layer": np.repeat(layers, nc).astype(str), "policy": policy, "capacity": np.tile(caps, nl),
-        "accesses": np.repeat(acc, nc), "hits": hits.ravel(), "bytes_fetched": np.rint(fetched.ravel()).astype(np.int64),
+        "accesses": np.repeat(acc, nc), "hits": hits.ravel(),
+        "bytes_fetched": np.rint(fetched.ravel()).astype(np.int64),
     })
     total = pd.DataFrame({"layer": "all", "policy": policy, "capacity": caps, "accesses": int(acc.sum()),
                           "hits": hits.sum(axis=0), "bytes_fetched": np.rint(fetched.sum(axis=0)).astype(np.int64)})
@@ -200,7 +203,7 @@ def layer_streams(layer: np.ndarray, experts: np.ndarray, n_layer: int,
     start = np.concatenate(([0], np.cumsum(counts)[:-1]))
     local = np.arange(len(lay)) - start[lay]
     T = int(counts.max()) if len(counts) else 0
-    X = np.full((T, n_layer, k), -1, dtype)
+    X: np.ndarray = np.full((T, n_layer, k), -1, dtype)
     X[local, lay] = experts[order]
     return X, X[:, :, 0] >= 0
 
@@ -267,6 +270,7 @@ def simulate(layer: np.ndarray, experts: np.ndarray, n_layer: int, n_expert: int
             freq[lrows, sl] += v[:, None]
             prio[lrows, sl] = np.where(v[:, None], (freq[lrows, sl] << 31) + lk, prio[lrows, sl])
         else:
+            assert nxt is not None  # computed above for policy 'opt'
             prio[lrows, sl] = np.where(v[:, None], -(nxt[t] * M + sl), prio[lrows, sl])
         req = np.zeros((L, M), bool)
         req[lrows, sl] = v[:, None]
@@ -319,6 +323,7 @@ class GlobalLRU:
             ids = experts[a:a + rows].astype(np.int64) + (layer[a:a + rows].astype(np.int64) * self.n_expert)[:, None]
             cd = chunk_distances(self.state, np.zeros(len(ids), np.int64), ids, item_bytes=self.item_bytes)
             own = self.item_bytes[cd.items.ravel()]
+            assert cd.byte_distance is not None  # item_bytes was given
             need = cd.byte_distance.ravel() + own  # bytes that must fit for a hit
             hit = need[None, :] <= self.budgets[:, None]
             self.hits += hit.sum(axis=1)

@@ -6,11 +6,12 @@ requested together; an expert resident when the row starts is a hit; then the ca
   C >= k: R plus the best C - k of its other residents,   C < k: the best C of R,
 "best" by one priority shared by every capacity: soonest next use (after this row), then lower id. Suppose
 cache_C = the top C of a stack S for every C (true at the start: experts never requested yet sit below all
-others, with key _UNSEEN, and never count as resident: their requests miss at every capacity). Let A_C = S[:C] minus R and
-B_C = the best C - k of A_C. A_(C+1) is A_C or A_C plus one expert, so B_(C+1) is B_C plus one expert (the
-best m + 1 of a set with one more element contain its best m). Hence the new caches are again the prefixes
-of one stack: R sorted by priority, then the experts B_(C+1) - B_C in turn (inclusion property), and the
-hits of capacity C are the requests whose depth in S at the row start is < C (first uses: none).
+others, with key _UNSEEN, and never count as resident: their requests miss at every capacity).
+Let A_C = S[:C] minus R and B_C = the best C - k of A_C. A_(C+1) is A_C or A_C plus one expert, so B_(C+1)
+is B_C plus one expert (the best m + 1 of a set with one more element contain its best m). Hence the new
+caches are again the prefixes of one stack: R sorted by priority, then the experts B_(C+1) - B_C in turn
+(inclusion property), and the hits of capacity C are the requests whose depth in S at the row start is < C
+(first uses: none).
 
 How the row's update is computed. Mattson's update for ONE request of x at depth d moves x to the top and
 sends positions 0..d-1 down through a carry: at each position the expert with the sooner next use stays and

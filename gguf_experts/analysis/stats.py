@@ -93,8 +93,10 @@ class StatsAccumulator:
         prow = np.bincount((sidx * 2 + phase) * L + layer, minlength=len(useqs) * 2 * L).reshape(len(useqs), 2, L)
         if len(useqs) * L * M <= 1 << 22:  # dense: one bincount
             per = np.bincount(key, minlength=len(useqs) * L * M).reshape(len(useqs), L * M)
-            keys = cnts = bounds = None
+            keys: np.ndarray | None = None
+            cnts = bounds = np.empty(0, np.int64)
         else:  # many short sequences in one chunk: only the (sequence, layer, expert) triples that occur
+            per = np.empty((0, 0), np.int64)
             keys, cnts = np.unique(key, return_counts=True)
             bounds = np.searchsorted(keys, np.arange(len(useqs) + 1) * (L * M))
         for j, s in enumerate(useqs.tolist()):  # one step per distinct sequence of the chunk

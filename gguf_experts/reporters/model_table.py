@@ -36,7 +36,8 @@ def model_table(model: Model) -> str:
         lines += [
             "",
             f"bytes read per token at top-{pt['n_expert_used']}: {human_bytes(pt['bytes_per_token'])} "
-            f"(experts {human_bytes(pt['expert_bytes_per_token'])} + non-expert weights {human_bytes(pt['nonexpert_bytes_per_token'])})"
+            f"(experts {human_bytes(pt['expert_bytes_per_token'])} "
+            f"+ non-expert weights {human_bytes(pt['nonexpert_bytes_per_token'])})"
             f" of {human_bytes(pt['model_bytes'])} in the model "
             f"({pt['bytes_per_token'] / pt['model_bytes']:.1%})",
         ]

@@ -151,7 +151,7 @@ def say_wrote(path: str | os.PathLike[str], what: str = "") -> None:
 
 def write_text(text: str, path: str | os.PathLike[str] | None) -> None:
     """Write to ``path`` atomically, or to stdout when path is None or '-'."""
-    if to_stdout(path):
+    if path is None or to_stdout(path):
         sys.stdout.write(text)
         sys.stdout.flush()
         return
@@ -163,7 +163,7 @@ def emit(output: Output, fmt: str | None, path: str | os.PathLike[str] | None) -
     """Render in the format the rule gives and write it; a file written is announced on stderr."""
     fmt = resolve_format(fmt, path)
     write_text(output.render(fmt), path)
-    if not to_stdout(path):
+    if path is not None and not to_stdout(path):
         say_wrote(path, fmt)
 
 

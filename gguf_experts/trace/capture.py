@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import InputError
-from .format import PHASE_DECODE, PHASE_PREFILL, ModelFingerprint
+from ..fingerprint import ModelFingerprint, model_fingerprint
+from .format import PHASE_DECODE, PHASE_PREFILL
 from .ggml_ctypes import (
     CaptureError,
     GGMLTensor,
@@ -489,17 +490,6 @@ def _gil_holding_decode(lc: Any) -> Any:
     fn.argtypes = [ctypes.c_void_p, lc.llama_batch]
     fn.restype = ctypes.c_int32
     return fn
-
-
-def model_fingerprint(model_path: str | os.PathLike[str]) -> ModelFingerprint:
-    from ..gguf_file import open_model
-    from ..layout import fingerprint
-
-    fp = fingerprint(open_model(model_path))
-    if not fp.n_expert or not fp.n_expert_used:
-        raise InputError(f"{model_path}: not a Mixture-of-Experts model (no expert_count/expert_used_count); "
-                         "nothing to capture")
-    return fp
 
 
 class Recorder:

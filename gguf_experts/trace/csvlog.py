@@ -182,7 +182,7 @@ def read_csv_log(path: str | os.PathLike[str], fp: ModelFingerprint,
         return
     except (ValueError, pd.errors.ParserError) as e:
         if isinstance(e, pd.errors.ParserError) and "Expected" in str(e):
-            raise InputError(f"{path}: malformed CSV ({str(e).strip()}); every row needs {len(names)} fields")
+            raise InputError(f"{path}: malformed CSV ({str(e).strip()}); every row needs {len(names)} fields") from None
         raise _diagnose(path, names, int_cols, e) from None
 
 

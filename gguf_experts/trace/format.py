@@ -18,12 +18,14 @@ import json
 import struct
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from ..errors import ModelMismatchError, TraceFormatError
+from ..errors import TraceFormatError
+from ..fingerprint import STRICT_FIELDS as _STRICT_FIELDS  # noqa: F401  (re-exported until users move)
+from ..fingerprint import ModelFingerprint, check_fingerprint
 
 MAGIC = b"GGEXTRC\x00"
 VERSION = 1
@@ -54,61 +56,6 @@ def record_length(n_tokens: int, k: int, weights: bool) -> int:
 
 class TraceRecoveryWarning(UserWarning):
     """A trace whose tail was truncated or corrupted: the valid prefix was kept, the rest dropped."""
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """Enough of a model to refuse joining a trace with another one.
-
-    ``tensor_digest`` covers tensor names and shapes (the model); ``type_digest`` the ggml types (its
-    quantization), so a trace can be joined with another quantization of the same model, with a warning.
-    """
-
-    architecture: str
-    n_layer: int
-    n_expert: int
-    n_expert_used: int
-    tensor_digest: str
-    type_digest: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "trace header") -> "ModelFingerprint":
-        try:
-            return cls(
-                architecture=str(d["architecture"]),
-                n_layer=int(d["n_layer"]),
-                n_expert=int(d["n_expert"]),
-                n_expert_used=int(d["n_expert_used"]),
-                tensor_digest=str(d["tensor_digest"]),
-                type_digest=str(d["type_digest"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TraceFormatError(f"{where}: model fingerprint is incomplete or malformed ({e}); "
-                                   "the file was not written by gguf-experts or is damaged") from None
-
-
-_STRICT_FIELDS = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
-
-
-def check_fingerprint(trace_fp: ModelFingerprint, model_fp: ModelFingerprint,
-                      trace_name: str = "trace", model_name: str = "model") -> str | None:
-    """Raise ModelMismatchError if the trace was captured from another model.
-
-    Returns a warning string (does not raise) when only the quantization (type_digest) differs: the
-    experts and their order are the same, only the byte sizes of the slices change.
-    """
-    diff = [f for f in _STRICT_FIELDS if getattr(trace_fp, f) != getattr(model_fp, f)]
-    if diff:
-        parts = ", ".join(f"{f}: trace {getattr(trace_fp, f)!r} vs model {getattr(model_fp, f)!r}" for f in diff)
-        raise ModelMismatchError(f"{trace_name} was not captured from {model_name} ({parts}); "
-                                 "join it with the model it was captured from")
-    if trace_fp.type_digest != model_fp.type_digest:
-        return (f"{trace_name} was captured from another quantization of {model_name} "
-                "(same tensors, other ggml types); expert activations carry over, byte sizes are the model's")
-    return None
 
 
 @dataclass
@@ -203,12 +150,14 @@ class TraceData:
         return int(self.experts.shape[1])
 
     def select(self, mask: np.ndarray) -> "TraceData":
-        """The rows where ``mask`` holds (e.g. one sequence or prompt kind), as a TraceData of their own."""
-        import dataclasses
-
-        return dataclasses.replace(self, seq=self.seq[mask], phase=self.phase[mask], pos=self.pos[mask],
-                                   token=self.token[mask], layer=self.layer[mask], experts=self.experts[mask],
-                                   weights=None if self.weights is None else self.weights[mask])
+        """The rows where ``mask`` holds (a boolean array of len(self), or row indices), as a TraceData of
+        their own with the same header: one prompt kind, one sequence, one phase."""
+        m = np.asarray(mask)
+        if m.dtype == bool and m.shape != (len(self),):
+            raise ValueError(f"select: boolean mask of shape {m.shape} for a trace of {len(self)} rows")
+        return replace(self, seq=self.seq[m], phase=self.phase[m], pos=self.pos[m], token=self.token[m],
+                       layer=self.layer[m], experts=self.experts[m],
+                       weights=None if self.weights is None else self.weights[m])
 
     @classmethod
     def empty(cls, header: TraceHeader, weights: bool = False) -> "TraceData":

@@ -66,7 +66,7 @@ def load_llama_cpp() -> ModuleType:
         if _llama_cpp is not None:
             return _llama_cpp
         try:
-            import llama_cpp  # type: ignore[import-not-found]
+            import llama_cpp
         except ImportError as e:
             raise LiveUnavailableError(
                 f"live capture needs llama-cpp-python, which is not importable ({e}); install it with "
@@ -100,7 +100,7 @@ def ggml_base() -> ctypes.CDLL:
     if _ggml_base is not None:
         return _ggml_base
     lc = load_llama_cpp()
-    libdir = Path(lc.__file__).parent / "lib"
+    libdir = Path(str(lc.__file__)).parent / "lib"
     cands = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("ggml-base.*"))
     last: Exception | None = None
     for c in cands:
@@ -111,7 +111,7 @@ def ggml_base() -> ctypes.CDLL:
             last = e
     else:
         try:  # some builds link ggml statically into libllama
-            lib = lc._lib  # type: ignore[attr-defined]
+            lib = lc._lib
             lib.ggml_backend_tensor_get  # noqa: B018
         except Exception as e:
             raise LiveUnavailableError(f"libggml-base not found next to {lc.__file__} ({last or e}); "
@@ -195,7 +195,7 @@ class ThreadPool:
 
     def __init__(self, llama_cpp: ModuleType, ctx: Any, n_threads: int) -> None:
         self._lc, self._ctx, self._tp = llama_cpp, ctx, None
-        libdir = Path(llama_cpp.__file__).parent / "lib"
+        libdir = Path(str(llama_cpp.__file__)).parent / "lib"
         cands = sorted(libdir.glob("libggml-cpu.*")) + sorted(libdir.glob("ggml-cpu.*"))
         if not cands:
             return

@@ -75,11 +75,12 @@ def _scan(buf: np.ndarray, k: int, at_eof: bool) -> tuple[list[_Run], int, str |
     """
     runs: list[_Run] = []
     size = buf.shape[0]
+    view = buf.data  # a memoryview: what struct reads the record headers from
     o = 0
     while o < size:
         if size - o < _FIXED + CRC_BYTES:
             return runs, o, ("truncated record" if at_eof else None)
-        marker, length, _seq, phase, flags, reserved, _layer, n, kk = RECORD_FIXED.unpack_from(buf, o)
+        marker, length, _seq, phase, flags, reserved, _layer, n, kk = RECORD_FIXED.unpack_from(view, o)
         if (marker != REC_MARKER or phase > 1 or flags & ~KNOWN_FLAGS or reserved or kk != k
                 or length != record_length(n, k, bool(flags & FLAG_WEIGHTS)) or length > MAX_RECORD_BYTES):
             return runs, o, "damaged record header"

@@ -63,7 +63,7 @@ def encode_records(seq: np.ndarray, phase: np.ndarray, layer: np.ndarray, pos: n
     words[:, c + n:c + 2 * n] = tokens.astype("<i4").view("<u4")
     e = c + 2 * n
     words[:, e:e + n * k] = experts.reshape(m, n * k).astype("<i4").view("<u4")
-    if has_w:
+    if weights is not None:
         words[:, e + n * k:e + 2 * n * k] = weights.reshape(m, n * k).astype("<f4").view("<u4")
     raw = words.view(np.uint8).reshape(m, length)
     words[:, -1] = crc32_rows(np.ascontiguousarray(raw[:, :length - CRC_BYTES]))

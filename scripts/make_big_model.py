@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""A realistically sized random MoE GGUF (default: Qwen3-30B-A3B-shaped qwen3moe), streamed to disk.
+
+Why: recording overhead and CPU/GPU agreement must be measured at real size, and no real model can be
+downloaded on the GPU machine. There is no float intermediate: quantized blocks (Q8_0 or Q4_K) are
+written directly from a pool of random blocks (each tensor starts at another place in the pool), so a
+30 GiB file takes about as long as the disk needs. The router rows are peaked: each expert's row is
+random with its own scale (a few experts have large-variance logits), so routing is skewed toward some
+experts and the top-k margins are wide, not the coin toss of a flat random router.
+
+    python scripts/make_big_model.py OUT.gguf [--quant Q8_0|Q4_K] [--layers 48] [--experts 128] [--top-k 8]
+        [--embd 2048] [--ff 768] [--heads 32] [--heads-kv 4] [--head-dim 128] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+# ggml block layouts: (values per block, bytes per block)
+BLOCKS = {"Q8_0": (32, 34), "Q4_K": (256, 144)}
+GGML_IDS = {"F32": 0, "Q8_0": 8, "Q4_K": 12}
+POOL_BYTES = 64 << 20
+
+
+def block_pool(quant: str, rng: np.random.Generator, n_in: int) -> np.ndarray:
+    """Random, valid blocks scaled so that a matrix of fan-in n_in keeps activations of order one."""
+    blck, size = BLOCKS[quant]
+    n = POOL_BYTES // size
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    if quant == "Q8_0":  # f16 d, then 32 int8: value = d * q, q ~ uniform(-128, 127) has std ~74
+        d = np.full(n, 1.0 / (74.0 * np.sqrt(n_in)), dtype=np.float16)
+        raw[:, 0:2] = d.view(np.uint8).reshape(n, 2)
+    else:  # Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit quants
+        d = np.full(n, 1.0 / (8.0 * 32.0 * np.sqrt(n_in)), dtype=np.float16)
+        raw[:, 0:2] = d.view(np.uint8).reshape(n, 2)
+        # value = d * sc * q - dmin * m with q in 0..15 and sc, m 6-bit: dmin = 7.5 d makes the mean zero
+        dmin = (d.astype(np.float32) * 7.5).astype(np.float16)
+        raw[:, 2:4] = dmin.view(np.uint8).reshape(n, 2)
+    return raw.reshape(-1)
+
+
+def pool_bytes(pool: np.ndarray, need: int, bsize: int, rng: np.random.Generator) -> np.ndarray:
+    """need bytes of whole blocks from the pool, starting at a random block, wrapping around."""
+    start = int(rng.integers(0, len(pool) // bsize)) * bsize
+    chunks = []
+    got = 0
+    while got < need:
+        piece = pool[start:start + (need - got)]
+        chunks.append(piece)
+        got += len(piece)
+        start = 0
+    return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--quant", choices=sorted(BLOCKS), default="Q8_0")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--embd", type=int, default=2048)
+    ap.add_argument("--ff", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--heads-kv", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(a.seed)
+    arch, q = "qwen3moe", a.quant
+    qtype = GGMLQuantizationType[q]
+    blck, bsize = BLOCKS[q]
+    for dim in (a.embd, a.ff, a.heads * a.head_dim):
+        if dim % blck:
+            sys.exit(f"make_big_model: {dim} is not a multiple of {q}'s block of {blck} values")
+    n_vocab = 259
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    wr = GGUFWriter(a.out, arch)
+    wr.add_name(f"big-{arch}-{a.layers}x{a.experts}top{a.top_k}-{q}")
+    wr.add_file_type({"Q8_0": 7, "Q4_K": 15}[q])
+    for key, val in [("context_length", 4096), ("embedding_length", a.embd), ("block_count", a.layers),
+                     ("feed_forward_length", a.ff * 8), ("expert_feed_forward_length", a.ff),
+                     ("attention.head_count", a.heads), ("attention.head_count_kv", a.heads_kv),
+                     ("attention.key_length", a.head_dim), ("attention.value_length", a.head_dim),
+                     ("expert_count", a.experts), ("expert_used_count", a.top_k)]:
+        wr.add_uint32(f"{arch}.{key}", val)
+    wr.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    wr.add_float32(f"{arch}.rope.freq_base", 1e6)
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list(tokens)
+    wr.add_token_scores([0.0] * n_vocab)
+    wr.add_token_types([2, 3, 3] + [6] * 256)
+    wr.add_unk_token_id(0)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_add_bos_token(True)
+
+    # (name, ne in ggml order, type, producer of the bytes)
+    plan: list[tuple[str, tuple[int, ...], str, object]] = []
+    qd, kvd = a.heads * a.head_dim, a.heads_kv * a.head_dim
+
+    def quant(name: str, *ne: int) -> None:
+        plan.append((name, ne, q, ne[0]))
+
+    def f32(name: str, arr: np.ndarray) -> None:
+        plan.append((name, tuple(reversed(arr.shape)), "F32", arr.astype(np.float32)))
+
+    ones = np.ones(a.embd, dtype=np.float32)
+    quant("token_embd.weight", a.embd, n_vocab)
+    f32("output_norm.weight", ones)
+    quant("output.weight", a.embd, n_vocab)
+    for i in range(a.layers):
+        p = f"blk.{i}."
+        f32(p + "attn_norm.weight", ones)
+        quant(p + "attn_q.weight", a.embd, qd)
+        quant(p + "attn_k.weight", a.embd, kvd)
+        quant(p + "attn_v.weight", a.embd, kvd)
+        quant(p + "attn_output.weight", qd, a.embd)
+        f32(p + "attn_q_norm.weight", np.ones(a.head_dim, dtype=np.float32))
+        f32(p + "attn_k_norm.weight", np.ones(a.head_dim, dtype=np.float32))
+        f32(p + "ffn_norm.weight", ones)
+        # peaked router: logit_e ~ N(0, scale_e^2) for a normalised input; a few experts have large scales
+        scale = 0.5 + 5.0 * (np.arange(a.experts) / max(a.experts - 1, 1)) ** 4
+        scale = rng.permutation(scale)
+        router = rng.standard_normal((a.experts, a.embd)) * (scale[:, None] / np.sqrt(a.embd))
+        f32(p + "ffn_gate_inp.weight", router)
+        quant(p + "ffn_gate_exps.weight", a.embd, a.ff, a.experts)
+        quant(p + "ffn_up_exps.weight", a.embd, a.ff, a.experts)
+        quant(p + "ffn_down_exps.weight", a.ff, a.embd, a.experts)
+
+    def nbytes(ne: tuple[int, ...], typ: str) -> int:
+        n = int(np.prod(ne))
+        return n * 4 if typ == "F32" else n // blck * bsize
+
+    for name, ne, typ, _ in plan:
+        if typ == "F32":
+            wr.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes(ne, typ),
+                               raw_dtype=GGMLQuantizationType.F32)
+        else:  # gguf-py takes the byte shape of a quantized tensor: rows of ne0 / blck * bsize bytes
+            byte_shape = tuple(reversed((ne[0] // blck * bsize, *ne[1:])))
+            wr.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes(ne, typ), raw_dtype=qtype)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_ti_data_to_file()
+    pools = {n_in: block_pool(q, rng, n_in) for n_in in {a.embd, a.ff, qd}}
+    total = 0
+    for _, ne, typ, src in plan:
+        data = src if typ == "F32" else pool_bytes(pools[int(src)], nbytes(ne, typ), bsize, rng)  # type: ignore
+        wr.write_tensor_data(data)
+        total += data.nbytes
+    wr.close()
+    print(f"wrote {a.out}: {total / 2**30:.2f} GiB of tensor data, {len(plan)} tensors, "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
