@@ -118,6 +118,10 @@ def test_report_cli_screenshot(report_html: Path, tmp_path: Path, capsys: pytest
     assert main(["report", str(d / "a.bin"), "-m", str(d / "m.gguf"), "-o", str(tmp_path / "r.html"),
                  "--screenshot", str(shot), "--screenshot-size", "1000x700", "--no-opt"]) == 0
     assert png_size(shot.read_bytes()) == (1000, 700)
+    mpimg = pytest.importorskip("matplotlib.image")
+    img = mpimg.imread(str(shot))[..., :3]
+    colourful = (img.max(axis=2) - img.min(axis=2)) > 0.3  # the heatmap's viridis cells, not black-on-white text
+    assert colourful.sum() > 2000, "the screenshot shows no rendered heatmap (the page was not drawn as HTML)"
     assert main(["report", str(d / "a.bin"), "-m", str(d / "m.gguf"), "-o", str(tmp_path / "r.html"),
                  "--screenshot", str(shot), "--screenshot-size", "big"]) == 2
     assert "WIDTHxHEIGHT" in capsys.readouterr().err

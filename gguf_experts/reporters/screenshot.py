@@ -40,9 +40,12 @@ def screenshot_html(html_path: str | os.PathLike[str], png_path: str | os.PathLi
     if not exe:
         raise BrowserError("--screenshot needs chromium, which was not found; install it (Debian: apt-get install "
                            "chromium) or set GGUF_EXPERTS_CHROMIUM to its path")
-    url = Path(html_path).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="gguf-experts-chromium-") as profile:
-        shot = Path(profile) / "shot.png"  # chromium picks the image format from the name's extension
+        # chromium decides what a file:// page is by its name: the HTML may still be a .tmp file here
+        page = Path(profile) / "report.html"
+        shutil.copyfile(html_path, page)
+        url = page.as_uri()
+        shot = Path(profile) / "shot.png"  # and the image format by the screenshot's name
         try:
             proc = subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
                                    f"--screenshot={shot}", url], stdin=subprocess.DEVNULL, capture_output=True,
