@@ -226,3 +226,11 @@ def test_tokenize_accepts_bytes(tmp_path: Path) -> None:
         text = "héllo wörld"
         assert llm.tokenize(text.encode("utf-8")) == llm.tokenize(text) and len(llm.tokenize(text)) > 2
         assert llm.generate(text.encode("utf-8"), 0) == [] and llm.n_past == len(llm.tokenize(text))
+
+
+def test_command_order_is_unique() -> None:
+    """cli lists commands by ORDER; two commands with one ORDER would be listed by import accident."""
+    from gguf_experts.cli import _commands
+
+    orders = [getattr(m, "ORDER", 100) for m in _commands()]
+    assert len(orders) == len(set(orders)), orders

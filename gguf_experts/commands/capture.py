@@ -7,8 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from ..atomic import resolve_target
 from ..errors import GGUFExpertsWarning, InputError
 from ..reporters.tabular import Output, add_output_options, emit
@@ -93,6 +91,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
+
     from ..trace.capture import capture
 
     texts = read_prompts(args)

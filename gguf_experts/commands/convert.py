@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
-
 from ..atomic import atomic_write
 from ..errors import InputError, OutputError
 from ..reporters.tabular import Output, add_output_options, emit
@@ -118,6 +116,8 @@ def _check_output(args: argparse.Namespace, to_csv: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
+
     work = _csv_to_trace if _is_csv_log(args) else _trace_to_csv
     _check_output(args, to_csv=work is _trace_to_csv)
     if args.detail and work is _csv_to_trace:

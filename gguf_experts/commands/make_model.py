@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from ..errors import InputError
 from ..reporters.tabular import Output, add_output_options, emit, human_bytes
 
@@ -45,6 +43,8 @@ def _types_text(types: dict[str, int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
+
     from ..atomic import resolve_target
     from ..tinymodel import check_shape, estimate_bytes, make_tiny_model, written_types
     from ._trace_input import parse_int_list

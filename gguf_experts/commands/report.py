@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import pandas as pd
-
 from ..errors import InputError
 from ..reporters.tabular import Output, add_output_options, emit
 
@@ -48,6 +46,8 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
+
     from ..report import build_report, check_output_names, write_report
 
     size = parse_size(args.screenshot_size)  # a bad size fails before the work
