@@ -4,6 +4,7 @@ and exposes NAME, HELP, add_arguments(parser) and run(args) -> int; they are dis
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import pkgutil
 import sys
@@ -75,6 +76,20 @@ def run_reporting_warnings(fn: Callable[[], Any]) -> Any:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+_AT_EXIT: list[Callable[[], None]] = []
+
+
+def _close_llama_devnull() -> None:
+    """llama-cpp-python opens /dev/null twice at import and never closes it; once warning filters have been
+    touched (run_reporting_warnings), interpreter shutdown prints two 'ResourceWarning: unclosed file' lines
+    after our output. Close them at exit (registered with atexit), when nothing can use them any more."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        fh = getattr(utils, name, None)
+        if fh is not None and hasattr(fh, "close"):
+            fh.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -84,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    if _close_llama_devnull not in _AT_EXIT:
+        _AT_EXIT.append(_close_llama_devnull)
+        atexit.register(_close_llama_devnull)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(run_reporting_warnings(lambda: args._run(args)) or 0)
     except GGUFExpertsError as e:

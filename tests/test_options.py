@@ -194,6 +194,9 @@ def test_eog_stop_is_said(tmp_path: Path, run_cli) -> None:
     assert doc["decode_tokens"] == 0 and doc["stopped_at_eog"] == 1
     assert r.err == ("gguf-experts: warning: 1 of 1 sequences stopped at an end-of-generation token before -n 16 "
                      "tokens (0 decode tokens in all); pass --ignore-eos to generate all of them\n")
+    proc = subprocess.run([sys.executable, "-m", "gguf_experts", "capture", str(p), "-p", "hello there", "-n", "16",
+                           "-o", str(tmp_path / "v.bin")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == r.err  # that one line, and nothing at exit (ResourceWarning)
     r = run_cli("capture", p, "-p", "hello there", "-n", "3", "--ignore-eos", "-o", tmp_path / "u.bin", "-f", "json")
     assert json.loads(r.out)["decode_tokens"] == 3 and r.err == ""
 

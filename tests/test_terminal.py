@@ -160,3 +160,15 @@ def test_demo(tmp_path: Path) -> None:
     assert "hottest experts" in res.out  # the table, since the terminal is a person
     assert (tmp_path / "gguf-experts-demo" / "demo.bin").is_file()
     assert (tmp_path / "gguf-experts-demo" / "report.html").is_file()
+
+
+def test_piped_runs_stay_quiet(tmp_path: Path, model: Path) -> None:
+    """The same run with stdout and stderr piped: no progress bar, no escape codes; the summary is CSV."""
+    import subprocess
+
+    out = tmp_path / "t.bin"
+    r = subprocess.run([sys.executable, "-m", "gguf_experts", "capture", str(model), "-p", "Once upon a time",
+                        "-n", "4", "--ignore-eos", "-t", "2", "-o", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("trace,model,sequences,tokens") and "\r" not in r.stdout + r.stderr
