@@ -24,7 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate
+from gguf_experts.analysis.cachesim import CacheSimRequest, as_accesses, cache_sim
 from gguf_experts.analysis.opt import opt_curves
+from gguf_experts.analysis.policies import simulate_lfuda, simulate_s3fifo
 from gguf_experts.analysis.stats import StatsAccumulator
 from gguf_experts.commands._trace_input import DEFAULT_CHUNK_ROWS
 
@@ -77,6 +79,108 @@ def peer_lru(t: dict[str, np.ndarray], L: int, capacity: int, limit: int) -> tup
     return hits, n
 
 
+def peer_access_lru(t: dict[str, np.ndarray], L: int, capacity: int, limit: int) -> tuple[int, int]:
+    """The textbook per-access LRU of simple analysers: each expert of a row is one OrderedDict access."""
+    caches = [OrderedDict() for _ in range(L)]
+    hits = n = 0
+    for lay, row in zip(t["layer"][:limit].tolist(), t["experts"][:limit].tolist(), strict=True):
+        c = caches[lay]
+        for e in row:
+            if e in c:
+                hits += 1
+                c.move_to_end(e)
+            else:
+                c[e] = None
+                if len(c) > capacity:
+                    c.popitem(last=False)
+        n += len(row)
+    return hits, n
+
+
+def peer_lfuda(layer: np.ndarray, experts: np.ndarray, L: int, capacity: int) -> int:
+    """LFUDA with the row rule, plain Python per row (dicts and a sort): the vectorised one's peer."""
+    hits = 0
+    for li in range(L):
+        cache: set[int] = set()
+        count: dict[int, int] = {}
+        key: dict[int, int] = {}
+        last: dict[int, tuple[int, int]] = {}
+        age = 0
+        for t, row in enumerate(experts[layer == li].tolist()):
+            hits += sum(e in cache for e in row)
+            for s, e in enumerate(row):
+                count[e] = count[e] + 1 if e in cache else 1
+                last[e] = (t, -s)
+            others = sorted(cache - set(row), key=lambda e: (key[e], last[e]), reverse=True)
+            n = max(capacity - len(row), 0)
+            age = max([age] + [key[e] for e in others[n:]])
+            for e in row:
+                key[e] = age + count[e]
+            cache = set(others[:n]) | set(row[:capacity] if capacity >= len(row) else
+                                          sorted(row, key=lambda e: (key[e], last[e]), reverse=True)[:capacity])
+    return hits
+
+
+def bench_policies(t: dict[str, np.ndarray], L: int, M: int, k: int, a: argparse.Namespace) -> None:
+    """--order access (one-pass curves against the per-access OrderedDict peer), LFUDA and S3-FIFO (against
+    a plain per-row peer), and the share of the LRU-to-OPT gap each policy captures."""
+    limit = max(1, min(len(t["layer"]), a.peer_accesses // k))
+    lay, ex = as_accesses(t["layer"], t["experts"])
+    t0 = time.process_time()
+    acc = LayerLRU(L, M, 1)
+    for c in chunks({"layer": lay, "experts": ex}, a.chunk_rows * k):
+        acc.update(c["layer"], c["experts"])
+    tl = time.process_time() - t0
+    cap = max(1, M // 4)
+    t0 = time.process_time()
+    ph, pn = peer_access_lru(t, L, cap, limit)
+    tp = time.process_time() - t0
+    pre = LayerLRU(L, M, 1)
+    pre.update(*as_accesses(t["layer"][:limit], t["experts"][:limit]))
+    cur = pre.curves([cap])
+    assert int(cur[cur.layer == "all"].hits.iloc[0]) == ph
+    n = ex.size
+    print(f"--order access LRU curves (all {M} capacities, per layer): {n / tl / 1e6:8.2f} M accesses/s; peer "
+          f"per-access OrderedDict LRU at capacity {cap} only: {pn / tp / 1e6:.2f} M/s (hits identical: {ph:,}); "
+          f"ratio {n / tl / (pn / tp):.1f}x")
+    lim = max(L, min(len(t["layer"]), a.sim_accesses // k) // L * L)
+    sl, se = t["layer"][:lim], t["experts"][:lim]
+    caps = [M // 8, M // 4, M // 2]
+    t0 = time.process_time()
+    simulate_lfuda(sl, se, L, M, caps)
+    tf = time.process_time() - t0
+    plim = max(L, min(lim, a.peer_accesses // (4 * k)) // L * L)  # the plain peer is slow: a shorter prefix
+    t0 = time.process_time()
+    peer = peer_lfuda(sl[:plim], se[:plim], L, cap)
+    tq = time.process_time() - t0
+    mine = simulate_lfuda(sl[:plim], se[:plim], L, M, [cap])
+    assert int(mine[mine.layer == "all"].hits.iloc[0]) == peer
+    print(f"LFUDA simulated at {caps}: {se.size / tf / 1e6:8.2f} M accesses/s (vectorised over layers); plain "
+          f"per-row peer at capacity {cap} only: {se[:plim].size / tq / 1e6:.2f} M/s (hits identical: {peer:,}); "
+          f"ratio {(se.size * len(caps) / tf) / (se[:plim].size / tq):.1f}x per capacity")
+    t0 = time.process_time()
+    simulate_s3fifo(sl, se, L, M, caps)
+    ts = time.process_time() - t0
+    print(f"S3-FIFO simulated at {caps}: {se.size / ts / 1e6:8.2f} M accesses/s (plain queues: "
+          f"{se.size * len(caps) / ts / (pn / tp):.2f}x the per-access OrderedDict LRU peer per capacity)")
+    for order in ("token", "access"):
+        req = CacheSimRequest(L, M, k, policies=["lru", "lfu", "lfuda", "s3fifo", "opt"], order=order,
+                              capacities=caps)
+        rows = cache_sim([(sl, se)], req).rows
+        al = rows[rows.layer == "all"]
+        print(f"order {order}, all layers, {se.size:,} accesses: " + "; ".join(
+            f"{p} " + ", ".join(f"C={c}: {h:.3f}" + ("" if p in ("lru", "opt") else f" (gap {g:+.0%})")
+                               for c, h, g in zip(grp.capacity, grp.hit_rate, grp.gap_share, strict=True))
+            for p, grp in al.groupby("policy", sort=False)))
+
+
+def optional_parts(t: dict[str, np.ndarray], L: int, M: int, k: int, a: argparse.Namespace) -> None:
+    if not a.no_policies:
+        bench_policies(t, L, M, k, a)
+    if a.file:
+        end_to_end(t, L, M, k)
+
+
 def end_to_end(t: dict[str, np.ndarray], L: int, M: int, k: int) -> None:
     """The commands as people run them: trace.bin on disk (decode records of one token per layer)."""
     import contextlib
@@ -124,6 +228,8 @@ def main() -> int:
                          "end to end (reading included) through the CLI")
     ap.add_argument("--sim-accesses", type=int, default=1_000_000,
                     help="prefix for the per-token LFU/OPT simulators and the global byte-budget LRU")
+    ap.add_argument("--no-policies", action="store_true",
+                    help="skip --order access, LFUDA, S3-FIFO and the LRU-to-OPT gap shares")
     ap.add_argument("--no-opt-curve", action="store_true", help="skip the one-pass OPT curves over the whole trace")
     a = ap.parse_args()
     L, M, k = a.layers, a.experts, a.k
@@ -223,8 +329,7 @@ def main() -> int:
     dt = time.process_time() - t0
     print(f"global byte-budget LRU (one cache over all {L * M} experts, 3 budgets): {ex.size / dt / 1e6:8.2f} M "
           f"accesses/s; hit rates {', '.join(f'{h:.3f}' for h in g.hits / g.accesses)} at 10/25/50% of expert bytes")
-    if a.file:
-        end_to_end(t, L, M, k)
+    optional_parts(t, L, M, k, a)
     print(f"peak memory allocated by one LRU-curve pass: {peak / 2**20:.1f} MiB (bounded by the chunk size; "
           f"the trace arrays it reads: {sum(v.nbytes for v in t.values()) / 2**20:.1f} MiB)")
     return 0

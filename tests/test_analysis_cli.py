@@ -94,7 +94,8 @@ def test_cache_sim_formats(run_cli, trace, model, fmt):
     assert r.rc == 0, r.err
     if fmt == "csv":
         df = _csv(r.out)
-        assert list(df.columns) == ["layer", "policy", "capacity", "accesses", "hits", "hit_rate", "bytes_fetched"]
+        assert list(df.columns) == ["layer", "policy", "capacity", "accesses", "hits", "hit_rate", "bytes_fetched",
+                                    "gap_share"]
         a = df[df.layer == "all"].set_index(["policy", "capacity"])
         assert (a.loc["opt", "hits"] >= a.loc["lru", "hits"]).all()
         eb = expert_bytes(open_model(model)).groupby("layer")["bytes"].first()
@@ -131,6 +132,24 @@ def test_cache_sim_curve_budget_and_working_set(run_cli, trace, model):
     ws = _csv(r.out)
     assert r.rc == 0 and set(ws.tau) == {1, 4}
     assert np.allclose(ws[(ws.tau == 1) & (ws.layer != "all")].experts, K)
+
+
+def test_cache_sim_curve_has_opt_rows_and_policies_report_their_gap(run_cli, trace):
+    r = run_cli("cache-sim", trace, "--curve", "--capacity", "2")
+    df = _csv(r.out)
+    assert r.rc == 0 and set(df.policy) == {"lru", "opt"}  # --curve: LRU and OPT, every capacity
+    for p in ("lru", "opt"):
+        assert sorted(df[(df.policy == p) & (df.layer == "all")].capacity) == list(range(1, N_EXPERT + 1))
+    r = run_cli("cache-sim", trace, "--policy", "lfuda,s3fifo", "--capacity", "2,4", "--order", "access")
+    df = _csv(r.out)
+    assert r.rc == 0 and set(df.policy) == {"lru", "opt", "lfuda", "s3fifo"}  # LRU and OPT: the references
+    a = df[df.layer == "all"].set_index(["policy", "capacity"])
+    for p in ("lfuda", "s3fifo"):
+        for c in (2, 4):
+            lru, opt, mine = (a.loc[(q, c), "hits"] for q in ("lru", "opt", p))
+            assert a.loc[(p, c), "gap_share"] == pytest.approx((mine - lru) / (opt - lru))
+    r = run_cli("cache-sim", trace, "--order", "access", "-f", "json")
+    assert r.rc == 0 and json.loads(r.out)["order"] == "access"
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -192,6 +211,8 @@ def test_other_quantization_warns_and_uses_its_bytes(run_cli, trace, model, tmp_
 
 @pytest.mark.parametrize("cmd", [["stats"], ["stats", "--by", "layer"], ["stats", "--by", "sequence"], ["reuse"],
                                  ["reuse", "--by", "gap"], ["cache-sim", "--policy", "lru,lfu,opt"],
+                                 ["cache-sim", "--policy", "lfuda,s3fifo", "--order", "access"],
+                                 ["pins", "--capacity", "2"],
                                  ["cache-sim", "--working-set"]])
 @pytest.mark.parametrize("fmt", ["csv", "json", "table"])
 def test_empty_trace(run_cli, model, tmp_path, cmd, fmt):

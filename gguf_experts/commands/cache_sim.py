@@ -3,44 +3,44 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import pandas as pd
-
-from ..analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity
-from ..analysis.opt import opt_curves
-from ..errors import InputError
-from ..reporters.tabular import (
-    Output,
-    add_output_options,
-    emit,
-    frame_records,
-    frame_to_table,
-    human_bytes,
-)
+from ..analysis.cachesim import CacheSimRequest, CacheSimResult, cache_sim, parse_policies
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
 from ._trace_input import add_trace_arguments, expert_bytes, open_trace, parse_int_list
 
 NAME = "cache-sim"
-HELP = "expert cache simulation: LRU and OPT miss-ratio curves for every capacity, LFU, byte budgets, working sets"
+HELP = ("expert cache simulation: LRU curves for every capacity, OPT, LFU, LFUDA, S3-FIFO, byte budgets, "
+        "working sets, token or access order")
 DESCRIPTION = (
-    HELP + ". Rows: layer,policy,capacity,accesses,hits,hit_rate,bytes_fetched (layer 'all': every layer "
-    "together, or the one global cache of --budget). The k experts of one token at one layer are requested "
-    "together: an expert resident when the token starts is a hit, the others are fetched. Per-layer caches "
-    "hold CAPACITY experts of their layer (LRU: every capacity 1..n_expert in one pass by stack distances; "
-    "OPT: at --capacity, or every capacity with --curve, in one pass by Mattson's priority stack; LFU: "
-    "simulated at --capacity); --budget is one LRU cache of BYTES over all layers (needs --model).")
+    HELP + ". Rows: layer,policy,capacity,accesses,hits,hit_rate,bytes_fetched,gap_share (layer 'all': every "
+    "layer together, or the one global cache of --budget; gap_share: the share of the LRU-to-OPT gap the "
+    "policy captures at that capacity). --order token (default): the k experts of one token at one layer are "
+    "requested together: an expert resident when the token starts is a hit, the others are fetched. "
+    "--order access: the token's experts are requested one by one in top-k order, as simple analysers do. "
+    "Per-layer caches hold CAPACITY experts of their layer (LRU: every capacity 1..n_expert in one pass by "
+    "stack distances; OPT: one pass by Mattson's priority stack, at --capacity or every capacity with "
+    "--curve; LFU, LFUDA, S3-FIFO: simulated at --capacity, with LRU and OPT rows beside them); --budget is "
+    "one LRU cache of BYTES over all layers (needs --model).")
 ORDER = 60
-CONVENTION = ("the k experts of one row (token x layer) are requested together; an expert resident at the "
+CONVENTIONS = {
+    "token": ("the k experts of one row (token x layer) are requested together; an expert resident at the "
               "row's start is a hit; then the cache keeps the row's experts and the best others by priority "
-              "(LRU: recency, slot 0 most recent; LFU: request count, then recency; OPT: soonest next use, "
-              "then lower id)")
+              "(LRU: recency, slot 0 most recent; LFU: request count, then recency; LFUDA: age + in-cache "
+              "count, then recency; OPT: soonest next use, then lower id; S3-FIFO: its queues, never evicting "
+              "the row's experts)"),
+    "access": ("each row's experts are requested one by one in top-k order (slot 0 first), each a separate "
+               "access of a plain cache (LRU, LFU, LFUDA, S3-FIFO; OPT = Belady)"),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_arguments(p)
     p.add_argument("--policy", default="lru", metavar="P[,P]",
-                   help="lru, lfu, opt (comma-separated; default lru)")
+                   help="lru, lfu, lfuda, s3fifo, opt (comma-separated; default lru)")
+    p.add_argument("--order", choices=["token", "access"], default="token",
+                   help="token: a token's k experts are requested together (default); access: one by one "
+                        "in top-k order, as simple analysers replay them (higher or lower hit rates)")
     p.add_argument("--capacity", metavar="N[,N]",
-                   help="experts per layer to report (default: LRU every 1..n_expert; LFU/OPT powers of two)")
+                   help="experts per layer to report (default: LRU every 1..n_expert; others powers of two)")
     p.add_argument("--budget", metavar="BYTES[,BYTES]",
                    help="one global LRU cache of this many bytes over all layers (e.g. 8G,16G); needs --model")
     p.add_argument("--curve", action="store_true",
@@ -51,84 +51,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_options(p)
 
 
-def _policies(text: str) -> list[str]:
-    pol = [p.strip().lower() for p in text.split(",") if p.strip()]
-    bad = [p for p in pol if p not in ("lru", "lfu", "opt")]
-    if bad or not pol:
-        raise InputError(f"--policy {text!r}: use lru, lfu and/or opt, comma-separated")
-    return list(dict.fromkeys(pol))
-
-
 def run(args: argparse.Namespace) -> int:
-    policies = _policies(args.policy)
-    caps = parse_int_list(args.capacity, "--capacity")
-    budgets = parse_int_list(args.budget, "--budget")
-    taus = parse_int_list(args.tau, "--tau")
     header, chunks = open_trace(args.trace)
     fp = header.fingerprint
-    L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used
-    if caps and max(caps) > M:
-        raise InputError(f"--capacity {max(caps)} exceeds the {M} experts per layer of the trace's model")
-    eb = expert_bytes(args.model, header, args.trace)
-    if budgets and eb is None:
-        raise InputError("--budget needs --model (experts are weighed by their bytes in the model)")
-    if budgets and policies != ["lru"]:
-        raise InputError("--budget simulates one global LRU cache; drop lfu/opt from --policy")
-    lru = LayerLRU(L, M, k, expert_bytes=eb)
-    glob = GlobalLRU(L, M, k, eb, np.array(budgets)) if budgets else None
-    keep = [p for p in policies if p != "lru"]
-    layers, experts = [], []
-    for c in chunks:
-        lru.update(c.layer, c.experts)
-        if glob is not None:
-            glob.update(c.layer, c.experts)
-        if keep:
-            layers.append(c.layer)
-            experts.append(c.experts)
-    frames = []
-    if "lru" in policies:
-        frames.append(lru.curves(None if caps is None or args.curve else caps))
-    sim_caps = caps or sorted(set([1 << i for i in range(M.bit_length()) if 1 << i <= M] + [M]))
-    lay, ex = (np.concatenate(layers), np.concatenate(experts)) if keep else (None, None)
-    for p in keep:
-        if p == "opt":  # every capacity costs no more than a few: one pass
-            frames.append(opt_curves(lay, ex, L, M, None if args.curve else sim_caps, eb))
-        else:
-            frames.append(simulate(lay, ex, L, M, p, sim_caps, eb))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if eb is None and len(df):
-        df["bytes_fetched"] = pd.array([pd.NA] * len(df), dtype="Int64")  # no model: bytes unknown
-    gdf = glob.frame() if glob is not None else None
-    if gdf is not None:
-        df = gdf if not args.capacity and not args.curve else pd.concat([df, gdf], ignore_index=True)
-    ws = lru.working_set(taus)
-    if eb is None:
-        ws = ws.drop(columns=["bytes"])
-    lru_curve = lru.curves()
-    small = smallest_capacity(lru_curve)
-    main = ws if args.working_set else df
-
-    def doc() -> dict:
-        return {"trace": args.trace, "n_layer": L, "n_expert": M, "n_expert_used": k, "convention": CONVENTION,
-                "rows": frame_records(df), "smallest_lru_capacity": frame_records(small),
-                "working_set": frame_records(ws),
-                "global": frame_records(gdf) if gdf is not None else None}
-
-    def text() -> str:
-        out = [f"{args.trace}: {fp.architecture}, {M} experts per layer, top-{k}; {CONVENTION}\n"]
-        if args.working_set:
-            return out[0] + "\n" + frame_to_table(ws)
-        out.append("\nsmallest LRU cache per layer reaching 90/95/99% hits:\n" + frame_to_table(
-            small, na_note="no capacity reaches that hit rate: even a cache of every expert gets only "
-                           "max_hit_rate, since each expert's first use is a miss"))
-        shown = df if caps or gdf is not None else df[df["capacity"].isin(sim_caps)]
-        shown = shown[shown["layer"] == "all"] if len(lru.layers()) > 8 else shown
-        t = shown.copy()
-        if gdf is not None:
-            t["capacity"] = [human_bytes(v) if lay == "all" and gdf is not None and v in set(budgets) else v
-                             for lay, v in zip(t["layer"], t["capacity"])]
-        out.append("\nhit rates (layer 'all' = every layer together):\n" + frame_to_table(
-            t, na_note="bytes_fetched needs --model MODEL.gguf (the bytes of each expert)"))
-        return "".join(out)
-    emit(Output(main, document=doc, text=text), args.format, args.output)
+    req = CacheSimRequest(
+        fp.n_layer, fp.n_expert, fp.n_expert_used, policies=parse_policies(args.policy), order=args.order,
+        capacities=parse_int_list(args.capacity, "--capacity"), budgets=parse_int_list(args.budget, "--budget"),
+        curve=args.curve, taus=parse_int_list(args.tau, "--tau"))
+    req.expert_bytes = expert_bytes(args.model, header, args.trace)
+    res = cache_sim(((c.layer, c.experts) for c in chunks), req)
+    main = res.working_set if args.working_set else res.rows
+    emit(Output(main, document=lambda: _document(args, req, res), text=lambda: _text(args, req, res, fp.architecture)),
+         args.format, args.output)
     return 0
+
+
+def _document(args: argparse.Namespace, req: CacheSimRequest, res: CacheSimResult) -> dict:
+    return {"trace": args.trace, "n_layer": req.n_layer, "n_expert": req.n_expert, "n_expert_used": req.k,
+            "order": req.order, "convention": CONVENTIONS[req.order], "rows": frame_records(res.rows),
+            "smallest_lru_capacity": frame_records(res.smallest), "working_set": frame_records(res.working_set),
+            "global": frame_records(res.global_rows) if res.global_rows is not None else None}
+
+
+NA_NOTE = ("no value: bytes_fetched needs --model MODEL.gguf (the bytes of each expert); gap_share needs both "
+           "LRU and OPT at that capacity (--policy lru,opt) and a gap between them")
+
+
+def _text(args: argparse.Namespace, req: CacheSimRequest, res: CacheSimResult, arch: str) -> str:
+    head = (f"{args.trace}: {arch}, {req.n_expert} experts per layer, top-{req.k}; order {req.order}: "
+            f"{CONVENTIONS[req.order]}\n")
+    if args.working_set:
+        return head + "\n" + frame_to_table(res.working_set)
+    g = res.global_rows
+    per_layer = res.rows if g is None else res.rows.iloc[:len(res.rows) - len(g)]
+    shown = per_layer if req.capacities else per_layer[per_layer["capacity"].isin(res.sim_capacities)]
+    shown = shown[shown["layer"] == "all"] if shown["layer"].nunique() > 9 else shown
+    out = [head, "\nsmallest LRU cache per layer reaching 90/95/99% hits:\n", frame_to_table(
+        res.smallest, na_note="no capacity reaches that hit rate: even a cache of every expert gets only "
+                              "max_hit_rate, since each expert's first use is a miss")]
+    if len(shown):
+        out += ["\nhit rates (layer 'all' = every layer together; gap_share: of the LRU-to-OPT gap):\n",
+                frame_to_table(shown, na_note=NA_NOTE)]
+    if g is not None:
+        out += ["\none LRU cache over all layers, by byte budget:\n",
+                frame_to_table(g.assign(capacity=[human_bytes(v) for v in g.capacity]).drop(columns="gap_share"),
+                               na_note=NA_NOTE)]
+    return "".join(out)
