@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def gx(*argv: object, **kw: object) -> subprocess.CompletedProcess[str]:
     """The CLI as a separate process (for what in-process calls cannot show: limits, signals, users)."""
+    kw.setdefault("cwd", "/")  # not the checkout: the installed package, whatever the test runner's directory
     return subprocess.run([sys.executable, "-m", "gguf_experts", *map(str, argv)], capture_output=True, text=True,
                           timeout=120, **kw)  # type: ignore[call-overload]
 
@@ -161,7 +162,7 @@ def test_kill_9_leftover_is_cleaned_live_writer_kept(tmp_path: Path, model: Path
     code = ("import sys, time\nfrom gguf_experts.atomic import atomic_write\n"
             "with atomic_write(sys.argv[1]) as fh:\n    fh.write('partial'); fh.flush(); print('ready', flush=True)\n"
             "    time.sleep(120)\n")
-    writers = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, cwd="/")
                for _ in range(2)]
     try:
         for w in writers:
