@@ -20,7 +20,6 @@ from .gguf_file import GGUF_MAGIC, Model, open_model
 from .layout import byte_map
 
 FINDING_COLUMNS = ["kind", "file", "name", "other", "start", "end", "bytes", "detail"]
-KINDS = ("overlap", "past_eof", "misaligned", "not_tiled", "gap", "loader_offset")
 
 
 @dataclass

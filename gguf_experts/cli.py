@@ -1,5 +1,9 @@
 """The command line: a thin layer over the library. Each subcommand lives in gguf_experts/commands/<name>.py
-and exposes NAME, HELP, add_arguments(parser) and run(args) -> int; they are discovered, not listed here.
+(the command ``check-overlaps`` in ``check_overlaps.py``) and exposes NAME, HELP, ORDER, add_arguments(parser)
+and run(args) -> int; they are discovered by file name, not listed here.
+
+Only the module of the command being run is imported (start-up is paid on every call, often in a loop over
+shards); the overview (``--help``, no command, or an unknown one) imports them all for their HELP and ORDER.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import importlib
 import pkgutil
 import sys
 import warnings
+from types import ModuleType
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
@@ -17,16 +22,21 @@ from .errors import GGUFExpertsError
 PROG = "gguf-experts"
 
 
-def _commands() -> list:
+def command_modules() -> dict[str, str]:
+    """Command name -> module name, from the files in gguf_experts/commands/ (nothing is imported)."""
     from . import commands
 
-    mods = []
-    for info in pkgutil.iter_modules(commands.__path__):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
-        if hasattr(mod, "NAME") and hasattr(mod, "run"):
-            mods.append(mod)
+    return {info.name.replace("_", "-"): f"{commands.__name__}.{info.name}"
+            for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_")}
+
+
+def _commands(argv: Sequence[str]) -> list[ModuleType]:
+    """The command modules the parser needs: the one named first in argv, else all of them (sorted)."""
+    names = command_modules()
+    if argv and argv[0] in names:
+        return [importlib.import_module(names[argv[0]])]
+    mods = [importlib.import_module(m) for m in names.values()]
+    mods = [m for m in mods if hasattr(m, "NAME") and hasattr(m, "run")]
     mods.sort(key=lambda m: getattr(m, "ORDER", 100))
     return mods
 
@@ -40,7 +50,8 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for argv (default sys.argv[1:]): every command's only when argv names none."""
     parser = Parser(
         prog=PROG,
         description="Where every expert of a MoE GGUF lives, which experts a real llama.cpp run touches, "
@@ -48,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for mod in _commands():
+    for mod in _commands(sys.argv[1:] if argv is None else argv):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -91,11 +102,8 @@ def _close_llama_devnull() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help/--version (0) or a bad option (2, one line already written)
-        return e.code if isinstance(e.code, int) else 2
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)  # a bad option: one line and SystemExit(2) (Parser.error)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2

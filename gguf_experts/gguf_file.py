@@ -14,12 +14,13 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import GGUFFormatError, ShardError
 from .ggml_types import GGMLType, ggml_type
+
+if TYPE_CHECKING:  # numpy is imported where a big array is loaded: `dump` never needs it (start-up)
+    import numpy as np
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -44,8 +45,9 @@ class ValueType(IntEnum):
     FLOAT64 = 12
 
 
-# value type -> (struct code, numpy dtype char); strings and arrays are variable-sized.
-_SCALAR: dict[int, tuple[str, str]] = {
+# value type -> (struct code, numpy dtype char); strings and arrays are variable-sized. Public: the
+# writer (gguf_writer) encodes with the same table the reader decodes with.
+SCALAR_FORMATS: dict[int, tuple[str, str]] = {
     ValueType.UINT8: ("B", "u1"), ValueType.INT8: ("b", "i1"),
     ValueType.UINT16: ("H", "u2"), ValueType.INT16: ("h", "i2"),
     ValueType.UINT32: ("I", "u4"), ValueType.INT32: ("i", "i4"),
@@ -82,9 +84,11 @@ class LazyArray:
     nbytes: int
 
     def load(self) -> np.ndarray | list[Any]:
+        import numpy as np
+
         with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if self.element_type in _SCALAR:
-                dt = np.dtype(self.byteorder + _SCALAR[self.element_type][1])
+            if self.element_type in SCALAR_FORMATS:
+                dt = np.dtype(self.byteorder + SCALAR_FORMATS[self.element_type][1])
                 arr = np.frombuffer(mm, dtype=dt, count=self.count, offset=self.offset).copy()
                 return arr.astype(bool) if self.element_type == ValueType.BOOL else arr
             p = _Parser(mm, self.path, self.byteorder, 2)
@@ -194,8 +198,8 @@ class _Parser:
         self.off = off
 
     def value(self, vtype: int, decode_all: bool = False, key: str = "value") -> Any:
-        if vtype in _SCALAR:
-            v = self.scalar(_SCALAR[vtype][0], key)
+        if vtype in SCALAR_FORMATS:
+            v = self.scalar(SCALAR_FORMATS[vtype][0], key)
             return bool(v) if vtype == ValueType.BOOL else v
         if vtype == ValueType.STRING:
             return self.string(key)
@@ -216,19 +220,20 @@ class _Parser:
             raise self.fail(f"array {key!r} has unknown element type {etype}")
         count = self.u64(f"length of array {key}")
         left = self.size - self.off
-        min_elem = struct.calcsize(_SCALAR[etype][0]) if etype in _SCALAR else (8 if etype == ValueType.STRING else 12)
+        if etype in SCALAR_FORMATS:
+            min_elem = struct.calcsize(SCALAR_FORMATS[etype][0])
+        else:
+            min_elem = 8 if etype == ValueType.STRING else 12
         if count * min_elem > left:
             raise self.fail(f"array {key!r} claims {count} elements, at least {count * min_elem} bytes, "
                             f"only {left} left in the file")
         start = self.off
-        if etype in _SCALAR:
+        if etype in SCALAR_FORMATS:
             nbytes = count * min_elem
             if decode_all or count <= SMALL_ARRAY:
-                dt = np.dtype(self.bo + _SCALAR[etype][1])
-                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=start)
+                out = list(struct.unpack_from(f"{self.bo}{count}{SCALAR_FORMATS[etype][0]}", self.buf, start))
                 self.off += nbytes
-                out = arr.tolist()
-                return [bool(x) for x in out] if etype == ValueType.BOOL else out
+                return out  # '?' already gives bools
             self.off += nbytes
             return LazyArray(self.path, self.bo, etype, count, start, nbytes)
         if decode_all or count <= SMALL_ARRAY:
@@ -277,6 +282,21 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
             return _parse(mm, path, file_size)
 
 
+def _read_kv(p: _Parser, n_kv: int, path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The metadata: key -> value and key -> GGUF value type; a key given twice is refused."""
+    kv: dict[str, Any] = {}
+    kv_types: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = p.string("metadata key")
+        if key in kv:
+            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; llama.cpp refuses this file: "
+                                  "convert it again")
+        vtype = p.u32(f"type of {key!r}")
+        kv[key] = p.value(vtype, key=key)
+        kv_types[key] = vtype
+    return kv, kv_types
+
+
 def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
     bo, version = _detect(buf, path)
     p = _Parser(buf, path, bo, version)
@@ -288,16 +308,7 @@ def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
         raise p.fail(f"metadata count {n_kv} is impossible for a {file_size}-byte file")
     if n_tensors * 33 > file_size - p.off:
         raise p.fail(f"tensor count {n_tensors} is impossible for a {file_size}-byte file")
-    kv: dict[str, Any] = {}
-    kv_types: dict[str, int] = {}
-    for _ in range(n_kv):
-        key = p.string("metadata key")
-        if key in kv:
-            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; llama.cpp refuses this file: "
-                                  "convert it again")
-        vtype = p.u32(f"type of {key!r}")
-        kv[key] = p.value(vtype, key=key)
-        kv_types[key] = vtype
+    kv, kv_types = _read_kv(p, n_kv, path)
     alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"{path}: general.alignment = {alignment!r} is not a power of two; the file is corrupt")

@@ -1,8 +1,11 @@
-"""A small GGUF writer for fixtures and realistic-shaped headers: v2/v3, both byte orders, any alignment.
+"""A small GGUF writer: v2/v3, both byte orders, any alignment, headers written atomically.
 
-Data may be omitted: the file is then extended sparsely (truncate) to its full length, so a 600 GB
-DeepSeek-V3-shaped set of shards costs a few MB of disk. gguf-py's GGUFWriter writes real models; this one
-exists because tests also need big-endian, v2, odd alignments and sparse files.
+Library code: ``prune`` writes the headers of its output models with it, and the tests and benchmarks build
+their fixtures with it. Its API (:func:`write_gguf`, :func:`write_split`, :func:`encode_header`,
+:class:`TensorSpec`) is kept stable. Data may be omitted: the file is then extended sparsely (truncate) to
+its full length, so a 600 GB DeepSeek-V3-shaped set of shards costs a few MB of disk. gguf-py's GGUFWriter
+writes real models too; this one exists because we also need big-endian, v2, odd alignments, sparse files
+and the value types exactly as our reader decodes them (one table, gguf_file.SCALAR_FORMATS).
 """
 from __future__ import annotations
 
@@ -10,13 +13,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write
 from .ggml_types import GGMLType, by_name, ggml_type
-from .gguf_file import _SCALAR, ValueType
+from .gguf_file import SCALAR_FORMATS, ValueType
 
 Typed = tuple[ValueType, Any]
 
@@ -77,8 +80,8 @@ class _Enc:
         self.parts.append(raw)
 
     def value(self, vt: ValueType, v: Any) -> None:
-        if vt in _SCALAR:
-            self.pack(_SCALAR[vt][0], v)
+        if vt in SCALAR_FORMATS:
+            self.pack(SCALAR_FORMATS[vt][0], v)
         elif vt == ValueType.STRING:
             self.string(v)
         elif vt == ValueType.ARRAY:
@@ -96,8 +99,8 @@ class _Enc:
             et = _infer(items[0])[0] if items else ValueType.UINT8
         self.pack("I", int(et))
         self.pack("Q", len(items))
-        if et in _SCALAR and not isinstance(items, list):
-            self.parts.append(np.asarray(items).astype(self.bo + _SCALAR[et][1]).tobytes())
+        if et in SCALAR_FORMATS and not isinstance(items, list):
+            self.parts.append(np.asarray(items).astype(self.bo + SCALAR_FORMATS[et][1]).tobytes())
         elif et == ValueType.STRING:
             pack_len = struct.Struct(self.bo + "Q").pack
             enc = [s.encode("utf-8") if isinstance(s, str) else s for s in items]
@@ -182,6 +185,3 @@ def write_split(directory: str | os.PathLike[str], stem: str, kv: dict[str, Any]
         paths.append(write_gguf(p, shard_kv, chunk, **kw))
     return paths
 
-
-def tensor_specs(rows: Iterable[tuple[str, Sequence[int], int | str]]) -> list[TensorSpec]:
-    return [TensorSpec.make(n, ne, t) for n, ne, t in rows]

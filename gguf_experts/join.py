@@ -10,18 +10,15 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_model
-from .trace.format import TraceData
+from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_fingerprint, check_model
+from .trace.format import TraceData, TraceHeader
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
-
-if TYPE_CHECKING:
-    from .gguf_file import Model
 
 EXPERT_COLUMNS = ["layer", "expert", "activations", "share", "bytes_per_activation", "bytes_read"]
 SLICE_COLUMNS = ["layer", "expert", "name", "base_name", "component", "file", "offset", "size",
@@ -202,22 +199,53 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
 
 
 def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:
-    """Heat of a trace (path, TraceData or iterable of chunks) on a model (path or gguf_file.Model).
+    """Heat of a trace (path, TraceData, iterable of chunks, or formats.ExpertCounts) on a model (path or
+    gguf_file.Model).
 
     Raises ModelMismatchError when the trace was captured from another model; warns
     (QuantizationMismatchWarning) when only the quantization differs.
     """
     from .gguf_file import Model, open_model
+    from .formats.counts import ExpertCounts
     from .layout import expert_slices
+    from .prune_map import model_view, to_original
 
     m = model if isinstance(model, Model) else open_model(model)
+    if isinstance(trace, ExpertCounts):  # a count-only input (imatrix, tracer or REAP JSON): no sequences
+        from .layout import fingerprint
+
+        fp = fingerprint(m)
+        trace.check_model(fp, trace.source or "counts")
+        res = heat(trace.resized(fp.n_layer).to_join_counts(), expert_slices(m), model_name=m.name,
+                   files=[s.path.name for s in m.shards])
+        res.summary["source_format"] = trace.source
+        return res
     chunks, where = _chunks(trace, max_rows)
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")
-    msg = check_model(first.header.fingerprint, m, where)
+    fp0 = first.header.fingerprint
+    if not fp0.tensor_digest:  # made from a foreign log without the model: checked by shape, then counted as its
+        from .formats.load import fingerprint_for
+        from .layout import fingerprint
+
+        mfp = fingerprint(m)
+        fingerprint_for(where, mfp, fp0.n_layer, fp0.n_expert, fp0.n_expert_used)
+        first.header = TraceHeader(first.header.version, mfp, first.header.meta)
+    # a trace of a pruned model speaks in the original model's expert ids (prune_map)
+    chunks = to_original(chain([first], chunks), m)
+    first = next(chunks)
+    model_fp, pruned = model_view(m)
+    msg = None
+    if pruned is not None:  # a pruned model: checked against (and its slices labelled with) the original's ids
+        msg = check_fingerprint(first.header.fingerprint, model_fp, trace_name=where, model_name=str(m.path))
+        if msg:
+            warnings.warn(QuantizationMismatchWarning(msg), stacklevel=2)
+    elif fp0.tensor_digest:
+        msg = check_model(first.header.fingerprint, m, where)
+    slices = expert_slices(m) if pruned is None else pruned.relabel(expert_slices(m))
     counts = count_chunks(chain([first], chunks), first.header.fingerprint)
-    res = heat(counts, expert_slices(m), model_name=m.name, files=[s.path.name for s in m.shards])
+    res = heat(counts, slices, model_name=m.name, files=[s.path.name for s in m.shards])
     if msg:
         res.summary["warning"] = msg
     return res

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .errors import GGUFFormatError
 from .fingerprint import fingerprint  # noqa: F401  (re-exported: its home is gguf_experts.fingerprint)
 from .gguf_file import Model, TensorInfo
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = ["name", "base_name", "expert_id", "layer", "component", "ggml_type",
            "ne0", "ne1", "ne2", "ne3", "file", "offset", "size"]
@@ -82,44 +82,49 @@ def expert_split(t: TensorInfo) -> ExpertSplit:
     return ExpertSplit(n, size, tuple(row_ne))  # type: ignore[arg-type]
 
 
-def byte_map(model: Model, split_experts: bool = False) -> pd.DataFrame:
-    """One row per tensor (or per expert slice with split_experts), in file order; columns COLUMNS."""
+def byte_columns(model: Model, split_experts: bool = False) -> dict[str, list[Any]]:
+    """The byte map as plain column lists (COLUMNS; None where a tensor has no layer or expert id).
+
+    Pandas-free on purpose: ``dump`` writes these directly, so a shell loop over shards does not pay for
+    importing pandas; :func:`byte_map` makes the DataFrame library users get from the same columns.
+    """
     cols: dict[str, list[Any]] = {c: [] for c in COLUMNS}
-    parts: list[pd.DataFrame] = []
-
-    def flush() -> None:
-        if cols["name"]:
-            parts.append(pd.DataFrame(cols))
-            for v in cols.values():
-                v.clear()
-
+    (names, bases, eids, layers, comps, types, ne0, ne1, ne2, ne3, files, offsets, sizes) = cols.values()
     for t in model.tensors:
         layer, comp = split_name(t.name)
-        ne = tuple(t.ne) + (1,) * (4 - len(t.ne))
         if split_experts and is_expert_tensor(t):
-            flush()
             sp = expert_split(t)
-            e = np.arange(sp.n_expert, dtype=np.int64)
-            parts.append(pd.DataFrame({
-                "name": [f"{t.name}[{i}]" for i in range(sp.n_expert)],
-                "base_name": t.name, "expert_id": e, "layer": layer, "component": comp,
-                "ggml_type": t.type.name, "ne0": sp.slice_ne[0], "ne1": sp.slice_ne[1],
-                "ne2": sp.slice_ne[2], "ne3": sp.slice_ne[3], "file": t.file.name,
-                "offset": t.offset + e * sp.slice_size, "size": np.full(sp.n_expert, sp.slice_size, np.int64),
-            }))
+            n = sp.n_expert
+            names.extend([f"{t.name}[{i}]" for i in range(n)])
+            eids.extend(range(n))
+            offsets.extend(range(t.offset, t.offset + n * sp.slice_size, sp.slice_size) if sp.slice_size
+                           else [t.offset] * n)
+            ne = sp.slice_ne
+            for col, v in ((bases, t.name), (layers, layer), (comps, comp), (types, t.type.name), (ne0, ne[0]),
+                           (ne1, ne[1]), (ne2, ne[2]), (ne3, ne[3]), (files, t.file.name), (sizes, sp.slice_size)):
+                col.extend([v] * n)
             continue
-        for c, v in zip(COLUMNS, (t.name, t.name, None, layer, comp, t.type.name, *ne, t.file.name,
-                                  t.offset, t.nbytes)):
-            cols[c].append(v)
-    flush()
-    if not parts:
+        shape = tuple(t.ne) + (1,) * (4 - len(t.ne))
+        for col, v in zip(cols.values(), (t.name, t.name, None, layer, comp, t.type.name, *shape, t.file.name,
+                                          t.offset, t.nbytes)):
+            col.append(v)
+    return cols
+
+
+def byte_map(model: Model, split_experts: bool = False) -> pd.DataFrame:
+    """One row per tensor (or per expert slice with split_experts), in file order; columns COLUMNS."""
+    import numpy as np
+    import pandas as pd
+
+    cols = byte_columns(model, split_experts)
+    if not cols["name"]:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    df["expert_id"] = df["expert_id"].astype("Int64")
-    df["layer"] = df["layer"].astype("Int64")
+    data: dict[str, Any] = dict(cols)
+    for c in ("expert_id", "layer"):
+        data[c] = pd.array(cols[c], dtype="Int64")
     for c in ("ne0", "ne1", "ne2", "ne3", "offset", "size"):
-        df[c] = df[c].astype(np.int64)
-    return df[COLUMNS]
+        data[c] = np.asarray(cols[c], dtype=np.int64)
+    return pd.DataFrame(data, columns=COLUMNS)
 
 
 def expert_slices(model: Model) -> pd.DataFrame:
@@ -142,6 +147,8 @@ def expert_bytes(model: Model) -> pd.DataFrame:
 
 def component_summary(model: Model) -> pd.DataFrame:
     """Bytes per component kind, for people."""
+    import pandas as pd
+
     rows = []
     for t in model.tensors:
         _, comp = split_name(t.name)
@@ -176,20 +183,18 @@ def per_token_bytes(model: Model, eb: pd.DataFrame | None = None) -> dict[str, i
             "bytes_per_token": dense + experts_per_token, "all_expert_bytes": all_experts, "n_expert_used": k}
 
 
-def memory_map(model: Model, df: pd.DataFrame) -> dict[str, Any]:
-    """The JSON memory map: model facts plus one entry per row of the byte map."""
+def memory_map(model: Model, cols: dict[str, list[Any]]) -> dict[str, Any]:
+    """The JSON memory map: model facts plus one entry per row of the byte map (:func:`byte_columns`)."""
     m = model.summary()
     model_doc = {k: m[k] for k in ("architecture", "name", "n_layer", "n_expert", "n_expert_used",
                                    "expert_ff_length", "n_expert_shared", "n_leading_dense", "file_type")}
     model_doc["files"] = [{k: f[k] for k in ("file", "size", "data_offset", "alignment")} for f in m["files"]]
-    shape = df[["ne0", "ne1", "ne2", "ne3"]].to_numpy().tolist()
-    eid = df["expert_id"].astype(object).where(df["expert_id"].notna(), None).tolist()
-    lay = df["layer"].astype(object).where(df["layer"].notna(), None).tolist()
+    shape = [list(s) for s in zip(cols["ne0"], cols["ne1"], cols["ne2"], cols["ne3"])]
     tensors = [
         {"name": n, "base_name": b, "expert_id": e, "layer": la, "component": c, "type": ty, "shape": s,
          "file": f, "offset_start": o, "size_bytes": z}
         for n, b, e, la, c, ty, s, f, o, z in zip(
-            df["name"].tolist(), df["base_name"].tolist(), eid, lay, df["component"].tolist(),
-            df["ggml_type"].tolist(), shape, df["file"].tolist(), df["offset"].tolist(), df["size"].tolist())
+            cols["name"], cols["base_name"], cols["expert_id"], cols["layer"], cols["component"],
+            cols["ggml_type"], shape, cols["file"], cols["offset"], cols["size"])
     ]
     return {"model": model_doc, "tensors": tensors}

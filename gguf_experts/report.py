@@ -16,9 +16,11 @@ import pandas as pd
 from .analysis.diff import diff_frames
 from .atomic import atomic_group, atomic_path, resolve_target
 from .errors import InputError, OutputError
+from .formats import ExpertCounts
 from .gguf_file import Model, open_model
 from .join import HeatResult, join
 from .layout import byte_map
+from .prune_map import to_original
 from .reporters.html import ReportInput, TraceView, write_html
 from .trace.format import TraceData
 from .trace.reader import iter_trace_chunks, read_trace
@@ -26,6 +28,20 @@ from .trace.reader import iter_trace_chunks, read_trace
 OPT_MAX_ROWS = 2_000_000  # OPT needs the whole trace in memory and k steps per token: beyond this, LRU only
 
 TraceSource = str | os.PathLike[str] | TraceData
+Loaded = str | os.PathLike[str] | TraceData | ExpertCounts
+
+
+def load_inputs(paths: Sequence[str], model: str | Model) -> list[Loaded]:
+    """Each input as report takes it: a trace.bin stays a path (streamed), another tool's ordered log is read
+    into a TraceData, a count-only file (imatrix, tracer/REAP JSON) becomes ExpertCounts."""
+    from .formats import detect_format, load_counts, load_trace
+    from .formats.load import FORMATS
+
+    out: list[Loaded] = []
+    for p in paths:
+        fmt = detect_format(p)
+        out.append(p if fmt == "trace" else load_trace(p, model) if FORMATS[fmt][1] else load_counts(p, model))
+    return out
 
 
 def _expert_bytes(heat: HeatResult, n_layer: int, n_expert: int) -> np.ndarray:
@@ -36,19 +52,21 @@ def _expert_bytes(heat: HeatResult, n_layer: int, n_expert: int) -> np.ndarray:
     return eb
 
 
-def _name(trace: TraceSource, i: int) -> str:
+def _name(trace: Loaded, i: int) -> str:
+    if isinstance(trace, ExpertCounts):
+        return f"{trace.source} counts {i + 1}"
     return f"trace {i + 1}" if isinstance(trace, TraceData) else Path(trace).name
 
 
-def cache_tables(trace: TraceSource, heat: HeatResult, opt: bool = True,
-                 opt_max_rows: int = OPT_MAX_ROWS) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def cache_tables(trace: TraceSource, heat: HeatResult, opt: bool = True, opt_max_rows: int = OPT_MAX_ROWS,
+                 model: Model | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(miss-ratio curves: LRU and OPT at every capacity, one pass each; working sets; notes) of one trace."""
     from .analysis.cache import LayerLRU
     from .analysis.opt import opt_curves
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)
-    for chunk in chunks:
+    for chunk in to_original(chunks, model):  # a trace of a pruned model: in the original ids, as the heat
         fp = chunk.header.fingerprint
         if lru is None:
             lru = LayerLRU(fp.n_layer, fp.n_expert, fp.n_expert_used,
@@ -66,13 +84,14 @@ def cache_tables(trace: TraceSource, heat: HeatResult, opt: bool = True,
         opt = False
     if opt:
         td = trace if isinstance(trace, TraceData) else read_trace(trace)
+        td = next(to_original([td], model))
         fp = td.header.fingerprint
         curves.append(opt_curves(td.layer, td.experts, fp.n_layer, fp.n_expert,
                                  expert_bytes=_expert_bytes(heat, fp.n_layer, fp.n_expert)))
     return pd.concat(curves, ignore_index=True), lru.working_set(), notes
 
 
-def build_report(traces: Sequence[TraceSource], model: str | os.PathLike[str] | Model,
+def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model,
                  labels: Sequence[str] | None = None, cache: bool = True, opt: bool = True) -> ReportInput:
     """Load everything a report shows: join (and diff) the trace(s), byte map, cache curves, working sets,
     for every trace. A trace is a path or an in-memory TraceData (e.g. one prompt kind of a larger trace)."""
@@ -89,9 +108,12 @@ def build_report(traces: Sequence[TraceSource], model: str | os.PathLike[str] | 
         heat = join(t, m)
         view = TraceView(label=name, heat=heat)
         if cache:
-            view.curves, view.working_set, view.notes = cache_tables(t, heat, opt=opt)
+            if isinstance(t, ExpertCounts):
+                view.notes = [f"cache curves and working sets left out: {name} holds counts only (no token order)"]
+            else:
+                view.curves, view.working_set, view.notes = cache_tables(t, heat, opt=opt, model=m)
         views.append(view)
-    sources = [names[i] if isinstance(t, TraceData) else Path(t).name for i, t in enumerate(traces)]
+    sources = [names[i] if isinstance(t, (TraceData, ExpertCounts)) else Path(t).name for i, t in enumerate(traces)]
     first = views[0]
     inp = ReportInput(heat=first.heat, tensors=byte_map(m), curves=first.curves, working_set=first.working_set,
                       sources=sources, labels=(names[0], names[-1]), notes=first.notes, label=names[0],

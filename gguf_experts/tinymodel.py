@@ -138,8 +138,9 @@ def written_types(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
 def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: int = 0, n_layer: int = 4,
                       n_expert: int = 16, n_expert_used: int = 4, n_embd: int = 64, n_head: int = 4,
                       n_head_kv: int = 2, n_ff_exp: int = 32, n_ctx_train: int = 4096, f16: bool = False,
-                      name: str | None = None) -> Path:
-    """Write an F32 (or F16 matrices) model with gguf-py, atomically; returns the path."""
+                      name: str | None = None, add_bos: bool = False) -> Path:
+    """Write an F32 (or F16 matrices) model with gguf-py, atomically; returns the path. ``add_bos``: the
+    tokenizer prepends BOS (as most real models do; llama-imatrix then puts BOS at each chunk start)."""
     from gguf import (
         GGUFWriter,  # core dependency; imported here to keep package import light
     )
@@ -182,7 +183,7 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
         wr.add_unk_token_id(0)
         wr.add_bos_token_id(1)
         wr.add_eos_token_id(2)
-        wr.add_add_bos_token(False)
+        wr.add_add_bos_token(add_bos)
         dtype = np.float16 if f16 else np.float32
         for tname, arr in _tensors(arch, rng, n_layer, n_expert, n_embd, n_head, n_head_kv, head_dim,
                                    n_ff_exp, len(tokens), dtype):
@@ -219,12 +220,13 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
 def make_tiny_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: int = 0, n_layer: int = 4,
                     n_expert: int = 16, n_expert_used: int = 4, n_embd: int = 64, n_head: int = 4,
                     n_head_kv: int = 2, n_ff_exp: int = 32, quant: str | None = None,
-                    name: str | None = None) -> Path:
+                    name: str | None = None, add_bos: bool = False) -> Path:
     """Write a tiny runnable MoE model; ``quant`` None/"F32" (gguf-py) or "F16", "Q8_0", "Q4_K_M",
     "MXFP4_MOE" (gguf-py F32, then llama.cpp's quantizer). Deterministic from the arguments."""
     path = Path(path)
     kw = {"arch": arch, "seed": seed, "n_layer": n_layer, "n_expert": n_expert, "n_expert_used": n_expert_used,
-              "n_embd": n_embd, "n_head": n_head, "n_head_kv": n_head_kv, "n_ff_exp": n_ff_exp, "name": name}
+              "n_embd": n_embd, "n_head": n_head, "n_head_kv": n_head_kv, "n_ff_exp": n_ff_exp, "name": name,
+          "add_bos": add_bos}
     if quant in (None, "F32"):
         return write_float_model(path, **kw)  # type: ignore[arg-type]
     if quant not in QUANT_FTYPES:

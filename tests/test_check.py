@@ -12,7 +12,7 @@ import pytest
 
 from gguf_experts.check import check, check_paths, load_ranges
 from gguf_experts.gguf_writer import TensorSpec, write_gguf
-from gguf_experts.shapes import SHAPES
+from shapes import SHAPES
 
 HAVE_GGML = ggml_ref.lib_path() is not None
 

@@ -23,7 +23,7 @@ from gguf_experts.layout import (
     per_token_bytes,
     split_name,
 )
-from gguf_experts.shapes import SHAPES
+from shapes import SHAPES
 
 
 def cross_check(model: Model) -> None:

@@ -132,13 +132,22 @@ def test_tables_round_numbers(prefill_only: Path, run_cli) -> None:
             assert len(cell.split(".")[1]) <= 4, cell
 
 
-def test_csv_expert_log_hints_at_convert(tmp_path: Path, prefill_only: Path, model: Path, run_cli) -> None:
+def test_csv_expert_log_is_read_or_hinted(tmp_path: Path, prefill_only: Path, model: Path, run_cli) -> None:
+    """The analysis commands read a CSV expert log given --model (it does not say k); the trace reader itself
+    names convert when handed one."""
+    from gguf_experts.errors import TraceFormatError
+    from gguf_experts.trace import read_trace
+
     log = tmp_path / "log.csv"
     assert run_cli("convert", prefill_only, log).rc == 0
-    for cmd in (["stats", log], ["reuse", log], ["cache-sim", log], ["join-trace", log, "-m", model],
-                ["diff", log, prefill_only], ["report", log, "-m", model, "-o", tmp_path / "r.html"]):
-        r = run_cli(*cmd)
-        assert r.rc == 2 and r.err.count("\n") == 1 and "convert it first: gguf-experts convert" in r.err, cmd
+    a = json.loads(run_cli("stats", prefill_only, "-f", "json").out)
+    b = run_cli("stats", log, "-m", model, "-f", "json")
+    assert b.rc == 0 and [ly["activation_counts"] for ly in json.loads(b.out)["layers"]] == \
+        [ly["activation_counts"] for ly in a["layers"]]
+    r = run_cli("stats", log)
+    assert r.rc == 2 and r.err.count("\n") == 1 and "--model" in r.err
+    with pytest.raises(TraceFormatError, match="is a CSV expert log, not a trace; convert it first"):
+        read_trace(log)
 
 
 def test_report_labels_both_traces_and_png_draws_both(tmp_path: Path, model: Path, run_cli) -> None:
@@ -235,5 +244,5 @@ def test_command_order_is_unique() -> None:
     """cli lists commands by ORDER; two commands with one ORDER would be listed by import accident."""
     from gguf_experts.cli import _commands
 
-    orders = [getattr(m, "ORDER", 100) for m in _commands()]
+    orders = [getattr(m, "ORDER", 100) for m in _commands([])]
     assert len(orders) == len(set(orders)), orders

@@ -204,8 +204,10 @@ def test_convert_refuses_its_input_and_a_contradicting_extension(tmp_path: Path,
     assert r.rc == 2 and "is the input" in r.err
     r = run_cli("convert", log, tmp_path / "back.csv", "--model", model)
     assert r.rc == 2 and "name it .bin" in r.err and not (tmp_path / "back.csv").exists()
-    r = run_cli("convert", trace, tmp_path / "log.bin")
-    assert r.rc == 2 and "name it .csv" in r.err and not (tmp_path / "log.bin").exists()
+    r = run_cli("convert", trace, tmp_path / "log.json")  # a .json name for a CSV log
+    assert r.rc == 2 and "name it .csv" in r.err and not (tmp_path / "log.json").exists()
+    r = run_cli("convert", trace, tmp_path / "log.csv", "--to", "mblt")
+    assert r.rc == 2 and "name it .mblt" in r.err and log.read_text() == text
     assert run_cli("convert", log, tmp_path / "back.bin", "--model", model).rc == 0
 
 

@@ -35,11 +35,14 @@ PROBE = """(() => {
     .map(b => b.querySelector('.cards') ? b.querySelector('.cards').textContent : '').join('');
   const views = {before: shown(), heads: Array.from(document.querySelectorAll('.vname')).map(x => x.textContent),
                  cards: cards()};
-  const vs = q('view'); vs.value = '1'; vs.dispatchEvent(new Event('change'));
-  views.after = shown(); views.headsAfter = Array.from(document.querySelectorAll('.vname')).map(x => x.textContent);
-  views.cardsAfter = cards(); views.tipAfter = hover(hm, r.left + 46 + 5.5 * cw, r.top + 16 + 0.5 * ch);
-  views.body = document.body.dataset.shown;
-  vs.value = '0'; vs.dispatchEvent(new Event('change'));
+  const vs = q('view');  // only a report of two traces has the switch
+  if (vs) {
+    vs.value = '1'; vs.dispatchEvent(new Event('change'));
+    views.after = shown(); views.headsAfter = Array.from(document.querySelectorAll('.vname')).map(x => x.textContent);
+    views.cardsAfter = cards(); views.tipAfter = hover(hm, r.left + 46 + 5.5 * cw, r.top + 16 + 0.5 * ch);
+    views.body = document.body.dataset.shown;
+    vs.value = '0'; vs.dispatchEvent(new Event('change'));
+  }
   const sel = q('strip-zoom'); sel.value = sel.options[sel.options.length - 1].value;
   sel.dispatchEvent(new Event('change'));
   return {cells: +hm.dataset.cells, nonzero: +hm.dataset.nonzero, width: r.width, height: r.height,

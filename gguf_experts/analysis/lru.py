@@ -144,7 +144,6 @@ class ChunkDistances:
     items: np.ndarray  # int64 [R, k]
     distance: np.ndarray  # int64 [R, k]: distinct items between the last use and now; COLD for first uses
     gap: np.ndarray  # int64 [R, k]: rows of the stream since the last use; COLD for first uses
-    local_row: np.ndarray  # int64 [R]: the row's index in its stream (counting earlier chunks)
     byte_distance: np.ndarray | None = None  # float64 [R, k]: bytes of the distinct items (item_bytes given)
 
 
@@ -202,7 +201,7 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     w = words_for(n_items)
     if r == 0:
         z = np.zeros((0, k), np.int64)
-        return ChunkDistances(np.zeros(0, np.int64), stream, items, z, z.copy(), np.zeros(0, np.int64),
+        return ChunkDistances(np.zeros(0, np.int64), stream, items, z, z.copy(),
                               None if item_bytes is None else np.zeros((0, k)))
     order = _order_by_stream(stream, s_n) if s_n > 1 else np.arange(r)
     st_sorted = stream[order]
@@ -274,5 +273,5 @@ def chunk_distances(state: StackState, stream: np.ndarray, items: np.ndarray,
     state.last.reshape(-1)[g[li]] = local[li // k] * k + (k - 1 - li % k)
     state.last_row.reshape(-1)[g[li]] = local[li // k]
     state.rows += counts
-    return ChunkDistances(order, st_sorted, it, dist.reshape(r, k), gap.reshape(r, k), local,
+    return ChunkDistances(order, st_sorted, it, dist.reshape(r, k), gap.reshape(r, k),
                           None if byte_dist is None else byte_dist.reshape(r, k))

@@ -39,7 +39,6 @@ class ReuseAccumulator:
     coactivation: bool = False
     overlap_sum: np.ndarray = field(init=False)  # [L] sum of |E_t & E_t-1|
     overlap_pairs: np.ndarray = field(init=False)  # [L] consecutive decode pairs
-    overlap_hist: np.ndarray = field(init=False)  # [L, k+1] pairs by shared experts
     gap_hist: np.ndarray = field(init=False)  # [L, buckets]
     first_uses: np.ndarray = field(init=False)  # [L]
     pairs: np.ndarray | None = None  # [L, M, M] int64 when coactivation
@@ -51,7 +50,6 @@ class ReuseAccumulator:
         L, M = self.n_layer, self.n_expert
         self.overlap_sum = np.zeros(L, np.int64)
         self.overlap_pairs = np.zeros(L, np.int64)
-        self.overlap_hist = np.zeros((L, self.k + 1), np.int64)
         self.gap_hist = np.zeros((L, len(gap_buckets()[0])), np.int64)
         self.first_uses = np.zeros(L, np.int64)
         if self.coactivation:
@@ -84,7 +82,6 @@ class ReuseAccumulator:
         shared = np.bitwise_count(bits & pbits).sum(axis=1, dtype=np.int64)
         self.overlap_sum += np.bincount(lay[ok], weights=shared[ok], minlength=L).astype(np.int64)
         self.overlap_pairs += np.bincount(lay[ok], minlength=L)
-        self.overlap_hist += np.bincount(lay[ok] * (k + 1) + shared[ok], minlength=L * (k + 1)).reshape(L, k + 1)
         last = np.ones(r, bool)
         last[:-1] = lay[1:] != lay[:-1]
         self._last_bits[lay[last]] = bits[last]

@@ -118,8 +118,9 @@ class StatsAccumulator:
                     del self.seq_counts[q], self.seq_rows[q]
 
     def layers_present(self) -> np.ndarray:
-        """MoE layers that have rows in the trace (dense layers never appear)."""
-        return np.flatnonzero(self.tokens.sum(axis=0) > 0)
+        """MoE layers that have rows in the trace (dense layers never appear); for counts loaded from a file
+        that does not say tokens, the layers with activations."""
+        return np.flatnonzero((self.tokens.sum(axis=0) > 0) | (self.counts.sum(axis=(0, 2)) > 0))
 
 
 def _seq_summary(seqs: list[int], acc: StatsAccumulator) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """What the commands that run llama.cpp share: its options, and a progress bar that a terminal shows.
 
-One copy for ``capture``, ``profile`` and ``demo``, so a fix (0.1.0's ``capture`` crashed in every real
-terminal: ``if bar`` on ``tqdm(total=None)`` raises) lands everywhere at once.
+One copy for ``capture``, ``profile``, ``demo`` (and ``prune``'s bar), so a fix (0.1.0's ``capture`` crashed
+in every real terminal: ``if bar`` on ``tqdm(total=None)`` raises) lands everywhere at once.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from ._types import at_least
 
@@ -29,7 +30,7 @@ def add_progress(p: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def progress(args: argparse.Namespace, desc: str, unit: str, total: int | None = None,
-             initial: int = 0) -> Iterator[Callable[[int], None] | None]:
+             initial: int = 0, leave: bool = False, **tqdm_options: Any) -> Iterator[Callable[[int], None] | None]:
     """A tqdm bar on stderr when stderr is a terminal and --no-progress is not given: yields its update
     function, else None (piped and redirected runs stay quiet)."""
     if getattr(args, "no_progress", False) or not sys.stderr.isatty():
@@ -38,7 +39,7 @@ def progress(args: argparse.Namespace, desc: str, unit: str, total: int | None =
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
-               leave=False)
+               leave=leave, **tqdm_options)
     try:
         yield bar.update
     finally:

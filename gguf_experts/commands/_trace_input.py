@@ -1,5 +1,6 @@
-"""What the analysis commands share: streaming a trace's chunks and, with --model, the bytes of each
-expert (checked against the trace's fingerprint)."""
+"""What the analysis commands share: loading any input (trace.bin or another tool's file, detected by content,
+see gguf_experts.formats), streaming a trace's chunks and, with --model, the bytes of each expert (checked
+against the trace's fingerprint)."""
 from __future__ import annotations
 
 import argparse
@@ -8,39 +9,69 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import TraceData, TraceHeader
-from ..trace.reader import iter_trace_chunks, read_trace_header
+from ..fingerprint import check_fingerprint
+from ..formats import Input, open_input
+from ..trace.format import ModelFingerprint, TraceData, TraceHeader
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
 
 
 def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False) -> None:
-    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`)")
+    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`), or another tool's "
+                                 "file: llama-imatrix GGUF, tracer/REAP JSON, moe-trace CSV, MBLT, RTRACE01")
     p.add_argument("--model", "-m", metavar="MODEL.gguf", required=model_required,
-                   help="the model the trace was captured from: adds bytes (sum of each expert's slices)")
+                   help="the model the trace was captured from: adds bytes (sum of each expert's slices); "
+                        "needed for files that do not say k (moe-trace CSV, RTRACE01, CSV logs)")
 
 
-def open_trace(path: str, max_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[TraceHeader, Iterator[TraceData]]:
-    """The header, and the chunks (bounded memory whatever the trace size)."""
-    return read_trace_header(path), iter_trace_chunks(path, max_rows=max_rows)
+def open_any(path: str, model: str | None = None, max_rows: int = DEFAULT_CHUNK_ROWS) -> Input:
+    """Any supported input: an ordered trace (chunks) or counts (see gguf_experts.formats); a trace of a
+    pruned model is given in the original model's expert ids (prune_map)."""
+    from ..prune_map import original_input
+
+    return original_input(open_input(path, model, max_rows=max_rows))
 
 
-def expert_bytes(model_path: str | None, header: TraceHeader, trace_name: str) -> np.ndarray | None:
-    """[n_layer, n_expert] bytes per expert of the model (None without --model)."""
+def open_trace(path: str, max_rows: int = DEFAULT_CHUNK_ROWS, model: str | None = None
+               ) -> tuple[TraceHeader, Iterator[TraceData]]:
+    """The header, and the chunks (bounded memory for trace.bin). Count-only inputs are refused with the
+    reason (NeedsTraceError): the caller replays tokens in order."""
+    inp = open_any(path, model, max_rows=max_rows)
+    inp.require_order()
+    assert inp.header is not None and inp.chunks is not None
+    return inp.header, inp.chunks
+
+
+def expert_bytes(model_path: str | None, header: TraceHeader | ModelFingerprint, trace_name: str
+                 ) -> np.ndarray | None:
+    """[n_layer, n_expert] bytes per expert of the model (None without --model). A fingerprint made from a
+    foreign file (no tensor digest) is checked by shape only."""
     if not model_path:
         return None
+    from ..formats.load import fingerprint_for
     from ..gguf_file import open_model
     from ..join import check_model
     from ..layout import expert_bytes as eb_frame
+    from ..layout import fingerprint
+    from ..prune_map import mapping_of
 
     model = open_model(model_path)
-    check_model(header.fingerprint, model, trace_name)
-    fp = header.fingerprint
+    fp = header.fingerprint if isinstance(header, TraceHeader) else header
+    pruned = mapping_of(model.kv)
+    if pruned is not None and fp.tensor_digest:  # a pruned model: bytes of the kept experts, original ids
+        check_fingerprint(fp, pruned.source_fp(), trace_name=trace_name, model_name=model_path)
+    elif fp.tensor_digest:
+        check_model(fp, model, trace_name)
+    else:
+        fingerprint_for(trace_name, fingerprint(model), fp.n_layer, fp.n_expert, fp.n_expert_used)
     df = eb_frame(model)
-    out = np.zeros((fp.n_layer, fp.n_expert), np.float64)
+    if pruned is not None and fp.tensor_digest and len(df):
+        df = df.assign(expert=pruned.lut(int(df["layer"].max()) + 1)[df["layer"].to_numpy(np.int64),
+                                                                      df["expert"].to_numpy(np.int64)])
+    out = np.zeros((max(fp.n_layer, model.block_count), fp.n_expert), np.float64)
     if len(df):
         out[df["layer"].to_numpy(np.int64), df["expert"].to_numpy(np.int64)] = df["bytes"].to_numpy(np.float64)
-    return out
+    return out[:fp.n_layer]
 
 
 def parse_int_list(text: str | None, what: str) -> list[int] | None:

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    header, chunks = open_trace(args.trace)
+    header, chunks = open_trace(args.trace, model=args.model)
     fp = header.fingerprint
     req = CacheSimRequest(
         fp.n_layer, fp.n_expert, fp.n_expert_used, policies=parse_policies(args.policy), order=args.order,

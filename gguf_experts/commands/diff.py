@@ -25,7 +25,7 @@ ORDER = 58
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", metavar="A.bin", help="first trace (the baseline)")
+    p.add_argument("a", metavar="A.bin", help="first trace (the baseline); any input stats reads")
     p.add_argument("b", metavar="B.bin", help="second trace; deltas are B minus A")
     p.add_argument("--model", "-m", metavar="MODEL.gguf",
                    help="check both traces against this model (else they are only checked against each other)")

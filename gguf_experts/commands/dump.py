@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..gguf_file import open_model
-from ..layout import byte_map, memory_map
-from ..reporters.model_table import model_table
+from ..layout import byte_columns, memory_map
 from ..reporters.tabular import Output, add_output_options, emit
 
 NAME = "dump"
@@ -22,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = open_model(args.model)
-    df = byte_map(model, split_experts=args.split_experts)
-    emit(Output(df, document=lambda: memory_map(model, df), text=lambda: model_table(model)),
-         args.format, args.output)
+    cols = byte_columns(model, split_experts=args.split_experts)  # no pandas: start-up matters here
+
+    def text() -> str:
+        from ..reporters.model_table import model_table
+
+        return model_table(model)
+
+    emit(Output(cols, document=lambda: memory_map(model, cols), text=text), args.format, args.output)
     return 0

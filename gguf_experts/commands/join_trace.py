@@ -8,6 +8,7 @@ import pandas as pd
 from ..join import HeatResult, join
 from ..reporters.heat_text import summary_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ._trace_input import open_any
 from ._types import at_least
 
 NAME = "join-trace"
@@ -16,7 +17,8 @@ ORDER = 45
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`)")
+    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`), or another tool's "
+                                 "file (llama-imatrix GGUF, tracer/REAP JSON, moe-trace CSV, MBLT, RTRACE01)")
     p.add_argument("--model", "-m", required=True, metavar="MODEL.gguf",
                    help="the model the trace was captured from (any shard of a split model)")
     p.add_argument("--by", choices=("expert", "tensor", "page"), default="expert",
@@ -36,7 +38,9 @@ def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> int:
-    res: HeatResult = join(args.trace, args.model)
+    inp = open_any(args.trace, args.model)
+    src = args.trace if inp.format == "trace" else (inp.counts if inp.counts is not None else inp.chunks)
+    res: HeatResult = join(src, args.model)
     df = frame_for(res, args.by, args.page_size)
     doc = {"summary": res.summary, "layers": frame_records(res.layers), "by": args.by, "rows": frame_records(df)}
     if args.by == "page":

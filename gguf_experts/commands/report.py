@@ -18,7 +18,9 @@ ORDER = 65
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("traces", nargs="+", metavar="TRACE.bin", help="one trace, or two to compare (B minus A)")
+    p.add_argument("traces", nargs="+", metavar="TRACE.bin",
+                   help="one trace, or two to compare (B minus A); another tool's file too (imatrix, tracer/REAP "
+                        "JSON: no cache curves; moe-trace CSV, MBLT, RTRACE01)")
     p.add_argument("--model", "-m", required=True, metavar="MODEL.gguf",
                    help="the model the trace(s) were captured from (any shard of a split model)")
     p.add_argument("-o", "--output", metavar="REPORT.html", default="report.html",
@@ -48,12 +50,17 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
 
-    from ..report import build_report, check_output_names, write_report
+    from pathlib import Path
+
+    from ..gguf_file import open_model
+    from ..report import build_report, check_output_names, load_inputs, write_report
 
     size = parse_size(args.screenshot_size)  # a bad size fails before the work
     check_output_names(args.output, args.png, args.screenshot)
-    inp = build_report(args.traces, args.model, labels=args.labels, cache=not args.no_cache,
-                       opt=not args.no_opt)
+    m = open_model(args.model)
+    loaded = load_inputs(args.traces, m)
+    labels = args.labels or [Path(p).name for p in args.traces]
+    inp = build_report(loaded, m, labels=labels, cache=not args.no_cache, opt=not args.no_opt)
     written = write_report(args.output, inp, png=args.png, screenshot=args.screenshot, screenshot_size=size)
     df = pd.DataFrame({"output": [w for w, _ in written], "path": [p for _, p in written],
                        "bytes": [os.path.getsize(p) for _, p in written]})

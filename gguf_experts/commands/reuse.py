@@ -31,7 +31,10 @@ NA_NOTE = ("no value: mean_overlap needs two consecutive decode tokens of one se
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`)")
+    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`), or an ordered log "
+                                 "of another tool (moe-trace CSV, MBLT, RTRACE01)")
+    p.add_argument("--model", "-m", metavar="MODEL.gguf",
+                   help="the model, for logs that do not say k (moe-trace CSV, RTRACE01, CSV logs)")
     p.add_argument("--by", choices=("layer", "gap"), default="layer",
                    help="rows per layer [default] or per (layer, gap bucket): the reuse-gap distribution")
     p.add_argument("--coactivation", metavar="FILE.csv",
@@ -40,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    header, chunks = open_trace(args.trace)
+    header, chunks = open_trace(args.trace, model=args.model)
     fp = header.fingerprint
     L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used
     lru = LayerLRU(L, M, k)

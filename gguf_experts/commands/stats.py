@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import pandas as pd
 
 from ..analysis.stats import (
     StatsAccumulator,
@@ -12,14 +13,21 @@ from ..analysis.stats import (
     sequence_frame,
     stats_document,
 )
-from ..reporters.tabular import Output, add_output_options, emit, frame_to_table
-from ._trace_input import add_trace_arguments, expert_bytes, open_trace
+from ..errors import InputError
+from ..fingerprint import ModelFingerprint
+from ..formats import COUNT_WRITERS, ExpertCounts, Input, write_counts
+from ..formats.rtrace import near_ties
+from ..formats.write import count_text
+from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, write_text
+from ._trace_input import add_trace_arguments, expert_bytes, open_any
 from ._types import at_least
 
 NAME = "stats"
 HELP = "expert activation statistics: counts and shares per layer and expert, never-activated experts, imbalance"
 DESCRIPTION = (HELP + ". CSV: one row per (layer, expert), sorted by activations within each layer; JSON: "
-               "per-layer arrays indexed by expert id; table: per-layer summary and the busiest experts.")
+               "per-layer arrays indexed by expert id; table: per-layer summary and the busiest experts. "
+               "--format tracer-json / reap-json / imatrix write the counts in those tools' formats. "
+               "An RTRACE01 input adds the share of near-ties (k-th vs (k+1)-th router probability).")
 ORDER = 50
 
 
@@ -32,19 +40,79 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", choices=("expert", "layer", "sequence"), default="expert",
                    help="CSV/table rows: per (layer, expert) [default], per layer (imbalance), per sequence")
     p.add_argument("--top", type=at_least(1), default=5, metavar="N", help="experts per layer in the table (default 5)")
-    add_output_options(p)
+    p.add_argument("--tie-margin", type=float, default=1e-3, metavar="P",
+                   help="RTRACE01 input: a token's choice is a near-tie when its k-th and (k+1)-th router "
+                        "probabilities differ by less than P (default 0.001)")
+    add_output_options(p, extra=tuple(COUNT_WRITERS),
+                       extra_help="; tracer-json, reap-json and imatrix (GGUF, needs -o and --model) write "
+                                  "the counts for other tools")
+
+
+def _margin_frame(layer: np.ndarray, margin: np.ndarray, n_layer: int, threshold: float) -> pd.DataFrame:
+    t = near_ties(layer, margin, n_layer, threshold)
+    ls = np.flatnonzero(t["rows"])
+    return pd.DataFrame({"layer": ls, "rows": t["rows"][ls], "near_ties": t["near_ties"][ls],
+                         "near_tie_share": t["share"][ls], "median_margin": t["median_margin"][ls]})
+
+
+def _accumulate(inp: Input, model: str | None) -> tuple[StatsAccumulator, ModelFingerprint, bool]:
+    """Counts of any input in a StatsAccumulator, the fingerprint to report with, and whether phases are known."""
+    if inp.counts is not None:
+        counts = inp.counts
+        fp = counts.fingerprint()
+        if model:
+            from ..gguf_file import open_model
+            from ..layout import fingerprint
+
+            fp = fingerprint(open_model(model))
+        acc = StatsAccumulator(counts.n_layer, counts.n_expert)
+        acc.counts, acc.tokens = counts.counts.copy(), counts.tokens.copy()
+        return acc, fp, counts.phase_known
+    assert inp.header is not None and inp.chunks is not None
+    fp = inp.header.fingerprint
+    acc = StatsAccumulator(fp.n_layer, fp.n_expert)
+    for c in inp.chunks:
+        acc.update(c.layer, c.experts, c.phase, c.seq)
+    return acc, fp, bool(inp.header.meta.get("phase_known", True))
+
+
+def _write_counts(args: argparse.Namespace, inp: Input, acc: StatsAccumulator, fp: ModelFingerprint,
+                  phase_known: bool) -> None:
+    """--format tracer-json / reap-json / imatrix: the counts in another tool's format."""
+    out = ExpertCounts(acc.counts, acc.tokens, k=fp.n_expert_used or None, source=inp.format,
+                       phase_known=phase_known, meta=dict(inp.counts.meta) if inp.counts is not None else {})
+    if args.format == "imatrix" and not args.output:
+        raise InputError("--format imatrix writes a GGUF file: give -o FILE.gguf (and --model)")
+    if args.output:
+        write_counts(args.format, out, args.output, model=args.model)
+    else:
+        write_text(count_text(args.format, out), None)
 
 
 def run(args: argparse.Namespace) -> int:
-    header, chunks = open_trace(args.trace)
-    fp = header.fingerprint
-    eb = expert_bytes(args.model, header, args.trace)
-    acc = StatsAccumulator(fp.n_layer, fp.n_expert)
-    for c in chunks:
-        acc.update(c.layer, c.experts, c.phase, c.seq)
+    inp = open_any(args.trace, args.model)
+    acc, fp, phase_known = _accumulate(inp, args.model)
+    if args.format in COUNT_WRITERS:
+        _write_counts(args, inp, acc, fp, phase_known)
+        return 0
+    eb = expert_bytes(args.model, fp, args.trace)
+    if eb is not None and eb.shape[0] != acc.n_layer:
+        eb = eb[:acc.n_layer]
+    margins = (_margin_frame(inp.margin_layer, inp.margin, acc.n_layer, args.tie_margin)
+               if inp.margin is not None and inp.margin_layer is not None else None)
     frames = {"expert": lambda: expert_frame(acc, eb), "layer": lambda: layer_frame(acc),
               "sequence": lambda: sequence_frame(acc)}
     df = frames[args.by]()
+
+    def document() -> dict:
+        doc = stats_document(acc, fp.n_expert_used, eb)
+        doc["source_format"] = inp.format
+        doc["phase_known"] = phase_known
+        if margins is not None:
+            doc["near_ties"] = {"threshold": args.tie_margin,
+                                "share": float(margins["near_ties"].sum() / max(1, margins["rows"].sum())),
+                                "layers": margins.to_dict(orient="list")}
+        return doc
 
     def text() -> str:
         lf = layer_frame(acc)
@@ -52,16 +120,24 @@ def run(args: argparse.Namespace) -> int:
         top = ef[ef["rank"] <= args.top].copy()
         top["share"] = (top["share"] * 100).round(2).astype(str) + "%"
         top["cum_share"] = (top["cum_share"] * 100).round(2).astype(str) + "%"
-        head = (f"{args.trace}: {fp.architecture}, {len(lf)} MoE layers x {fp.n_expert} experts, "
-                f"top-{fp.n_expert_used}; {int(lf['tokens'].max()) if len(lf) else 0} tokens\n\n")
+        k = f"top-{fp.n_expert_used}" if fp.n_expert_used else "top-k unknown (pass --model)"
+        src = "" if inp.format == "trace" else f" [{inp.description}]"
+        head = (f"{args.trace}{src}: {fp.architecture}, {len(lf)} MoE layers x {acc.n_expert} experts, "
+                f"{k}; {int(lf['tokens'].max()) if len(lf) else 0} tokens"
+                + ("" if phase_known else "; prefill/decode not recorded (counted as decode)") + "\n\n")
+        tail = ""
+        if margins is not None:
+            share = margins["near_ties"].sum() / max(1, margins["rows"].sum())
+            tail = (f"\nnear-ties (k-th minus (k+1)-th router probability < {args.tie_margin:g}): "
+                    f"{share:.2%} of token-layer choices\n" + frame_to_table(margins.round(6)))
         if args.by != "expert":
-            return head + frame_to_table(df, na_note=NA_NOTE)
+            return head + frame_to_table(df, na_note=NA_NOTE) + tail
         cols = ["layer", "tokens", "tokens_prefill", "tokens_decode", "activations", "never_activated",
                 "top10pct_share", "max_mean", "cv", "gini", "entropy"]
         never = [f"  layer {int(l)}: {' '.join(map(str, np.flatnonzero(acc.counts[:, l].sum(axis=0) == 0)))}"
                  for l in lf["layer"][lf["never_activated"] > 0]]
         return (head + frame_to_table(lf[cols], na_note=NA_NOTE) + f"\nbusiest {args.top} experts per layer:\n"
-                + frame_to_table(top) + ("\nnever activated:\n" + "\n".join(never) + "\n" if never else ""))
-    emit(Output(df, document=lambda: stats_document(acc, fp.n_expert_used, eb), text=text),
-         args.format, args.output)
+                + frame_to_table(top) + ("\nnever activated:\n" + "\n".join(never) + "\n" if never else "")
+                + tail)
+    emit(Output(df, document=document, text=text), args.format, args.output)
     return 0

@@ -100,11 +100,16 @@ def strip_tensors(heat: HeatResult, tensors: pd.DataFrame | None, layers: np.nda
     g = sl.groupby("base_name", sort=False)
     first = g["offset"].transform("min").to_numpy(dtype=np.int64)
     size = g["size"].transform("first").to_numpy(dtype=np.int64)
-    if not np.array_equal(sl["offset"].to_numpy(dtype=np.int64), first + sl["expert"].to_numpy(dtype=np.int64) * size):
+    slot = g.cumcount().to_numpy(dtype=np.int64)  # position in the tensor (file order)
+    if not np.array_equal(sl["offset"].to_numpy(dtype=np.int64), first + slot * size):
         raise InputError("expert slices of one tensor are not contiguous and equal-sized; the byte map is "
                          "inconsistent (regenerate it with gguf_experts.layout)")
     exp = g.agg(file=("file", "first"), offset=("offset", "min"), slice=("size", "first"), n=("expert", "size"),
                 layer=("layer", "first")).reset_index().rename(columns={"base_name": "name"})
+    # a pruned model's slices carry the original expert ids (prune_map): slot s of a tensor is expert ids[s]
+    renumbered = not np.array_equal(sl["expert"].to_numpy(dtype=np.int64), slot)
+    if renumbered:
+        exp["ids"] = g["expert"].agg(lambda e: [int(x) for x in e]).to_numpy()
     exp["size"] = exp["slice"] * exp["n"]
     exp["row"] = np.searchsorted(layers, exp["layer"].to_numpy(dtype=np.int64))
     parts = [exp]
@@ -132,6 +137,8 @@ def strip_tensors(heat: HeatResult, tensors: pd.DataFrame | None, layers: np.nda
            "off": allt["offset"].astype(np.int64).tolist(), "size": allt["size"].astype(np.int64).tolist(),
            "layer": allt["layer"].astype(np.int64).tolist(), "row": allt["row"].astype(np.int64).tolist(),
            "slice": allt["slice"].astype(np.int64).tolist(), "n": allt["n"].astype(np.int64).tolist()}
+    if renumbered:
+        col["ids"] = [v if isinstance(v, list) else None for v in allt["ids"].tolist()]
     return col, files
 
 

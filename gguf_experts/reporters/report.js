@@ -48,7 +48,10 @@ function divColor(d, m) {
 const T = D.tensors, nT = T.name.length;
 const rowTensors = D.rows.map(() => []);
 for (let i = 0; i < nT; i++) if (T.row[i] >= 0) rowTensors[T.row[i]].push(i);
-const sliceStart = (i, e) => T.off[i] + e * T.slice[i];
+const sliceStart = (i, k) => T.off[i] + k * T.slice[i];  // k: slot (position in the tensor)
+// a pruned model keeps the original expert ids: slot k of tensor i is expert T.ids[i][k] (absent: k)
+const eid = (i, k) => T.ids && T.ids[i] ? T.ids[i][k] : k;
+const slotOf = (i, e) => T.ids && T.ids[i] ? T.ids[i].indexOf(e) : e;
 
 function heatmap(cv, rows, E, value, color, tipText, onRow) {
   const L = 46, TOP = 16, avail = Math.max(300, cv.parentElement.clientWidth - 20 - L);
@@ -88,8 +91,10 @@ function expertTip(r, e) {
   let per = 0; for (const i of rowTensors[r]) per += T.slice[i];
   lines.push(`bytes read ${fmtBytes(a * per)}  (${fmtBytes(per)} per activation)`, "slices:");
   for (const i of rowTensors[r]) {
-    const s0 = sliceStart(i, e);
-    lines.push(`  ${T.name[i]}[${e}]`, `    ${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
+    const k = slotOf(i, e);
+    if (k < 0) { lines.push(`  ${T.name[i]}: expert ${e} was pruned from this model`); continue; }
+    const s0 = sliceStart(i, k);
+    lines.push(`  ${T.name[i]}[${k}]`, `    ${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
   }
   return lines.join("\n");
 }
@@ -101,8 +106,8 @@ const total = D.files.length ? D.files[D.files.length - 1].base + D.files[D.file
 let maxB = 0, minB = Infinity;
 function rescale() {  // the strip's colour scale spans the bytes of the trace shown
   maxB = 0; minB = Infinity;
-  for (let i = 0; i < nT; i++) if (T.row[i] >= 0) for (let e = 0; e < T.n[i]; e++) {
-    const b = D.acts[T.row[i] * D.E + e] * T.slice[i]; if (b > 0) { maxB = Math.max(maxB, b); minB = Math.min(minB, b); }
+  for (let i = 0; i < nT; i++) if (T.row[i] >= 0) for (let k = 0; k < T.n[i]; k++) {
+    const b = D.acts[T.row[i] * D.E + eid(i, k)] * T.slice[i]; if (b > 0) { maxB = Math.max(maxB, b); minB = Math.min(minB, b); }
   }
 }
 rescale();
@@ -132,9 +137,9 @@ function drawStrip() {
     if (ends[i] <= view[0] || starts[i] >= view[1]) continue;
     if (T.row[i] < 0) { put(starts[i], ends[i], 0, i, -1); continue; }
     const sz = T.slice[i], e0 = Math.max(0, Math.floor((view[0] - starts[i]) / sz)), e1 = Math.min(T.n[i] - 1, Math.floor((view[1] - starts[i]) / sz));
-    for (let e = e0; e <= e1; e++) {
-      const b = D.acts[T.row[i] * D.E + e] * sz;
-      put(starts[i] + e * sz, starts[i] + (e + 1) * sz, b > 0 ? 2 + b : 1, i, e);
+    for (let k = e0; k <= e1; k++) {
+      const b = D.acts[T.row[i] * D.E + eid(i, k)] * sz;
+      put(starts[i] + k * sz, starts[i] + (k + 1) * sz, b > 0 ? 2 + b : 1, i, k);
     }
   }
   g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
@@ -179,13 +184,13 @@ strip.onmousemove = ev => {
     const a = Math.max(0, Math.min(total - span, drag[1] + d)); view = [a, a + span]; drawStrip(); return;
   }
   const p = Math.floor((ev.clientX - b.left) * DPR); if (!who || p < 0 || p * 2 >= who.length || who[2 * p] < 0) { hideTip(); return; }
-  const i = who[2 * p], e = who[2 * p + 1], lines = [];
-  if (e < 0) {
+  const i = who[2 * p], k = who[2 * p + 1], lines = [];
+  if (k < 0) {
     lines.push(T.name[i], `not routed: read whenever layer ${T.layer[i] >= 0 ? T.layer[i] : "-"} runs`);
     lines.push(`${D.files[T.file[i]].name}  ${span(T.off[i], T.size[i])}`);
   } else {
-    const a = D.acts[T.row[i] * D.E + e], s0 = sliceStart(i, e);
-    lines.push(`${vlabel()}${T.name[i]}[${e}]`, `layer ${T.layer[i]}  expert ${e}  activations ${a}`, `bytes read ${fmtBytes(a * T.slice[i])}`);
+    const e = eid(i, k), a = D.acts[T.row[i] * D.E + e], s0 = sliceStart(i, k);
+    lines.push(`${vlabel()}${T.name[i]}[${k}]`, `layer ${T.layer[i]}  expert ${e}  activations ${a}`, `bytes read ${fmtBytes(a * T.slice[i])}`);
     lines.push(`${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
   }
   if (count[p] > 1) lines.push(`(+${count[p] - 1} more bars in this pixel: zoom in)`);

@@ -1,25 +1,31 @@
 """The one output-format option set shared by every command: ``--format csv|json|table`` and ``-o``.
 
 A command builds an :class:`Output` (rows for CSV, a document for JSON, text for people) and hands it to
-:func:`emit`; no command dispatches on the format itself.
+:func:`emit`; no command dispatches on the format itself. The rows are a DataFrame, or plain column lists
+(:data:`Columns`) for the commands that must start fast (``dump``): those never import pandas for CSV.
 
 The default format follows one rule (:func:`resolve_format`): a table for a person at a terminal; CSV when
 stdout is piped or redirected, or with ``-o FILE`` (``-o FILE.json``: JSON); ``--format`` overrides it.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import numpy as np
-import pandas as pd
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..atomic import atomic_write
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Column name -> values (str, int, float or None), every column of one length: a table without pandas.
+Columns = Mapping[str, Sequence[Any]]
 
 FORMATS = ("csv", "json", "table")
 
@@ -28,32 +34,41 @@ FORMATS = ("csv", "json", "table")
 class Output:
     """What a command produced, in the three shapes people ask for."""
 
-    frame: pd.DataFrame
+    frame: pd.DataFrame | Columns
     document: Any = None  # JSON (or a callable making it); defaults to {"rows": records of frame}
     text: str | Callable[[], str] | None = None  # for people; defaults to the frame as an aligned table
-    extra_frames: dict[str, pd.DataFrame] = field(default_factory=dict)
-
     #: why a table cell shows "-" (a value that does not exist, e.g. no decode tokens to compare)
     na_note: str | None = None
 
     def render(self, fmt: str) -> str:
         if fmt == "csv":
+            if isinstance(self.frame, Mapping):
+                return columns_to_csv(self.frame)
             return frame_to_csv(self.frame)
         if fmt == "json":
             doc = self.document() if callable(self.document) else self.document
             if doc is None:
-                doc = {"rows": frame_records(self.frame)}
+                doc = {"rows": frame_records(self._dataframe())}
             return json.dumps(doc, indent=1, default=_json_default, allow_nan=False) + "\n"
         if fmt == "table":
             if callable(self.text):
                 return self.text()
             if self.text is not None:
                 return self.text
-            return frame_to_table(self.frame, na_note=self.na_note)
+            return frame_to_table(self._dataframe(), na_note=self.na_note)
         raise ValueError(f"unknown format {fmt!r}")
+
+    def _dataframe(self) -> pd.DataFrame:
+        if isinstance(self.frame, Mapping):
+            import pandas as pd
+
+            return pd.DataFrame(dict(self.frame))
+        return self.frame
 
 
 def _json_default(o: Any) -> Any:
+    import numpy as np  # only here: plain-column outputs (dump) never import numpy
+
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -68,6 +83,8 @@ def _json_default(o: Any) -> Any:
 
 def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows as dicts with plain Python values (NaN/NA -> None) for JSON."""
+    import pandas as pd
+
     out = df.astype(object).where(pd.notna(df), None)
     return out.to_dict(orient="records")
 
@@ -75,6 +92,24 @@ def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 def frame_to_csv(df: pd.DataFrame) -> str:
     buf = io.StringIO()
     df.to_csv(buf, index=False, lineterminator="\n")
+    return buf.getvalue()
+
+
+def columns_to_csv(cols: Columns) -> str:
+    """CSV of plain columns, byte for byte what DataFrame.to_csv(index=False) writes for the same values
+    (None as an empty field, minimal quoting, "\\n" line ends), without pandas.
+
+    Fast path: each column becomes strings at C speed and rows are joined; when any field would need
+    quoting (or there is one column, where csv quotes an empty field), the csv module writes it instead.
+    """
+    strs = [[k] + [x if type(x) is str else "" if x is None else str(x) for x in v] for k, v in cols.items()]
+    joined = "\x00".join("\x00".join(c) for c in strs)
+    if len(strs) > 1 and not any(ch in joined for ch in ',"\r\n'):
+        return "".join(line + "\n" for line in map(",".join, zip(*strs)))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols.keys())
+    w.writerows(zip(*cols.values()))
     return buf.getvalue()
 
 
@@ -88,6 +123,8 @@ def _number(x: float) -> str:
 
 def table_cells(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     """The frame as strings for a table: floats rounded, missing values as NA_MARK; and whether any was."""
+    import pandas as pd
+
     out = {}
     missing = False
     for col in df.columns:
@@ -171,11 +208,13 @@ FORMAT_HELP = ("csv, json or table (default: a table at a terminal; CSV when pip
                "-o FILE.json)")
 
 
-def add_output_options(parser: Any, output: bool = True, what: str = "") -> None:
-    """--format (and -o FILE, unless the command's -o names a data file of its own: then --format is the
-    format of the summary it prints). ``what``: what the output is, for --help."""
-    parser.add_argument("--format", "-f", choices=FORMATS, default=None,
-                        help=(f"format of {what}: " if what else "output format: ") + FORMAT_HELP)
+def add_output_options(parser: Any, output: bool = True, what: str = "", extra: tuple[str, ...] = (),
+                       extra_help: str = "") -> None:
+    """--format (csv/json/table, plus a command's own ``extra`` formats) and -o FILE, unless the command's -o
+    names a data file of its own (then --format is the format of the summary it prints). ``what``: what
+    the output is, for --help."""
+    parser.add_argument("--format", "-f", choices=FORMATS + tuple(extra), default=None,
+                        help=(f"format of {what}: " if what else "output format: ") + FORMAT_HELP + extra_help)
     if output:
         parser.add_argument("-o", "--output", metavar="FILE", default=None,
                             help="write to FILE (atomically: temp file, then rename) instead of stdout")

@@ -521,11 +521,16 @@ class Recorder:
                           seq_counter=self._seqs)
         try:
             if self.sink is None:
+                from ..gguf_file import open_model
+                from ..prune_map import META_KEY, mapping_of
                 from .writer import TraceWriter
 
                 meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
                         "n_ubatch": n_ubatch, "weights": self.weights,
                         "llama_cpp_python": getattr(llm.lc, "__version__", "?"), **self.meta}
+                pruned = mapping_of(open_model(model_path).kv)
+                if pruned is not None:  # analyses read this trace in the original model's expert ids
+                    meta[META_KEY] = pruned.to_dict()
                 self.sink = TraceWriter(self.path, fp, meta)
         except BaseException:
             llm.close()

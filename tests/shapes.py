@@ -1,5 +1,8 @@
 """Realistic-shaped MoE model headers (Qwen3-30B-A3B, Qwen3-Next-80B-A3B, gpt-oss-20b, DeepSeek-V3).
 
+A test fixture, not part of the wheel: the tests import it as ``shapes`` and scripts/bench_reader.py puts
+tests/ on sys.path for it.
+
 Why: the reader, the byte map and the benchmarks must be tested on what people really load (real tensor
 names, shapes, ggml type mixes and tokenizer sizes) without downloading hundreds of GB. Only the header is
 written; the data section is a sparse hole (truncate), so a DeepSeek-V3-shaped set of shards costs a few MB.
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_writer import TensorSpec, write_gguf, write_split
+from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
 
 F32 = "F32"
 
@@ -235,7 +238,3 @@ SHAPES: dict[str, Callable[[], ModelShape]] = {
     "deepseek-v3": deepseek_v3,
 }
 
-
-def write_shape(key: str, directory: str | os.PathLike[str], **kw: Any) -> Path:
-    """Write one named shape (see SHAPES) into directory; returns the (first) file's path."""
-    return SHAPES[key]().write(directory, **kw)

@@ -1,0 +1,176 @@
+"""Streaming GGUF output for models derived from another GGUF (prune): headers and bulk data copies.
+
+Why not gguf_writer: a derived model keeps the source's metadata, including 150k-entry tokenizer arrays,
+and any ggml type id (gguf-py's writer and its type table do not cover them all). Here the source's
+key/value entries are copied byte for byte (never decoded), changed keys are encoded anew, and tensor
+data is copied file to file in large runs (``os.copy_file_range``, else ``sendfile``, else pread/pwrite
+through one fixed buffer), so memory does not depend on the model's size.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import GGUFFormatError
+from .gguf_file import GGUF_MAGIC, SCALAR_FORMATS, GGUFHeader, ValueType, _Parser
+
+COPY_CHUNK = 64 << 20  # bytes per copy call: big enough for throughput, small enough for a smooth progress bar
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
+
+
+def source_kv_entries(header: GGUFHeader) -> dict[str, bytes]:
+    """Each metadata entry of ``header`` as its raw bytes (key, type, value), in file order."""
+    out: dict[str, bytes] = {}
+    with open(header.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        p = _Parser(mm, header.path, header.byteorder, header.version)
+        p.off = 24  # magic, version, tensor count, kv count
+        for _ in range(len(header.kv)):
+            start = p.off
+            key = p.string("metadata key")
+            vtype = p.u32(f"type of {key!r}")
+            p.value(vtype, key=key)
+            out[key] = bytes(mm[start:p.off])
+    return out
+
+
+class _Enc:
+    """Just enough encoding for the keys a derived model changes or adds."""
+
+    def __init__(self, bo: str) -> None:
+        self.bo = bo
+        self.parts: list[bytes] = []
+
+    def pack(self, code: str, v: Any) -> None:
+        self.parts.append(struct.pack(self.bo + code, v))
+
+    def string(self, s: str) -> None:
+        raw = s.encode("utf-8")
+        self.pack("Q", len(raw))
+        self.parts.append(raw)
+
+    def bytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def encode_kv(key: str, vtype: ValueType, value: Any, byteorder: str = "<",
+              element_type: ValueType | None = None) -> bytes:
+    """One metadata entry: a scalar or string, or an array of scalars (numpy-converted) or strings."""
+    e = _Enc(byteorder)
+    e.string(key)
+    e.pack("I", int(vtype))
+    if vtype in SCALAR_FORMATS:
+        e.pack(SCALAR_FORMATS[vtype][0], value)
+    elif vtype == ValueType.STRING:
+        e.string(str(value))
+    elif vtype == ValueType.ARRAY:
+        if element_type is None:
+            raise ValueError(f"{key}: an array needs its element type")
+        items = list(value)
+        e.pack("I", int(element_type))
+        e.pack("Q", len(items))
+        if element_type in SCALAR_FORMATS:
+            e.parts.append(np.asarray(items).astype(byteorder + SCALAR_FORMATS[element_type][1]).tobytes())
+        elif element_type == ValueType.STRING:
+            for s in items:
+                e.string(str(s))
+        else:
+            raise ValueError(f"{key}: arrays of {element_type!r} are not written here")
+    else:
+        raise ValueError(f"{key}: value type {vtype!r} is not written here")
+    return e.bytes()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor info of the output: name, ne (ggml order), ggml type id, data size."""
+
+    name: str
+    ne: tuple[int, ...]
+    type_id: int
+    nbytes: int
+
+
+def align(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def encode_header(kv_entries: Sequence[bytes], tensors: Sequence[TensorEntry], alignment: int,
+                  version: int = 3, byteorder: str = "<") -> tuple[bytes, list[int], int]:
+    """Header bytes, each tensor's data-relative offset (tensor order, each aligned as libggml's loader
+    expects) and the data section's start."""
+    e = _Enc(byteorder)
+    e.parts.append(GGUF_MAGIC)
+    e.pack("I", version)
+    e.pack("Q", len(tensors))
+    e.pack("Q", len(kv_entries))
+    e.parts.extend(kv_entries)
+    rel: list[int] = []
+    off = 0
+    for t in tensors:
+        off = align(off, alignment)
+        rel.append(off)
+        off += t.nbytes
+    for t, r in zip(tensors, rel):
+        e.string(t.name)
+        e.pack("I", len(t.ne))
+        for d in t.ne:
+            e.pack("Q", d)
+        e.pack("I", t.type_id)
+        e.pack("Q", r)
+    head = e.bytes()
+    return head, rel, align(len(head), alignment)
+
+
+class RangeCopier:
+    """Copies byte ranges between open files, kernel-side where the OS allows (no user-space buffer)."""
+
+    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
+        self.progress = progress
+        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else \
+            "sendfile" if hasattr(os, "sendfile") else "pread"
+        self._buf: bytearray | None = None
+
+    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, where: str = "") -> None:
+        while n > 0:
+            step = min(n, COPY_CHUNK)
+            got = self._copy_some(src_fd, src_off, dst_fd, dst_off, step)
+            if got <= 0:
+                raise GGUFFormatError(f"{where}: the source ended {n} bytes early at offset {src_off}; "
+                                      "the file is truncated: download it again")
+            src_off += got
+            dst_off += got
+            n -= got
+            if self.progress is not None:
+                self.progress(got)
+
+    def _copy_some(self, src: int, s_off: int, dst: int, d_off: int, n: int) -> int:
+        if self.method == "copy_file_range":
+            try:
+                return os.copy_file_range(src, dst, n, s_off, d_off)
+            except OSError as e:
+                if e.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self.method = "sendfile" if hasattr(os, "sendfile") else "pread"
+        if self.method == "sendfile":
+            try:
+                os.lseek(dst, d_off, os.SEEK_SET)
+                return os.sendfile(dst, src, s_off, n)
+            except OSError as e:
+                if e.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self.method = "pread"
+        if self._buf is None:
+            self._buf = bytearray(min(COPY_CHUNK, 16 << 20))
+        view = memoryview(self._buf)[:min(n, len(self._buf))]
+        got = os.preadv(src, [view], s_off)
+        done = 0
+        while done < got:
+            done += os.pwrite(dst, view[done:got], d_off + done)
+        return got

@@ -1,0 +1,74 @@
+"""llama.cpp's own llama-imatrix against our capture of the same tokens: `stats imatrix.gguf --model M` equals
+`stats` of the trace. llama-imatrix cuts the tokenized text into chunks of n_ctx tokens, puts BOS at each
+chunk's first position, clears the KV cache per chunk and requests every output (so the last layer routes
+every token); the capture below does exactly that, through llama-cpp-python (the same llama.cpp)."""
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gguf_experts import tinymodel
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CTX, N_CHUNKS = 64, 3
+TEXT = ("def add(a, b):\n    return a + b\n\nQ: What is 12 * 7? A: 84. Once upon a time, a small robot "
+        "learned to count experts. The quick brown fox jumps over the lazy dog. x = [i * i for i in range(10)]\n"
+        "SELECT name FROM users WHERE id = 42; -- the answer\n") * 2
+
+
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """llama.cpp's programs built from the vendored source (scripts/build_llama_tools.sh; it waits for a build
+    under way and returns at once when the binaries exist)."""
+    import sys
+
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PY": sys.executable}, timeout=3600)
+    assert r.returncode == 0, f"build_llama_tools.sh failed: {r.stderr[-2000:]}"
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, tmp_path):
+    from gguf_experts.layout import fingerprint
+    from gguf_experts.gguf_file import open_model
+    from gguf_experts.trace import TraceWriter
+    from gguf_experts.trace.capture import TracedLlama
+    from gguf_experts.trace.format import PHASE_PREFILL
+
+    model = tinymodel.make_tiny_model(tmp_path / "tiny.gguf", seed=7, add_bos=True)
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT)
+    imat = tmp_path / "imatrix.gguf"
+    r = subprocess.run([str(llama_bin / "llama-imatrix"), "-m", str(model), "-f", str(text), "-c", str(N_CTX),
+                        "-b", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", "2", "-o", str(imat), "--no-ppl"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and imat.exists(), r.stderr[-3000:]
+
+    fp = fingerprint(open_model(model))
+    trace = tmp_path / "same.bin"
+    with TraceWriter(trace, fp) as sink, TracedLlama(model, sink, fp, n_ctx=N_CTX, n_ubatch=N_CTX,
+                                                       n_threads=2) as tl:
+        tokens = tl.tokenize(TEXT, add_special=True)
+        bos = int(tl.lc.llama_vocab_bos(tl.vocab))
+        assert tokens[0] == bos and len(tokens) >= N_CTX * N_CHUNKS  # the vocabulary adds BOS
+        for c in range(N_CHUNKS):
+            chunk = tokens[c * N_CTX:(c + 1) * N_CTX]
+            chunk[0] = bos  # llama-imatrix: BOS at every chunk's first position (add_bos vocabularies)
+            tl.new_sequence()
+            tl.eval(chunk, phase=PHASE_PREFILL, logits="all")
+
+    def stats(path: Path) -> pd.DataFrame:
+        out = run_cli("stats", path, "--model", model, "-f", "csv")
+        assert out.rc == 0, out.err
+        return pd.read_csv(io.StringIO(out.out)).sort_values(["layer", "expert"], ignore_index=True)
+
+    ours, theirs = stats(trace), stats(imat)
+    assert ours["activations"].sum() == N_CTX * N_CHUNKS * fp.n_layer * fp.n_expert_used
+    pd.testing.assert_frame_equal(ours, theirs)
+    layers = run_cli("stats", imat, "--model", model, "--by", "layer", "-f", "csv")
+    lf = pd.read_csv(io.StringIO(layers.out))
+    assert (lf["tokens"] == N_CTX * N_CHUNKS).all() and (lf["tokens_decode"] == 0).all()
