@@ -6,7 +6,6 @@ name, offset and size columns. All checks are vectorised over the sorted ranges.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,29 +59,64 @@ def load_ranges(path: str | os.PathLike[str]) -> RangeSet:
 
 
 def _load_json(path: Path) -> RangeSet:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); "
-                         "pass a GGUF file or a byte map from `gguf-experts dump`") from None
+    from .strictio import load_json
+
+    doc = load_json(path, "JSON byte map")
+    hint = "expected the output of `gguf-experts dump --format json`"
     rows = doc.get("tensors") if isinstance(doc, dict) else doc
     if not isinstance(rows, list):
-        raise InputError(f"{path}: JSON has no 'tensors' list; "
-                         "expected the output of `gguf-experts dump --format json`")
-    df = pd.DataFrame(rows)
+        raise InputError(f"{path}: JSON has no 'tensors' list; {hint}")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise InputError(f"{path}: tensors[{i}] is a {type(r).__name__}, not an object with name, offset and "
+                             f"size; {hint}")
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["name", "offset", "size"])
     files: dict[str, FileInfo] = {}
     if isinstance(doc, dict):
-        for f in (doc.get("model") or {}).get("files", []) or []:
-            files[str(f.get("file"))] = FileInfo(f.get("size"), f.get("data_offset"), f.get("alignment"))
+        model = doc.get("model") or {}
+        if not isinstance(model, dict):
+            raise InputError(f"{path}: 'model' is a {type(model).__name__}, not an object; {hint}")
+        listed = model.get("files") or []
+        if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+            raise InputError(f"{path}: model.files is not a list of objects; {hint}")
+        for i, f in enumerate(listed):
+            vals = {}
+            for key in ("size", "data_offset", "alignment"):
+                v = f.get(key)
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 62
+                                      or (key == "alignment" and (v == 0 or v & (v - 1)))):
+                    raise InputError(f"{path}: model.files[{i}].{key} = {v!r} is not a "
+                                     f"{'power of two' if key == 'alignment' else 'byte count'}; {hint}")
+                vals[key] = v
+            files[str(f.get("file"))] = FileInfo(vals["size"], vals["data_offset"], vals["alignment"])
     return RangeSet(str(path), _normalise(df, path), files)
 
 
 def _load_csv(path: Path) -> RangeSet:
-    try:
-        df = pd.read_csv(path, comment=None, skipinitialspace=True)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise InputError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]}); "
-                         "expected a byte map with name, offset and size columns") from None
+    """Every row must have one field per column (pandas would silently shift a row with one extra)."""
+    import io
+
+    from .strictio import check_field_counts, decode_text
+
+    raw = path.read_bytes()
+    text = decode_text(raw, str(path), "CSV byte map")
+    if not text.strip():
+        raise InputError(f"{path}: empty file; expected a GGUF model or a CSV/JSON byte map")
+    if '"' in text:  # quoted fields may hold commas: the csv module counts them exactly (slower)
+        import csv
+
+        rows = [r for r in csv.reader(text.splitlines())]
+        header = [c.strip() for c in rows[0]]
+        for i, r in enumerate(rows[1:], 2):
+            if r and len(r) != len(header):
+                raise InputError(f"{path}: line {i}: malformed CSV ({len(r)} fields, the header has {len(header)}); "
+                                 "every row needs one value per column: fix or remove that line")
+        df = pd.DataFrame([[v.strip() for v in r] for r in rows[1:] if r], columns=header, dtype=object)
+    else:
+        header = [c.strip() for c in text.split("\n", 1)[0].split(",")]
+        check_field_counts(raw, len(header), str(path))
+        df = pd.read_csv(io.StringIO(text), index_col=False, skipinitialspace=True, skip_blank_lines=True)
+        df = df.set_axis(header, axis=1)
     rs = RangeSet(str(path), _normalise(df, path))
     for fname in rs.ranges["file"].unique():
         cand = path.parent / str(fname)
@@ -92,13 +126,19 @@ def _load_csv(path: Path) -> RangeSet:
 
 
 def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    df = df.rename(columns={c: _ALIASES.get(c.strip().lower(), c.strip().lower()) for c in df.columns})
+    canon = [_ALIASES.get(str(c).strip().lower(), str(c).strip().lower()) for c in df.columns]
+    seen: dict[str, str] = {}
+    for c, m in zip(df.columns, canon):
+        if m in seen:
+            raise InputError(f"{path}: columns {seen[m]!r} and {str(c)!r} both mean {m!r}; keep one of them")
+        seen[m] = str(c)
+    df = df.set_axis(canon, axis=1)
     missing = [c for c in ("name", "offset", "size") if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))}); "
                          "a byte map needs at least name, offset and size")
     for c in ("offset", "size"):
-        v = pd.to_numeric(df[c], errors="coerce")
+        v = pd.to_numeric(_numbers(df[c]), errors="coerce")
         wrong = (v.isna() | (v < 0) | (v >= 2**62) | (v % 1 != 0)).to_numpy(dtype=bool)
         if wrong.any():
             bad = int(np.flatnonzero(wrong)[0])
@@ -109,7 +149,7 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     if "expert_id" not in df.columns:
         ext = df["name"].astype(str).str.extract(r"\[(\d+)\]$")[0]
         df["expert_id"] = pd.to_numeric(ext, errors="coerce")
-    eid = pd.to_numeric(df["expert_id"], errors="coerce")
+    eid = pd.to_numeric(_numbers(df["expert_id"]), errors="coerce")
     wrong = (eid.notna() & ((eid < 0) | (eid >= 2**31) | (eid % 1 != 0))).to_numpy(dtype=bool)
     if wrong.any():
         bad = int(np.flatnonzero(wrong)[0])
@@ -121,6 +161,25 @@ def _normalise(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     df["name"] = df["name"].astype(str)
     df["base_name"] = df["base_name"].fillna(df["name"]).astype(str)
     return df[["name", "base_name", "expert_id", "file", "offset", "size"]]
+
+
+def _numbers(col: pd.Series) -> pd.Series:
+    """A column pandas may convert to numbers: numeric columns as they are (the C parser made them),
+    object columns (JSON values, mixed text) cell by cell through _as_number; booleans are not numbers."""
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        return col
+    return col.map(_as_number)
+
+
+def _as_number(v: Any) -> Any:
+    """A cell as pandas may convert it: text or a JSON number; anything else (bool, list, dict) is not one."""
+    if v is None:
+        return None
+    if isinstance(v, (bool, list, dict)):
+        return float("nan")
+    if isinstance(v, str) and not v.strip():
+        return None
+    return v
 
 
 def _finding(kind: str, file: Any, name: Any, other: Any, start: Any, end: Any, detail: Any) -> pd.DataFrame:
@@ -260,10 +319,62 @@ def _check_loader_order(model: Model) -> list[pd.DataFrame]:
     return [_finding("loader_offset", list(f), list(n), [""] * len(n), list(s), list(e), list(d))]
 
 
-def check_paths(paths: list[str]) -> pd.DataFrame:
-    """Findings over several inputs, each checked on its own."""
-    frames = [check(load_ranges(p)) for p in paths]
+def not_run(rs: RangeSet) -> str | None:
+    """Which checks could not run on a byte map, why, and how to run them (None when all ran)."""
+    if rs.model is not None:
+        return None
+    names = [str(f) for f in rs.ranges["file"].unique()]
+    no_size = [f for f in names if rs.files.get(f, FileInfo()).size is None]
+    no_align = [f for f in names if rs.files.get(f, FileInfo()).alignment is None]
+    parts = []
+    if no_size:
+        parts.append(f"past_eof (no file size for {', '.join(no_size[:3])}{' ...' if len(no_size) > 3 else ''})")
+    if no_align:
+        parts.append("misaligned (no alignment; gaps assumed padding below 32 bytes)")
+    parts.append("loader_offset (needs the GGUF's tensor-info order)")
+    return (f"{rs.source}: not checked: {'; '.join(parts)}; pass the GGUF instead"
+            + (", or --file-size N --alignment A" if no_size or no_align else ""))
+
+
+@dataclass
+class CheckResult:
+    """Findings over all inputs, and one line per input whose map lacked what some checks need."""
+
+    findings: pd.DataFrame
+    not_run: list[str] = field(default_factory=list)
+
+
+def check_inputs(paths: list[str], file_size: int | None = None, alignment: int | None = None) -> CheckResult:
+    """Check each input on its own; ``file_size``/``alignment`` fill in what a byte map does not say
+    (file_size only for a map of one file)."""
+    if alignment is not None and (alignment <= 0 or alignment & (alignment - 1)):
+        raise InputError(f"--alignment {alignment}: must be a power of two (GGUF's default is 32)")
+    if file_size is not None and file_size < 0:
+        raise InputError(f"--file-size {file_size}: must be >= 0 (the size in bytes of the file the map is of)")
+    frames, skipped = [], []
+    for p in paths:
+        rs = load_ranges(p)
+        if rs.model is None:
+            names = [str(f) for f in rs.ranges["file"].unique()]
+            if file_size is not None and len(names) > 1:
+                raise InputError(f"{p}: --file-size applies to a map of one file; this one has {len(names)} "
+                                 f"({', '.join(names[:3])}): pass the GGUF instead")
+            for f in names:
+                info = rs.files.setdefault(f, FileInfo())
+                if file_size is not None:
+                    info.size = file_size
+                if alignment is not None:
+                    info.alignment = alignment
+        frames.append(check(rs))
+        line = not_run(rs)
+        if line:
+            skipped.append(line)
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in ["source", *FINDING_COLUMNS]})
-    return pd.concat(frames, ignore_index=True)
+        return CheckResult(pd.DataFrame({c: pd.Series(dtype=object) for c in ["source", *FINDING_COLUMNS]}), skipped)
+    return CheckResult(pd.concat(frames, ignore_index=True), skipped)
+
+
+def check_paths(paths: list[str]) -> pd.DataFrame:
+    """Findings over several inputs, each checked on its own."""
+    return check_inputs(paths).findings

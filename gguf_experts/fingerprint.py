@@ -49,9 +49,10 @@ class ModelFingerprint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "trace header") -> "ModelFingerprint":
-        """Parse and range-check a fingerprint read from a file (a trace header, a stats JSON)."""
-        damaged = "the file was not written by gguf-experts or is damaged"
+    def from_dict(cls, d: Any, where: str = "trace header",
+                  damaged: str = "the file was not written by gguf-experts or is damaged") -> "ModelFingerprint":
+        """Parse and range-check a fingerprint read from a file (a trace header, a stats JSON); ``damaged``
+        says what to do about a bad one."""
         if not isinstance(d, dict):
             raise TraceFormatError(f"{where}: model fingerprint is a {type(d).__name__}, not an object; {damaged}")
         missing = [f for f in ("architecture", *_INT_RANGES, "tensor_digest", "type_digest") if f not in d]
@@ -72,6 +73,12 @@ class ModelFingerprint:
                                    f"{ints['n_expert']}; {damaged}")
         return cls(architecture=d["architecture"], tensor_digest=d["tensor_digest"], type_digest=d["type_digest"],
                    **ints)
+
+
+    def checked(self, where: str) -> "ModelFingerprint":
+        """Itself, after the checks a reader applies: a writer never writes a trace it could not read back."""
+        return ModelFingerprint.from_dict(self.to_dict(), where, "a trace needs a Mixture-of-Experts model "
+                                          "within llama.cpp's limits")
 
 
 def _short(v: Any) -> str:

@@ -153,8 +153,9 @@ def heat(counts: Counts, slices: pd.DataFrame, model_name: str = "", files: list
 def page_heat(slices: pd.DataFrame, page_size: int = 4096) -> pd.DataFrame:
     """Activations per file page, as runs of pages with equal heat (never a dense array over the file).
 
-    A page's heat is the number of activations whose slices touch it: what the page cache sees under
-    mmap. Pages of cold experts (heat 0) are listed; pages of no expert slice (attention, norms) are not.
+    A page's heat is the number of activations whose slices touch it: memory traffic, not disk reads
+    (llama.cpp prefetches the whole mapping; see the README). Pages of cold experts (heat 0) are listed;
+    pages of no expert slice (attention, norms) are not.
     bytes_read is heat x the run's bytes (page granular: a partly used page is read whole).
     """
     if page_size <= 0 or page_size & (page_size - 1):

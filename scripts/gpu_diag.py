@@ -27,11 +27,12 @@ def main() -> int:
             print(f"[{variant}] generate raised {e}", flush=True)
         return 0
     from gguf_experts.trace import capture, ggml_ctypes
+    from gguf_experts.trace import llama as driver
     if variant == "nopool":
         class NoPool:
             def __init__(self, *a: object) -> None: ...
             def close(self) -> None: ...
-        capture.ThreadPool = NoPool  # type: ignore[misc,assignment]
+        driver.ThreadPool = NoPool  # type: ignore[misc,assignment]  (TracedLlama looks it up there)
     if variant == "nolog":
         ggml_ctypes._LogRing.install = lambda self, lc: None  # type: ignore[method-assign]
     fp = capture.model_fingerprint(model)

@@ -52,7 +52,15 @@ def test_clean_model_and_its_maps(tmp_path: Path, run_cli) -> None:
         out = tmp_path / f"map.{fmt}"
         assert run_cli("dump", p, "--split-experts", "--format", fmt, "-o", out).rc == 0
         r = run_cli("check-overlaps", out, "--format", "json")
-        assert r.rc == 0 and json.loads(r.out) == {"clean": True, "findings": []}
+        doc = json.loads(r.out)
+        assert r.rc == 0 and doc.pop("not_run") and doc == {"clean": True, "findings": []}
+        r = run_cli("check-overlaps", out, "-f", "table")  # a map does not say all a GGUF does: the table says
+        # what did not run
+        assert r.rc == 0 and not r.out.startswith("clean") and "loader_offset" in r.out and "pass the GGUF" in r.out
+        assert ("misaligned (no alignment" in r.out) == (fmt == "csv")  # the JSON map lists files and alignment
+        r = run_cli("check-overlaps", out, "--alignment", "32", "--file-size", p.stat().st_size, "-f", "json")
+        assert json.loads(r.out)["not_run"] == [f"{out}: not checked: loader_offset (needs the GGUF's "
+                                                "tensor-info order); pass the GGUF instead"]
 
 
 def test_planted_overlap(tmp_path: Path, run_cli) -> None:
@@ -167,3 +175,57 @@ def test_missing_input_exit_2(tmp_path: Path, run_cli) -> None:
 def test_realistic_shapes_are_clean(tmp_path: Path) -> None:
     paths = [str(SHAPES[k]().write(tmp_path)) for k in ("gpt-oss-20b", "deepseek-v3")]
     assert kinds(check_paths(paths)) == {}
+
+
+def test_a_third_party_map_says_what_it_could_not_check(tmp_path: Path, run_cli) -> None:
+    """name,offset,size with a misaligned row: not called clean; with --alignment the row is found."""
+    p = tmp_path / "third.csv"
+    p.write_text("name,offset,size\na,0,100\nb,100,28\n")
+    r = run_cli("check-overlaps", p, "-f", "table")
+    assert r.rc == 0 and "clean" not in r.out and "misaligned (no alignment" in r.out and "past_eof" in r.out
+    r = run_cli("check-overlaps", p, "--alignment", "32", "--file-size", "120", "-f", "json")
+    doc = json.loads(r.out)
+    assert r.rc == 1 and {f["kind"] for f in doc["findings"]} == {"misaligned", "past_eof"}
+    for bad, what in ((["--alignment", "24"], "power of two"), (["--file-size", "-1"], "must be >= 0")):
+        r = run_cli("check-overlaps", p, *bad)
+        assert r.rc == 2 and what in r.err and r.err.count("\n") == 1
+
+
+MAP = {"model": {"files": [{"file": "m.gguf", "size": 4096, "data_offset": 64, "alignment": 32}]},
+       "tensors": [{"name": "a", "offset_start": 64, "size_bytes": 32}]}
+
+
+@pytest.mark.parametrize("content,what", [
+    ("[[1, 2, 3]]", "tensors[0] is a list"),
+    (json.dumps({**MAP, "model": "m"}), "'model' is a str"),
+    (json.dumps({**MAP, "model": {"files": "x"}}), "model.files is not a list"),
+    (json.dumps({**MAP, "model": {"files": [{"file": "m.gguf", "alignment": "32"}]}}), "alignment = '32'"),
+    (json.dumps({**MAP, "model": {"files": [{"file": "m.gguf", "alignment": 24}]}}), "power of two"),
+    (json.dumps({**MAP, "model": {"files": [{"file": "m.gguf", "size": True}]}}), "size = True"),
+    (json.dumps({**MAP, "tensors": [{"name": "a", "offset_start": "x", "size_bytes": 32}]}), "not a byte count"),
+    (json.dumps({**MAP, "tensors": [{"name": "a", "offset_start": [1], "size_bytes": 32}]}), "not a byte count"),
+    (json.dumps({**MAP, "tensors": [{"name": "a", "offset_start": 0, "size_bytes": {"a": 1}}]}), "not a byte count"),
+    ('{"tensors": [{"name": "a", "offset": 1' + "0" * 25 + ', "size": 1}]}', "26 digits"),
+    ('{"tensors": [], "tensors": []}', "duplicate key"),
+    ("name,offset,start,size\na,0,0,4\n", "both mean 'offset'"),
+    ("name,name,offset,size\na,b,0,4\n", "both mean 'name'"),
+    ("name,offset,size\na,0,4,extra\n", "line 2: malformed CSV (4 fields, the header has 3)"),
+    ("name,offset,size\na,0,4\nb,4\n", "line 3: malformed CSV (2 fields"),
+    ('name,offset,size\n"a,b",0,4\n"c",4\n', "line 3: malformed CSV (2 fields"),
+    ("name,offset,size\na,True,4\n", "not a byte count"),
+])
+def test_malformed_maps_are_one_line(tmp_path: Path, run_cli, content: str, what: str) -> None:
+    p = tmp_path / "in.map"
+    p.write_text(content)
+    r = run_cli("check-overlaps", p)
+    assert r.rc == 2 and r.out == "" and what in r.err and r.err.count("\n") == 1 and str(p) in r.err, r.err
+
+
+def test_non_utf8_and_binary_maps(tmp_path: Path, run_cli) -> None:
+    p = tmp_path / "latin1.csv"
+    p.write_bytes(b"name,offset,size\ncaf\xe9,0,4\n")
+    r = run_cli("check-overlaps", p)
+    assert r.rc == 2 and "line 2: byte 0xE9 is not UTF-8" in r.err and r.err.count("\n") == 1
+    p.write_bytes(b"name,offset,size\n\x00\x01")
+    r = run_cli("check-overlaps", p)
+    assert r.rc == 2 and "binary file" in r.err

@@ -472,3 +472,33 @@ def test_select_keeps_the_masked_rows_of_every_column(tmp_path: Path) -> None:
     assert len(d.select(np.zeros(len(d), bool))) == 0
     with pytest.raises(ValueError):
         d.select(mask[:-1])
+
+
+def test_csv_logs_are_read_strictly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 8's cases: an extra field shifted the columns, 2^32 wrapped to 0, 20 digits raised
+    OverflowError, 0xFF raised UnicodeDecodeError, a repeated expert converted fine and broke cache-sim."""
+    model = tiny_model(tmp_path / "m.gguf")
+    head = b"# token_id,layer_id,expert_0,expert_1\n0,1,3,1\n"
+    detail = b"seq,phase,pos,token,layer,expert_0,expert_1\n0,0,0,5,1,3,1\n"
+    cases = {
+        "extra field": (head + b"1,1,2,7,5\n", "line 3: malformed CSV (5 fields, the header has 4)"),
+        "extra field late": (head * 1 + b"1,1,2,7\n" * 3 + b"9,1,2,7,5\n", "line 6: malformed CSV"),
+        "pos 2^32": (head + b"4294967296,1,2,7\n", "line 3: pos 4294967296 does not fit the trace's 32-bit field"),
+        "token 2^31": (detail + b"0,0,1,2147483648,1,3,1\n", "line 3: token 2147483648 does not fit"),
+        "20 digits": (head + b"1,1,2,99999999999999999999\n", "line 3: column expert_1 = '99999999999999999999'"),
+        "0xFF": (head + b"1,1,2,7\n# \xff\n", "line 4: byte 0xFF is not UTF-8"),
+        "0xFF in header": (b"# token_id,layer_id,expert_0,exp\xffert_1\n", "line 1: byte 0xFF is not UTF-8"),
+        "binary": (head + b"\x00\x01\x02", "binary file"),
+        "duplicate experts": (head + b"1,1,2,2\n", "line 3: expert ids [2, 2] repeat an expert"),
+        "duplicate experts detail": (detail + b"0,0,1,5,1,6,6\n", "line 3: expert ids [6, 6] repeat an expert"),
+    }
+    for name, (raw, msg) in cases.items():
+        p = tmp_path / "log.csv"
+        p.write_bytes(raw)
+        assert main(["convert", str(p), str(tmp_path / "o.bin"), "--model", str(model)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err and "Traceback" not in err, (name, err)
+        assert not (tmp_path / "o.bin").exists()
+    p.write_bytes(head + b"1,1,2,7\n\n2,1,0,7\n")  # the same log without damage converts
+    assert main(["convert", str(p), str(tmp_path / "o.bin"), "--model", str(model)]) == 0
+    assert read_trace(tmp_path / "o.bin").experts.tolist() == [[3, 1], [2, 7], [0, 7]]

@@ -167,14 +167,24 @@ class ReapAccumulator:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReapAccumulator:
+        from ..strictio import load_json
+
         try:
-            with open(path, encoding="utf-8") as fh:
-                doc = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not a readable expert-stats JSON ({e}); delete it or drop --resume") from None
+            doc = load_json(path, "expert-stats JSON")
+        except InputError as e:
+            why = str(e).removeprefix(f"{path}: ")
+            raise InputError(f"{path}: not a readable expert-stats JSON ({why}); pass the file profile wrote, "
+                             "or drop --resume") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
             raise InputError(f"{path}: not an expert-stats file written by `gguf-experts profile`; "
                              "pass another -o or drop --resume")
+        from ..metadata import LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS
+
+        shape = (doc.get("n_layer"), doc.get("n_expert"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= hi
+                   for v, hi in zip(shape, (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS))):
+            raise InputError(f"{path}: n_layer, n_expert = {shape} are not llama.cpp's ranges (1..{LLAMA_MAX_LAYERS}, "
+                             f"1..{LLAMA_MAX_EXPERTS}); the file is damaged: delete it or drop --resume")
         try:
             acc = cls(int(doc["n_layer"]), int(doc["n_expert"]))
             st = doc["state"]

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
-from typing import Any
 
+from .. import prompts
 from ..atomic import resolve_target
-from ..errors import GGUFExpertsWarning, InputError
+from ..errors import GGUFExpertsWarning
+from ..prompts import JSONL_PROMPT_KEYS, JSONL_RESPONSE_KEYS, jsonl_text, jsonl_texts  # noqa: F401  (moved)
 from ..reporters.tabular import Output, add_output_options, emit
 from ._llama_options import add_llama_options, add_progress, progress
 from ._types import at_least
@@ -19,10 +19,6 @@ DESCRIPTION = (HELP + ". Each prompt is its own sequence (fresh KV state): prefi
                "tokens. --jsonl reads one JSON object per line and captures prompt+response as one text "
                "(keys: prompt/response, or instruction/input/output, or text, or messages [{role, content}]).")
 ORDER = 30
-
-#: --jsonl: (prompt keys, response keys) tried in order; a record's text is prompt + response
-JSONL_PROMPT_KEYS = ("prompt", "instruction", "question", "input", "text")
-JSONL_RESPONSE_KEYS = ("response", "output", "completion", "answer")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,48 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress(p)
 
 
-def jsonl_texts(path: str) -> list[str]:
-    """Texts of the non-blank JSONL lines, in order (a record's index is its place among them)."""
-    texts = []
-    with open(path, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{no}: not valid JSON ({e.msg}); expected one object per line") from e
-            texts.append(jsonl_text(rec, f"{path}:{no}"))
-    return texts
-
-
-def jsonl_text(rec: Any, where: str) -> str:
-    """prompt + response of one record (see DESCRIPTION for the keys)."""
-    if not isinstance(rec, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if isinstance(rec.get("messages"), list):
-        return "\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict))
-    prompt = next((str(rec[k]) for k in JSONL_PROMPT_KEYS if isinstance(rec.get(k), str)), None)
-    if prompt is None:
-        raise InputError(f"{where}: no prompt key; use one of {', '.join(JSONL_PROMPT_KEYS)} "
-                         f"(and optionally {', '.join(JSONL_RESPONSE_KEYS)}) or 'messages'")
-    if "instruction" in rec and isinstance(rec.get("input"), str) and rec["input"]:
-        prompt = f"{prompt}\n{rec['input']}"
-    resp = next((str(rec[k]) for k in JSONL_RESPONSE_KEYS if isinstance(rec.get(k), str)), "")
-    return prompt + resp
-
-
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt is not None:
-        texts = [args.prompt]
-    elif args.prompts is not None:
-        texts = [ln.rstrip("\n") for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines()]
-    else:
-        texts = jsonl_texts(args.jsonl)
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise InputError("no non-empty prompt given")
-    return texts
+    return prompts.read_prompts(args.prompt, args.prompts, args.jsonl)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,10 +10,10 @@ import numpy as np
 from ..analysis.reap import ReapAccumulator
 from ..atomic import resolve_target
 from ..errors import InputError
+from ..prompts import head_for, jsonl_texts
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._llama_options import add_llama_options, add_progress, progress
 from ._types import at_least
-from .capture import jsonl_texts
 
 NAME = "profile"
 HELP = "REAP expert saliency (router-weighted expert activation norms) from JSONL texts run through llama.cpp"
@@ -81,7 +81,9 @@ def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink
     """Evaluate one JSONL record as one sequence and merge its statistics (or count it cut or skipped)."""
     from ..trace.format import PHASE_PREFILL
 
-    toks = llm.tokenize(text) if text.strip() else []
+    # cut to what can hold ctx-size tokens before tokenising (its cost grows faster than the text)
+    head = head_for(text, ctx_size, llm.max_token_bytes())
+    toks = llm.tokenize(head) if head.strip() else []
     if len(toks) > ctx_size:
         toks = toks[:ctx_size]
         acc.meta["truncated_records"] = acc.meta.get("truncated_records", 0) + 1

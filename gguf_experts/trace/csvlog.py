@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..strictio import check_field_counts, decode_text
 from .format import PHASE_DECODE, ModelFingerprint, TraceData, encode_header
 from .writer import encode_records
 
@@ -70,6 +71,33 @@ def _line_of(path: str, row: int) -> int:
     return row + 2
 
 
+I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
+_SCAN_BLOCK = 1 << 24
+
+
+def _prescan(path: str, n_fields: int) -> None:
+    """Before pandas reads the log: UTF-8, no NUL bytes, and no line with more than n_fields fields (pandas
+    would read a row with one field more by using its first field as the index: every column shifted).
+    Streams the file in blocks cut at line ends, vectorised: memory is bounded by the block size."""
+    line0 = 1  # line number of the block's first line
+    rest = b""
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(_SCAN_BLOCK)
+            data = rest + block
+            if not block:
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n") + 1
+            body, rest = data[:cut], data[cut:]
+            if body:
+                decode_text(body, f"{path} (from line {line0})", "CSV expert log")
+                # fewer fields: pandas names the missing column
+                line0 += check_field_counts(body, n_fields, path, first_line=line0, allow_fewer=True)
+            if not block:
+                return
+
+
 def _diagnose(path: str, names: list[str], int_cols: list[str], cause: Exception) -> InputError:
     """Find the first bad line of a CSV the fast integer parser refused (only on that error path)."""
     try:
@@ -83,10 +111,11 @@ def _diagnose(path: str, names: list[str], int_cols: list[str], cause: Exception
         if c not in int_cols:
             bad = bad & (df[c].fillna("").str.strip().str.lower() != "nan").to_numpy()
         else:
-            bad = bad | (vals.fillna(0) != np.floor(vals.fillna(0))).to_numpy()
+            v0 = vals.fillna(0)
+            bad = bad | (v0 != np.floor(v0)).to_numpy() | (v0.abs() > I32_MAX + 1).to_numpy()
         if bad.any():
             i = int(np.argmax(bad))
-            kind = "an integer" if c in int_cols else "a number"
+            kind = "a 32-bit integer" if c in int_cols else "a number"
             return InputError(f"{path}: line {_line_of(path, i)}: column {c} = {df[c].iloc[i]!r} is not {kind}; "
                               "fix or remove that line")
     return InputError(f"{path}: unreadable CSV ({cause}); check the file")
@@ -163,24 +192,30 @@ def read_csv_log(path: str | os.PathLike[str], fp: ModelFingerprint,
     name the bad line. Memory is bounded by ``chunk_rows``.
     """
     path = str(path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().strip()
+    with open(path, "rb") as fb:
+        first = decode_text(fb.readline(), f"{path}", "CSV expert log").strip()
     k = fp.n_expert_used
     plain, names, has_w = _layout(path, first, k)
+    _prescan(path, len(names))
     int_cols = [c for c in names if not c.startswith("weight_")]
     dtypes = {c: (np.int64 if c in int_cols else np.float32) for c in names}
     state = _SeqState(fp.n_layer)
     done = 0
     try:
-        reader = pd.read_csv(path, header=None, names=names, skiprows=1, dtype=dtypes, engine="c",
-                             chunksize=max(1, chunk_rows))
-        for df in reader:
+        with np.errstate(invalid="ignore"):  # 'inf'/'1e300' in an int column: numpy warns, then pandas raises
+            reader = pd.read_csv(path, header=None, names=names, skiprows=1, dtype=dtypes, engine="c",
+                                 chunksize=max(1, chunk_rows))
+        while True:
+            with np.errstate(invalid="ignore"):
+                df = next(reader, None)
+            if df is None:
+                break
             rows = _rows(path, df, fp, plain, has_w, state, done)
             done += len(df)
             yield rows
     except pd.errors.EmptyDataError:
         return
-    except (ValueError, pd.errors.ParserError) as e:
+    except (ValueError, OverflowError, pd.errors.ParserError) as e:
         if isinstance(e, pd.errors.ParserError) and "Expected" in str(e):
             raise InputError(f"{path}: malformed CSV ({str(e).strip()}); every row needs {len(names)} fields") from None
         raise _diagnose(path, names, int_cols, e) from None
@@ -194,6 +229,20 @@ def _rows(path: str, df: pd.DataFrame, fp: ModelFingerprint, plain: bool, has_w:
     checks = [("layer", layer[:, None], fp.n_layer), ("expert", experts, fp.n_expert)]
     if not plain:
         checks.append(("phase", df["phase"].to_numpy(np.int64)[:, None], 2))
+    for col in ("seq", "pos", "token"):
+        if col in df.columns:
+            v = df[col].to_numpy(np.int64)
+            out = (v < I32_MIN) | (v > I32_MAX)
+            if out.any():
+                i = int(np.argmax(out))
+                raise InputError(f"{path}: line {_line_of(path, done + i)}: {col} {int(v[i])} does not fit the "
+                                 "trace's 32-bit field; the log is damaged")
+    srt = np.sort(experts, axis=1)
+    dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1) if k > 1 else np.zeros(n, bool)
+    if dup.any():
+        i = int(np.argmax(dup))
+        raise InputError(f"{path}: line {_line_of(path, done + i)}: expert ids {experts[i].tolist()} repeat an "
+                         f"expert; top-{k} selects {k} distinct experts: the log is damaged")
     for name, arr, hi in checks:
         out = (arr < 0) | (arr >= hi)
         if out.any():

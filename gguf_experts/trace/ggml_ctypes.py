@@ -265,7 +265,9 @@ class LlamaLog:
     def tail(self, n: int = 6) -> str:
         """Error and warning lines first (they say why), else the last lines."""
         lines = [ln.strip() for ln in self.lines() if ln.strip()]
-        bad = [ln for ln in lines if any(w in ln.lower() for w in ("error", "failed", "missing", "wrong",
-                                                                       "invalid", "unknown"))]
+        # "error"/"failed" lines say why; the wider words also match metadata dumps ("unknown_token_id")
+        worst = [ln for ln in lines if any(w in ln.lower() for w in ("error", "failed"))]
+        bad = worst or [ln for ln in lines if any(w in ln.lower() for w in ("missing", "wrong", "invalid",
+                                                                             "unknown"))]
         pick = (bad or lines)[-n:]
         return " | ".join(pick) if pick else "(llama.cpp logged nothing)"

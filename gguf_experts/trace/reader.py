@@ -200,9 +200,11 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
             if at_eof and not fill:
                 break
             if not runs and fill and not at_eof:
-                # one record larger than the block: read exactly up to its end
+                # one record larger than the block: read exactly up to its end, but never allocate more than
+                # the bytes really left in the file (a damaged length field must not cost its claim in memory)
                 need = int.from_bytes(store[4:8], "little") if fill >= 8 else _FIXED
-                stuck_need = max(min(need, MAX_RECORD_BYTES), _FIXED + CRC_BYTES, fill + 1)
+                present = max(0, os.fstat(f.fileno()).st_size - offset)
+                stuck_need = max(min(need, MAX_RECORD_BYTES, present), _FIXED + CRC_BYTES, fill + 1)
         if not yielded:
             yield TraceData.empty(header)
 

@@ -80,7 +80,7 @@ class TraceWriter:
     def __init__(self, path: str | os.PathLike[str], fingerprint: ModelFingerprint,
                  meta: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint.checked(f"{self.path}: the model's")
         self.k = int(fingerprint.n_expert_used)
         self.records_written = 0
         self.rows_written = 0
