@@ -58,7 +58,12 @@ def _read_header(f: BinaryIO, where: str) -> TraceHeader:
     first = f.read(16)
     need = header_size_needed(first)
     raw = first + f.read(max(0, need - len(first)))
-    return decode_header(raw, where)
+    header = decode_header(raw, where)
+    if header.meta.get("fingerprint_pending"):  # written by `run`'s C tracer (env form): fill from the model
+        from .run import complete_header
+
+        header = complete_header(header, where)
+    return header
 
 
 def _check_fixed(words: np.ndarray, length: int, word3_hi: int, n: int, k: int) -> np.ndarray:

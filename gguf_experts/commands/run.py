@@ -1,0 +1,58 @@
+"""gguf-experts run: trace an unchanged llama.cpp program (llama-server, llama-cli, a llama-cpp-python app)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import InputError
+
+NAME = "run"
+HELP = "run an unchanged llama.cpp program with the C tracer preloaded and record its expert routing"
+DESCRIPTION = (HELP + ". Example: gguf-experts run -o t.bin -- llama-server -m MODEL.gguf --port 8080. "
+               "Exits with the program's status; SIGINT/SIGTERM reach the program. Without our Python parent: "
+               "GGUF_EXPERTS_TRACE=t.bin LD_PRELOAD=$(gguf-experts run --print-preload) PROGRAM ... "
+               "(Linux, programs built with shared libllama/libggml; see docs/run.md).")
+ORDER = 31
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default="trace.bin", metavar="TRACE.bin",
+                   help="the trace file to write (default trace.bin)")
+    p.add_argument("--weights", action="store_true",
+                   help="also record the gate weights the model applies (the last weight stage)")
+    p.add_argument("--mode", choices=("callback", "keepalive"),
+                   default=os.environ.get("GGUF_EXPERTS_MODE") or "callback",
+                   help="how the tracer gets the data: an eval callback per MoE layer (default), or keeping each "
+                        "layer's top-k alive and reading it once per ubatch (no graph splits; env GGUF_EXPERTS_MODE)")
+    p.add_argument("--print-preload", action="store_true",
+                   help="build the tracer if needed and print its path (for LD_PRELOAD), then exit")
+    p.add_argument("--finalize", metavar="TRACE.bin",
+                   help="write the model fingerprint and sequence map into a trace written in the env form")
+    p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: the program to trace")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..trace import run as tracer
+
+    if args.print_preload:
+        print(tracer.build_preload())
+        return 0
+    if args.finalize:
+        if not os.path.exists(args.finalize):
+            raise InputError(f"{args.finalize}: no such trace; check the path")
+        tracer.finalize(args.finalize)
+        return 0
+    argv = list(args.program)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    res = tracer.launch(argv, args.output, weights=args.weights, mode=args.mode)
+    if res.written and res.header is not None:
+        seqs = len(res.header.meta.get("sequences") or [])
+        sys.stderr.write(f"gguf-experts: trace {res.trace} ({seqs} sequences, model "
+                         f"{res.header.meta.get('model')}); program exit status {res.returncode}\n")
+    else:
+        sys.stderr.write(f"gguf-experts: no trace written: {argv[0]} decoded no Mixture-of-Experts model through "
+                         "a shared libllama (a static build, or not a llama.cpp program? see docs/run.md); "
+                         f"program exit status {res.returncode}\n")
+    return res.returncode

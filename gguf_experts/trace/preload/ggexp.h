@@ -1,0 +1,196 @@
+/* gguf-experts run (shared declarations): an LD_PRELOAD tracer of llama.cpp's expert routing, in plain C (no C++ runtime, no libpython).
+ *
+ * Why a preload: llama.cpp calls ggml_backend_sched_set_eval_callback (libllama -> libggml-base, through the
+ * PLT) every time it builds a graph, so defining that symbol here installs our callback in any program built
+ * with shared libraries (llama-server, llama-cli, llama-cpp-python apps), unchanged. See docs/run.md.
+ *
+ * Environment (set by `gguf-experts run`, or by hand):
+ *   GGUF_EXPERTS_TRACE=path   the trace.bin to write (unset: the library only forwards, it records nothing)
+ *   GGUF_EXPERTS_WEIGHTS=1    also record the gate weights the model applies (the last weight stage)
+ *   GGUF_EXPERTS_MODE=callback|keepalive   how the data is obtained (the "source"; records are the same)
+ *
+ * Structure: "sources" get each MoE layer's top-k ids (and weights) of one ubatch into a sched_st (callback:
+ * the eval callback observes ffn_moe_topk-N; keepalive: the argsort is flagged as a graph output so it stays
+ * alive, and is read after the compute). The "reading" part maps ubatch rows to token, position, sequence and
+ * phase and appends CRC'd trace.bin v1 records (docs/trace-format.md), one write() per ubatch.
+ */
+#ifndef GGEXP_H
+#define GGEXP_H
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <link.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* ---- the few ggml / llama declarations we need (stable ABI, 64-bit) ------------------------------------ */
+struct gt { /* struct ggml_tensor */
+    int32_t type;
+    void *buffer;
+    int64_t ne[4];
+    size_t nb[4];
+    int32_t op;
+    int32_t op_params[16];
+    int32_t flags;
+    struct gt *src[10];
+    struct gt *view_src;
+    size_t view_offs;
+    void *data;
+    char name[64];
+    void *extra;
+    char padding[8];
+};
+_Static_assert(offsetof(struct gt, ne) == 16, "ggml_tensor.ne");
+_Static_assert(offsetof(struct gt, flags) == 148, "ggml_tensor.flags");
+_Static_assert(offsetof(struct gt, view_src) == 232, "ggml_tensor.view_src");
+_Static_assert(offsetof(struct gt, name) == 256, "ggml_tensor.name");
+_Static_assert(sizeof(struct gt) == 336, "ggml_tensor size");
+
+#define GGML_TYPE_F32 0
+#define GGML_TYPE_I32 26
+#define FLAG_OUTPUT 2
+
+typedef struct llama_batch {
+    int32_t n_tokens;
+    int32_t *token;
+    float *embd;
+    int32_t *pos;
+    int32_t *n_seq_id;
+    int32_t **seq_id;
+    int8_t *logits;
+} llama_batch;
+
+struct gguf_init_params { bool no_alloc; void **ctx; };
+
+typedef bool (*eval_cb_t)(struct gt *t, bool ask, void *ud);
+typedef void (*set_cb_t)(void *sched, eval_cb_t cb, void *ud);
+typedef int (*compute_t)(void *sched, void *graph);
+typedef bool (*alloc_t)(void *sched, void *graph);
+typedef void (*sync_t)(void *sched);
+typedef int32_t (*decode_t)(void *ctx, llama_batch batch);
+typedef void *(*gguf_init_t)(const char *fname, struct gguf_init_params p);
+typedef void (*tensor_get_t)(const struct gt *t, void *data, size_t offset, size_t size);
+typedef struct gt *(*graph_get_t)(void *graph, const char *name);
+typedef int (*graph_n_nodes_t)(void *graph);
+typedef struct gt *(*graph_node_t)(void *graph, int i);
+typedef void *(*get_model_t)(void *ctx);
+typedef int32_t (*meta_str_t)(const void *model, const char *key, char *buf, size_t size);
+typedef int64_t (*gguf_find_t)(const void *g, const char *key);
+typedef int (*gguf_kvtype_t)(const void *g, int64_t id);
+typedef uint32_t (*gguf_u32_t)(const void *g, int64_t id);
+typedef uint16_t (*gguf_u16_t)(const void *g, int64_t id);
+typedef const char *(*gguf_str_t)(const void *g, int64_t id);
+
+typedef void *(*dlsym_t)(void *, const char *);
+#define REAL(type, var, name) \
+    static type var; \
+    if (!var) var = (type)find_real(name)
+
+struct model_ent {
+    char path[PATH_MAX];
+    char arch[64];
+    uint32_t n_layer, n_expert, k, n_embd;
+    void *model; /* the llama_model bound to this file (first model whose metadata matches) */
+    int traced;
+};
+struct seq_st {
+    int32_t last_pos, trace_seq, requests, first_pos;
+    uint8_t seen, last_phase, last_out;
+};
+struct ctx_st {
+    void *ctx;
+    struct model_ent *m;
+    int index;
+    struct seq_st *seqs;
+    int n_seqs;
+    int n_decodes;
+};
+/* what llama_decode was given, for the ubatches it computes (thread-local: one decode per thread at a time) */
+struct decode_st {
+    void *ctx;
+    int n;
+    int32_t *tok, *pos, *seq, *cnt;
+    uint8_t *used, *allout; /* allout: every row of this row's sequence in the batch asks for an output */
+    int last_j;
+    int skip; /* llama.cpp's start-up probes (warm-up, seq_rm check): not a request, not recorded */
+};
+struct layer_buf {
+    int rows, wrows, wstage, cap;
+    int32_t *ids;
+    float *w;
+    uint8_t have;
+};
+struct sched_st {
+    void *sched;
+    eval_cb_t prog_cb;
+    void *prog_ud;
+    bool my_need, their_need;
+    int active; /* this ubatch is traced */
+    struct ctx_st *ctx;
+    /* graph inputs, cached per graph */
+    void *gf;
+    int gf_nodes;
+    struct gt *gf_first, *t_tok, *t_pos, *t_out;
+    /* the ubatch */
+    int n_tok, n_out, cap_tok;
+    int32_t *tok, *pos, *out_ids;
+    int32_t *row_seq; /* llama seq id of each row */
+    uint8_t *row_phase;
+    struct layer_buf *layers;
+    int n_layers;
+    int touched_any;
+    /* keepalive: the argsort and weight nodes flagged in this graph */
+    struct gt **keep;
+    int n_keep, cap_keep, keep_pending;
+    /* scratch */
+    uint8_t *scratch, *kbuf;
+    size_t cap_scratch, cap_kbuf;
+    uint8_t *out;
+    size_t n_outbuf, cap_outbuf;
+};
+struct llama_embd { const float *data; size_t n_rows, n_embd; };
+
+/* ---- shared state (defined in ggexp_core.c) ---------------------------------------------------------- */
+extern char g_path[PATH_MAX];
+extern int g_enabled, g_weights, g_keepalive;
+extern pthread_mutex_t g_lock;
+extern int g_fd, g_seq_fd, g_header_done, g_failed;
+extern int32_t g_next_seq;
+extern long g_unmatched, g_warmup;
+#define MAX_MODELS 16
+extern struct model_ent g_models[MAX_MODELS];
+extern int g_n_models, g_main;
+extern struct ctx_st g_noctx;
+extern __thread struct decode_st *tl_decode;
+extern decode_t g_real_decode;
+
+/* ---- functions shared between the files ------------------------------------------------------------------ */
+void *find_real(const char *name);
+void say(const char *fmt, const char *a, const char *b);
+void *grow(void *p, size_t *cap, size_t need, size_t elem);
+struct model_ent *model_of(void *model);
+struct seq_st *seq_of(struct ctx_st *c, int32_t seq);
+struct ctx_st *ctx_of(void *ctx);
+int32_t llama_decode(void *ctx, llama_batch batch);
+struct sched_st *sched_of(void *sched, int create);
+size_t span_bytes(const struct gt *t);
+int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows, const uint8_t *span);
+int classify(const char *name, int *layer);
+struct layer_buf *layer_buf(struct sched_st *s, int layer);
+void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span);
+void prepare(struct sched_st *s, void *gf);
+void emit(struct sched_st *s);
+
+#endif

@@ -1,0 +1,214 @@
+/* The sources of the data: the eval callback, and the keep-alive flags read once per ubatch. */
+#include "ggexp.h"
+
+/* ---- per-scheduler state: one ubatch's data ------------------------------------------------------------- */
+#define MAX_SCHED 64
+static struct sched_st *g_scheds[MAX_SCHED];
+static int g_n_scheds;
+
+struct sched_st *sched_of(void *sched, int create) {
+    struct sched_st *s = NULL;
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < g_n_scheds; i++)
+        if (g_scheds[i]->sched == sched) s = g_scheds[i];
+    if (!s && create && g_n_scheds < MAX_SCHED) {
+        s = calloc(1, sizeof *s);
+        if (s) {
+            s->sched = sched;
+            g_scheds[g_n_scheds++] = s;
+        }
+    }
+    pthread_mutex_unlock(&g_lock);
+    return s;
+}
+
+
+/* ---- the callback source ------------------------------------------------------------------------------------ */
+static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
+    struct sched_st *s = ud;
+    if (ask) {
+        int layer;
+        s->my_need = s->active && !g_keepalive && t->name[0] == 'f' && classify(t->name, &layer) >= 0;
+        s->their_need = s->prog_cb ? s->prog_cb(t, true, s->prog_ud) : false;
+        return s->my_need || s->their_need;
+    }
+    if (s->my_need) {
+        int layer, what = classify(t->name, &layer);
+        if (what >= 0) take(s, t, what, layer, NULL);
+    }
+    if (s->their_need) return s->prog_cb(t, false, s->prog_ud);
+    return true;
+}
+
+EXPORT void ggml_backend_sched_set_eval_callback(void *sched, eval_cb_t cb, void *ud) {
+    REAL(set_cb_t, real, "ggml_backend_sched_set_eval_callback");
+    if (!real) return;
+    struct sched_st *s = g_enabled ? sched_of(sched, 1) : NULL;
+    if (!s) {
+        real(sched, cb, ud);
+        return;
+    }
+    s->prog_cb = cb;
+    s->prog_ud = ud;
+    /* keepalive installs no callback at all unless the program has one: the graph runs as untraced */
+    if (g_keepalive && !cb) real(sched, NULL, NULL);
+    else real(sched, ggexp_cb, s);
+}
+
+/* ---- the keep-alive source: flag each layer's argsort (and weight stage) as a graph output ------------------ */
+static void flag_graph(struct sched_st *s, void *gf) {
+    REAL(graph_n_nodes_t, n_nodes, "ggml_graph_n_nodes");
+    REAL(graph_node_t, node, "ggml_graph_node");
+    if (!n_nodes || !node) return;
+    int nn = n_nodes(gf);
+    int last_stage[4096];
+    if (g_weights) memset(last_stage, 0xff, sizeof last_stage);
+    for (int pass = g_weights ? 0 : 1; pass < 2; pass++) {
+        if (s && pass == 1) s->n_keep = 0;
+        for (int i = 0; i < nn; i++) {
+            struct gt *t = node(gf, i);
+            int layer, what;
+            if (!t || t->name[0] != 'f' || (what = classify(t->name, &layer)) < 0) continue;
+            if (pass == 0) {
+                if (what > 0 && what - 1 > last_stage[layer]) last_stage[layer] = what - 1;
+                continue;
+            }
+            if (what > 0 && what - 1 != last_stage[layer]) continue;
+            struct gt *keep = what == 0 && t->view_src ? t->view_src : t;
+            keep->flags |= FLAG_OUTPUT;
+            if (s) {
+                size_t cap = (size_t)s->cap_keep;
+                struct gt **v = grow(s->keep, &cap, (size_t)s->n_keep + 1, sizeof *v);
+                if (!v) continue;
+                s->keep = v;
+                s->cap_keep = (int)cap;
+                s->keep[s->n_keep++] = t;
+            }
+        }
+    }
+}
+
+/* Read every kept layer of the ubatch computed last, once the scheduler has synchronised. */
+typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
+typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
+typedef void (*backend_sync_t)(void *backend);
+
+/* Read every kept layer of the ubatch computed last: one async copy per layer on the tensor's backend into
+ * one host buffer, then one synchronisation per backend (a sync copy per layer costs a round trip each on a
+ * GPU). Backends without async copies copy synchronously (ggml's fallback), as the CPU does. */
+void read_kept(struct sched_st *s) {
+    s->keep_pending = 0;
+    if (!s->active) return;
+    REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
+    REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
+    REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
+    size_t total = 0;
+    for (int i = 0; i < s->n_keep; i++) total += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
+    size_t cap = s->cap_kbuf;
+    uint8_t *buf = grow(s->kbuf, &cap, total ? total : 1, 1);
+    bool async = buf && backend_of && get_async && bsync && s->sched;
+    if (buf) {
+        s->kbuf = buf;
+        s->cap_kbuf = cap;
+    }
+    void *backends[16];
+    int n_backends = 0;
+    if (async) {
+        size_t off = 0;
+        for (int i = 0; i < s->n_keep && async; i++) {
+            const struct gt *t = s->keep[i];
+            size_t n = span_bytes(t);
+            void *be = n ? backend_of(s->sched, t) : NULL;
+            if (n && !be) async = false;
+            if (be) {
+                get_async(be, t, buf + off, 0, n);
+                int seen = 0;
+                for (int j = 0; j < n_backends; j++) seen |= backends[j] == be;
+                if (!seen && n_backends < 16) backends[n_backends++] = be;
+            }
+            off += (n + 15) & ~(size_t)15;
+        }
+        for (int j = 0; j < n_backends; j++) bsync(backends[j]);
+    }
+    size_t off = 0;
+    for (int i = 0; i < s->n_keep; i++) {
+        int layer, what = classify(s->keep[i]->name, &layer);
+        if (what >= 0) take(s, s->keep[i], what, layer, async ? buf + off : NULL);
+        off += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
+    }
+    emit(s);
+}
+
+void flush_pending(struct sched_st *s, void *sched) {
+    if (!s || !s->keep_pending) return;
+    REAL(sync_t, sync, "ggml_backend_sched_synchronize");
+    if (sync) sync(sched);
+    read_kept(s);
+}
+
+EXPORT bool ggml_backend_sched_reserve(void *sched, void *graph) {
+    REAL(alloc_t, real, "ggml_backend_sched_reserve");
+    if (!real) return false;
+    if (g_enabled && g_keepalive) { /* the allocator plans here: flags set only at alloc time are ignored */
+        flush_pending(sched_of(sched, 0), sched);
+        flag_graph(NULL, graph);
+    }
+    return real(sched, graph);
+}
+
+EXPORT bool ggml_backend_sched_alloc_graph(void *sched, void *graph) {
+    REAL(alloc_t, real, "ggml_backend_sched_alloc_graph");
+    if (!real) return false;
+    if (g_enabled && g_keepalive) {
+        struct sched_st *s = sched_of(sched, 1);
+        flush_pending(s, sched);
+        if (s) flag_graph(s, graph);
+    }
+    return real(sched, graph);
+}
+
+EXPORT void ggml_backend_sched_synchronize(void *sched) {
+    REAL(sync_t, real, "ggml_backend_sched_synchronize");
+    if (!real) return;
+    real(sched);
+    if (g_enabled && g_keepalive) {
+        struct sched_st *s = sched_of(sched, 0);
+        if (s && s->keep_pending) read_kept(s);
+    }
+}
+
+EXPORT void ggml_backend_sched_reset(void *sched) {
+    REAL(sync_t, real, "ggml_backend_sched_reset");
+    if (!real) return;
+    if (g_enabled && g_keepalive) flush_pending(sched_of(sched, 0), sched);
+    real(sched);
+}
+
+EXPORT void ggml_backend_sched_free(void *sched) {
+    REAL(sync_t, real, "ggml_backend_sched_free");
+    if (!real) return;
+    if (g_enabled && sched) {
+        struct sched_st *s = sched_of(sched, 0);
+        if (g_keepalive) flush_pending(s, sched);
+        if (s) s->sched = NULL; /* the address may be reused by a new scheduler */
+    }
+    real(sched);
+}
+
+EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
+    REAL(compute_t, real, "ggml_backend_sched_graph_compute_async");
+    if (!real) return 1;
+    if (!g_enabled) return real(sched, graph);
+    struct sched_st *s = sched_of(sched, g_keepalive);
+    if (!s) return real(sched, graph);
+    flush_pending(s, sched);
+    prepare(s, graph);
+    int st = real(sched, graph);
+    if (s->active) {
+        if (st != 0) s->active = 0;
+        else if (g_keepalive) s->keep_pending = 1;
+        else emit(s);
+    }
+    return st;
+}
+

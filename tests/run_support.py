@@ -1,0 +1,88 @@
+"""Helpers for the `gguf-experts run` tests: a trace's rows per sequence, and an in-process capture of the
+same tokens (gguf_experts.trace.capture.TracedLlama), to compare row by row."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gguf_experts.trace import PHASE_DECODE, PHASE_PREFILL
+from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+from gguf_experts.trace.format import TraceData
+
+Rows = dict[tuple[int, int], tuple[int, tuple[int, ...], tuple[float, ...] | None]]  # (pos, layer) -> row
+
+
+def rows_of(d: TraceData, seq: int) -> Rows:
+    m = d.seq == seq
+    w = d.weights[m] if d.weights is not None else None
+    out: Rows = {}
+    for i, (p, l, ph, e) in enumerate(zip(d.pos[m], d.layer[m], d.phase[m], d.experts[m])):
+        key = (int(p), int(l))
+        assert key not in out, f"sequence {seq}: position {p} of layer {l} recorded twice (rows mixed)"
+        out[key] = (int(ph), tuple(int(x) for x in e), None if w is None else tuple(float(x) for x in w[i]))
+    return out
+
+
+def sequence_tokens(d: TraceData) -> dict[int, tuple[list[int], int, int]]:
+    """Per trace sequence: every token of its llama sequence from position 0 (a prefix reused from the
+    previous request of the same llama sequence included), the number of prompt tokens (prefill) and the
+    first position this request evaluated."""
+    cols = d.header.meta["sequence_columns"]
+    seqs = [dict(zip(cols, r)) for r in d.header.meta["sequences"]]
+    last: dict[tuple[int, int], list[int]] = {}
+    out: dict[int, tuple[list[int], int, int]] = {}
+    first_layer = int(d.layer.min())
+    for s in seqs:
+        m = (d.seq == s["seq"]) & (d.layer == first_layer)
+        pos, tok, ph = d.pos[m], d.token[m], d.phase[m]
+        assert (np.diff(pos) == 1).all(), f"sequence {s['seq']}: positions {pos.tolist()} are not consecutive"
+        assert len(pos) == 0 or pos[0] == s["first_pos"]
+        key = (s["context"], s["llama_seq_id"])
+        prefix = last.get(key, [])[:s["first_pos"]]
+        assert len(prefix) == s["first_pos"], f"sequence {s['seq']}: no earlier tokens for its reused prefix"
+        toks = prefix + tok.tolist()
+        dec = np.flatnonzero(ph == PHASE_DECODE)
+        n_prompt = s["first_pos"] + (int(dec[0]) if len(dec) else len(pos))
+        cut = n_prompt - s["first_pos"]
+        assert (ph[:cut] == PHASE_PREFILL).all() and (ph[cut:] == PHASE_DECODE).all()
+        out[s["seq"]] = (toks, n_prompt, s["first_pos"])
+        last[key] = toks
+    return out
+
+
+def capture_requests(model: Path, requests: list[tuple[list[int], int, int]], weights: bool = False,
+                     n_ctx: int = 512) -> list[Rows]:
+    """The in-process capture of the same tokens, request by request, on one llama sequence: each request
+    keeps the first ``first_pos`` tokens of the KV state (as the program did when it reused a prefix),
+    prefills the rest of its prompt in one ubatch, then decodes one token at a time. Replaying the history
+    matters: a ubatch's shape can flip near-tied routing choices, so the reused prefix must come from the
+    same ubatch as in the program."""
+    sink = MemorySink()
+    out: list[Rows] = []
+    with TracedLlama(model, sink, model_fingerprint(model), weights=weights, n_ctx=n_ctx, n_threads=2) as llm:
+        llm.new_sequence()
+        lc = llm.lc
+        for tokens, n_prompt, first in requests:
+            lc.llama_memory_seq_rm(lc.llama_get_memory(llm._ctx), 0, first, -1)
+            llm.n_past = first
+            start = len(sink.records)
+            llm.eval(tokens[first:n_prompt], PHASE_PREFILL)
+            for t in tokens[n_prompt:]:
+                llm.eval([t], PHASE_DECODE)
+            rows: Rows = {}
+            for r in sink.records[start:]:
+                w = r["weights"]
+                for i, p in enumerate(r["pos"]):
+                    rows[(int(p), r["layer"])] = (r["phase"], tuple(int(x) for x in r["experts"][i]),
+                                                  None if w is None else tuple(float(x) for x in w[i]))
+            out.append(rows)
+    return out
+
+
+def compare(run: Rows, cap: Rows) -> dict[str, Any]:
+    """Rows of the run missing from the capture, and rows whose experts (or phase) differ."""
+    missing = [k for k in run if k not in cap]
+    differ = [k for k in run if k in cap and run[k][:2] != cap[k][:2]]
+    return {"rows": len(run), "missing": missing, "differ": differ}

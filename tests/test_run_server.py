@@ -1,0 +1,224 @@
+"""`gguf-experts run` around an unchanged llama-server (and llama-cli): two concurrent clients over plain
+HTTP (/v1/completions and /v1/chat/completions) with --parallel 2, stopped with SIGTERM. Each request's rows
+must equal an in-process capture of the same tokens, replayed request by request on its slot."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
+
+from gguf_experts import tinymodel
+from gguf_experts.trace import read_trace
+from gguf_experts.trace.format import TraceData
+from gguf_experts.trace.run import build_preload
+
+from run_support import capture_requests, compare, rows_of, sequence_tokens
+
+pytestmark = [pytest.mark.live, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+GGE = [sys.executable, "-m", "gguf_experts"]
+
+
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """llama.cpp's own programs, built from the llama.cpp llama-cpp-python vendors (cached per version)."""
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinymodel.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(port: int, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"llama-server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("llama-server did not become healthy")
+
+
+#: two clients, run at the same time; each sends its requests one after the other
+COMPLETIONS = ["Once upon a time, a small robot", "Once upon a time, a small robot wandered into the forest"]
+CHATS = [[{"role": "user", "content": "What is 12 times 7?"}],
+         [{"role": "user", "content": "Write a haiku about the sea."}]]
+N_PREDICT = 16
+
+
+def two_clients(port: int) -> list[list[int]]:
+    """Client A: /v1/completions, client B: /v1/chat/completions, started together; each sends its requests
+    one after the other. Returns the prompt tokens of A's requests (from /tokenize)."""
+    prompts: list[list[int]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def completions() -> None:
+        try:
+            barrier.wait()
+            for prompt in COMPLETIONS:
+                r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": N_PREDICT, "temperature": 0})
+                assert r["usage"]["completion_tokens"] == N_PREDICT
+                prompts.append(post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def chats() -> None:
+        try:
+            barrier.wait()
+            for messages in CHATS:
+                r = post(port, "/v1/chat/completions", {"messages": messages, "max_tokens": N_PREDICT,
+                                                       "temperature": 0})
+                assert r["usage"]["completion_tokens"] == N_PREDICT
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=completions), threading.Thread(target=chats)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return prompts
+
+
+def serve(cmd: list[str], port: int) -> tuple[int, list[list[int]], str]:
+    """Run the server under `gguf-experts run`, query it, stop it with SIGTERM: (exit status, prompts, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(port, proc)
+        prompts = two_clients(port)
+        proc.send_signal(signal.SIGTERM)  # to `gguf-experts run`, which forwards it
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, prompts, proc.stderr.read() if proc.stderr else ""
+
+
+def differing_rows(d: TraceData, model: Path) -> tuple[int, int]:
+    """Replay each slot's requests in order in-process; (rows differing from the capture, rows compared)."""
+    seqs = sequence_tokens(d)
+    by_slot: dict[tuple[int, int], list[int]] = {}
+    for row in d.header.meta["sequences"]:
+        by_slot.setdefault((row[1], row[2]), []).append(row[0])
+    differ = total = 0
+    for order in by_slot.values():
+        caps = capture_requests(model, [seqs[s] for s in order], n_ctx=512)
+        for s, cap in zip(order, caps):
+            res = compare(rows_of(d, s), cap)
+            assert not res["missing"], (s, res)
+            differ += len(res["differ"])
+            total += res["rows"]
+    return differ, total
+
+
+def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+    build_preload()
+    port = free_port()
+    trace = tmp_path / "server.bin"
+    rc, prompts, stderr = serve([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"),
+                                 "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel", "2",
+                                 "-c", "1024", "-t", "2", "--no-webui"], port)
+    assert rc == 0, stderr[-3000:]
+    d = read_trace(trace)
+    assert not d.recovered
+    meta = d.header.meta
+    assert meta["command"][0].endswith("llama-server") and not meta["fingerprint_pending"]
+    seqs = sequence_tokens(d)  # asserts consecutive positions, prefill then decode, per sequence
+    assert len(seqs) == 4, meta["sequences"]  # four requests; llama-server's warm-up is not recorded
+    assert len({tuple(r[1:3]) for r in meta["sequences"]}) == 2  # the two parallel slots
+    for prompt_tokens in prompts:  # the completions' prompts, as the server tokenizes them
+        assert any(toks[:n_prompt] == prompt_tokens for toks, n_prompt, _ in seqs.values()), prompt_tokens
+    for toks, n_prompt, _ in seqs.values():
+        assert len(toks) - n_prompt == N_PREDICT - 1  # N generated, the last one not decoded
+    differ, total = differing_rows(d, model)
+    assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
+    assert (d.phase == 1).sum() == 4 * (N_PREDICT - 1) * d.header.fingerprint.n_layer
+    for cmd in (["stats", trace], ["join-trace", trace, "--model", model],
+                ["report", trace, "--model", model, "-o", tmp_path / "r.html"]):
+        r = subprocess.run([*GGE, *map(str, cmd)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (cmd, r.stderr)
+    assert (tmp_path / "r.html").stat().st_size > 1000
+
+
+def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+    """llama-server with a draft model (-md): a second MoE model in the process. It must be skipped with a
+    message; the trace holds the main model's rows only. The draft has 2 layers, so rows of its layers 0-1
+    mixed in would leave the main model's layers 0, 1 and 2 with unequal row counts."""
+    draft = tinymodel.make_tiny_model(tmp_path / "draft.gguf", seed=5, n_layer=2)
+    port = free_port()
+    trace = tmp_path / "spec.bin"
+    proc = subprocess.Popen([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m", str(model),
+                             "-md", str(draft), "--spec-draft-n-max", "4", "--spec-draft-n-min", "1",
+                             "--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(port, proc)
+        r = post(port, "/v1/completions", {"prompt": COMPLETIONS[1], "max_tokens": N_PREDICT, "temperature": 0})
+        assert r["usage"]["completion_tokens"] == N_PREDICT
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert rc == 0, stderr[-3000:]
+    assert f"not tracing a second model, {draft.resolve()}" in stderr
+    d = read_trace(trace)
+    assert d.header.meta["model_path"] == str(model.resolve())
+    counts = [int((d.layer == layer).sum()) for layer in range(3)]
+    assert counts[0] > 0 and len(set(counts)) == 1, counts
+    assert len(d.header.meta["sequences"]) == 1  # one request, its verification batches included
+
+
+def test_llama_cli_single_turn(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+    """llama-cli (the chat CLI), one turn: the chat-templated prompt is prefilled, N tokens generated; the
+    rows equal the in-process capture of the same tokens."""
+    trace = tmp_path / "cli.bin"
+    r = subprocess.run([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-cli"), "-m", str(model),
+                        "-p", COMPLETIONS[0], "-n", "8", "-st", "-t", "2"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = read_trace(trace)
+    seqs = sequence_tokens(d)
+    assert list(seqs) == [0]
+    toks, n_prompt, first = seqs[0]
+    assert first == 0 and len(toks) - n_prompt == 7
+    differ, total = differing_rows(d, model)
+    assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
