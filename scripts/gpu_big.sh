@@ -71,33 +71,41 @@ if has python; then
       | grep -v "^llama\|^load\|^print_info" | tail -5
   done
 fi
+# C-recorder variants: MODE[:w][:COST] (w = --weights; COST = noop|flags, the measurement knobs of docs/capture.md)
+VARIANTS0=${VARIANTS0:-callback callback:w keepalive keepalive:w callback:noop keepalive:flags}  # at -ngl 99
+VARIANTSN=${VARIANTSN:-callback keepalive keepalive:w}                                          # at --n-cpu-moe
+traced() {  # traced VARIANT CMD...: CMD under `gguf-experts run` as VARIANT says
+  local v=$1; shift; local mode=${v%%:*} w="" cost=""
+  case ":$v:" in *:w:*) w=--weights;; esac
+  case ":$v:" in *:noop:*) cost=noop;; *:flags:*) cost=flags;; esac
+  GGUF_EXPERTS_MODE=$mode GGUF_EXPERTS_COST=$cost ge run $w -o "$W/t-${v//:/-}.bin" -- "$@"
+}
 if has run && ge run --help >/dev/null 2>&1; then
   for nc in 0 "$NCMOE"; do
+    vs=$VARIANTS0; [ "$nc" = 0 ] || vs=$VARIANTSN
     python3 scripts/bench_gpu_big.py "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" --variants plain --json "$J" --label "plain-process" 2>&1 | tail -2
-    for mode in $MODES; do
-      for w in "" "--weights"; do
-        el "C recorder ($mode $w) under the Python harness, --n-cpu-moe $nc"
-        GGUF_EXPERTS_MODE=$mode ge run $w -o "$W/run-$mode.bin" -- python3 "$REPO/scripts/bench_gpu_big.py" "$M" --ngl 99 \
-          --n-cpu-moe "$nc" --rounds "$ROUNDS" --variants plain --json "$J" --label "C-$mode$w" 2>&1 | tail -2
-        ge stats "$W/run-$mode.bin" --by layer -f csv 2>&1 | head -3
-      done
+    for v in $vs; do
+      case $v in *noop*|*flags*) continue;; esac
+      el "C recorder ($v) under the Python harness, --n-cpu-moe $nc"
+      traced "$v" python3 "$REPO/scripts/bench_gpu_big.py" "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" \
+        --variants plain --json "$J" --label "C-$v" 2>&1 | tail -2
     done
   done
 fi
 lb() { "$BIN/llama-bench" -m "$M" -ngl 99 -p 512 -n 64 -r "$ROUNDS" -o jsonl "$@" 2>/dev/null; }
+tag() { sed "s/^/{\"variant\": \"$1\", \"ncmoe\": $2, \"r\": /; s/\$/}/" | tee -a "$OUT/llama-bench.jsonl" | cut -c1-120; }
 if has llamabench; then
   for nc in 0 "$NCMOE"; do
+    vs=$VARIANTS0; [ "$nc" = 0 ] || vs=$VARIANTSN
     el "llama-bench plain, --n-cpu-moe $nc"
-    lb -ncmoe "$nc" | sed "s/^/{\"variant\": \"plain\", \"ncmoe\": $nc, \"r\": /; s/\$/}/" | tee -a "$OUT/llama-bench.jsonl" | cut -c1-200
+    lb -ncmoe "$nc" | tag plain "$nc"
     if has run && ge run --help >/dev/null 2>&1; then
-      for mode in $MODES; do
-        for w in "" "--weights"; do
-          el "llama-bench under gguf-experts run ($mode $w), --n-cpu-moe $nc"
-          GGUF_EXPERTS_MODE=$mode ge run $w -o "$W/lb-$mode.bin" -- "$BIN/llama-bench" -m "$M" -ngl 99 -p 512 -n 64 \
-            -r "$ROUNDS" -o jsonl -ncmoe "$nc" 2>/dev/null \
-            | sed "s/^/{\"variant\": \"$mode$w\", \"ncmoe\": $nc, \"r\": /; s/\$/}/" | tee -a "$OUT/llama-bench.jsonl" | cut -c1-200
-        done
+      for v in $vs; do
+        el "llama-bench under gguf-experts run ($v), --n-cpu-moe $nc"
+        traced "$v" "$BIN/llama-bench" -m "$M" -ngl 99 -p 512 -n 64 -r "$ROUNDS" -o jsonl -ncmoe "$nc" 2>/dev/null | tag "$v" "$nc"
       done
+      el "llama-bench plain again, --n-cpu-moe $nc (drift check)"
+      lb -ncmoe "$nc" | tag plain-again "$nc"
     fi
   done
 fi

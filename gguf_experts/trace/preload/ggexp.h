@@ -157,6 +157,10 @@ struct sched_st {
     /* scratch */
     uint8_t *scratch, *kbuf;
     size_t cap_scratch, cap_kbuf;
+    /* keepalive: a pinned host buffer (the device's host buffer type) for the async copies, when there is one */
+    void *pinned; /* ggml_backend_buffer_t */
+    uint8_t *pinned_base;
+    size_t cap_pinned;
     uint8_t *out;
     size_t n_outbuf, cap_outbuf;
 };
@@ -165,6 +169,11 @@ struct llama_embd { const float *data; size_t n_rows, n_embd; };
 /* ---- shared state (defined in ggexp_core.c) ---------------------------------------------------------- */
 extern char g_path[PATH_MAX];
 extern int g_enabled, g_weights, g_keepalive;
+/* measurement knob GGUF_EXPERTS_COST=noop|flags (docs/capture.md, "GPU check"): the callback observes nothing, or
+ * keep-alive flags the nodes but reads nothing; the trace then holds no records. 0: normal. */
+extern int g_cost_probe;
+#define COST_NOOP 1
+#define COST_FLAGS 2
 extern pthread_mutex_t g_lock;
 extern int g_fd, g_seq_fd, g_header_done, g_failed;
 extern int32_t g_next_seq;

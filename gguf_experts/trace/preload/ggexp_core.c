@@ -57,7 +57,7 @@ void *find_real(const char *name) {
 
 /* ---- configuration ---------------------------------------------------------------------------------------- */
 char g_path[PATH_MAX];
-int g_enabled, g_weights, g_keepalive;
+int g_enabled, g_weights, g_keepalive, g_cost_probe;
 pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 int g_fd = -1, g_seq_fd = -1, g_header_done, g_failed;
 int32_t g_next_seq;
@@ -87,6 +87,8 @@ __attribute__((constructor)) static void ggexp_init(void) {
     g_keepalive = m && strcmp(m, "keepalive") == 0;
     if (m && *m && !g_keepalive && strcmp(m, "callback") != 0)
         say("gguf-experts: GGUF_EXPERTS_MODE=%s is not callback or keepalive; using callback\n", m, NULL);
+    const char *c = getenv("GGUF_EXPERTS_COST");
+    g_cost_probe = !c || !*c ? 0 : strcmp(c, "noop") == 0 ? COST_NOOP : strcmp(c, "flags") == 0 ? COST_FLAGS : 0;
     rdlsym();
     g_enabled = 1;
 }

@@ -28,7 +28,7 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
     struct sched_st *s = ud;
     if (ask) {
         int layer;
-        s->my_need = s->active && !g_keepalive && t->name[0] == 'f' && classify(t->name, &layer) >= 0;
+        s->my_need = s->active && !g_keepalive && !g_cost_probe && t->name[0] == 'f' && classify(t->name, &layer) >= 0;
         s->their_need = s->prog_cb ? s->prog_cb(t, true, s->prog_ud) : false;
         return s->my_need || s->their_need;
     }
@@ -93,12 +93,43 @@ typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
 typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
 typedef void (*backend_sync_t)(void *backend);
 
+typedef void *(*get_device_t)(void *backend);
+typedef void *(*host_buft_t)(void *dev);
+typedef void *(*buft_alloc_t)(void *buft, size_t size);
+typedef void *(*buffer_base_t)(void *buffer);
+typedef void (*buffer_free_t)(void *buffer);
+
+/* A host buffer of at least `need` bytes from the device's host buffer type (pinned memory on CUDA): an async
+ * copy into pageable memory is a synchronous round trip each. NULL where the device has none (the CPU). */
+static uint8_t *pinned_buffer(struct sched_st *s, void *backend, size_t need) {
+    if (s->pinned && s->cap_pinned >= need) return s->pinned_base;
+    REAL(get_device_t, get_device, "ggml_backend_get_device");
+    REAL(host_buft_t, host_buft, "ggml_backend_dev_host_buffer_type");
+    REAL(buft_alloc_t, alloc, "ggml_backend_buft_alloc_buffer");
+    REAL(buffer_base_t, base, "ggml_backend_buffer_get_base");
+    REAL(buffer_free_t, bfree, "ggml_backend_buffer_free");
+    if (!get_device || !host_buft || !alloc || !base || !bfree) return NULL;
+    void *dev = get_device(backend);
+    void *buft = dev ? host_buft(dev) : NULL;
+    if (!buft) return NULL;
+    if (s->pinned) bfree(s->pinned);
+    size_t cap = need < 65536 ? 65536 : need + need / 2;
+    s->pinned = alloc(buft, cap);
+    s->pinned_base = s->pinned ? base(s->pinned) : NULL;
+    s->cap_pinned = s->pinned_base ? cap : 0;
+    return s->pinned_base;
+}
+
 /* Read every kept layer of the ubatch computed last: one async copy per layer on the tensor's backend into
  * one host buffer, then one synchronisation per backend (a sync copy per layer costs a round trip each on a
  * GPU). Backends without async copies copy synchronously (ggml's fallback), as the CPU does. */
 void read_kept(struct sched_st *s) {
     s->keep_pending = 0;
     if (!s->active) return;
+    if (g_cost_probe == COST_FLAGS) { /* measurement: the flags' cost alone */
+        for (int l = 0; l < s->n_layers; l++) s->layers[l].have = 0;
+        return;
+    }
     REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
     REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
     REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
@@ -110,6 +141,11 @@ void read_kept(struct sched_st *s) {
     if (buf) {
         s->kbuf = buf;
         s->cap_kbuf = cap;
+    }
+    if (async && s->n_keep > 0 && total) { /* pinned memory where the kept tensors' device offers it */
+        void *be0 = backend_of(s->sched, s->keep[0]);
+        uint8_t *pinned = be0 ? pinned_buffer(s, be0, total) : NULL;
+        if (pinned) buf = pinned;
     }
     void *backends[16];
     int n_backends = 0;
