@@ -8,12 +8,13 @@ shards); the overview (``--help``, no command, or an unknown one) imports them a
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import pkgutil
 import sys
 import warnings
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .errors import GGUFExpertsError
@@ -40,15 +41,24 @@ def _commands(argv: Sequence[str]) -> list[ModuleType]:
     return mods
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad option is one line on stderr (what, where, what to do) and exit 2, like
+    every other bad input; --help still prints the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        sys.exit(2)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for argv (default sys.argv[1:]): every command's only when argv names none."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Where every expert of a MoE GGUF lives, which experts a real llama.cpp run touches, "
         "and what that costs in bytes.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for mod in _commands(sys.argv[1:] if argv is None else argv):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
@@ -77,12 +87,33 @@ def run_reporting_warnings(fn: Callable[[], Any]) -> Any:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+_AT_EXIT: list[Callable[[], None]] = []
+
+
+def _close_llama_devnull() -> None:
+    """llama-cpp-python opens /dev/null twice at import and never closes it; once warning filters have been
+    touched (run_reporting_warnings), interpreter shutdown prints two 'ResourceWarning: unclosed file' lines
+    after our output. Close them at exit (registered with atexit), when nothing can use them any more."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        fh = getattr(utils, name, None)
+        if fh is not None and hasattr(fh, "close"):
+            fh.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a bad option: one line and SystemExit(2) (Parser.error)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    if _close_llama_devnull not in _AT_EXIT:
+        _AT_EXIT.append(_close_llama_devnull)
+        atexit.register(_close_llama_devnull)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(run_reporting_warnings(lambda: args._run(args)) or 0)
     except GGUFExpertsError as e:
@@ -95,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error(f"{e.filename}: permission denied")
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a failed write (disk full, I/O error): the output was not replaced
+        where = f"{e.filename}: " if e.filename else ""
+        return error(f"{where}{e.strerror or e}; nothing was replaced")
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -44,15 +44,6 @@ def _kind_row(kind: str, res: Any, n_expert: int) -> dict[str, Any]:
             "bytes_per_token": s["bytes_per_token"], "dense_bytes_per_token": s["dense_bytes_per_token"]}
 
 
-def _subset(tr: Any, mask: Any) -> Any:
-    """The rows of a TraceData where mask is true (one prompt kind)."""
-    import dataclasses
-
-    return dataclasses.replace(tr, seq=tr.seq[mask], phase=tr.phase[mask], pos=tr.pos[mask], token=tr.token[mask],
-                               layer=tr.layer[mask], experts=tr.experts[mask],
-                               weights=None if tr.weights is None else tr.weights[mask])
-
-
 def run_demo(out_dir: str | os.PathLike[str] = DEFAULT_DIR, model: str | os.PathLike[str] | None = None,
              n_predict: int = 16, weights: bool = True, threads: int | None = None,
              progress: Callable[[int], None] | None = None) -> DemoResult:
@@ -74,11 +65,11 @@ def run_demo(out_dir: str | os.PathLike[str] = DEFAULT_DIR, model: str | os.Path
             n_threads=threads, ignore_eos=True, progress=progress,
             meta={"demo_kinds": [k for k, _ in DEMO_PROMPTS]})
     tr = read_trace(tpath)
-    rows = [_kind_row(kind, join(_subset(tr, tr.seq == i), m), m.expert_count)
+    rows = [_kind_row(kind, join(tr.select(tr.seq == i), m), m.expert_count)
             for i, (kind, _) in enumerate(DEMO_PROMPTS)]
     everything = join(tpath, m)
     hot = everything.experts.sort_values("activations", ascending=False, kind="stable").head(8)
-    from .commands.report import demo_report
+    from .report import demo_report
 
     report = demo_report(out, tpath, m, [k for k, _ in DEMO_PROMPTS])
     return DemoResult(model_path=path, out_dir=out, model_text=model_table(m), kinds=pd.DataFrame(rows),

@@ -29,9 +29,18 @@ class ModelMismatchError(GGUFExpertsError):
     """A trace joined with a model other than the one it was captured from."""
 
 
+class OutputError(GGUFExpertsError):
+    """An output that cannot be written: a missing or read-only directory, a directory given as a file,
+    an output that would replace an input."""
+
+
 class InputError(GGUFExpertsError):
     """Any other bad input: a malformed CSV, a missing column, an impossible option value."""
 
 
 class LiveUnavailableError(GGUFExpertsError):
     """llama-cpp-python (the [live] extra) is not installed or its library lacks a symbol we need."""
+
+
+class GGUFExpertsWarning(UserWarning):
+    """Something a person should know that is not an error (the CLI prints it as one 'warning:' line)."""

@@ -155,7 +155,7 @@ def write_gguf(path: str | os.PathLike[str], kv: dict[str, Any], tensors: Sequen
         kv = {**kv, "general.alignment": (ValueType.UINT32, alignment)}
     head, rel, data_start = encode_header(kv, tensors, alignment, version, byteorder, offsets)
     end = data_start + max((r + t.nbytes for r, t in zip(rel, tensors)), default=0)
-    with atomic_write(path, "wb") as fh:
+    with atomic_write(path, "wb", model=True) as fh:
         fh.write(head)
         fh.write(b"\0" * (data_start - len(head)))
         for t, r in zip(tensors, rel):

@@ -93,6 +93,48 @@ def _tensors(arch: str, rng: np.random.Generator, n_layer: int, n_expert: int, n
             yield p + "ffn_down_exps.bias", w(n_expert, n_embd, scale=0.02).astype(np.float32)
 
 
+#: llama.cpp's own limits (src/llama-hparams.h): a model beyond them makes its loader abort
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+
+
+def check_shape(seed: int, n_layer: int, n_expert: int, n_embd: int, n_head: int, n_head_kv: int,
+                n_ff_exp: int) -> None:
+    """Refuse shapes that crash the writer or give a model llama.cpp cannot load."""
+    if seed < 0:
+        raise InputError(f"tiny model: seed (--seed) {seed} must be >= 0")
+    for what, v, lo, hi in (("n_layer (--layers)", n_layer, 1, LLAMA_MAX_LAYERS),
+                            ("n_expert (--experts)", n_expert, 1, LLAMA_MAX_EXPERTS),
+                            ("n_embd (--embd)", n_embd, 1, None), ("n_head (--heads)", n_head, 1, None),
+                            ("n_head_kv", n_head_kv, 1, None), ("n_ff_exp (--ff)", n_ff_exp, 1, None)):
+        if v < lo or (hi is not None and v > hi):
+            rng = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+            why = " (llama.cpp's limit)" if hi is not None else ""
+            raise InputError(f"tiny model: {what} {v} must be {rng}{why}")
+
+
+def estimate_bytes(arch: str = "qwen3moe", n_layer: int = 4, n_expert: int = 16, n_embd: int = 64,
+                   n_head: int = 4, n_head_kv: int = 2, n_ff_exp: int = 32) -> int:
+    """About how many bytes the F32 model takes (tensor data; the header is small), before writing it."""
+    head_dim = max(1, n_embd // max(1, n_head))
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    per_layer = (3 * n_embd + 2 * n_embd * q + 2 * n_embd * kv + n_expert * (n_embd + 1)
+                 + 3 * n_expert * n_ff_exp * n_embd + 3 * n_expert * (n_ff_exp + n_embd) + 4 * q)
+    vocab = len(_byte_vocab()[0])
+    return 4 * (n_layer * per_layer + 2 * vocab * n_embd + n_embd)
+
+
+def written_types(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
+    """{"experts" / "other": {ggml type name: tensor count}} of a written model: what it really holds."""
+    from .gguf_file import open_model
+
+    out: dict[str, dict[str, int]] = {"experts": {}, "other": {}}
+    for t in open_model(path).tensors:
+        part = out["experts" if "_exps." in t.name else "other"]
+        part[t.type.name] = part.get(t.type.name, 0) + 1
+    return out
+
+
 def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: int = 0, n_layer: int = 4,
                       n_expert: int = 16, n_expert_used: int = 4, n_embd: int = 64, n_head: int = 4,
                       n_head_kv: int = 2, n_ff_exp: int = 32, n_ctx_train: int = 4096, f16: bool = False,
@@ -105,6 +147,7 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
 
     if arch not in ARCHES:
         raise InputError(f"tiny model: architecture {arch!r} is not one of {', '.join(ARCHES)}")
+    check_shape(seed, n_layer, n_expert, n_embd, n_head, n_head_kv, n_ff_exp)
     if not 0 < n_expert_used <= n_expert:
         raise InputError(f"tiny model: n_expert_used {n_expert_used} must be in [1, n_expert={n_expert}]")
     if n_embd % n_head or n_head % n_head_kv:
@@ -113,7 +156,7 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
     head_dim = n_embd // n_head
     tokens, scores, types = _byte_vocab()
     rng = np.random.default_rng([seed, ARCHES.index(arch)])
-    with atomic_path(path) as tmp:
+    with atomic_path(path, model=True) as tmp:
         wr = GGUFWriter(str(tmp), arch)
         wr.add_name(name or f"tiny-{arch}-s{seed}")
         wr.add_file_type(1 if f16 else 0)
@@ -162,7 +205,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
         raise InputError(f"quantize: {quant!r} is not one of {', '.join(QUANT_FTYPES)}")
     lc = load_llama_cpp()
     dst = Path(dst)
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, model=True) as tmp:
         params = lc.llama_model_quantize_default_params()
         params.ftype = QUANT_FTYPES[quant]
         params.nthread = threads

@@ -61,10 +61,12 @@ def main() -> None:
           f"{len(naive.encode()) / 1e3:,.0f} kB; ratio {len(naive) / len(html):.1f}x smaller")
     print(f"render_html: {t_html * 1e3:.0f} ms; join.heat (peer): {t_heat * 1e3:.0f} ms; "
           f"ratio {t_html / t_heat:.2f}")
-    try:
-        from gguf_experts.reporters.chromium import find_chromium, render_page
-    except ImportError:
-        return
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the DevTools client is a test helper
+    from chromium_cdp import render_page
+
+    from gguf_experts.reporters.screenshot import find_chromium
     if find_chromium() is None:
         print("chromium not installed: browser timing skipped")
         return

@@ -42,10 +42,14 @@ def sparse_moe_model(path: Path, n_layer: int = 3, n_expert: int = 8, k: int = 2
 
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
-    """Call gguf_experts.cli.main([...]) in-process and return its exit code, stdout and stderr."""
+    """Call gguf_experts.cli.main([...]) in-process and return its exit code, stdout and stderr (a bad option
+    exits through argparse's SystemExit, as the console script does: its code is the exit code)."""
     def run(*argv: Any) -> CliResult:
         capsys.readouterr()
-        rc = main([str(a) for a in argv])
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 2
         cap = capsys.readouterr()
         return CliResult(rc, cap.out, cap.err)
     return run

@@ -122,9 +122,16 @@ def test_profile_report_formats(setup, tmp_path, run_cli, fmt):
     out = tmp_path / "s.json"
     r = run_cli("profile", model, "--jsonl", data, "-o", out, "--limit", "1", "--no-progress", "-t", "1", "-f", fmt)
     assert r.rc == 0, r.err
-    n_layer = len(json.loads(out.read_text())["layers"])
+    layers = json.loads(out.read_text())["layers"]
     if fmt == "json":
         doc = json.loads(r.out)
-        assert doc["records"] == 1 and len(doc["rows"]) == n_layer
+        assert doc["records"] == 1 and len(doc["rows"]) == len(layers) * 6  # 3 lowest + 3 highest per layer
+        reap = {(ly["layer"], e): v for ly in layers for e, v in enumerate(ly["reap"])}
+        for row in doc["rows"]:  # one expert per row, with its own REAP from the stats file
+            assert row["reap"] == pytest.approx(reap[(row["layer"], row["expert"])])
+        lo = [r_ for r_ in doc["rows"] if r_["layer"] == layers[0]["layer"] and r_["end"] == "lowest"]
+        assert [r_["rank"] for r_ in lo] == [1, 2, 3] and lo[0]["reap"] == pytest.approx(min(layers[0]["reap"]))
     else:
         assert "lowest and highest REAP" in r.out
+        header = next(ln for ln in r.out.splitlines() if "expert" in ln and "reap" in ln)
+        assert header.split() == ["layer", "end", "rank", "expert", "reap", "activation_counts"]

@@ -46,7 +46,7 @@ def test_clean_model_and_its_maps(tmp_path: Path, run_cli) -> None:
     assert kinds(check_paths([str(p)])) == {}
     if HAVE_GGML:
         assert ggml_accepts(p)
-    r = run_cli("check-overlaps", p)
+    r = run_cli("check-overlaps", p, "-f", "table")
     assert r.rc == 0 and r.out.startswith("clean") and r.err == ""
     for fmt in ("csv", "json"):
         out = tmp_path / f"map.{fmt}"
@@ -54,7 +54,8 @@ def test_clean_model_and_its_maps(tmp_path: Path, run_cli) -> None:
         r = run_cli("check-overlaps", out, "--format", "json")
         doc = json.loads(r.out)
         assert r.rc == 0 and doc.pop("not_run") and doc == {"clean": True, "findings": []}
-        r = run_cli("check-overlaps", out)  # a map does not say all a GGUF does: the table says what did not run
+        r = run_cli("check-overlaps", out, "-f", "table")  # a map does not say all a GGUF does: the table says
+        # what did not run
         assert r.rc == 0 and not r.out.startswith("clean") and "loader_offset" in r.out and "pass the GGUF" in r.out
         assert ("misaligned (no alignment" in r.out) == (fmt == "csv")  # the JSON map lists files and alignment
         r = run_cli("check-overlaps", out, "--alignment", "32", "--file-size", p.stat().st_size, "-f", "json")
@@ -180,7 +181,7 @@ def test_a_third_party_map_says_what_it_could_not_check(tmp_path: Path, run_cli)
     """name,offset,size with a misaligned row: not called clean; with --alignment the row is found."""
     p = tmp_path / "third.csv"
     p.write_text("name,offset,size\na,0,100\nb,100,28\n")
-    r = run_cli("check-overlaps", p)
+    r = run_cli("check-overlaps", p, "-f", "table")
     assert r.rc == 0 and "clean" not in r.out and "misaligned (no alignment" in r.out and "past_eof" in r.out
     r = run_cli("check-overlaps", p, "--alignment", "32", "--file-size", "120", "-f", "json")
     doc = json.loads(r.out)

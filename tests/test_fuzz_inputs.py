@@ -67,7 +67,8 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: Any, ok: tuple[int, ...] = (0
     assert not [w for w in caught if not w.category.__module__.startswith("gguf_experts")], \
         [str(w.message) for w in caught]
     lines = capsys.readouterr().err.splitlines()
-    warned = [ln for ln in lines if ln.startswith("gguf-experts: warning: ")]  # documented: damaged tails etc.
+    # documented: damaged tails etc., and "wrote FILE" for each file written
+    warned = [ln for ln in lines if ln.startswith(("gguf-experts: warning: ", "wrote "))]
     errors = [ln for ln in lines if ln not in warned]
     one_error = len(errors) == 1 and errors[0].startswith("gguf-experts: error: ")
     assert (rc in ok and not errors) or (rc == 2 and one_error), (rc, lines)

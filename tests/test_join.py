@@ -210,7 +210,7 @@ def test_cli_per_format(model: Path, trace: Path, tmp_path: Path, capsys: pytest
         assert doc["summary"]["tokens"] == 36 and doc["by"] == by and len(doc["rows"]) > 0
     else:
         assert "36 tokens" in text and "ratio 0.2500" in text
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == f"wrote {out} ({fmt})\n"  # a person learns where the output went
 
 
 def test_damaged_traces_via_join_trace(tmp_path: Path, model: Path, trace: Path,

@@ -126,8 +126,9 @@ def test_cli_writes_both_formats_and_a_verdict(run_cli, tmp_path, model):
     d = planted(120, HOT, seed=4)
     tr = _write(tmp_path, model, "t.bin", d)
     csv, pl = tmp_path / "pins.csv", tmp_path / "pins.txt"
-    r = run_cli("pins", tr, "--capacity", "4", "--list-csv", csv, "--pin-list", pl)
+    r = run_cli("pins", tr, "--capacity", "4", "--list-csv", csv, "--pin-list", pl, "-f", "table")
     assert r.rc == 0, r.err
+    assert f"wrote {csv} (csv" in r.err and f"wrote {pl} (" in r.err
     assert r.out.startswith("pinning beats LRU here: static pins hit ")
     df = pd.read_csv(csv)
     assert list(df.columns) == ["layer", "expert", "count"]

@@ -196,8 +196,8 @@ def test_progress_bar_in_a_terminal(tmp_path: Path) -> None:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
     try:
         p = subprocess.run([sys.executable, "-m", "gguf_experts", "prune", str(src), "--plan", str(plan), "-o",
-                            str(tmp_path / "out.gguf")], check=False, stdin=slave, stdout=subprocess.PIPE, stderr=slave,
-                           timeout=120)
+                            str(tmp_path / "out.gguf"), "-f", "table"],  # stdout is a pipe: ask for the table
+                           check=False, stdin=slave, stdout=subprocess.PIPE, stderr=slave, timeout=120)
         os.close(slave)
         slave = -1
         seen = b""
@@ -305,14 +305,16 @@ def test_big_endian_source(tmp_path: Path, run_cli: Callable[..., CliResult]) ->
 
 def test_report_of_a_pruned_models_trace_in_a_browser(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
     """report --model PRUNED: heat in original ids, the strip maps each slot of a tensor to its original expert."""
-    from gguf_experts.reporters.chromium import find_chromium, render_page
+    from chromium_cdp import render_page
+
+    from gguf_experts.reporters.screenshot import find_chromium
 
     if find_chromium() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     from test_report import tiny_model
     from test_report_browser import PROBE
 
-    from gguf_experts.commands.report import build_report, write_report
+    from gguf_experts.report import build_report, write_report
     from gguf_experts.trace.writer import TraceWriter
 
     src = tiny_model(tmp_path / "m.gguf")

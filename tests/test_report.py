@@ -22,7 +22,7 @@ from gguf_experts.analysis.diff import (
     top_changes,
 )
 from gguf_experts.cli import main
-from gguf_experts.commands.report import build_report, write_report
+from gguf_experts.report import build_report, write_report
 from gguf_experts.gguf_file import open_model
 from gguf_experts.gguf_writer import TensorSpec, write_gguf
 from gguf_experts.join import Counts, heat, join
@@ -145,7 +145,7 @@ def test_html_escapes_names(report: tuple[ReportInput, str]) -> None:
 
 
 def test_opt_left_out_for_long_traces_with_a_note(files: dict[str, Path]) -> None:
-    from gguf_experts.commands.report import cache_tables
+    from gguf_experts.report import cache_tables
 
     h = join(files["a"], files["model"])
     curves, ws, notes = cache_tables(files["a"], h, opt=True, opt_max_rows=10)
@@ -335,7 +335,7 @@ def test_demo_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert doc["report"]["html report"] == str(d / "report.html")
     text = (d / "report.html").read_text()
     assert "Difference: code vs chat" in text and blob(text)["E"] == 16
-    assert main(["demo", "--dir", str(tmp_path / "demo2"), "-n", "2", "--threads", "2"]) == 0
+    assert main(["demo", "--dir", str(tmp_path / "demo2"), "-n", "2", "--threads", "2", "-f", "table"]) == 0
     assert f"html report {tmp_path / 'demo2' / 'report.html'}" in capsys.readouterr().out
 
 

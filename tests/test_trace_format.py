@@ -312,14 +312,15 @@ def test_plain_log_is_the_format_other_tracers_write(tmp_path: Path, capsys: pyt
     with TraceWriter(tr, fingerprint(open_model(model))) as w:
         w.write(0, 0, 1, np.array([0, 1]), np.array([50, 51]), np.array([[3, 1], [0, 7]]))
         w.write(0, 1, 1, np.array([2]), np.array([52]), np.array([[6, 2]]), np.array([[0.75, 0.25]]))
-    assert main(["convert", str(tr), str(tmp_path / "log.csv")]) == 0
+    assert main(["convert", str(tr), str(tmp_path / "log.csv"), "-f", "table"]) == 0
     assert (tmp_path / "log.csv").read_text() == "# token_id,layer_id,expert_0,expert_1\n0,1,3,1\n1,1,0,7\n2,1,6,2\n"
     assert main(["convert", str(tr), str(tmp_path / "d.csv"), "--detail", "-f", "csv"]) == 0
     assert (tmp_path / "d.csv").read_text() == (
         "seq,phase,pos,token,layer,expert_0,expert_1,weight_0,weight_1\n"
         "0,0,0,50,1,3,1,nan,nan\n0,0,1,51,1,0,7,nan,nan\n0,1,2,52,1,6,2,0.75,0.25\n")
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("trace -> csv: 3 rows")  # the first run: table (default)
+    assert out.splitlines()[0].startswith("trace -> csv: 3 rows")  # the first run: the table asked for
+    assert out.splitlines()[0].endswith(f"wrote {tmp_path / 'log.csv'}")
     assert out.splitlines()[1].startswith("input,output,direction,format,rows") and "detail" in out
 
 

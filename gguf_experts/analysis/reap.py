@@ -101,17 +101,17 @@ class ReapAccumulator:
         return np.flatnonzero(self.tokens > 0)
 
     def extremes(self, n: int = 3) -> pd.DataFrame:
-        """Per layer, the n lowest- and n highest-REAP experts (ids and scores), for people."""
-        r = self.result()["reap"]
+        """Per layer, the n lowest- and n highest-REAP experts, one expert per row (for people):
+        layer, end ("lowest"/"highest"), rank (1 = the extreme), expert, reap, activation_counts."""
+        r = self.result()
+        reap, counts = r["reap"], r["activation_counts"]
         rows = []
-        for l in self.layers().tolist():  # one row per MoE layer
-            o = np.argsort(r[l], kind="stable")
-            lo, hi = o[:n], o[::-1][:n]
-            rows.append({"layer": l, "lowest": " ".join(map(str, lo)),
-                         "lowest_reap": " ".join(f"{v:.4g}" for v in r[l][lo]),
-                         "highest": " ".join(map(str, hi)),
-                         "highest_reap": " ".join(f"{v:.4g}" for v in r[l][hi])})
-        return pd.DataFrame(rows, columns=["layer", "lowest", "lowest_reap", "highest", "highest_reap"])
+        for l in self.layers().tolist():  # one block of rows per MoE layer
+            o = np.argsort(reap[l], kind="stable")
+            for end, ids in (("lowest", o[:n]), ("highest", o[::-1][:n])):
+                rows += [{"layer": l, "end": end, "rank": i + 1, "expert": int(e), "reap": float(reap[l][e]),
+                          "activation_counts": int(counts[l][e])} for i, e in enumerate(ids)]
+        return pd.DataFrame(rows, columns=["layer", "end", "rank", "expert", "reap", "activation_counts"])
 
     def result(self) -> dict[str, np.ndarray]:
         """Every REAP field as [L, M] arrays (never_activated as bool); means are 0 where count is 0."""

@@ -73,21 +73,27 @@ def _document(args: argparse.Namespace, req: CacheSimRequest, res: CacheSimResul
             "global": frame_records(res.global_rows) if res.global_rows is not None else None}
 
 
+NA_NOTE = ("no value: bytes_fetched needs --model MODEL.gguf (the bytes of each expert); gap_share needs both "
+           "LRU and OPT at that capacity (--policy lru,opt) and a gap between them")
+
+
 def _text(args: argparse.Namespace, req: CacheSimRequest, res: CacheSimResult, arch: str) -> str:
     head = (f"{args.trace}: {arch}, {req.n_expert} experts per layer, top-{req.k}; order {req.order}: "
             f"{CONVENTIONS[req.order]}\n")
     if args.working_set:
-        return head + "\n" + frame_to_table(res.working_set.round(3))
+        return head + "\n" + frame_to_table(res.working_set)
     g = res.global_rows
     per_layer = res.rows if g is None else res.rows.iloc[:len(res.rows) - len(g)]
     shown = per_layer if req.capacities else per_layer[per_layer["capacity"].isin(res.sim_capacities)]
     shown = shown[shown["layer"] == "all"] if shown["layer"].nunique() > 9 else shown
-    out = [head, "\nsmallest LRU cache per layer reaching 90/95/99% hits:\n", frame_to_table(res.smallest.round(4))]
+    out = [head, "\nsmallest LRU cache per layer reaching 90/95/99% hits:\n", frame_to_table(
+        res.smallest, na_note="no capacity reaches that hit rate: even a cache of every expert gets only "
+                              "max_hit_rate, since each expert's first use is a miss")]
     if len(shown):
         out += ["\nhit rates (layer 'all' = every layer together; gap_share: of the LRU-to-OPT gap):\n",
-                frame_to_table(shown.round(4))]
+                frame_to_table(shown, na_note=NA_NOTE)]
     if g is not None:
         out += ["\none LRU cache over all layers, by byte budget:\n",
-                frame_to_table(g.assign(capacity=[human_bytes(v) for v in g.capacity]).drop(columns="gap_share")
-                               .round(4))]
+                frame_to_table(g.assign(capacity=[human_bytes(v) for v in g.capacity]).drop(columns="gap_share"),
+                               na_note=NA_NOTE)]
     return "".join(out)

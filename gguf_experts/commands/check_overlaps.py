@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from ..check import check_inputs
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ..errors import GGUFExpertsWarning
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, resolve_format
 
 NAME = "check-overlaps"
 HELP = "check GGUF files or byte maps for overlaps, truncation, misalignment, untiled slices and gaps"
@@ -18,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a byte map's file size in bytes, for the past_eof check (a map of one file)")
     p.add_argument("--alignment", type=int, default=None, metavar="A",
                    help="a byte map's alignment (general.alignment, usually 32), for the misaligned and gap checks")
-    add_output_options(p, default="table")
+    add_output_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,5 +43,8 @@ def run(args: argparse.Namespace) -> int:
     doc = {"clean": n == 0, "findings": frame_records(findings)}
     if res.not_run:
         doc["not_run"] = res.not_run
+        if resolve_format(args.format, args.output) == "csv":  # CSV rows cannot say it: stderr does
+            for line in res.not_run:
+                warnings.warn(GGUFExpertsWarning(line), stacklevel=1)
     emit(Output(findings, document=doc, text=text), args.format, args.output)
     return 1 if n else 0

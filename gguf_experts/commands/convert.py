@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -13,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..reporters.tabular import Output, add_output_options, emit
 from ..trace.csvlog import encode_trace, read_csv_log, write_csv_chunks
 from ..trace.format import TraceData, TraceRecoveryWarning
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", metavar="MODEL.gguf",
                    help="the model the log was captured from: needed to write a trace, to read logs that do not "
                         "say k (CSV, RTRACE01) and to write an imatrix")
-    add_output_options(p, default="table")
+    add_output_options(p)
 
 
 def _target(fmt_in: str, args: argparse.Namespace) -> str:
@@ -150,11 +151,32 @@ def _convert(args: argparse.Namespace, fmt_in: str, to: str) -> dict[str, Any]:
     return info
 
 
+#: output name endings and the formats they can hold: an output named for another format is refused
+TEXT_SUFFIXES = {".csv": ("csv", "moe-trace-csv"), ".tsv": ("csv", "moe-trace-csv"), ".txt": ("csv", "moe-trace-csv"),
+                 ".json": ("tracer-json", "reap-json"), ".jsonl": ()}
+
+
+def _check_output(args: argparse.Namespace, to: str) -> None:
+    """Refuse to overwrite the input, and an output name whose extension says another format than the one
+    written (``convert log.csv back.csv`` wrote a binary trace named .csv)."""
+    dest = Path(args.dest)
+    if dest.exists() and os.path.samefile(args.input, dest):
+        raise OutputError(f"{args.dest}: is the input; convert writes a new file, give another output name")
+    ext = dest.suffix.lower()
+    fits = TEXT_SUFFIXES.get(ext, (EXTENSIONS[ext],) if ext in EXTENSIONS else None)
+    if fits is not None and to not in fits:
+        want = next((e for e, f in EXTENSIONS.items() if f == to), ".csv" if to in ("csv", "moe-trace-csv")
+                    else ".json" if to.endswith("json") else None)
+        raise OutputError(f"{args.dest}: the output is a {to}, but the name ends in {ext}; "
+                          + (f"name it {want}" if want else "give a name that fits") + " (or pick --to)")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..formats import detect_format
 
     fmt_in = detect_format(args.input)
     to = _target(fmt_in, args)
+    _check_output(args, to)
     if args.detail and to != "csv":
         raise InputError("--detail applies to a CSV log output; a CSV log's form is read from its header line")
     if fmt_in == "trace" and to == "csv":
@@ -166,6 +188,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         info = _convert(args, fmt_in, to)
     emit(Output({k: [v] for k, v in info.items()}, document=info,
-                text=f"{info['direction']}: {info['rows']} rows, {info['input']} -> {info['output']}\n"),
+                text=f"{info['direction']}: {info['rows']} rows from {info['input']}; wrote {info['output']}\n"),
          args.format, args.output)
     return 0

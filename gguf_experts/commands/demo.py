@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..reporters.tabular import (
     Output,
@@ -12,6 +13,8 @@ from ..reporters.tabular import (
     frame_to_table,
     human_bytes,
 )
+from ._llama_options import add_progress, progress
+from ._types import at_least
 
 NAME = "demo"
 HELP = "end-to-end demo: tiny MoE model -> byte map -> live llama.cpp capture (code, chat, math, story) -> heat"
@@ -23,18 +26,22 @@ ORDER = 1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..demo import DEFAULT_DIR
 
-    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where the traces go (default ./{DEFAULT_DIR}/)")
+    p.add_argument("--dir", default=DEFAULT_DIR,
+                   help=f"where the trace, report.html and heatmap.png go (default ./{DEFAULT_DIR}/ in the current "
+                        "directory; it is in the project's .gitignore)")
     p.add_argument("--model", default=None, help="use this MoE GGUF instead of the bundled tiny model")
-    p.add_argument("-n", "--n-predict", type=int, default=16, help="tokens generated per prompt (default 16)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
-    add_output_options(p, default="table")
+    p.add_argument("-n", "--n-predict", type=at_least(0), default=16, help="tokens generated per prompt (default 16)")
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads")
+    add_output_options(p)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.join_trace import summary_text
-    from ..demo import run_demo
+    from ..demo import DEMO_PROMPTS, run_demo
+    from ..reporters.heat_text import summary_text
 
-    res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads)
+    with progress(args, f"demo: {len(DEMO_PROMPTS)} prompts", "tok") as update:
+        res = run_demo(args.dir, model=args.model, n_predict=args.n_predict, threads=args.threads, progress=update)
     kinds = res.kinds
 
     def text() -> str:
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
            "kinds": frame_records(kinds), "summary": res.summary, "layers": frame_records(res.layers),
            "hottest": frame_records(res.hottest), "report": {what: path for what, path in res.report}}
     emit(Output(kinds, document=doc, text=text), args.format, args.output)
-    if args.output:
-        sys.stderr.write(f"trace in {res.trace}, html report in {dict(res.report).get('html report')}, "
-                         f"summary in {args.output}\n")
+    if args.output or not sys.stdout.isatty():
+        sys.stderr.write(f"demo files in {res.out_dir}/: trace {res.trace.name}, "
+                         + ", ".join(f"{what} {Path(path).name}" for what, path in res.report) + "\n")
     return 0

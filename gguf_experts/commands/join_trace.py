@@ -6,8 +6,10 @@ import argparse
 import pandas as pd
 
 from ..join import HeatResult, join
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
+from ..reporters.heat_text import summary_text
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._trace_input import open_any
+from ._types import at_least
 
 NAME = "join-trace"
 HELP = "join a trace with its model: activations and bytes read per expert, expert slice (tensor) or file page"
@@ -22,20 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", choices=("expert", "tensor", "page"), default="expert",
                    help="rows per (layer, expert) [default], per expert slice of each tensor, or per run of "
                         "file pages with equal heat")
-    p.add_argument("--page-size", type=int, default=4096, metavar="BYTES",
+    p.add_argument("--page-size", type=at_least(1), default=4096, metavar="BYTES",
                    help="page size for --by page (default 4096; a power of two)")
-    add_output_options(p, default="table")
-
-
-def summary_text(s: dict) -> str:
-    lines = [
-        f"model {s['model']}: {s['tokens']} tokens ({s['prefill_tokens']} prefill, {s['decode_tokens']} decode) "
-        f"in {s['sequences']} sequences, {s['n_layer_moe']} MoE layers, {s['selections']} expert selections",
-        f"expert bytes read: {human_bytes(s['bytes_read'])} = {human_bytes(s['bytes_per_token'])} per token; "
-        f"dense equivalent (every expert per token) {human_bytes(s['dense_bytes_per_token'])} per token; "
-        f"ratio {s['ratio']:.4f}",
-    ]
-    return "\n".join(lines) + "\n"
+    add_output_options(p)
 
 
 def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:

@@ -10,7 +10,15 @@ from ..analysis.pins import Split, counts_of, pick_budget, pick_per_layer, score
 from ..atomic import atomic_write
 from ..errors import InputError
 from ..reporters.pins import fitz_pin_list, pins_frame
-from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_csv, frame_to_table
+from ..reporters.tabular import (
+    Output,
+    add_output_options,
+    emit,
+    frame_records,
+    frame_to_csv,
+    frame_to_table,
+    say_wrote,
+)
 from ..trace.format import TraceHeader
 from ._trace_input import expert_bytes, open_trace, parse_int_list
 
@@ -44,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="request convention of the LRU/OPT comparison (see cache-sim); default token")
     p.add_argument("--list-csv", metavar="PINS.csv", help="write the pins as layer,expert,count (training count)")
     p.add_argument("--pin-list", metavar="FILE", help="write the pins as fitz-tec's EXPERT_CACHE_PIN_LIST v1")
-    add_output_options(p, default="table")
+    add_output_options(p)
 
 
 def _load(path: str) -> tuple[TraceHeader, np.ndarray, np.ndarray]:
@@ -91,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
     if args.list_csv:
         with atomic_write(args.list_csv) as fh:
             fh.write(frame_to_csv(pins_frame(pins, train)))
+        say_wrote(args.list_csv, "csv, the pinned experts")
     if args.pin_list:
         with atomic_write(args.pin_list) as fh:
             fh.write(fitz_pin_list(pins, train, source, k))
+        say_wrote(args.pin_list, "EXPERT_CACHE_PIN_LIST v1")
     emit(Output(score, document=lambda: {"source": source, "order": args.order, "verdict": verdict(score),
                                          "rows": frame_records(score)},
                 text=lambda: _text(score, args)), args.format, args.output)

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..analysis.reap import ReapAccumulator
+from ..atomic import resolve_target
 from ..errors import InputError
-from ..reporters.tabular import FORMATS, Output, emit, frame_records, frame_to_table
 from ..prompts import head_for, jsonl_texts
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ._llama_options import add_llama_options, add_progress, progress
+from ._types import at_least
 
 NAME = "profile"
 HELP = "REAP expert saliency (router-weighted expert activation norms) from JSONL texts run through llama.cpp"
@@ -30,18 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jsonl", required=True, metavar="FILE", help="JSON lines of prompt/response records")
     p.add_argument("-o", "--output", required=True, metavar="EXPERT_STATS.json",
                    help="the expert statistics (also the checkpoint --resume continues from)")
-    p.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N records (50)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048,
-                   help="context size (default 2048); longer records are cut to it")
-    p.add_argument("--ubatch-size", type=int, default=512, help="tokens per ubatch (default 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: cores, at most 8)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU (default 0)")
+    p.add_argument("--save-every", type=at_least(1), default=50, metavar="N", help="checkpoint every N records (50)")
+    add_llama_options(p, ctx_help="context size (default 2048); longer records are cut to it")
     p.add_argument("--resume", action="store_true", help="continue from -o, skipping the records it holds")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N records in total")
-    p.add_argument("--prune-plan", type=int, default=None, metavar="K",
+    p.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="stop after N records in total")
+    p.add_argument("--prune-plan", type=at_least(1), default=None, metavar="K",
                    help="report the K least salient experts per layer instead of the lowest/highest REAP")
-    p.add_argument("--format", "-f", choices=FORMATS, default="table", help="format of the report on stdout")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_options(p, output=False, what="the report on stdout")
+    add_progress(p)
 
 
 class _RecordSink:
@@ -79,57 +77,57 @@ def _start(args: argparse.Namespace, fp: Any) -> ReapAccumulator:
     return acc
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..trace.capture import TracedLlama, model_fingerprint
+def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink, ctx_size: int) -> None:
+    """Evaluate one JSONL record as one sequence and merge its statistics (or count it cut or skipped)."""
     from ..trace.format import PHASE_PREFILL
 
-    if args.save_every < 1 or args.ctx_size < 8 or args.ubatch_size < 1:
-        raise InputError("--save-every must be >= 1, --ctx-size >= 8, --ubatch-size >= 1")
+    # cut to what can hold ctx-size tokens before tokenising (its cost grows faster than the text)
+    head = head_for(text, ctx_size, llm.max_token_bytes())
+    toks = llm.tokenize(head) if head.strip() else []
+    if len(toks) > ctx_size:
+        toks = toks[:ctx_size]
+        acc.meta["truncated_records"] = acc.meta.get("truncated_records", 0) + 1
+    if toks:
+        sink.part = ReapAccumulator(acc.n_layer, acc.n_expert)
+        llm.new_sequence()
+        llm.eval(toks, PHASE_PREFILL, logits="all")  # every row is an output: the last layer sees all
+        acc.merge(sink.part)
+    else:
+        acc.meta["skipped_records"] = acc.meta.get("skipped_records", 0) + 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..trace.capture import TracedLlama, model_fingerprint
+
+    resolve_target(args.output)  # fail before the run, not at the first checkpoint
     texts = jsonl_texts(args.jsonl)
     fp = model_fingerprint(args.model)
     acc = _start(args, fp)
     end = len(texts) if args.limit is None else min(len(texts), args.limit)
     sink = _RecordSink(fp.n_layer, fp.n_expert)
-    bar = None
-    if not args.no_progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=end, initial=min(acc.records, end), unit="rec", desc="profile", file=sys.stderr)
     interrupted = False
-    try:
-        with TracedLlama(args.model, sink, fp, weights=True, n_ctx=args.ctx_size, n_ubatch=args.ubatch_size,
-                         n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, observe_down_norms=True) as llm:
-            for i in range(acc.records, end):  # one llama.cpp evaluation per record
-                # cut to what can hold ctx-size tokens before tokenising (its cost grows faster than the text)
-                head = head_for(texts[i], args.ctx_size, llm.max_token_bytes())
-                toks = llm.tokenize(head) if head.strip() else []
-                if len(toks) > args.ctx_size:
-                    toks = toks[:args.ctx_size]
-                    acc.meta["truncated_records"] = acc.meta.get("truncated_records", 0) + 1
-                if toks:
-                    sink.part = ReapAccumulator(fp.n_layer, fp.n_expert)
-                    llm.new_sequence()
-                    llm.eval(toks, PHASE_PREFILL, logits="all")  # every row is an output: the last layer sees all
-                    acc.merge(sink.part)
-                else:
-                    acc.meta["skipped_records"] = acc.meta.get("skipped_records", 0) + 1
-                acc.records = i + 1
-                if bar is not None:
-                    bar.update(1)
-                if acc.records % args.save_every == 0:
-                    acc.save(args.output)
-    except KeyboardInterrupt:
-        interrupted = True  # the accumulator is at a record boundary: save it and report
-    finally:
-        if bar is not None:
-            bar.close()
+    with progress(args, "profile", "rec", total=end, initial=min(acc.records, end)) as update:
+        try:
+            with TracedLlama(args.model, sink, fp, weights=True, n_ctx=args.ctx_size,
+                             n_ubatch=args.ubatch_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                             observe_down_norms=True) as llm:
+                for i in range(acc.records, end):  # one llama.cpp evaluation per record
+                    _profile_record(llm, texts[i], acc, sink, args.ctx_size)
+                    acc.records = i + 1
+                    if update is not None:
+                        update(1)
+                    if acc.records % args.save_every == 0:
+                        acc.save(args.output)
+        except KeyboardInterrupt:
+            interrupted = True  # the accumulator is at a record boundary: save it and report
     acc.save(args.output)
     df = acc.prune_plan(args.prune_plan) if args.prune_plan is not None else acc.extremes()
 
     def text() -> str:
-        head = (f"{'interrupted: ' if interrupted else ''}{args.output}: {acc.records} records, "
+        head = (f"{'interrupted: ' if interrupted else ''}wrote {args.output}: {acc.records} records, "
                 f"{int(acc.tokens.max()) if acc.tokens.size else 0} tokens per MoE layer\n")
         what = (f"{args.prune_plan} least salient experts per layer (lowest REAP):\n" if args.prune_plan is not None
-                else "lowest and highest REAP experts per layer:\n")
+                else "lowest and highest REAP experts per layer (rank 1 = the extreme):\n")
         return head + what + frame_to_table(df)
     emit(Output(df, document=lambda: {"stats": args.output, "records": acc.records, "rows": frame_records(df)},
                 text=text), args.format, None)

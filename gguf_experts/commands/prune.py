@@ -7,13 +7,16 @@ from typing import Any
 
 from ..errors import InputError
 from ..reporters.tabular import (
-    FORMATS,
     Output,
+    add_output_options,
     emit,
     frame_records,
     frame_to_table,
     human_bytes,
 )
+
+from ._llama_options import add_progress, progress
+from ._types import at_least
 
 NAME = "prune"
 HELP = "write a copy of a MoE model without some experts (by a REAP profile, a drop list, or use in a trace)"
@@ -42,14 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", choices=BY, default=None,
                    help="rank experts by REAP saliency (profile JSON), selections (frequency) or drop only "
                         "never-used ones (default: reap for a profile, frequency for a trace)")
-    p.add_argument("--keep", type=int, metavar="N", help="experts to keep per layer")
+    p.add_argument("--keep", type=at_least(1), metavar="N", help="experts to keep per layer")
     p.add_argument("--keep-fraction", type=float, metavar="F", help="share of experts to keep per layer (0..1]")
     p.add_argument("--split-max-size", metavar="SIZE",
                    help="write shards of at most SIZE bytes of tensor data each (e.g. 500M, 4G; as llama-gguf-split)")
     p.add_argument("--dry-run", action="store_true", help="show the plan; write no model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--format", "-f", choices=FORMATS, default="table",
-                   help="format of the summary on stdout (default: table)")
+    add_progress(p)
+    add_output_options(p, output=False, what="the summary on stdout")
 
 
 def parse_size(text: str | None) -> int | None:
@@ -96,16 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if summary["routing_changes"]:
         print(f"gguf-experts: warning: {summary['routing']}", file=sys.stderr)
     if not args.dry_run:
-        bar = None
-        if not args.no_progress and sys.stderr.isatty():
-            from tqdm import tqdm
-            bar = tqdm(total=summary["model_bytes_after"], unit="B", unit_scale=True, unit_divisor=1024,
-                       desc="prune", file=sys.stderr)
-        try:
-            res = write_pruned(model, plan, args.output, split, progress=bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
+        with progress(args, "prune", "B", total=summary["model_bytes_after"], leave=True, unit_scale=True,
+                      unit_divisor=1024) as update:
+            res = write_pruned(model, plan, args.output, split, progress=update)
         summary.update(written=[str(p) for p in res.paths], bytes_written=res.bytes_written)
     import pandas as pd  # here, not at import time: cli imports every command to build its parser
 

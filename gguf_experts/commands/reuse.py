@@ -14,6 +14,7 @@ from ..reporters.tabular import (
     frame_records,
     frame_to_csv,
     frame_to_table,
+    say_wrote,
 )
 from ._trace_input import open_trace
 
@@ -23,6 +24,10 @@ DESCRIPTION = (HELP + ". Per layer: mean |E_t & E_t-1| / k over consecutive deco
                "and the distribution of gaps (tokens of that layer since the expert was last used, across "
                "sequences, as a cache sees them). --coactivation FILE writes pairs of experts firing together.")
 ORDER = 55
+
+
+NA_NOTE = ("no value: mean_overlap needs two consecutive decode tokens of one sequence in that layer (decode_pairs "
+           "0: e.g. a prefill-only trace, capture -n 0); the gap columns need an expert used twice")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
         co = reuse.coactivation_frame(stats.counts.sum(axis=0), stats.tokens.sum(axis=0))
         with atomic_write(args.coactivation) as fh:
             fh.write(frame_to_csv(co))
+        say_wrote(args.coactivation, f"csv, {len(co)} pairs")
     df = lf if args.by == "layer" else gf
 
     def text() -> str:
         head = f"{args.trace}: {fp.architecture}, {M} experts per layer, top-{k}\n\n"
-        return head + frame_to_table(df.round(4), max_rows=200)
+        return head + frame_to_table(df, max_rows=200, na_note=NA_NOTE)
     emit(Output(df, document=lambda: {"layers": frame_records(lf), "gaps": frame_records(gf)}, text=text),
          args.format, args.output)
     return 0

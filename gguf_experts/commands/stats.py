@@ -20,6 +20,7 @@ from ..formats.rtrace import near_ties
 from ..formats.write import count_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, write_text
 from ._trace_input import add_trace_arguments, expert_bytes, open_any
+from ._types import at_least
 
 NAME = "stats"
 HELP = "expert activation statistics: counts and shares per layer and expert, never-activated experts, imbalance"
@@ -30,11 +31,15 @@ DESCRIPTION = (HELP + ". CSV: one row per (layer, expert), sorted by activations
 ORDER = 50
 
 
+NA_NOTE = ("no value: that layer or sequence has no tokens of that phase (e.g. no decode tokens for the *_decode "
+           "columns), so there is nothing to measure")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_arguments(p)
     p.add_argument("--by", choices=("expert", "layer", "sequence"), default="expert",
                    help="CSV/table rows: per (layer, expert) [default], per layer (imbalance), per sequence")
-    p.add_argument("--top", type=int, default=5, metavar="N", help="experts per layer in the table (default 5)")
+    p.add_argument("--top", type=at_least(1), default=5, metavar="N", help="experts per layer in the table (default 5)")
     p.add_argument("--tie-margin", type=float, default=1e-3, metavar="P",
                    help="RTRACE01 input: a token's choice is a near-tie when its k-th and (k+1)-th router "
                         "probabilities differ by less than P (default 0.001)")
@@ -126,12 +131,12 @@ def run(args: argparse.Namespace) -> int:
             tail = (f"\nnear-ties (k-th minus (k+1)-th router probability < {args.tie_margin:g}): "
                     f"{share:.2%} of token-layer choices\n" + frame_to_table(margins.round(6)))
         if args.by != "expert":
-            return head + frame_to_table(df) + tail
+            return head + frame_to_table(df, na_note=NA_NOTE) + tail
         cols = ["layer", "tokens", "tokens_prefill", "tokens_decode", "activations", "never_activated",
                 "top10pct_share", "max_mean", "cv", "gini", "entropy"]
         never = [f"  layer {int(l)}: {' '.join(map(str, np.flatnonzero(acc.counts[:, l].sum(axis=0) == 0)))}"
                  for l in lf["layer"][lf["never_activated"] > 0]]
-        return (head + frame_to_table(lf[cols].round(4)) + f"\nbusiest {args.top} experts per layer:\n"
+        return (head + frame_to_table(lf[cols], na_note=NA_NOTE) + f"\nbusiest {args.top} experts per layer:\n"
                 + frame_to_table(top) + ("\nnever activated:\n" + "\n".join(never) + "\n" if never else "")
                 + tail)
     emit(Output(df, document=document, text=text), args.format, args.output)

@@ -35,8 +35,20 @@ CURVE_COLUMNS = {"layer", "policy", "capacity", "hit_rate"}
 
 
 @dataclass
+class TraceView:
+    """The numbers of one trace, shown under its label (a report of two traces has two, switchable)."""
+
+    label: str
+    heat: HeatResult
+    curves: pd.DataFrame | None = None
+    working_set: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ReportInput:
-    """Everything the report shows; only ``heat`` is required, other sections are left out when None."""
+    """Everything the report shows; only ``heat`` is required, other sections are left out when None.
+    ``heat``, ``curves``, ``working_set`` and ``notes`` are the first trace's; ``more`` holds the others."""
 
     heat: HeatResult
     tensors: pd.DataFrame | None = None  # layout.byte_map(model): whole tensors for the strip
@@ -47,6 +59,13 @@ class ReportInput:
     sources: list[str] = field(default_factory=list)  # trace file names, for the header
     notes: list[str] = field(default_factory=list)  # what was left out and why, shown under the summary
     title: str | None = None
+    label: str | None = None  # the first trace's name (default: its source file)
+    more: list[TraceView] = field(default_factory=list)  # the other traces, each with its own numbers
+
+    def views(self) -> list[TraceView]:
+        """Every trace with its own numbers, the first one first."""
+        first = self.label or (self.sources[0] if self.sources else "trace")
+        return [TraceView(first, self.heat, self.curves, self.working_set, self.notes), *self.more]
 
 
 def _asset(name: str) -> str:
@@ -269,11 +288,18 @@ def build_data(inp: ReportInput) -> tuple[dict, np.ndarray, np.ndarray]:
     """The JSON blob report.js draws from (compact: per tensor and per (layer, expert), never per slice)."""
     layers, n_expert, acts = _rows(inp.heat)
     tensors, files = strip_tensors(inp.heat, inp.tensors, layers)
-    doc: dict[str, Any] = {"rows": layers.tolist(), "E": n_expert, "acts": acts.ravel().tolist(),
-                           "rowActs": acts.sum(axis=1).tolist(), "tensors": tensors, "files": files,
-                           "curves": None, "diff": None}
-    if inp.curves is not None and len(inp.curves):
-        doc["curves"] = {"series": curve_series(inp.curves), "xlabel": "cache capacity (experts per layer)"}
+    views = []
+    for v in inp.views():
+        vl, ve, va = _rows(v.heat)
+        if ve != n_expert or not np.array_equal(vl, layers):
+            raise InputError(f"{v.label}: its layers and experts differ from {inp.views()[0].label}'s; a report "
+                             "compares traces of one model")
+        views.append({"label": v.label, "acts": va.ravel().tolist(), "rowActs": va.sum(axis=1).tolist(),
+                      "curves": ({"series": curve_series(v.curves), "xlabel": "cache capacity (experts per layer)"}
+                                 if v.curves is not None and len(v.curves) else None)})
+    doc: dict[str, Any] = {"rows": layers.tolist(), "E": n_expert, "tensors": tensors, "files": files,
+                           "views": views, "diff": None, "acts": views[0]["acts"], "rowActs": views[0]["rowActs"],
+                           "curves": views[0]["curves"]}
     if inp.diff is not None:
         d = inp.diff
         dl = np.unique(d.experts["layer"].to_numpy(dtype=np.int64))
@@ -296,37 +322,69 @@ def _matrix(df: pd.DataFrame, col: str, layers: np.ndarray, n_expert: int) -> np
     return out
 
 
-def render_html(inp: ReportInput) -> str:
-    """The whole report as one HTML string (CSS, JS and data inline)."""
-    from .. import __version__
-
-    doc, layers, acts = build_data(inp)
-    s = inp.heat.summary
-    n_expert = int(doc["E"])
-    model = s.get("model") or ", ".join(s.get("files", [])) or "model"
-    title = inp.title or f"gguf-experts report: {model}"
+def _view_head(v: TraceView, n_layers: int, n_expert: int, acts: np.ndarray, inp: ReportInput) -> str:
+    """Warnings, cards and notes of one trace."""
+    s = v.heat.summary
     never_total = int((acts == 0).sum())
     cards = [_card(f"{s.get('tokens', 0):,}", f"tokens ({s.get('prefill_tokens', 0):,} prefill, "
                                               f"{s.get('decode_tokens', 0):,} decode)"),
-             _card(f"{len(layers)} x {n_expert}", "MoE layers x experts"),
+             _card(f"{n_layers} x {n_expert}", "MoE layers x experts"),
              _card(human_bytes(float(s.get("bytes_per_token", 0))), "expert bytes read per token"),
              _card(human_bytes(float(s.get("dense_bytes_per_token", 0))), "if every expert ran (dense)"),
              _card(f"{float(s.get('ratio', 0)):.3f}", "read / dense"),
              _card(f"{never_total:,} / {acts.size:,}", "(layer, expert) never used")]
     if inp.diff is not None:
         cards.append(_card(f"{inp.diff.overall:.4f}", f"JS divergence {inp.labels[0]} vs {inp.labels[1]} (bits)"))
-    parts = [f"<h1>{_esc(title)}</h1>",
-             (f'<p class="sub">{_esc(", ".join(inp.sources) or "trace")} on {_esc(", ".join(s.get("files", [])))}'
-             f" &middot; gguf-experts {_esc(__version__)}</p>")]
+    parts = []
     if s.get("warning"):
         parts.append(f'<p class="warn">{_esc(s["warning"])}</p>')
     if s.get("recovered"):
         parts.append(f'<p class="warn">the trace had a damaged tail: {int(s.get("dropped_bytes", 0)):,} bytes were '
                      "dropped, the valid prefix is shown</p>")
     parts.append(f'<div class="cards">{"".join(cards)}</div>')
-    parts.extend(f'<p class="note">{_esc(n)}</p>' for n in inp.notes)
+    parts.extend(f'<p class="note">{_esc(n)}</p>' for n in v.notes)
+    return "".join(parts)
+
+
+def _per_view(views: list[TraceView], body: Any) -> str:
+    """One block per trace, labelled; with two traces only the selected one is shown (the switch at the top)."""
+    if len(views) == 1:
+        return str(body(views[0], 0))
+    out = []
+    for i, v in enumerate(views):
+        hidden = ' style="display:none"' if i else ""
+        out.append(f'<div class="view" data-view="{i}"{hidden}><p class="vtag">{_esc(v.label)}</p>'
+                   f"{body(v, i)}</div>")
+    return "".join(out)
+
+
+def _view_switch(views: list[TraceView]) -> str:
+    if len(views) == 1:
+        return ""
+    opts = "".join(f'<option value="{i}">{_esc(v.label)}</option>' for i, v in enumerate(views))
+    return ('<div class="switch">showing trace <select id="view">' + opts + '</select> '
+            '<span class="note">every number, map and curve below belongs to the trace selected here (its name '
+            'is shown with each); the Difference section compares both.</span></div>')
+
+
+def render_html(inp: ReportInput) -> str:
+    """The whole report as one HTML string (CSS, JS and data inline)."""
+    from .. import __version__
+
+    doc, layers, acts = build_data(inp)
+    views = inp.views()
+    all_acts = [_rows(v.heat)[2] for v in views]
+    s = inp.heat.summary
+    n_expert = int(doc["E"])
+    model = s.get("model") or ", ".join(s.get("files", [])) or "model"
+    title = inp.title or f"gguf-experts report: {model}"
+    vname = '<span class="vname"></span>' if len(views) > 1 else ""
+    parts = [f"<h1>{_esc(title)}</h1>",
+             (f'<p class="sub">{_esc(", ".join(inp.sources) or "trace")} on {_esc(", ".join(s.get("files", [])))}'
+             f" &middot; gguf-experts {_esc(__version__)}</p>"), _view_switch(views)]
+    parts.append(_per_view(views, lambda v, i: _view_head(v, len(layers), n_expert, all_acts[i], inp)))
     parts.append(
-        '<h2>Experts per layer: activation share</h2>'
+        f'<h2>Experts per layer: activation share{vname}</h2>'
         '<p class="note">Rows are MoE layers, columns experts; colour is the share of the layer\'s expert selections, '
         'relative to uniform (1/E) on a log scale; grey = never used. Hover for counts, bytes and byte ranges; '
         'click a row to zoom the file strip to that layer.</p>'
@@ -336,11 +394,12 @@ def render_html(inp: ReportInput) -> str:
     opts = "".join(f'<option value="{int(x)}">layer {int(x)}</option>'
                    for x in sorted({l for l in doc["tensors"]["layer"] if l >= 0}))
     parts.append(
-        '<h2 id="strip-h">Where the bytes are: file-offset strip</h2>'
+        f'<h2 id="strip-h">Where the bytes are: file-offset strip{vname}</h2>'
         '<p class="note">The model file(s) from left to right, one bar per tensor and per expert slice, coloured by '
         'bytes read (log scale); grey = expert slice never read; blue-grey = not routed (read whenever its layer '
         'runs). Each pixel shows the hottest bar under it. Zoom: layer selector, mouse wheel, drag to pan, '
-        'double-click to reset.</p>'
+        'double-click to reset. Offsets are bytes from the start of each file, in decimal (as in '
+        '<code>gguf-experts dump</code>).</p>'
         f'<div class="controls">zoom to <select id="strip-zoom"><option value="all">whole model</option>{opts}'
         '</select><span id="strip-range"></span></div>'
         '<div class="legend">few <canvas id="strip-legend"></canvas> most bytes read '
@@ -350,22 +409,28 @@ def render_html(inp: ReportInput) -> str:
         lopts = "".join(f'<option value="{int(x["layer"])}">layer {int(x["layer"])}</option>'
                         for x in doc["curves"]["series"] if x["layer"] is not None and x["policy"] == "LRU")
         parts.append(
-            '<h2>Expert cache: hit rate by capacity</h2>'
+            f'<h2>Expert cache: hit rate by capacity{vname}</h2>'
             '<p class="note">Hit rate of a per-layer expert cache holding C experts: red = all layers, blue = the '
             'selected layer, grey = every layer (LRU); solid LRU, dashed OPT (Belady, the best any policy can do).'
             f'</p><div class="controls">highlight <select id="curve-layer">{lopts}</select></div>'
             '<div class="twocol"><div class="panel" id="curves"></div><div>'
-            + table_html(curve_table(inp.curves, n_expert), left=("of experts", "policy")) + "</div></div>")
+            + _per_view(views, lambda v, i: table_html(curve_table(v.curves, n_expert), left=("of experts", "policy"))
+                        if v.curves is not None else "")
+            + "</div></div>")
     if inp.working_set is not None:
-        parts.append("<h2>Working sets</h2><p class=\"note\">W(tau): distinct experts (and their bytes) the "
+        parts.append(f"<h2>Working sets{vname}</h2><p class=\"note\">W(tau): distinct experts (and their bytes) the "
                      "MoE layers used within a window of tau tokens, averaged over the trace: what a cache must "
                      "hold to serve a window without fetching.</p>"
-                     + table_html(working_set_table(inp.working_set, int(acts.size))))
-    hottest, never = expert_tables(inp.heat, n_expert)
-    parts.append('<h2>Hottest and never-used experts</h2><div class="twocol"><div><b>Hottest</b>'
-                 + table_html(hottest) + "</div><div><b>Never used</b>"
-                 + table_html(never, left=("experts",)) + "</div></div>")
-    parts.append("<h2>Per layer</h2>" + table_html(layer_table(inp.heat, layers, acts, inp.diff)))
+                     + _per_view(views, lambda v, i: table_html(working_set_table(v.working_set, int(acts.size)))
+                                 if v.working_set is not None else ""))
+
+    def experts_block(v: TraceView, i: int) -> str:
+        hottest, never = expert_tables(v.heat, n_expert)
+        return ('<div class="twocol"><div><b>Hottest</b>' + table_html(hottest) + "</div><div><b>Never used</b>"
+                + table_html(never, left=("experts",)) + "</div></div>")
+    parts.append(f"<h2>Hottest and never-used experts{vname}</h2>" + _per_view(views, experts_block))
+    parts.append(f"<h2>Per layer{vname}</h2>"
+                 + _per_view(views, lambda v, i: table_html(layer_table(v.heat, layers, all_acts[i], inp.diff))))
     if inp.diff is not None:
         a, b = (_esc(x) for x in inp.labels)
         ch = top_changes(inp.diff, 3)
@@ -382,7 +447,9 @@ def render_html(inp: ReportInput) -> str:
             '<span id="diff-scale"></span></div>'
             '<div class="panel"><canvas id="diffmap"></canvas></div>'
             "<p><b>Largest changes, 3 per layer</b></p>" + table_html(ch, max_rows=120))
-    parts.append("<h2>Run summary</h2>" + table_html(_summary_rows(s, inp.sources), left=("", "value")))
+    parts.append(f"<h2>Run summary{vname}</h2>" + _per_view(
+        views, lambda v, i: table_html(_summary_rows(v.heat.summary, [v.label] if len(views) > 1 else inp.sources),
+                                       left=("", "value"))))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_esc(title)}</title><style>{_asset('report.css')}</style></head>"

@@ -69,50 +69,76 @@ def heat_matrix(heat: HeatResult) -> tuple[np.ndarray, np.ndarray]:
 
 def write_heatmap_png(path: str, layers: np.ndarray, share: np.ndarray, title: str = "") -> PngInfo:
     """Draw share [rows, experts] (rows named by ``layers``) and write the PNG atomically."""
+    return write_heatmaps_png(path, [(title, layers, share)])[0]
+
+
+def write_heatmaps_png(path: str, panels: list[tuple[str, np.ndarray, np.ndarray]]) -> list[PngInfo]:
+    """One heatmap per (title, layers, share [rows, experts]), stacked top to bottom on one colour scale,
+    written atomically; returns where each panel's cells landed."""
     plt = _pyplot()
     from matplotlib.colors import LogNorm
 
-    n_rows, n_cols = share.shape
-    left_in, right_in, top_in, bottom_in = 0.8, 1.4, 0.5, 0.6
+    n_rows, n_cols = panels[0][2].shape
+    left_in, right_in, top_in, bottom_in, gap_in = 0.8, 1.4, 0.5, 0.6, 0.9
     plot_w = max(4.0, min(0.4, max(0.02, 14.0 / n_cols)) * n_cols)
     plot_h = max(2.0, min(0.4, max(0.04, 9.0 / n_rows)) * n_rows)
     w_in = left_in + right_in + plot_w
-    h_in = top_in + bottom_in + plot_h
+    h_in = top_in + bottom_in + len(panels) * plot_h + (len(panels) - 1) * gap_in
     fig = plt.figure(figsize=(w_in, h_in), dpi=DPI)
     try:
-        ax = fig.add_axes((left_in / w_in, bottom_in / h_in, plot_w / w_in, plot_h / h_in))
-        cax = fig.add_axes(((w_in - right_in + 0.15) / w_in, bottom_in / h_in, 0.15 / w_in, plot_h / h_in))
         cmap = plt.get_cmap("viridis").with_extremes(bad=NEVER_USED)
-        rel = np.ma.masked_less_equal(share * n_cols, 0.0)
-        im = ax.imshow(rel, aspect="auto", interpolation="nearest", cmap=cmap,
-                       norm=LogNorm(vmin=1 / 8, vmax=8, clip=True))
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-        step = max(1, n_rows // 24)
-        ax.set_yticks(np.arange(0, n_rows, step))
-        ax.set_yticklabels([str(int(x)) for x in layers[::step]])
-        if title:
-            ax.set_title(title, fontsize=10)
-        cb = fig.colorbar(im, cax=cax)
-        ticks = [1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8]
-        cb.set_ticks(ticks, labels=["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"])
-        cb.minorticks_off()
-        cb.ax.tick_params(labelsize=8)
-        cb.set_label("share vs uniform; grey: never used", fontsize=8)
+        axes = []
+        for j, (title, layers, share) in enumerate(panels):
+            y0 = bottom_in + (len(panels) - 1 - j) * (plot_h + gap_in)
+            ax = fig.add_axes((left_in / w_in, y0 / h_in, plot_w / w_in, plot_h / h_in))
+            cax = fig.add_axes(((w_in - right_in + 0.15) / w_in, y0 / h_in, 0.15 / w_in, plot_h / h_in))
+            rel = np.ma.masked_less_equal(share * share.shape[1], 0.0)
+            im = ax.imshow(rel, aspect="auto", interpolation="nearest", cmap=cmap,
+                           norm=LogNorm(vmin=1 / 8, vmax=8, clip=True))
+            ax.set_xlabel("expert")
+            ax.set_ylabel("layer")
+            step = max(1, share.shape[0] // 24)
+            ax.set_yticks(np.arange(0, share.shape[0], step))
+            ax.set_yticklabels([str(int(x)) for x in layers[::step]])
+            if title:
+                ax.set_title(title, fontsize=10)
+            cb = fig.colorbar(im, cax=cax)
+            ticks = [1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8]
+            cb.set_ticks(ticks, labels=["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"])
+            cb.minorticks_off()
+            cb.ax.tick_params(labelsize=8)
+            cb.set_label("share vs uniform; grey: never used", fontsize=8)
+            axes.append((ax, share.shape))
         fig.canvas.draw()
         width, height = fig.canvas.get_width_height()
-        bb = ax.get_window_extent()
-        info = PngInfo(width=int(width), height=int(height), left=float(bb.x0), top=float(height - bb.y1),
-                       right=float(bb.x1), bottom=float(height - bb.y0), n_rows=n_rows, n_cols=n_cols)
+        infos = []
+        for ax, (r, c) in axes:
+            bb = ax.get_window_extent()
+            infos.append(PngInfo(width=int(width), height=int(height), left=float(bb.x0), top=float(height - bb.y1),
+                                 right=float(bb.x1), bottom=float(height - bb.y0), n_rows=r, n_cols=c))
         with atomic_write(path, "wb") as fh:
             fig.savefig(fh, format="png", dpi=DPI)
     finally:
         plt.close(fig)
-    return info
+    return infos
+
+
+def _title(heat: HeatResult, label: str | None = None) -> str:
+    t = f"{heat.summary.get('model', '')}: {heat.summary.get('tokens', 0)} tokens"
+    return f"{label} ({t})" if label else t
 
 
 def write_heat_png(path: str, heat: HeatResult, title: str | None = None) -> PngInfo:
     """The heatmap PNG of a join result."""
     layers, share = heat_matrix(heat)
-    t = title if title is not None else f"{heat.summary.get('model', '')}: {heat.summary.get('tokens', 0)} tokens"
-    return write_heatmap_png(path, layers, share, t)
+    return write_heatmap_png(path, layers, share, title if title is not None else _title(heat))
+
+
+def write_heat_pngs(path: str, views: list[Any]) -> list[PngInfo]:
+    """The heatmaps of every trace of a report (objects with .label and .heat), one panel each, titled with
+    the trace's label: two traces are drawn both, one above the other, never one of them alone."""
+    panels = []
+    for v in views:
+        layers, share = heat_matrix(v.heat)
+        panels.append((_title(v.heat, v.label if len(views) > 1 else None), layers, share))
+    return write_heatmaps_png(path, panels)

@@ -17,7 +17,11 @@ function fmtBytes(n) {
   while (Math.abs(n) >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return i ? n.toFixed(2) + " " + u[i] : Math.round(n) + " B";
 }
-const hex = n => "0x" + n.toString(16);
+// Offsets are decimal bytes from the start of the file, as gguf-experts dump prints them.
+const span = (a, n) => `offset ${a}  size ${n} (${fmtBytes(n)})`;
+const views = D.views || [];
+let cur = 0;
+const vlabel = () => views.length > 1 ? `[${views[cur].label}]\n` : "";
 const pct = x => (100 * x).toFixed(2) + "%";
 function showTip(ev, text) {
   tip.textContent = text; tip.style.display = "block";
@@ -83,14 +87,14 @@ function heatmap(cv, rows, E, value, color, tipText, onRow) {
 
 function expertTip(r, e) {
   const a = D.acts[r * D.E + e], tot = D.rowActs[r], s = tot ? a / tot : 0;
-  const lines = [`layer ${D.rows[r]}  expert ${e}`, `activations ${a}  share ${pct(s)}  (${(s * D.E).toFixed(2)}x uniform)`];
+  const lines = [`${vlabel()}layer ${D.rows[r]}  expert ${e}`, `activations ${a}  share ${pct(s)}  (${(s * D.E).toFixed(2)}x uniform)`];
   let per = 0; for (const i of rowTensors[r]) per += T.slice[i];
   lines.push(`bytes read ${fmtBytes(a * per)}  (${fmtBytes(per)} per activation)`, "slices:");
   for (const i of rowTensors[r]) {
     const k = slotOf(i, e);
     if (k < 0) { lines.push(`  ${T.name[i]}: expert ${e} was pruned from this model`); continue; }
     const s0 = sliceStart(i, k);
-    lines.push(`  ${T.name[i]}[${k}]  ${D.files[T.file[i]].name}  ${hex(s0)}..${hex(s0 + T.slice[i])}  ${fmtBytes(T.slice[i])}`);
+    lines.push(`  ${T.name[i]}[${k}]`, `    ${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
   }
   return lines.join("\n");
 }
@@ -100,9 +104,13 @@ const starts = new Float64Array(nT), ends = new Float64Array(nT);
 for (let i = 0; i < nT; i++) { starts[i] = D.files[T.file[i]].base + T.off[i]; ends[i] = starts[i] + T.size[i]; }
 const total = D.files.length ? D.files[D.files.length - 1].base + D.files[D.files.length - 1].size : 1;
 let maxB = 0, minB = Infinity;
-for (let i = 0; i < nT; i++) if (T.row[i] >= 0) for (let k = 0; k < T.n[i]; k++) {
-  const b = D.acts[T.row[i] * D.E + eid(i, k)] * T.slice[i]; if (b > 0) { maxB = Math.max(maxB, b); minB = Math.min(minB, b); }
+function rescale() {  // the strip's colour scale spans the bytes of the trace shown
+  maxB = 0; minB = Infinity;
+  for (let i = 0; i < nT; i++) if (T.row[i] >= 0) for (let k = 0; k < T.n[i]; k++) {
+    const b = D.acts[T.row[i] * D.E + eid(i, k)] * T.slice[i]; if (b > 0) { maxB = Math.max(maxB, b); minB = Math.min(minB, b); }
+  }
 }
+rescale();
 function byteColor(b) {
   if (!(b > 0)) return GREY;
   return lut(VIRIDIS, maxB > minB ? 0.08 + 0.92 * Math.log(b / minB) / Math.log(maxB / minB) : 1);
@@ -179,11 +187,11 @@ strip.onmousemove = ev => {
   const i = who[2 * p], k = who[2 * p + 1], lines = [];
   if (k < 0) {
     lines.push(T.name[i], `not routed: read whenever layer ${T.layer[i] >= 0 ? T.layer[i] : "-"} runs`);
-    lines.push(`${D.files[T.file[i]].name}  ${hex(T.off[i])}..${hex(T.off[i] + T.size[i])}  ${fmtBytes(T.size[i])}`);
+    lines.push(`${D.files[T.file[i]].name}  ${span(T.off[i], T.size[i])}`);
   } else {
     const e = eid(i, k), a = D.acts[T.row[i] * D.E + e], s0 = sliceStart(i, k);
-    lines.push(`${T.name[i]}[${k}]`, `layer ${T.layer[i]}  expert ${e}  activations ${a}`, `bytes read ${fmtBytes(a * T.slice[i])}`);
-    lines.push(`${D.files[T.file[i]].name}  ${hex(s0)}..${hex(s0 + T.slice[i])}  ${fmtBytes(T.slice[i])}`);
+    lines.push(`${vlabel()}${T.name[i]}[${k}]`, `layer ${T.layer[i]}  expert ${e}  activations ${a}`, `bytes read ${fmtBytes(a * T.slice[i])}`);
+    lines.push(`${D.files[T.file[i]].name}  ${span(s0, T.slice[i])}`);
   }
   if (count[p] > 1) lines.push(`(+${count[p] - 1} more bars in this pixel: zoom in)`);
   showTip(ev, lines.join("\n"));
@@ -243,6 +251,15 @@ legend("heat-legend", t => lut(VIRIDIS, t));
 legend("strip-legend", t => lut(VIRIDIS, 0.08 + 0.92 * t));
 legend("diff-legend", t => divColor(2 * t - 1, 1));
 document.querySelectorAll(".sw[data-c]").forEach(s => { s.style.background = rgb(s.dataset.c === "grey" ? GREY : DENSE); });
-render();
+function setView(i) {  // show trace i: its maps, curves, cards and tables
+  cur = i; const v = views[i];
+  D.acts = v.acts; D.rowActs = v.rowActs; D.curves = v.curves;
+  document.querySelectorAll(".view[data-view]").forEach(b => { b.style.display = b.dataset.view === String(i) ? "" : "none"; });
+  document.querySelectorAll(".vname").forEach(s => { s.textContent = " \u2014 " + v.label; });
+  document.body.dataset.shown = String(i);
+  rescale(); render();
+}
+const viewSel = document.getElementById("view");
+if (viewSel && views.length > 1) { viewSel.onchange = () => setView(+viewSel.value); setView(0); } else render();
 let rt = null; window.addEventListener("resize", () => { clearTimeout(rt); rt = setTimeout(render, 150); });
 })();

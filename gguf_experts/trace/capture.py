@@ -99,6 +99,7 @@ class CaptureResult:
     records: int
     seconds: float
     interrupted: bool
+    stopped_at_eog: int = 0  # sequences whose decode ended at an end-of-generation token before n_predict
 
     @property
     def tokens_per_s(self) -> float:
@@ -139,7 +140,7 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
     texts = list(prompts)
     if not texts:
         raise InputError("no prompts given: pass at least one non-empty prompt")
-    seqs = prefill = decode = 0
+    seqs = prefill = decode = eog = 0
     interrupted = False
     rec = Recorder(out, weights=weights, meta={"n_predict": n_predict, "prompts": len(texts), **(meta or {})})
     with _StopOnSigint() as stop, rec:
@@ -174,9 +175,10 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
                 seqs += 1
                 prefill += len(toks)
                 decode += len(new)
+                eog += len(new) < min(n_predict, n_ctx - len(toks)) and not stop.stop
             interrupted = stop.stop
         except KeyboardInterrupt:
             interrupted = True
     records = getattr(rec.sink, "records_written", 0)
     return CaptureResult(Path(out), seqs, prefill + decode, prefill, decode, records, time.perf_counter() - t0,
-                         interrupted)
+                         interrupted, eog)

@@ -84,6 +84,9 @@ def decode_header(raw: bytes, where: str) -> TraceHeader:
         if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
             raise TraceFormatError(f"{where}: truncated trace header ({len(raw)} bytes); "
                                    "the capture died before writing it, capture again")
+        if raw.startswith((b"# token_id", b"seq,phase,")):  # the CSV expert log convert writes and reads
+            raise TraceFormatError(f"{where}: is a CSV expert log, not a trace; convert it first: gguf-experts "
+                                   f"convert {where} trace.bin --model MODEL.gguf, then pass trace.bin")
         raise TraceFormatError(f"{where}: not a gguf-experts trace (bad magic {raw[:8]!r}); "
                                "pass a trace.bin written by `gguf-experts capture`")
     if len(raw) < _HEADER_PREFIX.size:

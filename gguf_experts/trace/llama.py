@@ -121,8 +121,9 @@ class TracedLlama:
         self.tokens_done = 0
 
     # -- driving -----------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        raw = text.encode("utf-8")
+    def tokenize(self, text: str | bytes, add_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (str, or UTF-8 bytes as llama-cpp-python's Llama.tokenize takes)."""
+        raw = bytes(text) if isinstance(text, (bytes, bytearray)) else text.encode("utf-8")
         cap = len(raw) + 8
         buf = (self.lc.llama_token * cap)()
         n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, False)
@@ -241,12 +242,12 @@ class TracedLlama:
         row = np.ctypeslib.as_array(p, shape=(self.n_vocab,))
         return int(np.argmax(row))
 
-    def generate(self, prompt: str | Sequence[int], n_predict: int = 32, ignore_eos: bool = False,
+    def generate(self, prompt: str | bytes | Sequence[int], n_predict: int = 32, ignore_eos: bool = False,
                  new_sequence: bool = True, logits: str = "last",
                  progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[int]:
         """Prefill the prompt (fresh sequence), then greedy-decode up to n_predict tokens one by one."""
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        toks = self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
         if not toks:
             raise InputError("empty prompt: nothing to evaluate")
         if new_sequence:

@@ -1,5 +1,10 @@
-"""Open an HTML report in headless Chromium and take its screenshot, over the DevTools protocol on a pipe.
+"""Test helper: open an HTML report in headless Chromium over the DevTools protocol on a pipe, hover, zoom,
+read console errors and network requests, take a screenshot.
 
+Why this small client lives in tests/ and not Playwright: the product's ``report --screenshot`` needs no
+driver (Chromium's own ``--headless --screenshot``), so only the browser test needs one, and Playwright's
+Python package would add a ~40 MB wheel with a bundled Node.js driver, pinned to browser builds it expects,
+to drive the system Chromium for two tests.
 Why a hand-written client: ``--remote-debugging-pipe`` speaks NUL-delimited JSON on fds 3/4, so the standard
 library suffices (no selenium/playwright, no websocket, no port). It records what a person would notice:
 console errors, uncaught exceptions and every network request the page makes (a self-contained report
@@ -21,26 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import GGUFExpertsError
+from gguf_experts.reporters.screenshot import BrowserError, find_chromium
 
-CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "chromium", "chromium-browser", "google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
          "--disable-component-update", "--disable-sync", "--disable-default-apps", "--mute-audio",
          "--hide-scrollbars", "--remote-debugging-pipe"]
-
-
-class BrowserError(GGUFExpertsError):
-    """Chromium is missing, did not start, or did not answer in time."""
-
-
-def find_chromium() -> str | None:
-    """Path of a Chromium binary, $GGUF_EXPERTS_CHROMIUM first."""
-    env = os.environ.get("GGUF_EXPERTS_CHROMIUM")
-    for c in ([env] if env else []) + list(CANDIDATES):
-        p = shutil.which(c) if not os.path.isabs(c) else (c if os.access(c, os.X_OK) else None)
-        if p:
-            return p
-    return None
 
 
 @dataclass
