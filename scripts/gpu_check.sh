@@ -16,6 +16,8 @@
 # Results: $OUT/build.log, $OUT/results.tgz (traces as detail CSVs, comparisons, bench output); the
 # console output is the summary (tee it into $OUT/log). Exit code 1 when any comparison differs.
 set -euo pipefail
+# BIG=1: the check at real model size instead (issue 11): scripts/gpu_big.sh, prepared by scripts/gpu_prepare_big.sh
+if [ "${BIG:-0}" = 1 ]; then exec bash "$(dirname "$0")/gpu_big.sh"; fi
 SDIST=${1:-.gpu/llama_cpp_python}
 WHL=${2:-.gpu/whl}
 OUT=${OUT:-/tmp/gpu-check-out}
