@@ -124,6 +124,7 @@ def test_html_sections(report: tuple[ReportInput, str]) -> None:
             ref = dict(zip(lru["cap"], lru["hit"]))
             assert all(h >= ref[c] - 1e-9 for c, h in zip(s["cap"], s["hit"]))
     assert "Working sets" in text and "Hottest and never-used experts" in text
+    assert "(memory traffic), not disk reads" in text  # what the byte heat means, and no more
     assert "Difference: code vs chat" in text and f"{inp.diff.overall:.4f}" in text
     # the never-used table names expert COLD of layer 1
     never = re.search(r"<b>Never used</b>(.*?)</table>", text, re.DOTALL).group(1)
