@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from .errors import GGUFFormatError
 from .gguf_file import GGUF_MAGIC, SCALAR_FORMATS, GGUFHeader, ValueType, _Parser
+from .gguf_writer import Encoder
 
 COPY_CHUNK = 64 << 20  # bytes per copy call: big enough for throughput, small enough for a smooth progress bar
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
@@ -40,48 +40,24 @@ def source_kv_entries(header: GGUFHeader) -> dict[str, bytes]:
     return out
 
 
-class _Enc:
-    """Just enough encoding for the keys a derived model changes or adds."""
-
-    def __init__(self, bo: str) -> None:
-        self.bo = bo
-        self.parts: list[bytes] = []
-
-    def pack(self, code: str, v: Any) -> None:
-        self.parts.append(struct.pack(self.bo + code, v))
-
-    def string(self, s: str) -> None:
-        raw = s.encode("utf-8")
-        self.pack("Q", len(raw))
-        self.parts.append(raw)
-
-    def bytes(self) -> bytes:
-        return b"".join(self.parts)
-
-
 def encode_kv(key: str, vtype: ValueType, value: Any, byteorder: str = "<",
               element_type: ValueType | None = None) -> bytes:
     """One metadata entry: a scalar or string, or an array of scalars (numpy-converted) or strings."""
-    e = _Enc(byteorder)
+    e = Encoder(byteorder)
     e.string(key)
     e.pack("I", int(vtype))
-    if vtype in SCALAR_FORMATS:
-        e.pack(SCALAR_FORMATS[vtype][0], value)
-    elif vtype == ValueType.STRING:
-        e.string(str(value))
-    elif vtype == ValueType.ARRAY:
+    if vtype == ValueType.ARRAY:
         if element_type is None:
             raise ValueError(f"{key}: an array needs its element type")
         items = list(value)
-        e.pack("I", int(element_type))
-        e.pack("Q", len(items))
         if element_type in SCALAR_FORMATS:
-            e.parts.append(np.asarray(items).astype(byteorder + SCALAR_FORMATS[element_type][1]).tobytes())
+            e.array((element_type, np.asarray(items)))
         elif element_type == ValueType.STRING:
-            for s in items:
-                e.string(str(s))
+            e.array((element_type, [str(s) for s in items]))
         else:
             raise ValueError(f"{key}: arrays of {element_type!r} are not written here")
+    elif vtype in SCALAR_FORMATS or vtype == ValueType.STRING:
+        e.value(vtype, str(value) if vtype == ValueType.STRING else value)
     else:
         raise ValueError(f"{key}: value type {vtype!r} is not written here")
     return e.bytes()
@@ -105,7 +81,7 @@ def encode_header(kv_entries: Sequence[bytes], tensors: Sequence[TensorEntry], a
                   version: int = 3, byteorder: str = "<") -> tuple[bytes, list[int], int]:
     """Header bytes, each tensor's data-relative offset (tensor order, each aligned as libggml's loader
     expects) and the data section's start."""
-    e = _Enc(byteorder)
+    e = Encoder(byteorder)
     e.parts.append(GGUF_MAGIC)
     e.pack("I", version)
     e.pack("Q", len(tensors))

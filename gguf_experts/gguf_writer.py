@@ -66,7 +66,9 @@ _NP_TO_VT = {"u1": ValueType.UINT8, "i1": ValueType.INT8, "u2": ValueType.UINT16
              "i8": ValueType.INT64, "f8": ValueType.FLOAT64, "b1": ValueType.BOOL}
 
 
-class _Enc:
+class Encoder:
+    """GGUF value encoding in one byte order (the header writers here and in gguf_stream share it)."""
+
     def __init__(self, bo: str) -> None:
         self.bo = bo
         self.parts: list[bytes] = []
@@ -116,7 +118,7 @@ class _Enc:
 def encode_header(kv: dict[str, Any], tensors: Sequence[TensorSpec], alignment: int = 32, version: int = 3,
                   byteorder: str = "<", offsets: Sequence[int] | None = None) -> tuple[bytes, list[int], int]:
     """Header bytes, each tensor's data-relative offset, and the data section's start."""
-    e = _Enc(byteorder)
+    e = Encoder(byteorder)
     e.parts.append(b"GGUF")
     e.pack("I", version)
     e.pack("Q", len(tensors))

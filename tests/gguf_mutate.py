@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from gguf_experts.gguf_file import LazyArray, ValueType, read_header
-from gguf_experts.gguf_writer import _Enc
+from gguf_experts.gguf_writer import Encoder
 
 DROP = object()
 
@@ -42,7 +42,7 @@ def rewrite(src: Path, dst: Path, changes: dict[str, Any] | None = None,
             items.append((key, _typed(h.kv_types[key], v)))
     items += [(k, v) for k, v in changes.items() if k not in h.kv and v is not DROP]
     items += [(k, (vt, v)) for k, vt, v in (extra or [])]
-    e = _Enc(h.byteorder)
+    e = Encoder(h.byteorder)
     e.parts.append(b"GGUF")
     e.pack("I", h.version)
     e.pack("Q", len(h.tensors))
