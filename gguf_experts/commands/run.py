@@ -22,11 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", action="store_true",
                    help="also record the gate weights the model applies (the last weight stage)")
     p.add_argument("--mode", choices=("callback", "keepalive"),
-                   default=os.environ.get("GGUF_EXPERTS_MODE") or "callback",
-                   help="how the tracer gets the data: an eval callback per MoE layer (default; a graph split and "
-                        "sync per layer: 28%% of decode on a GPU), or keeping each layer's top-k alive and reading "
-                        "it once per ubatch (no splits: 1.9%% on a GPU; not yet for gpt-oss --weights); "
-                        "env GGUF_EXPERTS_MODE")
+                   default=os.environ.get("GGUF_EXPERTS_MODE") or "keepalive",
+                   help="how the tracer gets the data: keeping each layer's top-k alive and reading it once per "
+                        "ubatch (default; no graph splits: 1.9%% of decode on a GPU), or an eval callback per MoE "
+                        "layer (a graph split and sync per layer: 28%% on a GPU); env GGUF_EXPERTS_MODE")
     p.add_argument("--print-preload", action="store_true",
                    help="build the tracer if needed and print its path (for LD_PRELOAD), then exit")
     p.add_argument("--finalize", metavar="TRACE.bin",

@@ -205,7 +205,7 @@ _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # what a terminal sends its foreground group
 
 
-def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = False, mode: str = "callback",
+def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = False, mode: str = "keepalive",
            lib: Path | None = None) -> RunResult:
     """Run ``argv`` with the tracer preloaded; forward SIGINT/SIGTERM/SIGHUP/SIGQUIT; finalise the trace.
 

@@ -84,9 +84,10 @@ __attribute__((constructor)) static void ggexp_init(void) {
     const char *w = getenv("GGUF_EXPERTS_WEIGHTS");
     g_weights = w && *w && strcmp(w, "0") != 0;
     const char *m = getenv("GGUF_EXPERTS_MODE");
-    g_keepalive = m && strcmp(m, "keepalive") == 0;
-    if (m && *m && !g_keepalive && strcmp(m, "callback") != 0)
-        say("gguf-experts: GGUF_EXPERTS_MODE=%s is not callback or keepalive; using callback\n", m, NULL);
+    /* keep-alive by default: no graph splits, and the backend fuses as untraced (docs/run.md, "Modes") */
+    g_keepalive = !(m && strcmp(m, "callback") == 0);
+    if (m && *m && strcmp(m, "keepalive") != 0 && strcmp(m, "callback") != 0)
+        say("gguf-experts: GGUF_EXPERTS_MODE=%s is not callback or keepalive; using keepalive\n", m, NULL);
     const char *c = getenv("GGUF_EXPERTS_COST");
     g_cost_probe = !c || !*c ? 0 : strcmp(c, "noop") == 0 ? COST_NOOP : strcmp(c, "flags") == 0 ? COST_FLAGS : 0;
     rdlsym();

@@ -73,17 +73,10 @@ static void flag_graph(struct sched_st *s, void *gf) {
                 if (what > 0 && what - 1 > last_stage[layer]) last_stage[layer] = what - 1;
                 continue;
             }
-            if (what > 0 && last_stage[layer] == 1 && !g_failed) {
-                /* Known defect: for architectures whose applied weights are a softmax over the selected logits
-                 * (gpt-oss: ffn_moe_weights_softmax) keep-alive reads the pre-softmax values (found in testing,
-                 * not yet understood). Refuse rather than write wrong weights. */
-                say("gguf-experts: --weights in keepalive mode cannot read this architecture's softmax gate "
-                    "weights (%s); rerun with --mode callback. Stopped tracing.\n", t->name, NULL);
-                g_failed = 1;
-                return;
-            }
             if (what > 0 && what - 1 != last_stage[layer]) continue;
-            struct gt *keep = what == 0 && t->view_src ? t->view_src : t;
+            /* a named node may be a view (ffn_moe_topk of the argsort; gpt-oss's ffn_moe_weights_softmax is a
+             * reshape of the unnamed softmax): keep its source alive, or its memory is reused */
+            struct gt *keep = t->view_src ? t->view_src : t;
             if (s && !(keep->flags & FLAG_OUTPUT)) { /* ours to clear again before the compute */
                 size_t capf = (size_t)s->cap_flagged;
                 struct gt **f = grow(s->flagged, &capf, (size_t)s->n_flagged + 1, sizeof *f);
