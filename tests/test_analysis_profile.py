@@ -114,6 +114,10 @@ def test_profile_refuses_bad_input(setup, tmp_path, run_cli):
     bad.write_text('{"prompt": "x"}\nnot json\n')
     r = run_cli("profile", model, "--jsonl", bad, "-o", tmp_path / "n.json", "--no-progress", "-t", "1")
     assert r.rc == 2 and "bad.jsonl:2" in r.err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    r = run_cli("profile", model, "--jsonl", empty, "-o", tmp_path / "e.json", "--no-progress", "-t", "1")
+    assert r.rc == 2 and "no records" in r.err and not (tmp_path / "e.json").exists()
 
 
 @pytest.mark.parametrize("fmt", ["json", "table"])

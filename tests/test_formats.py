@@ -81,6 +81,7 @@ def test_count_round_trip(run_cli, tiny, tmp_path, fmt, name):
     out = tmp_path / name
     r = run_cli("stats", tiny["trace"], "--model", tiny["model"], "--format", fmt, "-o", out)
     assert r.rc == 0, r.err
+    assert f"wrote {out}" in r.err  # a person learns where the file went
     assert detect_format(out) == fmt
     a = counts_of(read_trace(tiny["trace"]))
     b = load_counts(out, tiny["model"])

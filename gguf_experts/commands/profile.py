@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_target(args.output)  # fail before the run, not at the first checkpoint
     texts = jsonl_texts(args.jsonl)
+    if not texts:
+        raise InputError(f"{args.jsonl}: no records (empty, or only blank lines); nothing to profile")
     fp = model_fingerprint(args.model)
     acc = _start(args, fp)
     end = len(texts) if args.limit is None else min(len(texts), args.limit)

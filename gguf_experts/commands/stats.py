@@ -18,7 +18,7 @@ from ..fingerprint import ModelFingerprint
 from ..formats import COUNT_WRITERS, ExpertCounts, Input, write_counts
 from ..formats.rtrace import near_ties
 from ..formats.write import count_text
-from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, write_text
+from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, say_wrote, write_text
 from ._trace_input import add_trace_arguments, expert_bytes, open_any
 from ._types import at_least
 
@@ -85,6 +85,7 @@ def _write_counts(args: argparse.Namespace, inp: Input, acc: StatsAccumulator, f
         raise InputError("--format imatrix writes a GGUF file: give -o FILE.gguf (and --model)")
     if args.output:
         write_counts(args.format, out, args.output, model=args.model)
+        say_wrote(args.output, args.format)
     else:
         write_text(count_text(args.format, out), None)
 
