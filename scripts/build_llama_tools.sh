@@ -6,13 +6,19 @@
 #
 #     bash scripts/build_llama_tools.sh            # prints the bin directory on its last line
 #
-# Cache: ${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-<version>}; a second
+# Flags: the same as the llama-cpp-python wheel's (gguf_experts/native_build.py): -march=native without ggml's AMX
+# path, which dies by SIGILL on some AMX hosts (llama.cpp #28756). Cache:
+# ${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-<version>-<hash of the flags>}; a second
 # run finds the binaries and returns at once. About 10 minutes on 2 cores the first time. No network beyond
 # the package registry (pip download of the sdist; pip's cache keeps it); the web UI is not fetched.
 set -euo pipefail
 PY=${PY:-python3}
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')}
-ROOT=${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-$VERSION}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+NB="$PY $HERE/gguf_experts/native_build.py"
+KEY=$($NB key "$VERSION")
+ROOT=${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-$KEY}
+eval "NATIVE_ARGS=($($NB cmake-args))"
 TARGETS=${TARGETS:-llama-server llama-cli llama-imatrix llama-bench}
 BIN=$ROOT/build/bin
 have_all() { for t in $TARGETS; do [ -x "$BIN/$t" ] || return 1; done; }
@@ -34,7 +40,7 @@ jobs=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 {
   cmake -S "$SRC" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON "${NATIVE_ARGS[@]}"
   # shellcheck disable=SC2086
   cmake --build "$ROOT/build" -j "$jobs" --target $TARGETS
 } >"$ROOT/build.log" 2>&1 || { tail -30 "$ROOT/build.log" >&2; echo "build failed; log: $ROOT/build.log" >&2; exit 1; }

@@ -1,0 +1,132 @@
+"""Build llama.cpp for the CPU it runs on, without ggml's AMX path (stdlib only: it runs before the install).
+
+Why: on Intel hosts under a hypervisor that list ``amx_tile amx_int8`` (the kind our CI runs on), llama.cpp built
+with ``-march=native`` dies by SIGILL (``tilezero`` in ggml-cpu's AMX matmul, llama.cpp #28756) on the first
+quantized matmul. ggml compiles that path only when the compiler defines ``__AMX_INT8__``, so we keep
+``-march=native`` (AVX2, AVX-512, VNNI... as the host has them) and add ``-mno-amx-*`` for each AMX feature the
+compiler would enable. On a host without AMX the list is empty and the build is the stock native one, flag for flag.
+
+pip's wheel cache is keyed by the sdist's URL, not by CMAKE_ARGS, so a natively built wheel already in the cache
+would be reused silently. We therefore build into our own wheelhouse whose directory name is a hash of the flags
+(and compiler, Python, llama-cpp-python version), and install from there with ``--no-index``.
+
+    python3 gguf_experts/native_build.py install        # build (once per flag set) and install into this Python
+    python3 gguf_experts/native_build.py cmake-args     # the flags, for scripts/build_llama_tools.sh
+    python3 gguf_experts/native_build.py key            # the wheelhouse / tools cache key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+"""The llama-cpp-python release we build and test against (its vendored llama.cpp is our oracle)."""
+
+_AMX_MACRO = re.compile(r"#define __(AMX_[A-Z0-9_]+)__ 1")
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+
+
+def amx_off_flags(compiler: str | None = None) -> list[str]:
+    """``-mno-amx-*`` for every AMX feature that ``-march=native`` turns on here (empty on hosts without AMX)."""
+    cc = compiler or _compiler()
+    try:
+        out = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # not an x86 gcc/clang: nothing we know to turn off
+    feats = sorted(m.group(1).lower().replace("_", "-") for m in _AMX_MACRO.finditer(out))
+    return [f"-mno-{f}" for f in feats]
+
+
+def cmake_args(compiler: str | None = None) -> list[str]:
+    """CMake arguments for a native build without AMX (the same for the wheel and for llama.cpp's own tools)."""
+    args = ["-DGGML_NATIVE=ON"]
+    off = " ".join(amx_off_flags(compiler))
+    if off:
+        args += [f"-DCMAKE_C_FLAGS={off}", f"-DCMAKE_CXX_FLAGS={off}"]
+    return args
+
+
+def _compiler_id(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return cc
+
+
+def build_key(version: str = LLAMA_CPP_PYTHON_VERSION) -> str:
+    """Names a build: llama-cpp-python version + a hash of the flags, compiler and Python that made it."""
+    cc = _compiler()
+    ident = "\n".join([version, *cmake_args(cc), _compiler_id(cc), f"py{sys.version_info[0]}.{sys.version_info[1]}",
+                       os.uname().machine])
+    return f"{version}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gguf-experts"
+
+
+def wheelhouse(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    return cache_root() / "wheels" / f"llama-cpp-python-{build_key(version)}"
+
+
+def _pip(*args: str, env: dict[str, str] | None = None) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    print("+", shlex.join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def build_wheel(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """The wheel for this flag set, built from the sdist the first time (~10 min on 2 cores), then found."""
+    house = wheelhouse(version)
+    found = sorted(house.glob("llama_cpp_python-*.whl"))
+    if found:
+        return found[-1]
+    tmp = house.with_name(house.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = dict(os.environ, CMAKE_ARGS=" ".join(shlex.quote(a) for a in cmake_args()))
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    # --no-cache-dir: never take (or leave) a wheel in pip's URL-keyed cache; ours is keyed by the flags.
+    _pip("wheel", "-q", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", "-w", str(tmp),
+         f"llama-cpp-python=={version}", env=env)
+    tmp.rename(house) if not house.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(house.glob("llama_cpp_python-*.whl"))[-1]
+
+
+def install(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """Install the flag-keyed wheel into this Python, replacing whatever llama-cpp-python was there."""
+    wheel = build_wheel(version)
+    _pip("install", "-q", "--force-reinstall", "--no-deps", str(wheel))
+    _pip("install", "-q", str(wheel))  # its own dependencies (numpy, jinja2, ...), nothing rebuilt
+    return wheel
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    what = args[0] if args else "install"
+    if what == "install":
+        print(f"llama-cpp-python installed from {install()}", file=sys.stderr)
+    elif what == "cmake-args":
+        print(shlex.join(cmake_args()))
+    elif what == "key":
+        print(build_key(args[1] if len(args) > 1 else LLAMA_CPP_PYTHON_VERSION))
+    elif what == "wheelhouse":
+        print(wheelhouse())
+    else:
+        print(f"native_build: unknown action {what!r}; use install, cmake-args, key or wheelhouse", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
