@@ -103,9 +103,31 @@ def build_wheel(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     return sorted(house.glob("llama_cpp_python-*.whl"))[-1]
 
 
+def installed_matches(wheel: Path) -> bool:
+    """Whether this Python's llama_cpp holds exactly the wheel's shared libraries (byte for byte)."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return False
+    root = Path(spec.origin).parent.parent
+    with zipfile.ZipFile(wheel) as z:
+        libs = [n for n in z.namelist() if n.startswith("llama_cpp/") and ".so" in n]
+        for name in libs:
+            f = root / name
+            if not f.is_file() or f.stat().st_size != z.getinfo(name).file_size:
+                return False
+            if hashlib.sha256(f.read_bytes()).digest() != hashlib.sha256(z.read(name)).digest():
+                return False
+    return bool(libs)
+
+
 def install(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """Install the flag-keyed wheel into this Python, replacing whatever llama-cpp-python was there."""
+    """Install the flag-keyed wheel into this Python, replacing any other llama-cpp-python build there."""
     wheel = build_wheel(version)
+    if installed_matches(wheel):
+        return wheel
     _pip("install", "-q", "--force-reinstall", "--no-deps", str(wheel))
     _pip("install", "-q", str(wheel))  # its own dependencies (numpy, jinja2, ...), nothing rebuilt
     return wheel

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from ..crash import describe_signal
 from ..errors import InputError
 
 NAME = "run"
@@ -48,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     res = tracer.launch(argv, args.output, weights=args.weights, mode=args.mode)
+    if res.signal is not None:
+        lost = "" if res.written else "; no trace written"
+        sys.stderr.write(f"gguf-experts: {describe_signal(res.signal, argv[0])}{lost}; exit status {res.returncode}\n")
     if res.written and res.header is not None:
         seqs = len(res.header.meta.get("sequences") or [])
         sys.stderr.write(f"gguf-experts: trace {res.trace} ({seqs} sequences, model "
                          f"{res.header.meta.get('model')}); program exit status {res.returncode}\n")
-    else:
+    elif res.signal is None:
         sys.stderr.write(f"gguf-experts: no trace written: {argv[0]} decoded no Mixture-of-Experts model through "
                          "a shared libllama (a static build, or not a llama.cpp program? see docs/run.md); "
                          f"program exit status {res.returncode}\n")

@@ -65,6 +65,9 @@ def load_llama_cpp() -> ModuleType:
     with _lib_lock:
         if _llama_cpp is not None:
             return _llama_cpp
+        from .preflight import ensure_runs
+
+        ensure_runs()  # a llama.cpp that dies by SIGILL here would take this process with it
         try:
             import llama_cpp
         except ImportError as e:

@@ -187,6 +187,7 @@ class RunResult:
     trace: Path
     written: bool  # the program loaded a MoE model and the trace exists
     header: TraceHeader | None
+    signal: int | None = None  # the signal that ended the program, if one did
 
 
 def preload_env(lib: Path, trace: Path, weights: bool, mode: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -240,11 +241,12 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = F
         for sig, handler in old.items():
             signal.signal(sig, handler)
     rc = os.waitstatus_to_exitcode(status)
+    sig = -rc if rc < 0 else None
     rc = 128 - rc if rc < 0 else rc
     header = None
     if out.exists() and out.stat().st_size > 0:
         header = finalize(out, {"command": list(argv)})
-    return RunResult(rc, out, header is not None, header)
+    return RunResult(rc, out, header is not None, header, sig)
 
 
 def _terminal_sent(sig: int, pid: int) -> bool:
