@@ -241,12 +241,12 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = F
         for sig, handler in old.items():
             signal.signal(sig, handler)
     rc = os.waitstatus_to_exitcode(status)
-    sig = -rc if rc < 0 else None
+    killed_by = -rc if rc < 0 else None
     rc = 128 - rc if rc < 0 else rc
     header = None
     if out.exists() and out.stat().st_size > 0:
         header = finalize(out, {"command": list(argv)})
-    return RunResult(rc, out, header is not None, header, sig)
+    return RunResult(rc, out, header is not None, header, killed_by)
 
 
 def _terminal_sent(sig: int, pid: int) -> bool:
