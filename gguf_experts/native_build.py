@@ -36,11 +36,11 @@ def _compiler() -> str:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
 
 
-def amx_off_flags(compiler: str | None = None) -> list[str]:
-    """``-mno-amx-*`` for every AMX feature that ``-march=native`` turns on here (empty on hosts without AMX)."""
+def amx_off_flags(compiler: str | None = None, march: str = "native") -> list[str]:
+    """``-mno-amx-*`` for every AMX feature that ``-march=MARCH`` turns on (empty on hosts without AMX)."""
     cc = compiler or _compiler()
     try:
-        out = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
+        out = subprocess.run([cc, f"-march={march}", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
                              text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []  # not an x86 gcc/clang: nothing we know to turn off

@@ -1,0 +1,44 @@
+"""The llama.cpp build flags (issue 16): AMX off exactly where the compiler would turn it on, nothing else."""
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+
+from gguf_experts import native_build
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None,
+                                reason="x86-64 flags, checked with the system C compiler")
+
+
+def test_no_flags_for_a_cpu_without_amx() -> None:
+    """On a host without AMX the build is the stock native one: no flag added."""
+    assert native_build.amx_off_flags(march="x86-64-v4") == []
+    assert native_build.amx_off_flags(march="skylake-avx512") == []
+
+
+def test_amx_features_turned_off_for_an_amx_cpu() -> None:
+    flags = native_build.amx_off_flags(march="sapphirerapids")
+    assert {"-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"} <= set(flags)
+    assert all(f.startswith("-mno-amx-") for f in flags)
+
+
+def test_the_flags_silence_ggml_amx_guard() -> None:
+    """ggml compiles its AMX matmul under `__AMX_INT8__ && __AVX512VNNI__`: with our flags the first is gone,
+    the AVX-512 features stay."""
+    import subprocess
+
+    flags = native_build.amx_off_flags(march="sapphirerapids")
+    out = subprocess.run(["cc", "-march=sapphirerapids", *flags, "-dM", "-E", "-x", "c", "-"], input="",
+                         capture_output=True, text=True, check=True).stdout
+    assert "__AMX_INT8__" not in out and "__AVX512VNNI__" in out and "__AVX512F__" in out
+
+
+def test_cmake_args_and_key_follow_the_flags() -> None:
+    args = native_build.cmake_args()
+    assert args[0] == "-DGGML_NATIVE=ON"
+    off = native_build.amx_off_flags()
+    assert (len(args) == 3) == bool(off)
+    assert native_build.build_key().startswith(native_build.LLAMA_CPP_PYTHON_VERSION + "-")
+    assert native_build.build_key("0.3.35") != native_build.build_key()
