@@ -3,9 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from .errors import GGUFExpertsError  # noqa: E402
-
-__all__ = ["GGUFExpertsError", "Recorder", "capture", "__version__"]
+__all__ = ["Recorder", "capture", "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -13,5 +11,5 @@ def __getattr__(name: str) -> object:
     if name in ("Recorder", "capture"):
         import importlib
 
-        return getattr(importlib.import_module(f"{__name__}.trace.capture"), name)
+        return getattr(importlib.import_module(f"{__name__}.trace.live.capture"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,13 +13,37 @@ import importlib
 import pkgutil
 import sys
 import warnings
-from types import ModuleType
-from typing import Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Protocol, Sequence, cast
 
 from . import __version__
 from .errors import GGUFExpertsError
 
 PROG = "gguf-experts"
+
+
+class Command(Protocol):
+    """What a module of gguf_experts/commands/ is (mypy checks every one against it, see _REGISTRY below).
+    Optional: ``ORDER: int`` (place in the overview, default 100) and ``DESCRIPTION: str`` (--help text)."""
+
+    NAME: str  # the command name: the file name with - for _
+    HELP: str  # one line for the overview
+
+    def add_arguments(self, parser: argparse.ArgumentParser, /) -> None: ...
+
+    def run(self, args: argparse.Namespace, /) -> int: ...
+
+
+if TYPE_CHECKING:  # for mypy only: commands are imported one at a time at run time (start-up is paid per call);
+    # tests/test_architecture.py checks that this lists every file in gguf_experts/commands/.
+    from .commands import (
+        cache_sim, capture, check_overlaps, convert, demo, diff, dump, join_trace, make_model, pins, profile, prune,
+        report, reuse, run, stats,
+    )
+
+    _REGISTRY: tuple[Command, ...] = (
+        cache_sim, capture, check_overlaps, convert, demo, diff, dump, join_trace, make_model, pins, profile, prune,
+        report, reuse, run, stats,
+    )
 
 
 def command_modules() -> dict[str, str]:
@@ -30,13 +54,16 @@ def command_modules() -> dict[str, str]:
             for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_")}
 
 
-def _commands(argv: Sequence[str]) -> list[ModuleType]:
+def _load(module: str) -> Command:
+    return cast(Command, importlib.import_module(module))  # each is checked by mypy through _REGISTRY
+
+
+def _commands(argv: Sequence[str]) -> list[Command]:
     """The command modules the parser needs: the one named first in argv, else all of them (sorted)."""
     names = command_modules()
     if argv and argv[0] in names:
-        return [importlib.import_module(names[argv[0]])]
-    mods = [importlib.import_module(m) for m in names.values()]
-    mods = [m for m in mods if hasattr(m, "NAME") and hasattr(m, "run")]
+        return [_load(names[argv[0]])]
+    mods = [_load(m) for m in names.values()]
     mods.sort(key=lambda m: getattr(m, "ORDER", 100))
     return mods
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from .analysis.diff import ShareDiff, diff_frames, share_diff
 from .errors import ModelMismatchError
-from .fingerprint import ModelFingerprint, check_same_model
-from .formats import Input, open_input
-from .join import join
-from .prune_map import original_input
+from .gguf.fingerprint import ModelFingerprint, check_same_model
+from .formats.load import Input, open_input
+from .heat import join
+from .gguf.expert_ids import original_input
 
 
 def _source(path: str | os.PathLike[str], model: str | None) -> Any:

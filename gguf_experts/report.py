@@ -16,11 +16,11 @@ import pandas as pd
 from .analysis.diff import diff_frames
 from .atomic import atomic_group, atomic_path, resolve_target
 from .errors import InputError, OutputError
-from .formats import ExpertCounts
-from .gguf_file import Model, open_model
-from .join import HeatResult, join
-from .layout import byte_map
-from .prune_map import to_original
+from .formats.counts import ExpertCounts
+from .gguf.reader import Model, open_model
+from .heat import HeatResult, join
+from .gguf.layout import byte_map
+from .gguf.expert_ids import to_original
 from .reporters.html import ReportInput, TraceView, write_html
 from .trace.format import TraceData
 from .trace.reader import iter_trace_chunks, read_trace
@@ -34,7 +34,7 @@ Loaded = str | os.PathLike[str] | TraceData | ExpertCounts
 def load_inputs(paths: Sequence[str], model: str | Model) -> list[Loaded]:
     """Each input as report takes it: a trace.bin stays a path (streamed), another tool's ordered log is read
     into a TraceData, a count-only file (imatrix, tracer/REAP JSON) becomes ExpertCounts."""
-    from .formats import detect_format, load_counts, load_trace
+    from .formats.load import detect_format, load_counts, load_trace
     from .formats.load import FORMATS
 
     out: list[Loaded] = []
@@ -61,8 +61,8 @@ def _name(trace: Loaded, i: int) -> str:
 def cache_tables(trace: TraceSource, heat: HeatResult, opt: bool = True, opt_max_rows: int = OPT_MAX_ROWS,
                  model: Model | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(miss-ratio curves: LRU and OPT at every capacity, one pass each; working sets; notes) of one trace."""
-    from .analysis.cache import LayerLRU
-    from .analysis.opt import opt_curves
+    from .analysis.cache.cache import LayerLRU
+    from .analysis.cache.opt import opt_curves
 
     lru, rows, notes = None, 0, []
     chunks = [trace] if isinstance(trace, TraceData) else iter_trace_chunks(trace, weights=False)

@@ -146,5 +146,4 @@ def check_encodable(text: str, where: str) -> str:
     return text
 
 
-__all__ = ["InputError", "check_encodable", "check_field_counts", "decode_text", "iter_jsonl", "load_json", "loads",
-           "read_text"]
+__all__ = ["check_encodable", "check_field_counts", "decode_text", "iter_jsonl", "load_json", "loads", "read_text"]

@@ -23,10 +23,10 @@ from collections import OrderedDict
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate
-from gguf_experts.analysis.cachesim import CacheSimRequest, as_accesses, cache_sim
-from gguf_experts.analysis.opt import opt_curves
-from gguf_experts.analysis.policies import simulate_lfuda, simulate_s3fifo
+from gguf_experts.analysis.cache.cache import GlobalLRU, LayerLRU, simulate
+from gguf_experts.analysis.cache.cachesim import CacheSimRequest, as_accesses, cache_sim
+from gguf_experts.analysis.cache.opt import opt_curves
+from gguf_experts.analysis.cache.policies import simulate_lfuda, simulate_s3fifo
 from gguf_experts.analysis.stats import StatsAccumulator
 from gguf_experts.commands._trace_input import DEFAULT_CHUNK_ROWS
 
@@ -188,7 +188,7 @@ def end_to_end(t: dict[str, np.ndarray], L: int, M: int, k: int) -> None:
     import tempfile
 
     from gguf_experts.cli import main as cli
-    from gguf_experts.trace.format import ModelFingerprint
+    from gguf_experts.gguf.fingerprint import ModelFingerprint
     from gguf_experts.trace.writer import TraceWriter
 
     fp = ModelFingerprint("bench", L, M, k, "0" * 32, "0" * 32)

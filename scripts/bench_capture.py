@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_experts.tinymodel import make_tiny_model, quantize, write_float_model
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+from gguf_experts.demo.tinymodel import make_tiny_model, quantize, write_float_model
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.gguf.fingerprint import model_fingerprint
 from gguf_experts.trace.writer import TraceWriter
 
 PROMPT = "def fibonacci(n):\n    "

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
-from gguf_experts.trace.ggml_ctypes import load_llama_cpp
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.gguf.fingerprint import model_fingerprint
+from gguf_experts.trace.live.ggml_ctypes import load_llama_cpp
 from gguf_experts.trace.writer import TraceWriter
 
 _KEEP: list[Any] = []  # ctypes objects llama.cpp holds pointers to

@@ -4,7 +4,7 @@
 Generates synthetic traces in a temp dir (vectorised writer): a prefill-shaped one (many tokens per record)
 and a decode-shaped one (one token per record: many small records), then measures, each in its own
 subprocess so that peak RSS (ru_maxrss) belongs to that measurement alone:
-  ours: gguf_experts.join.count_chunks over iter_trace_chunks (streaming, vectorised, CRC-checked);
+  ours: gguf_experts.heat.count_chunks over iter_trace_chunks (streaming, vectorised, CRC-checked);
   peer: a plain per-record Python reader (struct header, zlib.crc32, np.frombuffer, bincount per record),
         timed on a prefix of the same file (--peer-selections) because it is slow; rates are per selection.
 Usage: bench_join.py [--selections 100000000] [--shape both|prefill|decode] [--weights] [--keep DIR]
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_experts.trace.format import RECORD_FIXED, ModelFingerprint, record_length
+from gguf_experts.trace.format import RECORD_FIXED, record_length
+from gguf_experts.gguf.fingerprint import ModelFingerprint
 from gguf_experts.trace.reader import read_trace_header
 from gguf_experts.trace.writer import TraceWriter
 
@@ -57,7 +58,7 @@ def generate(path: Path, selections: int, tokens_per_record: int, seed: int = 0,
 
 
 def measure_ours(path: str, max_rows: int) -> dict:
-    from gguf_experts.join import count_chunks
+    from gguf_experts.heat import count_chunks
     from gguf_experts.trace.reader import iter_trace_chunks
 
     fp = read_trace_header(path).fingerprint
@@ -120,7 +121,7 @@ def run_child(what: str, trace: Path, extra: list[str]) -> dict:
 
 def baseline_rss() -> float:
     """RSS of a child that imports everything and does nothing: subtracted to show the working set."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy, pandas, gguf_experts.join, bench_join;"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy, pandas, gguf_experts.heat, bench_join;"
             "print(bench_join.peak_rss_mib())")
     return float(subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], check=True,
                                 capture_output=True, text=True).stdout)

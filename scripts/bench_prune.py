@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gguf_experts.gguf_file import read_header
-from gguf_experts.gguf_writer import TensorSpec, write_gguf
+from gguf_experts.gguf.reader import read_header
+from gguf_experts.gguf.writer import TensorSpec, write_gguf
 
 N_EXPERT, K, EMBD, FF, VOCAB = 64, 8, 2048, 768, 32000
 
@@ -92,8 +92,8 @@ def time_prune(src: Path, plan: Path, dst: Path) -> tuple[float, int, int]:
 def time_startup() -> float:
     """Interpreter start-up and imports of the prune command, the fixed part of every prune run."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import gguf_experts.cli, gguf_experts.commands.prune, gguf_experts.prune, "
-                    "pandas"], check=True)
+    subprocess.run([sys.executable, "-c", "import gguf_experts.cli, gguf_experts.commands.prune, "
+                    "gguf_experts.prune.cut, pandas"], check=True)
     return time.perf_counter() - t0
 
 

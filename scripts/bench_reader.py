@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import byte_map
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.layout import byte_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shapes fixture
 from shapes import SHAPES  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:<22} {head / 2**20:>7.2f}MB {len(paths):>5} {len(model.tensors):>7} {ours * 1e3:>9.1f} "
                   f"{bm * 1e3:>11.1f} {n_slices:>7} {peer * 1e3:>11.0f} {ratio:>7.0f}x", flush=True)
             if key == "qwen3-30b-a3b":
-                mem = peak_rss_mb("gguf_experts.gguf_file", "open_model", first)
+                mem = peak_rss_mb("gguf_experts.gguf.reader", "open_model", first)
                 peer_mem = float("nan") if args.no_peer else peak_rss_mb("gguf", "GGUFReader", first)
                 print(f"  peak memory while opening: ours +{mem:.0f} MiB, GGUFReader +{peer_mem:.0f} MiB", flush=True)
                 hit = ours * 1e3 < TARGET_HEADER_MS and (args.no_peer or ratio >= TARGET_RATIO)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gguf_experts.join import Counts, heat
+from gguf_experts.heat import Counts, heat
 from gguf_experts.reporters.html import ReportInput, render_html
 
 

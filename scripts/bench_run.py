@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_experts.tinymodel import quantize, write_float_model
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
-from gguf_experts.trace.run import build_preload, preload_env
+from gguf_experts.demo.tinymodel import quantize, write_float_model
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.gguf.fingerprint import model_fingerprint
+from gguf_experts.trace.preload.run import build_preload, preload_env
 from gguf_experts.trace.writer import TraceWriter
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,10 +26,10 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # fixtures: realistic shapes
 from shapes import SHAPES  # noqa: E402
 
-from gguf_experts.check import load_ranges  # noqa: E402
+from gguf_experts.gguf.check import load_ranges  # noqa: E402
 from gguf_experts.cli import main  # noqa: E402
-from gguf_experts.fingerprint import ModelFingerprint  # noqa: E402
-from gguf_experts.trace.csvlog import plain_header, read_csv_log  # noqa: E402
+from gguf_experts.gguf.fingerprint import ModelFingerprint  # noqa: E402
+from gguf_experts.formats.csvlog import plain_header, read_csv_log  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:

@@ -19,7 +19,8 @@ import sys
 
 import numpy as np
 
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.gguf.fingerprint import model_fingerprint
 from gguf_experts.trace.format import PHASE_DECODE
 
 

@@ -106,7 +106,8 @@ set +e
 $PY - $BIG.gguf <<'EOF'
 # evidence that -ngl 99 really offloads: llama.cpp's own load log
 from gguf_experts.trace import ggml_ctypes as g
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+from gguf_experts.gguf.fingerprint import model_fingerprint
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
 import sys
 p = sys.argv[1]
 llm = TracedLlama(p, MemorySink(), model_fingerprint(p), n_gpu_layers=99, n_ctx=256)

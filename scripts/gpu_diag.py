@@ -26,8 +26,8 @@ def main() -> int:
         except RuntimeError as e:  # tiny random models can trip the high-level API; loading is the point
             print(f"[{variant}] generate raised {e}", flush=True)
         return 0
-    from gguf_experts.trace import capture, ggml_ctypes
-    from gguf_experts.trace import llama as driver
+    from gguf_experts.trace.live import capture, ggml_ctypes
+    from gguf_experts.trace.live import llama as driver
     if variant == "nopool":
         class NoPool:
             def __init__(self, *a: object) -> None: ...

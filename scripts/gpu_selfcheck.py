@@ -18,7 +18,8 @@ import sys
 
 import numpy as np
 
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.gguf.fingerprint import model_fingerprint
 
 
 def run(model: str, prompts: list[str], n: int, ngl: int) -> dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]]:

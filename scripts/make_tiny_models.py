@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from gguf_experts.errors import GGUFExpertsError
-from gguf_experts.tinymodel import ARCHES, QUANT_FTYPES, make_tiny_model
+from gguf_experts.demo.tinymodel import ARCHES, QUANT_FTYPES, make_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:

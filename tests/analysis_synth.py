@@ -41,9 +41,9 @@ def synth(n_layer: int = 3, n_expert: int = 16, k: int = 4, n_seq: int = 3, prom
 
 def write_synth_trace(path, model, d: dict) -> None:  # type: ignore[no-untyped-def]
     """Write synth()'s rows as a trace of `model`, one record per row (fine for a small trace)."""
-    from gguf_experts.gguf_file import open_model
-    from gguf_experts.layout import fingerprint
-    from gguf_experts.trace import TraceWriter
+    from gguf_experts.gguf.reader import open_model
+    from gguf_experts.gguf.fingerprint import fingerprint
+    from gguf_experts.trace.writer import TraceWriter
 
     with TraceWriter(path, fingerprint(open_model(model))) as w:
         for i in range(len(d["seq"])):

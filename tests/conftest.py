@@ -10,8 +10,8 @@ import ggml_ref
 import pytest
 
 from gguf_experts.cli import main
-from gguf_experts.gguf_file import read_header
-from gguf_experts.gguf_writer import TensorSpec, write_gguf
+from gguf_experts.gguf.reader import read_header
+from gguf_experts.gguf.writer import TensorSpec, write_gguf
 
 
 @dataclass

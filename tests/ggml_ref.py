@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf_experts.trace.ggml_ctypes import bind
+from gguf_experts.trace.live.ggml_ctypes import bind
 
 
 def lib_path() -> Path | None:
@@ -112,7 +112,7 @@ def assert_matches_ggml(header: object) -> None:
     """Assert that libggml reads a little-endian file exactly as our GGUFHeader says: data offset,
     alignment, and every tensor's name, type, data-relative offset and size. Skips nothing silently:
     callers decide when libggml applies (little-endian only)."""
-    from gguf_experts.gguf_file import GGUFHeader
+    from gguf_experts.gguf.reader import GGUFHeader
 
     assert isinstance(header, GGUFHeader)
     assert header.byteorder == "<", "libggml does not read big-endian GGUF"

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from gguf_experts.gguf_file import LazyArray, ValueType, read_header
-from gguf_experts.gguf_writer import Encoder
+from gguf_experts.gguf.reader import LazyArray, ValueType, read_header
+from gguf_experts.gguf.writer import Encoder
 
 DROP = object()
 

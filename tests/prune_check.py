@@ -7,10 +7,11 @@ import ggml_ref
 import numpy as np
 import pandas as pd
 
-from gguf_experts.check import check_paths
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import byte_map, split_name
-from gguf_experts.prune_map import mapping_of
+from gguf_experts.gguf.check import check_paths
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.layout import byte_map
+from gguf_experts.gguf.names import split_name
+from gguf_experts.gguf.expert_ids import mapping_of
 
 
 def read_at(path: Path, offset: int, size: int) -> bytes:

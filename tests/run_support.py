@@ -1,5 +1,5 @@
 """Helpers for the `gguf-experts run` tests: a trace's rows per sequence, and an in-process capture of the
-same tokens (gguf_experts.trace.capture.TracedLlama), to compare row by row."""
+same tokens (gguf_experts.trace.live.capture.TracedLlama), to compare row by row."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from gguf_experts.trace import PHASE_DECODE, PHASE_PREFILL
-from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+from gguf_experts.trace.format import PHASE_DECODE, PHASE_PREFILL
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.gguf.fingerprint import model_fingerprint
 from gguf_experts.trace.format import TraceData
 
 Rows = dict[tuple[int, int], tuple[int, tuple[int, ...], tuple[float, ...] | None]]  # (pos, layer) -> row

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
+from gguf_experts.gguf.writer import TensorSpec, write_gguf, write_split
 
 F32 = "F32"
 

@@ -9,7 +9,7 @@ from analysis_synth import synth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gguf_experts.analysis.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity
+from gguf_experts.analysis.cache.cache import GlobalLRU, LayerLRU, simulate, smallest_capacity
 from gguf_experts.errors import InputError
 
 

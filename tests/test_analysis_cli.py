@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 from analysis_synth import synth, write_synth_trace
 
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import expert_bytes, fingerprint
-from gguf_experts.trace import TraceWriter, read_trace
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.layout import expert_bytes
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.trace.writer import TraceWriter
+from gguf_experts.trace.reader import read_trace
 
 N_LAYER, N_EXPERT, K = 3, 8, 2
 
@@ -195,8 +197,8 @@ def test_commands_on_a_real_llama_cpp_capture(run_cli, tmp_path):
 
 
 def test_other_quantization_warns_and_uses_its_bytes(run_cli, trace, model, tmp_path):
-    from gguf_experts.gguf_file import open_model as om
-    from gguf_experts.gguf_writer import TensorSpec, write_gguf
+    from gguf_experts.gguf.reader import open_model as om
+    from gguf_experts.gguf.writer import TensorSpec, write_gguf
 
     m = om(model)
     tensors = [TensorSpec.make(t.name, t.ne, "Q4_0" if "_exps" in t.name else t.type.name) for t in m.tensors]

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_analysis_cache import plain
 
-from gguf_experts.analysis.cache import simulate
-from gguf_experts.analysis.opt import opt_curves, opt_histograms
+from gguf_experts.analysis.cache.cache import simulate
+from gguf_experts.analysis.cache.opt import opt_curves, opt_histograms
 from gguf_experts.errors import InputError
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import expert_bytes
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.layout import expert_bytes
 
 KEY = ["layer", "capacity"]
 COLS = ["layer", "policy", "capacity", "accesses", "hits", "bytes_fetched"]

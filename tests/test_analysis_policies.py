@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_analysis_cache import plain
 
-from gguf_experts.analysis.cachesim import CacheSimRequest, as_accesses, cache_sim
-from gguf_experts.analysis.policies import simulate_lfuda, simulate_s3fifo
+from gguf_experts.analysis.cache.cachesim import CacheSimRequest, as_accesses, cache_sim
+from gguf_experts.analysis.cache.policies import simulate_lfuda, simulate_s3fifo
 
 
 def per_access_lru(rows: list[list[int]], capacity: int, sizes: dict[int, int]) -> tuple[int, int]:

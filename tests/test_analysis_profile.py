@@ -43,8 +43,9 @@ class _Raw:
 
 def _independent(model: Path) -> dict[int, dict[str, np.ndarray]]:
     """Observe the same texts through TracedLlama and compute REAP per (layer, expert) with plain loops."""
-    from gguf_experts.commands.capture import jsonl_text
-    from gguf_experts.trace.capture import TracedLlama, model_fingerprint
+    from gguf_experts.trace.live.prompts import jsonl_text
+    from gguf_experts.trace.live.llama import TracedLlama
+    from gguf_experts.gguf.fingerprint import model_fingerprint
 
     fp = model_fingerprint(model)
     raw = _Raw()

@@ -7,15 +7,10 @@ import numpy as np
 import pytest
 from analysis_synth import synth
 
-from gguf_experts.analysis.cache import LayerLRU
+from gguf_experts.analysis.cache.cache import LayerLRU
 from gguf_experts.analysis.reuse import ReuseAccumulator, gap_bucket, gap_buckets
 from gguf_experts.analysis.stats import (
-    StatsAccumulator,
-    expert_frame,
-    imbalance,
-    layer_frame,
-    sequence_frame,
-    stats_document,
+    StatsAccumulator, expert_frame, imbalance, layer_frame, sequence_frame, stats_document,
 )
 from gguf_experts.errors import InputError
 

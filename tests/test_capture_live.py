@@ -17,17 +17,14 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed: "
                     "pip install 'gguf-experts[live]'")
 
-from gguf_experts import tinymodel
+from gguf_experts.demo import tinymodel
 from gguf_experts.cli import main
-from gguf_experts.join import join
-from gguf_experts.trace import PHASE_DECODE, PHASE_PREFILL, read_trace
-from gguf_experts.trace.capture import (
-    MemorySink,
-    Recorder,
-    TracedLlama,
-    capture,
-    model_fingerprint,
-)
+from gguf_experts.heat import join
+from gguf_experts.trace.format import PHASE_DECODE, PHASE_PREFILL
+from gguf_experts.trace.reader import read_trace
+from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+from gguf_experts.trace.live.capture import Recorder, capture
+from gguf_experts.gguf.fingerprint import model_fingerprint
 
 pytestmark = pytest.mark.live
 ARCHES = ("qwen3moe", "gpt-oss")
@@ -279,7 +276,7 @@ def test_ctrl_c_leaves_a_complete_trace(tmp_path: Path, models: dict[str, Path])
 
 
 def test_node_cache_is_checked(models: dict[str, Path]) -> None:
-    from gguf_experts.trace.capture import CaptureError
+    from gguf_experts.trace.live.ggml_ctypes import CaptureError
 
     path = models["qwen3moe"]
     sink = MemorySink()

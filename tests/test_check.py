@@ -10,8 +10,8 @@ import ggml_ref
 import pandas as pd
 import pytest
 
-from gguf_experts.check import check, check_paths, load_ranges
-from gguf_experts.gguf_writer import TensorSpec, write_gguf
+from gguf_experts.gguf.check import check, check_paths, load_ranges
+from gguf_experts.gguf.writer import TensorSpec, write_gguf
 from shapes import SHAPES
 
 HAVE_GGML = ggml_ref.lib_path() is not None

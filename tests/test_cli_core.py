@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gguf_experts.ggml_types import GGMLType
-from gguf_experts.gguf_writer import TensorSpec, encode_header, write_gguf, write_split
+from gguf_experts.gguf.types import GGMLType
+from gguf_experts.gguf.writer import TensorSpec, encode_header, write_gguf, write_split
 
 COLUMNS = "name,base_name,expert_id,layer,component,ggml_type,ne0,ne1,ne2,ne3,file,offset,size"
 ARCH = {"general.architecture": "qwen3moe"}
@@ -156,7 +156,7 @@ def test_malformed_one_line_exit_2(tmp_path: Path, run_cli, case: str) -> None:
 
 
 def test_truncated_header_at_every_cut(tmp_path: Path, small_moe, run_cli) -> None:
-    from gguf_experts.gguf_file import read_header
+    from gguf_experts.gguf.reader import read_header
 
     full = small_moe().read_bytes()
     h = read_header(tmp_path / "small.gguf")

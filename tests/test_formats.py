@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gguf_experts import tinymodel
-from gguf_experts.formats import ExpertCounts, detect_format, load_counts, load_trace
+from gguf_experts.demo import tinymodel
+from gguf_experts.formats.counts import ExpertCounts
+from gguf_experts.formats.load import detect_format, load_counts, load_trace
 from gguf_experts.formats.passes import records_to_trace
-from gguf_experts.gguf_file import open_model
-from gguf_experts.trace import read_trace
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceRecoveryWarning
 
 PROMPTS = "def add(a, b):\n    return a + b\nOnce upon a time, a small robot\nQ: 12 * 7? A: 84\n"
@@ -323,7 +324,7 @@ def test_imatrix_as_llama_imatrix_writes_it(run_cli, tiny, tmp_path):
 
 def test_records_to_trace_positions_and_sequences():
     """Two prompts with decode between them: the second prefill starts a new sequence at position 0."""
-    from gguf_experts.trace.format import ModelFingerprint
+    from gguf_experts.gguf.fingerprint import ModelFingerprint
 
     f = ModelFingerprint("x", 2, 4, 1, "", "")
     layer = np.array([0, 1, 0, 1, 0, 1, 0, 1])

@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 
 from gguf_experts.cli import main
 from gguf_experts.errors import GGUFExpertsError
-from gguf_experts.fingerprint import fingerprint
-from gguf_experts.gguf_file import ValueType, open_model
-from gguf_experts.gguf_writer import write_gguf
-from gguf_experts.metadata import KEYS
-from gguf_experts.prompts import jsonl_texts
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.gguf.reader import ValueType, open_model
+from gguf_experts.gguf.writer import write_gguf
+from gguf_experts.gguf.metadata import KEYS
+from gguf_experts.trace.live.prompts import jsonl_texts
 from gguf_experts.trace.format import MAGIC, REC_MARKER, RECORD_FIXED
 from conftest import small_moe_kv, small_moe_tensors
 from gguf_mutate import rewrite

@@ -5,7 +5,7 @@ import ggml_ref
 import pytest
 
 from gguf_experts.errors import GGUFExpertsError, UnsupportedTypeError
-from gguf_experts.ggml_types import REMOVED, TYPE_COUNT, TYPES, by_name, ggml_type
+from gguf_experts.gguf.types import REMOVED, TYPE_COUNT, TYPES, by_name, ggml_type
 
 needs_ggml = pytest.mark.skipif(ggml_ref.lib_path() is None, reason="llama_cpp (libggml-base) is not importable")
 

@@ -14,16 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gguf_experts.errors import GGUFExpertsError, GGUFFormatError, ShardError
-from gguf_experts.ggml_types import TYPES
-from gguf_experts.gguf_file import (
-    SMALL_ARRAY,
-    LazyArray,
-    ValueType,
-    open_model,
-    read_header,
-)
-from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
-from gguf_experts.layout import byte_map
+from gguf_experts.gguf.types import TYPES
+from gguf_experts.gguf.reader import SMALL_ARRAY, LazyArray, ValueType, open_model, read_header
+from gguf_experts.gguf.writer import TensorSpec, write_gguf, write_split
+from gguf_experts.gguf.layout import byte_map
 from shapes import SHAPES
 
 HAVE_GGML = ggml_ref.lib_path() is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gguf_experts import tinymodel
+from gguf_experts.demo import tinymodel
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX, N_CHUNKS = 64, 3
@@ -33,10 +33,10 @@ def llama_bin() -> Path:
 
 
 def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, tmp_path):
-    from gguf_experts.layout import fingerprint
-    from gguf_experts.gguf_file import open_model
-    from gguf_experts.trace import TraceWriter
-    from gguf_experts.trace.capture import TracedLlama
+    from gguf_experts.gguf.fingerprint import fingerprint
+    from gguf_experts.gguf.reader import open_model
+    from gguf_experts.trace.writer import TraceWriter
+    from gguf_experts.trace.live.llama import TracedLlama
     from gguf_experts.trace.format import PHASE_PREFILL
 
     model = tinymodel.make_tiny_model(tmp_path / "tiny.gguf", seed=7, add_bos=True)

@@ -10,10 +10,12 @@ import pytest
 
 from gguf_experts.cli import main
 from gguf_experts.errors import ModelMismatchError
-from gguf_experts.gguf_file import open_model
-from gguf_experts.join import Counts, heat, join, page_heat
-from gguf_experts.layout import expert_slices, fingerprint
-from gguf_experts.trace import TraceWriter, iter_trace_chunks, read_trace
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.heat import Counts, heat, join, page_heat
+from gguf_experts.gguf.layout import expert_slices
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.trace.writer import TraceWriter
+from gguf_experts.trace.reader import iter_trace_chunks, read_trace
 
 from conftest import sparse_moe_model  # noqa: E402
 

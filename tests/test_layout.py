@@ -11,17 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_experts.ggml_types import TYPES
-from gguf_experts.gguf_file import Model, open_model
-from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
-from gguf_experts.layout import (
-    COLUMNS,
-    byte_map,
-    expert_bytes,
-    expert_slices,
-    kind_of,
-    per_token_bytes,
-    split_name,
+from gguf_experts.gguf.types import TYPES
+from gguf_experts.gguf.reader import Model, open_model
+from gguf_experts.gguf.writer import TensorSpec, write_gguf, write_split
+from gguf_experts.gguf.layout import (
+    COLUMNS, byte_map, expert_bytes, expert_slices, kind_of, per_token_bytes, split_name,
 )
 from shapes import SHAPES
 
@@ -250,7 +244,7 @@ def test_random_byte_maps_tile(tmp_path: Path, tensors: list[TensorSpec], alignm
 def test_fingerprint_separates_structure_from_quantization(tmp_path: Path) -> None:
     from conftest import small_moe_kv, small_moe_tensors
 
-    from gguf_experts.layout import fingerprint
+    from gguf_experts.gguf.fingerprint import fingerprint
 
     a = open_model(write_gguf(tmp_path / "a.gguf", small_moe_kv(), small_moe_tensors(exp_type="Q8_0")))
     b = open_model(write_gguf(tmp_path / "b.gguf", small_moe_kv(), small_moe_tensors(exp_type="F16")))
@@ -266,7 +260,7 @@ def test_fingerprint_ignores_tensor_order(tmp_path: Path) -> None:
     """llama.cpp's quantizer reorders tensors: a trace of the F32 model must still match its quantization."""
     from conftest import small_moe_kv, small_moe_tensors
 
-    from gguf_experts.layout import fingerprint
+    from gguf_experts.gguf.fingerprint import fingerprint
 
     ts = small_moe_tensors()
     a = open_model(write_gguf(tmp_path / "a.gguf", small_moe_kv(), ts))

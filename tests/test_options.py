@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import fingerprint
-from gguf_experts.trace import TraceWriter
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.trace.writer import TraceWriter
 
 from conftest import sparse_moe_model  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_csv_expert_log_is_read_or_hinted(tmp_path: Path, prefill_only: Path, mo
     """The analysis commands read a CSV expert log given --model (it does not say k); the trace reader itself
     names convert when handed one."""
     from gguf_experts.errors import TraceFormatError
-    from gguf_experts.trace import read_trace
+    from gguf_experts.trace.reader import read_trace
 
     log = tmp_path / "log.csv"
     assert run_cli("convert", prefill_only, log).rc == 0
@@ -171,7 +171,7 @@ def test_report_labels_both_traces_and_png_draws_both(tmp_path: Path, model: Pat
     r = run_cli("report", a, b, "-m", model, "-o", tmp_path / "r.html", "--png", png, "--no-opt", "-f", "table")
     assert r.rc == 0 and f"wrote {png}" in r.out
     from gguf_experts.reporters.png import write_heat_pngs
-    from gguf_experts.join import join
+    from gguf_experts.heat import join
 
     views = build_report([a, b], model).views()
     infos = write_heat_pngs(str(tmp_path / "h2.png"), views)
@@ -189,7 +189,7 @@ def test_eog_stop_is_said(tmp_path: Path, run_cli) -> None:
     """A model whose greedy token is always end-of-generation (final norm zeroed: all logits 0, argmax 0;
     eos set to token 0): -n 16 stops at once, and capture says so."""
     pytest.importorskip("llama_cpp")
-    from gguf_experts import tinymodel
+    from gguf_experts.demo import tinymodel
 
     p = tinymodel.make_tiny_model(tmp_path / "eog.gguf", seed=5)
     data = bytearray(p.read_bytes())
@@ -233,8 +233,9 @@ def test_make_model_reports_the_types_it_wrote(tmp_path: Path, run_cli) -> None:
 
 def test_tokenize_accepts_bytes(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from gguf_experts import tinymodel
-    from gguf_experts.trace.capture import MemorySink, TracedLlama, model_fingerprint
+    from gguf_experts.demo import tinymodel
+    from gguf_experts.trace.live.llama import MemorySink, TracedLlama
+    from gguf_experts.gguf.fingerprint import model_fingerprint
 
     p = tinymodel.make_tiny_model(tmp_path / "m.gguf")
     with TracedLlama(p, MemorySink(), model_fingerprint(p), n_ctx=64, n_threads=1) as llm:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import fingerprint
-from gguf_experts.trace import TraceWriter
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.trace.writer import TraceWriter
 
 from conftest import sparse_moe_model  # noqa: E402
 

@@ -14,8 +14,8 @@ from analysis_synth import write_synth_trace
 from test_analysis_cache import plain
 
 from gguf_experts.analysis.pins import counts_of, pick_per_layer, score_pins, split_fraction
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import expert_bytes
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.layout import expert_bytes
 
 L, M, K = 3, 16, 2
 
@@ -182,7 +182,7 @@ def test_pins_and_access_order_on_a_real_llama_cpp_capture(run_cli, tmp_path):
     """The bundled tiny model run by llama.cpp: cache-sim --order access equals the textbook per-access
     LRU on its trace, and pins' held-out score equals a direct count."""
     pytest.importorskip("llama_cpp")
-    from gguf_experts.trace import read_trace
+    from gguf_experts.trace.reader import read_trace
     from test_analysis_policies import per_access_lru
 
     model, trace = tmp_path / "tiny.gguf", tmp_path / "live.bin"

@@ -11,10 +11,10 @@ import pytest
 from conftest import CliResult
 from prune_check import assert_pruned_correctly
 
-from gguf_experts.gguf_file import ValueType, open_model, read_header
-from gguf_experts.gguf_writer import TensorSpec, write_gguf, write_split
-from gguf_experts.fingerprint import fingerprint
-from gguf_experts.prune_map import mapping_of
+from gguf_experts.gguf.reader import ValueType, open_model, read_header
+from gguf_experts.gguf.writer import TensorSpec, write_gguf, write_split
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.gguf.expert_ids import mapping_of
 
 N_EXPERT, K, EMBD, FF = 8, 2, 64, 64
 

@@ -13,12 +13,12 @@ from prune_check import assert_pruned_correctly
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
 
-from gguf_experts import tinymodel
-from gguf_experts.gguf_file import open_model
-from gguf_experts.join import join
-from gguf_experts.prune_map import mapping_of
-from gguf_experts.trace import read_trace
-from gguf_experts.trace.capture import Recorder
+from gguf_experts.demo import tinymodel
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.heat import join
+from gguf_experts.gguf.expert_ids import mapping_of
+from gguf_experts.trace.reader import read_trace
+from gguf_experts.trace.live.capture import Recorder
 
 pytestmark = pytest.mark.live
 PROMPTS_A = ["Hi cat.", "x = 1"]  # short: every layer leaves experts unselected

@@ -14,21 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gguf_experts.analysis.diff import (
-    diff_frames,
-    js_divergence,
-    share_diff,
-    shares,
-    top_changes,
-)
+from gguf_experts.analysis.diff import diff_frames, js_divergence, share_diff, shares, top_changes
 from gguf_experts.cli import main
 from gguf_experts.report import build_report, write_report
-from gguf_experts.gguf_file import open_model
-from gguf_experts.gguf_writer import TensorSpec, write_gguf
-from gguf_experts.join import Counts, heat, join
-from gguf_experts.layout import byte_map, fingerprint
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.writer import TensorSpec, write_gguf
+from gguf_experts.heat import Counts, heat, join
+from gguf_experts.gguf.layout import byte_map
+from gguf_experts.gguf.fingerprint import fingerprint
 from gguf_experts.reporters.html import ReportInput, render_html
-from gguf_experts.trace import TraceWriter
+from gguf_experts.trace.writer import TraceWriter
 
 from conftest import sparse_moe_model  # noqa: E402
 
@@ -309,8 +304,8 @@ def test_report_cli_writes_html_and_png(files: dict[str, Path], tmp_path: Path,
 def test_real_capture_report(tmp_path: Path) -> None:
     """The real thing: llama.cpp runs the tiny model, the trace is joined and reported."""
     pytest.importorskip("llama_cpp")
-    from gguf_experts.tinymodel import make_tiny_model
-    from gguf_experts.trace.capture import capture
+    from gguf_experts.demo.tinymodel import make_tiny_model
+    from gguf_experts.trace.live.capture import capture
 
     model = make_tiny_model(tmp_path / "tiny.gguf")
     capture(model, ["def f(x):\n    return x * 2\n"], tmp_path / "code.bin", n_predict=8, n_ctx=256, ignore_eos=True)

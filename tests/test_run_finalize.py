@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_experts import tinymodel
-from gguf_experts.trace import TraceWriter, read_trace, read_trace_header
-from gguf_experts.trace.capture import model_fingerprint
-from gguf_experts.trace.format import ModelFingerprint
-from gguf_experts.trace.run import finalize, read_sequences
+from gguf_experts.demo import tinymodel
+from gguf_experts.trace.writer import TraceWriter
+from gguf_experts.trace.reader import read_trace, read_trace_header
+from gguf_experts.gguf.fingerprint import ModelFingerprint, model_fingerprint
+from gguf_experts.trace.pending import read_sequences
+from gguf_experts.trace.preload.run import finalize
 
 
 def pending_trace(tmp_path: Path, model: Path, n_seq_lines: int) -> tuple[Path, ModelFingerprint]:

@@ -18,10 +18,10 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
 
-from gguf_experts import tinymodel
-from gguf_experts.trace import read_trace
+from gguf_experts.demo import tinymodel
+from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
-from gguf_experts.trace.run import build_preload
+from gguf_experts.trace.preload.run import build_preload
 
 from run_support import capture_requests, compare, rows_of, sequence_tokens
 

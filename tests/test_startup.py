@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gguf_experts.cli import command_modules, main
-from gguf_experts.gguf_file import open_model
-from gguf_experts.gguf_writer import TensorSpec, write_gguf
-from gguf_experts.layout import byte_map
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.writer import TensorSpec, write_gguf
+from gguf_experts.gguf.layout import byte_map
 from gguf_experts.reporters.tabular import frame_records, frame_to_csv
 from shapes import SHAPES
 

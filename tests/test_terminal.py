@@ -27,8 +27,9 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
 
-from gguf_experts import tinymodel
-from gguf_experts.trace import PHASE_DECODE, read_trace
+from gguf_experts.demo import tinymodel
+from gguf_experts.trace.format import PHASE_DECODE
+from gguf_experts.trace.reader import read_trace
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 

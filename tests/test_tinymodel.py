@@ -9,9 +9,10 @@ import pytest
 
 from gguf_experts.cli import main
 from gguf_experts.errors import InputError
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import byte_map, fingerprint
-from gguf_experts.tinymodel import QUANT_FTYPES, demo_model_path, make_tiny_model
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.layout import byte_map
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.demo.tinymodel import QUANT_FTYPES, demo_model_path, make_tiny_model
 
 QWEN_PER_LAYER = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
                   "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
@@ -110,7 +111,7 @@ def test_live_unavailable_says_how_to_install(monkeypatch: pytest.MonkeyPatch, t
 
     import gguf_experts
     from gguf_experts.errors import LiveUnavailableError
-    from gguf_experts.trace import ggml_ctypes
+    from gguf_experts.trace.live import ggml_ctypes
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
     monkeypatch.setattr(ggml_ctypes, "_llama_cpp", None)

@@ -19,19 +19,13 @@ from hypothesis import strategies as st
 
 from gguf_experts.cli import main
 from gguf_experts.errors import InputError, ModelMismatchError, TraceFormatError
-from gguf_experts.gguf_file import open_model
-from gguf_experts.layout import fingerprint
-from gguf_experts.trace import (
-    ModelFingerprint,
-    TraceData,
-    TraceRecoveryWarning,
-    TraceWriter,
-    check_fingerprint,
-    iter_trace_chunks,
-    read_trace,
-    read_trace_header,
-)
-from gguf_experts.trace.csvlog import encode_trace, infer_sequences, read_csv_log
+from gguf_experts.gguf.reader import open_model
+from gguf_experts.gguf.fingerprint import fingerprint
+from gguf_experts.gguf.fingerprint import ModelFingerprint, check_fingerprint
+from gguf_experts.trace.format import TraceData, TraceRecoveryWarning
+from gguf_experts.trace.writer import TraceWriter
+from gguf_experts.trace.reader import iter_trace_chunks, read_trace, read_trace_header
+from gguf_experts.formats.csvlog import encode_trace, infer_sequences, read_csv_log
 from gguf_experts.trace.format import VEC_CRC_MAX_BYTES, crc32_rows, record_length
 from test_join import make_trace, tiny_model
 
@@ -235,7 +229,8 @@ def test_killed_writer_loses_at_most_the_record_being_written(tmp_path: Path) ->
     path = tmp_path / "killed.bin"
     code = (
         "import sys, numpy as np\n"
-        "from gguf_experts.trace import TraceWriter, ModelFingerprint\n"
+        "from gguf_experts.trace.writer import TraceWriter\n"
+        "from gguf_experts.gguf.fingerprint import ModelFingerprint\n"
         f"w = TraceWriter({str(path)!r}, ModelFingerprint('qwen3moe', 48, 128, 8, 't' * 32, 'q' * 32))\n"
         "e = np.arange(8 * 64).reshape(64, 8) % 128\n"
         "i = 0\n"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gguf_experts import tinymodel
-from gguf_experts.gguf_file import ValueType
-from gguf_experts.metadata import LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS
+from gguf_experts.demo import tinymodel
+from gguf_experts.gguf.reader import ValueType
+from gguf_experts.gguf.metadata import LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS
 from gguf_mutate import DROP, rewrite, set_u32_in_place, u32
 
 A = "qwen3moe"
@@ -179,8 +179,8 @@ def test_the_library_driver_checks_the_metadata_too(model: Path, tmp_path: Path)
     file llama.cpp would abort on (it did: exit 134) before llama.cpp sees it."""
     bad = set_u32_in_place(model, tmp_path / "u17.gguf", f"{A}.expert_used_count", 17)
     code = ("import sys\nfrom gguf_experts.errors import GGUFExpertsError\n"
-            "from gguf_experts.fingerprint import ModelFingerprint\n"
-            "from gguf_experts.trace.capture import MemorySink, TracedLlama\n"
+            "from gguf_experts.gguf.fingerprint import ModelFingerprint\n"
+            "from gguf_experts.trace.live.llama import MemorySink, TracedLlama\n"
             "try:\n    TracedLlama(sys.argv[1], MemorySink(), ModelFingerprint('qwen3moe', 4, 16, 4, 'x', 'y'))\n"
             "except GGUFExpertsError as e:\n    print(e)\n    sys.exit(2)\n")
     r = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from gguf_experts.errors import TraceFormatError
-from gguf_experts.fingerprint import ModelFingerprint
-from gguf_experts.trace import TraceWriter, read_trace
+from gguf_experts.gguf.fingerprint import ModelFingerprint
+from gguf_experts.trace.writer import TraceWriter
+from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import MAGIC, REC_MARKER, RECORD_FIXED, encode_header, record_length
 from test_join import make_trace, tiny_model
 

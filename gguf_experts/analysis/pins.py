@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .cache import GlobalLRU, LayerLRU, layer_streams
-from .cachesim import as_accesses
-from .opt import opt_depths
+from .cache.cache import GlobalLRU, LayerLRU, layer_streams
+from .cache.cachesim import as_accesses
+from .cache.opt import opt_depths
 from .stats import check_ids
 
 SCORE_COLUMNS = ["layer", "pinned", "pinned_bytes", "train_accesses", "test_accesses", "pins_train_hit_rate",

@@ -178,7 +178,7 @@ class ReapAccumulator:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
             raise InputError(f"{path}: not an expert-stats file written by `gguf-experts profile`; "
                              "pass another -o or drop --resume")
-        from ..metadata import LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS
+        from ..gguf.metadata import LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS
 
         shape = (doc.get("n_layer"), doc.get("n_expert"))
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= hi

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .lru import COLD, ChunkDistances, row_bits, words_for
+from .cache.lru import COLD, ChunkDistances, row_bits, words_for
 
 # gap buckets: 1..16 exactly, then powers of two; bucket b holds gaps in [lo[b], hi[b]]
 _EXACT = 16

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..fingerprint import check_fingerprint
-from ..formats import Input, open_input
-from ..trace.format import ModelFingerprint, TraceData, TraceHeader
+from ..gguf.fingerprint import check_fingerprint
+from ..formats.load import Input, open_input
+from ..gguf.fingerprint import ModelFingerprint
+from ..trace.format import TraceData, TraceHeader
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
 
@@ -27,7 +28,7 @@ def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False
 def open_any(path: str, model: str | None = None, max_rows: int = DEFAULT_CHUNK_ROWS) -> Input:
     """Any supported input: an ordered trace (chunks) or counts (see gguf_experts.formats); a trace of a
     pruned model is given in the original model's expert ids (prune_map)."""
-    from ..prune_map import original_input
+    from ..gguf.expert_ids import original_input
 
     return original_input(open_input(path, model, max_rows=max_rows))
 
@@ -48,12 +49,12 @@ def expert_bytes(model_path: str | None, header: TraceHeader | ModelFingerprint,
     foreign file (no tensor digest) is checked by shape only."""
     if not model_path:
         return None
-    from ..formats.load import fingerprint_for
-    from ..gguf_file import open_model
-    from ..join import check_model
-    from ..layout import expert_bytes as eb_frame
-    from ..layout import fingerprint
-    from ..prune_map import mapping_of
+    from ..gguf.fingerprint import fingerprint_for
+    from ..gguf.reader import open_model
+    from ..gguf.fingerprint import check_model
+    from ..gguf.layout import expert_bytes as eb_frame
+    from ..gguf.fingerprint import fingerprint
+    from ..gguf.expert_ids import mapping_of
 
     model = open_model(model_path)
     fp = header.fingerprint if isinstance(header, TraceHeader) else header

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.cachesim import CacheSimRequest, CacheSimResult, cache_sim, parse_policies
+from ..analysis.cache.cachesim import CacheSimRequest, CacheSimResult, cache_sim, parse_policies
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
 from ._trace_input import add_trace_arguments, expert_bytes, open_trace, parse_int_list
 

@@ -5,10 +5,9 @@ import argparse
 import warnings
 from pathlib import Path
 
-from .. import prompts
+from ..trace.live import prompts
 from ..atomic import resolve_target
 from ..errors import GGUFExpertsWarning
-from ..prompts import JSONL_PROMPT_KEYS, JSONL_RESPONSE_KEYS, jsonl_text, jsonl_texts  # noqa: F401  (moved)
 from ..reporters.tabular import Output, add_output_options, emit
 from ._llama_options import add_llama_options, add_progress, progress
 from ._types import at_least
@@ -49,7 +48,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
 
-    from ..trace.capture import capture
+    from ..trace.live.capture import capture
 
     texts = read_prompts(args)
     n_predict = args.n_predict if args.n_predict is not None else (0 if args.jsonl else 32)

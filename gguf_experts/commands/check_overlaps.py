@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from ..check import check_inputs
+from ..gguf.check import check_inputs
 from ..errors import GGUFExpertsWarning
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, resolve_format
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..errors import InputError, OutputError
 from ..reporters.tabular import Output, add_output_options, emit
-from ..trace.csvlog import encode_trace, read_csv_log, write_csv_chunks
+from ..formats.csvlog import encode_trace, read_csv_log, write_csv_chunks
 from ..trace.format import TraceData, TraceRecoveryWarning
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
@@ -88,8 +88,8 @@ def _csv_to_trace(args: argparse.Namespace) -> dict[str, Any]:
     if not args.model:
         raise InputError(f"{args.input}: converting a CSV log to a trace needs --model MODEL.gguf (the model "
                          "the log was captured from: its fingerprint goes into the trace header)")
-    from ..gguf_file import open_model
-    from ..layout import fingerprint
+    from ..gguf.reader import open_model
+    from ..gguf.fingerprint import fingerprint
 
     model = open_model(args.model)
     fp = fingerprint(model)
@@ -115,7 +115,8 @@ def _csv_to_trace(args: argparse.Namespace) -> dict[str, Any]:
 
 def _convert(args: argparse.Namespace, fmt_in: str, to: str) -> dict[str, Any]:
     """Every conversion other than trace <-> CSV log: through a TraceData (ordered) or ExpertCounts."""
-    from ..formats import load_counts, load_trace, write_counts, write_ordered
+    from ..formats.load import load_counts, load_trace
+    from ..formats.write import write_counts, write_ordered
     from ..formats.load import FORMATS
 
     info: dict[str, Any] = {"input": args.input, "output": args.dest, "direction": f"{fmt_in} -> {to}", "format": to}
@@ -172,7 +173,7 @@ def _check_output(args: argparse.Namespace, to: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats import detect_format
+    from ..formats.load import detect_format
 
     fmt_in = detect_format(args.input)
     to = _target(fmt_in, args)

@@ -5,14 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..reporters.tabular import (
-    Output,
-    add_output_options,
-    emit,
-    frame_records,
-    frame_to_table,
-    human_bytes,
-)
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
 from ._llama_options import add_progress, progress
 from ._types import at_least
 
@@ -24,7 +17,7 @@ ORDER = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..demo import DEFAULT_DIR
+    from ..demo.flow import DEFAULT_DIR
 
     p.add_argument("--dir", default=DEFAULT_DIR,
                    help=f"where the trace, report.html and heatmap.png go (default ./{DEFAULT_DIR}/ in the current "
@@ -37,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DEMO_PROMPTS, run_demo
+    from ..demo.flow import DEMO_PROMPTS, run_demo
     from ..reporters.heat_text import summary_text
 
     with progress(args, f"demo: {len(DEMO_PROMPTS)} prompts", "tok") as update:

@@ -8,13 +8,7 @@ import pandas as pd
 
 from ..analysis.diff import ShareDiff, top_changes
 from ..compare import compare
-from ..reporters.tabular import (
-    Output,
-    add_output_options,
-    emit,
-    frame_records,
-    frame_to_table,
-)
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._types import at_least
 
 NAME = "diff"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..gguf_file import open_model
-from ..layout import byte_columns, memory_map
+from ..gguf.reader import open_model
+from ..gguf.layout import byte_columns, memory_map
 from ..reporters.tabular import Output, add_output_options, emit
 
 NAME = "dump"

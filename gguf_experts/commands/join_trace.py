@@ -5,7 +5,7 @@ import argparse
 
 import pandas as pd
 
-from ..join import HeatResult, join
+from ..heat import HeatResult, join
 from ..reporters.heat_text import summary_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._trace_input import open_any

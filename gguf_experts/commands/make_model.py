@@ -19,7 +19,7 @@ DEFAULT_MAX_SIZE = 4 << 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..tinymodel import ARCHES, LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS, QUANT_FTYPES
+    from ..demo.tinymodel import ARCHES, LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS, QUANT_FTYPES
 
     p.add_argument("out", metavar="OUT.gguf", help="the model file to write (atomically)")
     p.add_argument("--arch", choices=ARCHES, default="qwen3moe", help="architecture (default qwen3moe)")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd  # here, not at import: the CLI builds every command's parser at start-up
 
     from ..atomic import resolve_target
-    from ..tinymodel import check_shape, estimate_bytes, make_tiny_model, written_types
+    from ..demo.tinymodel import check_shape, estimate_bytes, make_tiny_model, written_types
     from ._trace_input import parse_int_list
 
     n_head_kv = max(1, args.heads // 2)

@@ -10,15 +10,7 @@ from ..analysis.pins import Split, counts_of, pick_budget, pick_per_layer, score
 from ..atomic import atomic_write
 from ..errors import InputError
 from ..reporters.pins import fitz_pin_list, pins_frame
-from ..reporters.tabular import (
-    Output,
-    add_output_options,
-    emit,
-    frame_records,
-    frame_to_csv,
-    frame_to_table,
-    say_wrote,
-)
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_csv, frame_to_table, say_wrote
 from ..trace.format import TraceHeader
 from ._trace_input import expert_bytes, open_trace, parse_int_list
 

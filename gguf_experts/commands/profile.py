@@ -10,7 +10,7 @@ import numpy as np
 from ..analysis.reap import ReapAccumulator
 from ..atomic import resolve_target
 from ..errors import InputError
-from ..prompts import head_for, jsonl_texts
+from ..trace.live.prompts import head_for, jsonl_texts
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._llama_options import add_llama_options, add_progress, progress
 from ._types import at_least
@@ -97,7 +97,8 @@ def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..trace.capture import TracedLlama, model_fingerprint
+    from ..trace.live.llama import TracedLlama
+    from ..gguf.fingerprint import model_fingerprint
 
     resolve_target(args.output)  # fail before the run, not at the first checkpoint
     texts = jsonl_texts(args.jsonl)

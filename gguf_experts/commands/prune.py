@@ -6,14 +6,7 @@ import sys
 from typing import Any
 
 from ..errors import InputError
-from ..reporters.tabular import (
-    Output,
-    add_output_options,
-    emit,
-    frame_records,
-    frame_to_table,
-    human_bytes,
-)
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
 
 from ._llama_options import add_progress, progress
 from ._types import at_least
@@ -31,7 +24,7 @@ ORDER = 75
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..prune import BY
+    from ..prune.cut import BY
 
     p.add_argument("model", metavar="MODEL.gguf", help="the model to prune (any shard of a split model)")
     p.add_argument("-o", "--output", metavar="OUT.gguf",
@@ -70,7 +63,7 @@ def parse_size(text: str | None) -> int | None:
 
 
 def _plan(args: argparse.Namespace, model: Any) -> Any:
-    from ..prune import build_plan, read_plan_file, trace_scores
+    from ..prune.cut import build_plan, read_plan_file, trace_scores
 
     if args.plan is not None:
         source = read_plan_file(args.plan, model)
@@ -83,9 +76,9 @@ def _plan(args: argparse.Namespace, model: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gguf_file import open_model
-    from ..prune import check_output, write_pruned
-    from ..prune_dry_run import dry_run
+    from ..gguf.reader import open_model
+    from ..prune.cut import check_output, write_pruned
+    from ..prune.dry_run import dry_run
 
     model = open_model(args.model)
     plan = _plan(args, model)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from ..gguf_file import open_model
+    from ..gguf.reader import open_model
     from ..report import build_report, check_output_names, load_inputs, write_report
 
     size = parse_size(args.screenshot_size)  # a bad size fails before the work

@@ -3,19 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.cache import LayerLRU
+from ..analysis.cache.cache import LayerLRU
 from ..analysis.reuse import ReuseAccumulator
 from ..analysis.stats import StatsAccumulator
 from ..atomic import atomic_write
-from ..reporters.tabular import (
-    Output,
-    add_output_options,
-    emit,
-    frame_records,
-    frame_to_csv,
-    frame_to_table,
-    say_wrote,
-)
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_csv, frame_to_table, say_wrote
 from ._trace_input import open_trace
 
 NAME = "reuse"

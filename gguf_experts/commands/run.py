@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..trace import run as tracer
+    from ..trace.preload import run as tracer
 
     if args.print_preload:
         print(tracer.build_preload())

@@ -6,16 +6,12 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from ..analysis.stats import (
-    StatsAccumulator,
-    expert_frame,
-    layer_frame,
-    sequence_frame,
-    stats_document,
-)
+from ..analysis.stats import StatsAccumulator, expert_frame, layer_frame, sequence_frame, stats_document
 from ..errors import InputError
-from ..fingerprint import ModelFingerprint
-from ..formats import COUNT_WRITERS, ExpertCounts, Input, write_counts
+from ..gguf.fingerprint import ModelFingerprint
+from ..formats.write import COUNT_WRITERS, write_counts
+from ..formats.counts import ExpertCounts
+from ..formats.load import Input
 from ..formats.rtrace import near_ties
 from ..formats.write import count_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, say_wrote, write_text
@@ -61,8 +57,8 @@ def _accumulate(inp: Input, model: str | None) -> tuple[StatsAccumulator, ModelF
         counts = inp.counts
         fp = counts.fingerprint()
         if model:
-            from ..gguf_file import open_model
-            from ..layout import fingerprint
+            from ..gguf.reader import open_model
+            from ..gguf.fingerprint import fingerprint
 
             fp = fingerprint(open_model(model))
         acc = StatsAccumulator(counts.n_layer, counts.n_expert)

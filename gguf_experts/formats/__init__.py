@@ -1,11 +1,3 @@
-"""Formats other tools write (and we write back): llama-imatrix GGUF, tracer JSON statistics, llama-expert-profile
-REAP JSON, llama-moe-trace CSV, mbolt MBLT, fitz-tec RTRACE01. Detected by content. Ordered formats load as a
-TraceData, count-only formats as ExpertCounts. See README "Formats other tools write"."""
-from __future__ import annotations
-
-from .counts import ExpertCounts
-from .load import FORMATS, Input, NeedsTraceError, detect_format, load_counts, load_trace, open_input
-from .write import COUNT_WRITERS, ORDERED_WRITERS, write_counts, write_ordered
-
-__all__ = ["ExpertCounts", "FORMATS", "Input", "NeedsTraceError", "detect_format", "load_counts", "load_trace",
-           "open_input", "COUNT_WRITERS", "ORDERED_WRITERS", "write_counts", "write_ordered"]
+"""Other tools' files: one module per format (imatrix, tracer_json, reap_json, moe_trace_csv, mblt, rtrace,
+csvlog), detected by content and loaded by load.py, written back by write.py; counts.py holds ExpertCounts.
+Import names from their modules: this package re-exports nothing."""

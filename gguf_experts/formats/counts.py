@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import ModelFingerprint, TraceData
-
-if TYPE_CHECKING:
-    from ..join import Counts
+from ..gguf.fingerprint import ModelFingerprint
+from ..trace.format import TraceData
 
 PREFILL, DECODE = 0, 1
 
@@ -75,12 +73,6 @@ class ExpertCounts:
             flat += np.bincount((c.experts + base[:, None]).ravel(), minlength=2 * L * M)
             tok += np.bincount(c.phase.astype(np.int64) * L + c.layer, minlength=2 * L)
         return out
-
-    def to_join_counts(self) -> Counts:
-        """join's Counts (activations, rows per (layer, phase)) for byte heat."""
-        from ..join import Counts
-
-        return Counts(self.activations.astype(np.int64), self.tokens.T.copy())
 
     def check_model(self, fp: ModelFingerprint, where: str) -> None:
         """Refuse counts that cannot come from this model (more experts or layers, another top-k)."""

@@ -11,15 +11,14 @@ Counts are stored as F32: exact up to 2^24 per expert.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import numpy as np
 
 from ..errors import GGUFFormatError, InputError
+from ..gguf.names import exps_weight
 from .counts import PREFILL, ExpertCounts
 
-COUNTS_RE = re.compile(r"^blk\.(\d+)\.(ffn_\w*_exps)\.weight\.counts$")
 PREFERRED = ("ffn_down_exps", "ffn_gate_up_exps", "ffn_up_exps", "ffn_gate_exps")
 
 
@@ -35,7 +34,7 @@ def _f32(path: str, offset: int, count: int, byteorder: str) -> np.ndarray:
 def read_imatrix(path: str | os.PathLike[str], k: int | None = None) -> ExpertCounts:
     """Per (layer, expert) routing counts of an imatrix GGUF; tokens per layer = counts / k (k from the
     model), else chunk_count x chunk_size."""
-    from ..gguf_file import read_header
+    from ..gguf.reader import read_header
 
     where = str(path)
     h = read_header(path)
@@ -44,8 +43,8 @@ def read_imatrix(path: str | os.PathLike[str], k: int | None = None) -> ExpertCo
                          "--model)")
     per: dict[int, dict[str, np.ndarray]] = {}
     for t in h.tensors:
-        m = COUNTS_RE.match(t.name)
-        if not m:
+        m = exps_weight(t.name, ".counts")
+        if m is None:
             continue
         if t.type.name != "F32" or len(t.ne) < 2 or t.ne[0] != 1:
             raise GGUFFormatError(f"{where}: {t.name} is {t.type.name} {list(t.ne)}, expected F32 [1, n_expert]")
@@ -56,7 +55,7 @@ def read_imatrix(path: str | os.PathLike[str], k: int | None = None) -> ExpertCo
         if not np.isfinite(v).all() or (v < 0).any() or (v != np.rint(v)).any():
             raise InputError(f"{where}: {t.name} holds values that are not counts (negative, fractional or "
                              "not finite); the file is damaged")
-        per.setdefault(int(m.group(1)), {})[m.group(2)] = v.astype(np.int64)
+        per.setdefault(m[0], {})[m[1]] = v.astype(np.int64)
     if not per:
         raise InputError(f"{where}: imatrix has no *_exps.counts tensors (a dense model, or a legacy "
                          "imatrix without per-expert counts); nothing to say about experts")
@@ -89,10 +88,10 @@ def write_imatrix(path: str | os.PathLike[str], counts: ExpertCounts, model: Any
 
     A routing trace has no activations, so ``in_sum2`` is set to the counts (mean square 1 for every column:
     a neutral importance, the same as quantizing without an imatrix); only the counts carry information."""
-    from ..gguf_writer import TensorSpec, write_gguf
+    from ..gguf.writer import TensorSpec, write_gguf
 
     kv_w: dict[str, Any] = {}
-    exps = sorted((t for t in model.tensors if re.match(r"^blk\.\d+\.ffn_\w*_exps\.weight$", t.name)
+    exps = sorted((t for t in model.tensors if exps_weight(t.name) is not None
                    and len(t.ne) == 3), key=lambda t: t.name)
     if not exps:
         raise InputError(f"{model.path}: no *_exps expert tensors; an imatrix of expert counts needs a MoE model")

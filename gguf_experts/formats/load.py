@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..trace.format import MAGIC as TRACE_MAGIC
-from ..trace.format import ModelFingerprint, TraceData, TraceHeader
+from ..gguf.fingerprint import ModelFingerprint
+from ..trace.format import TraceData, TraceHeader
 from . import moe_trace_csv
 from .counts import ExpertCounts
 
@@ -51,7 +52,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "rtrace"
     if head.startswith(b"GGUF") or head[:4] == b"FUGG":
         from ..errors import GGUFExpertsError, TraceFormatError
-        from ..gguf_file import read_header
+        from ..gguf.reader import read_header
         from .imatrix import is_imatrix
 
         try:
@@ -137,29 +138,11 @@ class Input:
 def _model_fp(model: Any) -> tuple[ModelFingerprint | None, Any]:
     if model is None:
         return None, None
-    from ..gguf_file import Model, open_model
-    from ..layout import fingerprint
+    from ..gguf.reader import Model, open_model
+    from ..gguf.fingerprint import fingerprint
 
     m = model if isinstance(model, Model) else open_model(model)
     return fingerprint(m), m
-
-
-def fingerprint_for(where: str, fp: ModelFingerprint | None, n_layer: int, n_expert: int, k: int
-                    ) -> ModelFingerprint:
-    """The model's fingerprint after checking the file against it, or one made of what the file says."""
-    if fp is None:
-        return ModelFingerprint(architecture="unknown", n_layer=n_layer, n_expert=n_expert, n_expert_used=k,
-                                tensor_digest="", type_digest="")
-    bad = []
-    if n_expert != fp.n_expert:
-        bad.append(f"{n_expert} experts vs the model's {fp.n_expert}")
-    if n_layer > fp.n_layer:
-        bad.append(f"layer {n_layer - 1} vs the model's {fp.n_layer} layers")
-    if k != fp.n_expert_used:
-        bad.append(f"top-{k} vs the model's top-{fp.n_expert_used}")
-    if bad:
-        raise InputError(f"{where}: not from this model ({'; '.join(bad)}); pass the model it was made with")
-    return fp
 
 
 def _needs_model(path: str, fmt: str) -> InputError:
@@ -217,7 +200,7 @@ def open_input(path: str | os.PathLike[str], model: Any = None, max_rows: int = 
 
 
 def _csv_log(path: str, fp: ModelFingerprint) -> TraceData:
-    from ..trace.csvlog import read_csv_log
+    from .csvlog import read_csv_log
     from ..trace.format import concat
 
     header = TraceHeader(version=1, fingerprint=fp, meta={"converted_from": path, "source_format": "csv"})

@@ -13,7 +13,8 @@ import warnings
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import ModelFingerprint, TraceData, TraceRecoveryWarning
+from ..gguf.fingerprint import ModelFingerprint
+from ..trace.format import TraceData, TraceRecoveryWarning
 from .passes import records_to_trace, trace_records
 
 MAGIC = 0x544C424D
@@ -64,7 +65,7 @@ def read_records(path: str | os.PathLike[str]) -> tuple[int, int, np.ndarray, np
 
 def read_mblt(path: str | os.PathLike[str], fp: ModelFingerprint | None = None) -> TraceData:
     """An MBLT file as a TraceData; ``fp`` (the model's) is checked against the file, else made from it."""
-    from .load import fingerprint_for
+    from ..gguf.fingerprint import fingerprint_for
 
     n_expert, k, rec_layer, rec_n, ids = read_records(path)
     n_layer = int(rec_layer.max()) + 1 if len(rec_layer) else 0

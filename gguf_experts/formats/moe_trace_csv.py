@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..trace.format import ModelFingerprint, TraceData
+from ..gguf.fingerprint import ModelFingerprint
+from ..trace.format import TraceData
 from .passes import records_to_trace, trace_records
 
 LINE = re.compile(rb"^\s*\d+\s*,\s*-?\d+\s*$")

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..trace.format import PHASE_DECODE, PHASE_PREFILL, ModelFingerprint, TraceData, TraceHeader
+from ..trace.format import PHASE_DECODE, PHASE_PREFILL, TraceData, TraceHeader
+from ..gguf.fingerprint import ModelFingerprint
 
 
 def records_to_trace(rec_layer: np.ndarray, rec_n: np.ndarray, ids: np.ndarray, fp: ModelFingerprint,

@@ -19,7 +19,8 @@ from typing import IO
 import numpy as np
 
 from ..errors import InputError
-from ..trace.format import PHASE_DECODE, ModelFingerprint, TraceData, TraceHeader, TraceRecoveryWarning
+from ..trace.format import PHASE_DECODE, TraceData, TraceHeader, TraceRecoveryWarning
+from ..gguf.fingerprint import ModelFingerprint
 
 MAGIC = b"RTRACE01"
 HEADER = 16

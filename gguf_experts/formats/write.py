@@ -65,7 +65,7 @@ def write_counts(fmt: str, counts: ExpertCounts, path: str | os.PathLike[str], m
     if fmt == "imatrix":
         if model is None:
             raise InputError("--format imatrix needs --model (the *_exps tensor names and shapes)")
-        from ..gguf_file import Model, open_model
+        from ..gguf.reader import Model, open_model
         from .imatrix import write_imatrix
 
         write_imatrix(path, counts, model if isinstance(model, Model) else open_model(model))

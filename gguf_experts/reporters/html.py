@@ -26,7 +26,7 @@ import pandas as pd
 from ..analysis.diff import ShareDiff, top_changes
 from ..atomic import atomic_write
 from ..errors import InputError
-from ..join import HeatResult
+from ..heat import HeatResult
 from .tabular import human_bytes
 
 MAX_CURVE_POINTS = 160
@@ -103,7 +103,7 @@ def strip_tensors(heat: HeatResult, tensors: pd.DataFrame | None, layers: np.nda
     slot = g.cumcount().to_numpy(dtype=np.int64)  # position in the tensor (file order)
     if not np.array_equal(sl["offset"].to_numpy(dtype=np.int64), first + slot * size):
         raise InputError("expert slices of one tensor are not contiguous and equal-sized; the byte map is "
-                         "inconsistent (regenerate it with gguf_experts.layout)")
+                         "inconsistent (regenerate it with gguf_experts.gguf.layout)")
     exp = g.agg(file=("file", "first"), offset=("offset", "min"), slice=("size", "first"), n=("expert", "size"),
                 layer=("layer", "first")).reset_index().rename(columns={"base_name": "name"})
     # a pruned model's slices carry the original expert ids (prune_map): slot s of a tensor is expert ids[s]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..gguf_file import Model
-from ..layout import component_summary, expert_bytes, per_token_bytes
+from ..gguf.reader import Model
+from ..gguf.layout import component_summary, expert_bytes, per_token_bytes
 from .tabular import frame_to_table, human_bytes
 
 

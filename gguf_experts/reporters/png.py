@@ -13,7 +13,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import GGUFExpertsError, InputError
-from ..join import HeatResult
+from ..heat import HeatResult
 
 NEVER_USED = "#d9d9d9"
 DPI = 100

@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceFormatError
-from ..fingerprint import STRICT_FIELDS as _STRICT_FIELDS  # noqa: F401  (re-exported until users move)
-from ..fingerprint import ModelFingerprint, check_fingerprint
+from ..gguf.fingerprint import ModelFingerprint
 
 MAGIC = b"GGEXTRC\x00"
 VERSION = 1
@@ -195,8 +194,8 @@ def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
 
 __all__ = [
     "MAGIC", "VERSION", "VERSION_HISTORY", "REC_MARKER", "FLAG_WEIGHTS", "PHASE_PREFILL", "PHASE_DECODE",
-    "ModelFingerprint", "TraceHeader", "TraceData", "TraceRecoveryWarning", "check_fingerprint",
-    "encode_header", "decode_header", "record_length", "concat", "crc32_rows",
+    "TraceHeader", "TraceData", "TraceRecoveryWarning", "encode_header", "decode_header", "record_length", "concat",
+    "crc32_rows",
 ]
 
 

@@ -17,20 +17,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from .format import (
-    CRC_BYTES,
-    FIXED_WORDS,
-    FLAG_WEIGHTS,
-    KNOWN_FLAGS,
-    REC_MARKER,
-    RECORD_FIXED,
-    TraceData,
-    TraceHeader,
-    concat,
-    crc32_rows,
-    decode_header,
-    header_size_needed,
-    record_length,
-    warn_recovered,
+    CRC_BYTES, FIXED_WORDS, FLAG_WEIGHTS, KNOWN_FLAGS, REC_MARKER, RECORD_FIXED, TraceData, TraceHeader, concat,
+    crc32_rows, decode_header, header_size_needed, record_length, warn_recovered,
 )
 
 DEFAULT_MAX_ROWS = 1 << 17  # small chunks stay in cache and in the malloc heap: fastest (bench_join.py)
@@ -60,7 +48,7 @@ def _read_header(f: BinaryIO, where: str) -> TraceHeader:
     raw = first + f.read(max(0, need - len(first)))
     header = decode_header(raw, where)
     if header.meta.get("fingerprint_pending"):  # written by `run`'s C tracer (env form): fill from the model
-        from .run import complete_header
+        from .pending import complete_header  # lazily: it reads the model for the fingerprint
 
         header = complete_header(header, where)
     return header

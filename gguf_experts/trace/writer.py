@@ -15,17 +15,9 @@ import numpy as np
 
 from ..errors import InputError
 from .format import (
-    CRC_BYTES,
-    FIXED_WORDS,
-    FLAG_WEIGHTS,
-    PHASES,
-    REC_MARKER,
-    RECORD_FIXED,
-    ModelFingerprint,
-    crc32_rows,
-    encode_header,
-    record_length,
+    CRC_BYTES, FIXED_WORDS, FLAG_WEIGHTS, PHASES, REC_MARKER, RECORD_FIXED, crc32_rows, encode_header, record_length,
 )
+from ..gguf.fingerprint import ModelFingerprint
 
 _CRC = struct.Struct("<I")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import GGUFExpertsError, LiveUnavailableError
+from ...errors import GGUFExpertsError, LiveUnavailableError
 
 INSTALL_HINT = "pip install 'gguf-experts[live]'"
 

@@ -23,16 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import GGUFExpertsError, InputError
-from .format import MAGIC, TraceHeader
+from ...errors import GGUFExpertsError, InputError
+from ..format import MAGIC, TraceHeader
+from ..pending import sequences_path
 
-PRELOAD_DIR = Path(__file__).with_name("preload")  # ggexp.h and the ggexp_*.c it declares
+PRELOAD_DIR = Path(__file__).parent  # ggexp.h and the ggexp_*.c it declares, next to this module
 LIB_NAME = "libggexp_preload.so"
 ENV_TRACE, ENV_WEIGHTS, ENV_MODE = "GGUF_EXPERTS_TRACE", "GGUF_EXPERTS_WEIGHTS", "GGUF_EXPERTS_MODE"
 MODES = ("callback", "keepalive")
 CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu11")
-#: sidecar columns, one line per trace sequence (written by the C side as sequences start)
-SEQ_COLUMNS = ("seq", "context", "llama_seq_id", "request", "first_pos")
 
 
 class PreloadBuildError(GGUFExpertsError):
@@ -88,49 +87,6 @@ def build_preload(cc: str | None = None) -> Path:
 
 
 # -- finalising the trace ----------------------------------------------------------------------------------
-def sequences_path(trace: str | os.PathLike[str]) -> Path:
-    return Path(f"{os.fspath(trace)}.seqs")
-
-
-def read_sequences(path: Path) -> list[dict[str, int]]:
-    """The sidecar's lines as dicts (a torn last line, from a killed program, is dropped)."""
-    rows: list[dict[str, int]] = []
-    try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        return rows
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if len(parts) != len(SEQ_COLUMNS) or not all(p.lstrip("-").isdigit() for p in parts):
-            continue
-        rows.append(dict(zip(SEQ_COLUMNS, map(int, parts))))
-    return rows
-
-
-def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> TraceHeader:
-    """A header written by the C tracer with the digests still pending: filled from the model file it names
-    (and its sequence map from the sidecar), in memory. Unchanged when the model is gone (join then refuses)."""
-    meta = header.meta
-    if not meta.get("fingerprint_pending"):
-        return header
-    from .capture import model_fingerprint
-
-    meta = dict(meta)
-    fp = header.fingerprint
-    model = meta.get("model_path")
-    if isinstance(model, str) and os.path.exists(model):
-        try:
-            fp = model_fingerprint(model)
-            meta["fingerprint_pending"] = False
-        except GGUFExpertsError:
-            pass
-    if "sequences" not in meta:
-        seqs = read_sequences(Path(trace).with_name(str(meta.get("sequences_file", ""))))
-        meta["sequences"] = [[r[c] for c in SEQ_COLUMNS] for r in seqs]
-        meta["sequence_columns"] = list(SEQ_COLUMNS)
-    return TraceHeader(version=header.version, fingerprint=fp, meta=meta, size=header.size)
-
-
 def _encode_json_header(version: int, doc: dict[str, Any], size: int | None) -> bytes:
     """Header bytes with the JSON padded to exactly ``size`` bytes in total (or the shortest valid length)."""
     body = json.dumps(doc).encode("utf-8")
@@ -150,7 +106,7 @@ def finalize(trace: str | os.PathLike[str], extra_meta: dict[str, Any] | None = 
     In place when the new header fits the space the C side reserved (the usual case), else the file is
     rewritten through a temp file and renamed. The sidecar is removed once its content is in the header.
     """
-    from .reader import read_trace_header
+    from ..reader import read_trace_header
 
     path = Path(trace)
     header = read_trace_header(path)  # already completed by the reader (complete_header)
@@ -169,7 +125,7 @@ def finalize(trace: str | os.PathLike[str], extra_meta: dict[str, Any] | None = 
             os.fsync(f.fileno())
     except ValueError:  # too many sequences for the reserved space: rewrite the file
         raw = _encode_json_header(header.version, doc, None)
-        from ..atomic import atomic_path
+        from ...atomic import atomic_path
 
         with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
             dst.write(raw)

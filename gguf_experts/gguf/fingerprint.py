@@ -13,11 +13,11 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, ModelMismatchError, TraceFormatError
+from ..errors import InputError, ModelMismatchError, TraceFormatError
 from .metadata import LLAMA_MAX_EXPERTS, LLAMA_MAX_LAYERS
 
 if TYPE_CHECKING:
-    from .gguf_file import Model
+    from .reader import Model
 
 #: fields that must agree for a trace to belong to a model; type_digest (the quantization) may differ
 STRICT_FIELDS = ("architecture", "n_layer", "n_expert", "n_expert_used", "tensor_digest")
@@ -103,7 +103,7 @@ def fingerprint(model: Model) -> ModelFingerprint:
 
 def model_fingerprint(model_path: str | os.PathLike[str]) -> ModelFingerprint:
     """The fingerprint of a MoE model file (capture, profile); a dense model is refused."""
-    from .gguf_file import open_model
+    from .reader import open_model
 
     fp = fingerprint(open_model(model_path))
     if not fp.n_expert or not fp.n_expert_used:
@@ -148,3 +148,21 @@ def check_same_model(a: ModelFingerprint, b: ModelFingerprint, name_a: str, name
 
 __all__ = ["STRICT_FIELDS", "ModelFingerprint", "QuantizationMismatchWarning", "check_fingerprint", "check_model",
            "check_same_model", "fingerprint", "model_fingerprint"]
+
+
+def fingerprint_for(where: str, fp: ModelFingerprint | None, n_layer: int, n_expert: int, k: int
+                    ) -> ModelFingerprint:
+    """The model's fingerprint after checking the file against it, or one made of what the file says."""
+    if fp is None:
+        return ModelFingerprint(architecture="unknown", n_layer=n_layer, n_expert=n_expert, n_expert_used=k,
+                                tensor_digest="", type_digest="")
+    bad = []
+    if n_expert != fp.n_expert:
+        bad.append(f"{n_expert} experts vs the model's {fp.n_expert}")
+    if n_layer > fp.n_layer:
+        bad.append(f"layer {n_layer - 1} vs the model's {fp.n_layer} layers")
+    if k != fp.n_expert_used:
+        bad.append(f"top-{k} vs the model's top-{fp.n_expert_used}")
+    if bad:
+        raise InputError(f"{where}: not from this model ({'; '.join(bad)}); pass the model it was made with")
+    return fp

@@ -16,8 +16,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import GGUFFormatError, ShardError
-from .ggml_types import GGMLType, ggml_type
+from ..errors import GGUFFormatError, ShardError
+from .names import layer_of
+from .types import GGMLType, ggml_type
 
 if TYPE_CHECKING:  # numpy is imported where a big array is loaded: `dump` never needs it (start-up)
     import numpy as np
@@ -91,7 +92,7 @@ class LazyArray:
                 dt = np.dtype(self.byteorder + SCALAR_FORMATS[self.element_type][1])
                 arr = np.frombuffer(mm, dtype=dt, count=self.count, offset=self.offset).copy()
                 return arr.astype(bool) if self.element_type == ValueType.BOOL else arr
-            p = _Parser(mm, self.path, self.byteorder, 2)
+            p = Parser(mm, self.path, self.byteorder, 2)
             p.off = self.offset
             return [p.value(self.element_type, decode_all=True) for _ in range(self.count)]
 
@@ -138,7 +139,7 @@ class GGUFHeader:
         return self.kv.get(key, default)
 
 
-class _Parser:
+class Parser:
     def __init__(self, buf: Any, path: Path, byteorder: str, version: int) -> None:
         self.buf = buf
         self.path = path
@@ -282,7 +283,7 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
             return _parse(mm, path, file_size)
 
 
-def _read_kv(p: _Parser, n_kv: int, path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+def _read_kv(p: Parser, n_kv: int, path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """The metadata: key -> value and key -> GGUF value type; a key given twice is refused."""
     kv: dict[str, Any] = {}
     kv_types: dict[str, int] = {}
@@ -299,7 +300,7 @@ def _read_kv(p: _Parser, n_kv: int, path: Path) -> tuple[dict[str, Any], dict[st
 
 def _parse(buf: Any, path: Path, file_size: int) -> GGUFHeader:
     bo, version = _detect(buf, path)
-    p = _Parser(buf, path, bo, version)
+    p = Parser(buf, path, bo, version)
     p.off = 8
     n_tensors = p.u64("tensor count")
     n_kv = p.u64("metadata count")
@@ -392,7 +393,7 @@ class Model:
     def block_count(self) -> int:
         n = self.key("block_count")
         if n is None:
-            layers = [_layer_of(t.name) for t in self.tensors]
+            layers = [layer_of(t.name) for t in self.tensors]
             n = max((x for x in layers if x is not None), default=-1) + 1
         return int(n)
 
@@ -435,14 +436,6 @@ class Model:
                        "alignment": s.alignment, "version": s.version,
                        "byteorder": "little" if s.byteorder == "<" else "big"} for s in self.shards],
         }
-
-
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
-
-
-def _layer_of(name: str) -> int | None:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def open_model(path: str | os.PathLike[str]) -> Model:

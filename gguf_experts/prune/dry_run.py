@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_file import Model
-from .layout import kind_of, split_name
-from .prune import PrunePlan, out_tensors, routing_semantics
+from ..gguf.reader import Model
+from ..gguf.layout import kind_of
+from ..gguf.names import split_name
+from .cut import PrunePlan, out_tensors, routing_semantics
 
 
 def iter_layer_rows(model: Model, plan: PrunePlan) -> Iterator[dict[str, Any]]:
@@ -38,7 +39,7 @@ def dry_run(model: Model, plan: PrunePlan, trace: str | os.PathLike[str] | None 
     """What a prune would do: per layer the kept and dropped experts and bytes; with a trace of the source,
     the share of selections that hit dropped experts and of tokens whose routing would change, and bytes
     read per token at top-k before and after."""
-    from .layout import expert_bytes, per_token_bytes
+    from ..gguf.layout import expert_bytes, per_token_bytes
 
     rows = list(iter_layer_rows(model, plan))
     outs = out_tensors(model, plan)
@@ -51,8 +52,8 @@ def dry_run(model: Model, plan: PrunePlan, trace: str | os.PathLike[str] | None 
         "routing_changes": routing.changes, "routing": routing.text}
     if trace is None:
         return rows, summary
-    from .join import check_model
-    from .trace.reader import iter_trace_chunks, read_trace_header
+    from ..gguf.fingerprint import check_model
+    from ..trace.reader import iter_trace_chunks, read_trace_header
 
     header = read_trace_header(trace)
     check_model(header.fingerprint, model, str(trace))

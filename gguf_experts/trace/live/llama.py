@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import InputError
-from ..fingerprint import ModelFingerprint
-from .format import PHASE_DECODE, PHASE_PREFILL
+from ...errors import InputError
+from ...gguf.fingerprint import ModelFingerprint
+from ..format import PHASE_DECODE, PHASE_PREFILL
 from .ggml_ctypes import CaptureError, LlamaLog, ThreadPool, load_llama_cpp
 from .probe import ASK_PROTO, WEIGHT_STAGES, Collector
 
@@ -69,7 +69,7 @@ class TracedLlama:
         self._model = self._ctx = None
         self._batch: Any = None
         self._pool: ThreadPool | None = None
-        from ..gguf_file import open_model
+        from ...gguf.reader import open_model
 
         open_model(model_path)  # the metadata checks first: llama.cpp aborts the process on some bad values
         mp = lc.llama_model_default_params()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import GGUFExpertsError, InputError, LiveUnavailableError
+from ..atomic import atomic_path
+from ..errors import GGUFExpertsError, InputError
 
 ARCHES = ("qwen3moe", "gpt-oss")
 #: --quant name -> llama_ftype (checked against llama_cpp.LLAMA_FTYPE_* in tests)
@@ -126,7 +126,7 @@ def estimate_bytes(arch: str = "qwen3moe", n_layer: int = 4, n_expert: int = 16,
 
 def written_types(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
     """{"experts" / "other": {ggml type name: tensor count}} of a written model: what it really holds."""
-    from .gguf_file import open_model
+    from ..gguf.reader import open_model
 
     out: dict[str, dict[str, int]] = {"experts": {}, "other": {}}
     for t in open_model(path).tensors:
@@ -199,7 +199,7 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
 
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str, threads: int = 0) -> Path:
     """Re-quantize ``src`` into ``dst`` with llama.cpp's own ``llama_model_quantize`` (atomically)."""
-    from .trace.ggml_ctypes import LlamaLog, load_llama_cpp
+    from ..trace.live.ggml_ctypes import LlamaLog, load_llama_cpp
 
     if quant not in QUANT_FTYPES:
         raise InputError(f"quantize: {quant!r} is not one of {', '.join(QUANT_FTYPES)}")
@@ -261,13 +261,6 @@ def demo_model_path(arch: str = "qwen3moe") -> Path:
 
 
 __all__ = [
-    "ARCHES",
-    "QUANT_FTYPES",
-    "LiveUnavailableError",
-    "ModelBuildError",
-    "cache_dir",
-    "demo_model_path",
-    "make_tiny_model",
-    "quantize",
+    "ARCHES", "QUANT_FTYPES", "ModelBuildError", "cache_dir", "demo_model_path", "make_tiny_model", "quantize",
     "write_float_model",
 ]

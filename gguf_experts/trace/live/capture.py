@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..fingerprint import ModelFingerprint, model_fingerprint
-from ..prompts import cannot_fit
-from .ggml_ctypes import CaptureError, ThreadPool
+from ...errors import InputError
+from ...gguf.fingerprint import ModelFingerprint, model_fingerprint
+from .prompts import cannot_fit
 from .llama import MemorySink, Sink, TracedLlama
-from .probe import EXTRA_NAMES, WEIGHT_STAGES
 
-__all__ = ["CaptureError", "CaptureResult", "EXTRA_NAMES", "MemorySink", "ModelFingerprint", "Recorder", "Sink",
-           "ThreadPool", "TracedLlama", "WEIGHT_STAGES", "capture", "model_fingerprint"]
+__all__ = ["CaptureResult", "Recorder", "capture"]
 
 
 class Recorder:
@@ -55,9 +52,9 @@ class Recorder:
                           seq_counter=self._seqs)
         try:
             if self.sink is None:
-                from ..gguf_file import open_model
-                from ..prune_map import META_KEY, mapping_of
-                from .writer import TraceWriter
+                from ...gguf.reader import open_model
+                from ...gguf.expert_ids import META_KEY, mapping_of
+                from ..writer import TraceWriter
 
                 meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
                         "n_ubatch": n_ubatch, "weights": self.weights,

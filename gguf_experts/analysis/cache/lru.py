@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 COLD = -1  # distance of a first use (a compulsory miss at every capacity)
 _BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))

@@ -10,17 +10,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import GGUFFormatError
-from .fingerprint import fingerprint  # noqa: F401  (re-exported: its home is gguf_experts.fingerprint)
-from .gguf_file import Model, TensorInfo
+from ..errors import GGUFFormatError
+from .names import split_name
+from .reader import Model, TensorInfo
 
 if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = ["name", "base_name", "expert_id", "layer", "component", "ggml_type",
            "ne0", "ne1", "ne2", "ne3", "file", "offset", "size"]
-
-_NAME_RE = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<comp>.+?)(?:\.weight)?$")
 
 # component pattern -> kind, first match wins (gguf-py-style declarative table).
 KIND_PATTERNS: list[tuple[re.Pattern[str], str]] = [
@@ -33,14 +31,6 @@ KIND_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^token_embd"), "token_embd"),
     (re.compile(r"^output$"), "output"),
 ]
-
-
-def split_name(name: str) -> tuple[int | None, str]:
-    """(layer, component) of a tensor name: blk.3.ffn_up_exps.weight -> (3, 'ffn_up_exps')."""
-    m = _NAME_RE.match(name)
-    if m:
-        return int(m["layer"]), m["comp"]
-    return None, name[:-len(".weight")] if name.endswith(".weight") else name
 
 
 def kind_of(component: str) -> str:

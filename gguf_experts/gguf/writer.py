@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write
-from .ggml_types import GGMLType, by_name, ggml_type
-from .gguf_file import SCALAR_FORMATS, ValueType
+from ..atomic import atomic_write
+from .types import GGMLType, by_name, ggml_type
+from .reader import SCALAR_FORMATS, ValueType
 
 Typed = tuple[ValueType, Any]
 

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, TraceFormatError
-from .fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_fingerprint, check_model
+from .formats.counts import ExpertCounts
+from .gguf.fingerprint import ModelFingerprint, QuantizationMismatchWarning, check_fingerprint, check_model
 from .trace.format import TraceData, TraceHeader
 from .trace.reader import DEFAULT_MAX_ROWS, iter_trace_chunks
 
@@ -37,6 +38,11 @@ class Counts:
     records: int = 0
     recovered: bool = False
     dropped_bytes: int = 0
+
+    @classmethod
+    def from_expert_counts(cls, counts: ExpertCounts) -> Counts:
+        """A count-only input (imatrix, REAP JSON, ...) as join's counts: activations, rows per (layer, phase)."""
+        return cls(counts.activations.astype(np.int64), counts.tokens.T.copy())
 
     @property
     def tokens(self) -> np.ndarray:
@@ -206,18 +212,17 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     Raises ModelMismatchError when the trace was captured from another model; warns
     (QuantizationMismatchWarning) when only the quantization differs.
     """
-    from .gguf_file import Model, open_model
-    from .formats.counts import ExpertCounts
-    from .layout import expert_slices
-    from .prune_map import model_view, to_original
+    from .gguf.reader import Model, open_model
+    from .gguf.layout import expert_slices
+    from .gguf.expert_ids import model_view, to_original
 
     m = model if isinstance(model, Model) else open_model(model)
     if isinstance(trace, ExpertCounts):  # a count-only input (imatrix, tracer or REAP JSON): no sequences
-        from .layout import fingerprint
+        from .gguf.fingerprint import fingerprint
 
         fp = fingerprint(m)
         trace.check_model(fp, trace.source or "counts")
-        res = heat(trace.resized(fp.n_layer).to_join_counts(), expert_slices(m), model_name=m.name,
+        res = heat(Counts.from_expert_counts(trace.resized(fp.n_layer)), expert_slices(m), model_name=m.name,
                    files=[s.path.name for s in m.shards])
         res.summary["source_format"] = trace.source
         return res
@@ -227,8 +232,8 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
         raise InputError(f"{where}: no trace data given")
     fp0 = first.header.fingerprint
     if not fp0.tensor_digest:  # made from a foreign log without the model: checked by shape, then counted as its
-        from .formats.load import fingerprint_for
-        from .layout import fingerprint
+        from .gguf.fingerprint import fingerprint_for
+        from .gguf.fingerprint import fingerprint
 
         mfp = fingerprint(m)
         fingerprint_for(where, mfp, fp0.n_layer, fp0.n_expert, fp0.n_expert_used)

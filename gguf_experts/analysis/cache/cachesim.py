@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ...errors import InputError
 from .cache import CURVE_COLUMNS, GlobalLRU, LayerLRU, curve_frame, simulate, smallest_capacity
 from .opt import opt_histograms
 from .policies import simulate_lfuda, simulate_s3fifo

@@ -13,7 +13,6 @@ import contextlib
 import csv
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,25 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import GGUFFormatError, InputError, ModelMismatchError
-from .gguf_file import (
-    SPLIT_COUNT,
-    SPLIT_NO,
-    SPLIT_TENSORS,
-    Model,
-    TensorInfo,
-    ValueType,
-)
-from .gguf_stream import (
-    RangeCopier,
-    TensorEntry,
-    encode_header,
-    encode_kv,
-    source_kv_entries,
-)
-from .layout import kind_of, split_name
-from .prune_map import PREFIX, mapping_of
+from ..atomic import atomic_path
+from ..errors import GGUFFormatError, InputError, ModelMismatchError
+from ..gguf.reader import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, Model, TensorInfo, ValueType
+from ..gguf.stream import RangeCopier, TensorEntry, encode_header, encode_kv, source_kv_entries
+from ..gguf.layout import kind_of
+from ..gguf.names import legacy_expert, split_name
+from ..gguf.expert_ids import PREFIX, mapping_of
 
 BY = ("reap", "frequency", "never-used")
 
@@ -166,7 +153,7 @@ def _floats(v: Any, n: int, where: str) -> np.ndarray:
 
 
 def _scores_from_json(doc: Any, p: Path, n_expert: int) -> Scores:
-    from .analysis.reap import FORMAT
+    from ..analysis.reap import FORMAT
 
     if not isinstance(doc, dict):
         raise InputError(f"--plan {p}: expected a JSON object")
@@ -222,8 +209,9 @@ def _drops_from_csv(text: str, p: Path) -> DropList:
 
 def trace_scores(trace: str | os.PathLike[str], model: Model) -> Scores:
     """Selections per (layer, expert) of a trace captured from this model (checked by fingerprint)."""
-    from .join import check_model, count_chunks
-    from .trace.reader import iter_trace_chunks, read_trace_header
+    from ..gguf.fingerprint import check_model
+    from ..heat import count_chunks
+    from ..trace.reader import iter_trace_chunks, read_trace_header
 
     header = read_trace_header(trace)
     check_model(header.fingerprint, model, str(trace))
@@ -243,7 +231,7 @@ def _order(counts: np.ndarray, reap: np.ndarray | None) -> np.ndarray:
 def build_plan(model: Model, source: Scores | DropList, by: str | None = None, keep: int | None = None,
                keep_fraction: float | None = None) -> PrunePlan:
     """Validate a plan against the model and turn it into kept ids per MoE layer (equal counts)."""
-    from .fingerprint import fingerprint
+    from ..gguf.fingerprint import fingerprint
 
     n, k = model.expert_count, model.expert_used_count
     layers = moe_layers(model)
@@ -385,7 +373,6 @@ def is_per_expert(t: TensorInfo, plan: PrunePlan) -> bool:
     return True
 
 
-_LEGACY_EXPERT = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<ffn>ffn_gate|ffn_down|ffn_up)\.(?P<expert>\d+)\.weight$")
 
 
 @dataclass
@@ -399,16 +386,16 @@ def out_tensors(model: Model, plan: PrunePlan) -> list[OutTensor]:
     """Every tensor of the output, in source order, with the source byte runs its data is made of."""
     out = []
     for t in model.tensors:
-        legacy = _LEGACY_EXPERT.match(t.name)  # old Mixtral files: one 2-D tensor per expert
-        if legacy and int(legacy["layer"]) in plan.keep:
-            kept_ids = plan.keep[int(legacy["layer"])]
-            e = int(legacy["expert"])
+        legacy = legacy_expert(t.name)  # old Mixtral files: one 2-D tensor per expert
+        if legacy and legacy[0] in plan.keep:
+            layer, ffn, e = legacy
+            kept_ids = plan.keep[layer]
             if e >= plan.n_expert:
                 raise GGUFFormatError(f"{t.file}: tensor {t.name!r} names expert {e} of {plan.n_expert}; the file "
                                       "is inconsistent")
             pos = int(np.searchsorted(kept_ids, e))
             if pos < len(kept_ids) and kept_ids[pos] == e:  # kept: renumbered to its place among the kept
-                name = f"blk.{legacy['layer']}.{legacy['ffn']}.{pos}.weight"
+                name = f"blk.{layer}.{ffn}.{pos}.weight"
                 out.append(OutTensor(TensorEntry(name, tuple(t.ne), t.type.id, t.nbytes), t,
                                      [(t.offset, 0, t.nbytes)]))
             continue
@@ -430,7 +417,7 @@ def out_tensors(model: Model, plan: PrunePlan) -> list[OutTensor]:
 
 def output_kv(model: Model, plan: PrunePlan, routing: Routing) -> list[bytes]:
     """The source's metadata (raw) with expert_count changed, split keys removed and the mapping added."""
-    from .fingerprint import fingerprint
+    from ..gguf.fingerprint import fingerprint
 
     first = model.shards[0]
     bo = first.byteorder

@@ -16,8 +16,9 @@ import pandas as pd
 
 from ..errors import InputError
 from ..strictio import check_field_counts, decode_text
-from .format import PHASE_DECODE, ModelFingerprint, TraceData, encode_header
-from .writer import encode_records
+from ..trace.format import PHASE_DECODE, TraceData, encode_header
+from ..gguf.fingerprint import ModelFingerprint
+from ..trace.writer import encode_records
 
 PLAIN_PREFIX = "# token_id,layer_id"
 DETAIL_FIXED = ["seq", "phase", "pos", "token", "layer"]

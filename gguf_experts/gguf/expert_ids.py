@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ModelMismatchError
+from ..errors import ModelMismatchError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .gguf_file import Model
+    from .reader import Model
     from .fingerprint import ModelFingerprint
-    from .trace.format import TraceData, TraceHeader
+    from ..trace.format import TraceData, TraceHeader
 
 PREFIX = "gguf_experts.prune."
 META_KEY = "prune"  # in a trace header's meta

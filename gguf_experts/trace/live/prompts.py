@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import InputError
-from .strictio import check_encodable, iter_jsonl, read_text
+from ...errors import InputError
+from ...strictio import check_encodable, iter_jsonl, read_text
 
 #: --jsonl: (prompt keys, response keys) tried in order; a record's text is prompt + response
 JSONL_PROMPT_KEYS = ("prompt", "instruction", "question", "input", "text")

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import GGUFFormatError
+from ..errors import GGUFFormatError
+from .names import layer_of
 
 if TYPE_CHECKING:
-    from .gguf_file import GGUFHeader, Model
+    from .reader import GGUFHeader, Model
 
 #: src/llama-hparams.h of the llama.cpp that llama-cpp-python vendors (checked: 0.3.36)
 LLAMA_MAX_LAYERS = 512
@@ -139,11 +140,9 @@ def check_model(model: Model) -> None:
 def _check_tensors(model: Model, n_layer: int | None, n_expert: int | None) -> None:
     """Layers and expert counts that the tensors imply must match the metadata where it states them (join
     sizes its arrays by it); a byte map needs only the tensors, so a file without the keys is not refused."""
-    from .gguf_file import _layer_of
-
     arch = model.architecture
     for t in model.tensors:
-        layer = _layer_of(t.name)
+        layer = layer_of(t.name)
         if n_layer is not None and layer is not None and layer >= n_layer:
             raise _fail(str(t.file), f"tensor {t.name!r} is in layer {layer} but {arch}.block_count = {n_layer}")
         if n_expert is not None and len(t.ne) >= 3 and "_exps." in t.name and t.ne[2] != n_expert:

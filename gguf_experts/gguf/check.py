@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .gguf_file import GGUF_MAGIC, Model, open_model
+from ..errors import InputError
+from .reader import GGUF_MAGIC, Model, open_model
 from .layout import byte_map
 
 FINDING_COLUMNS = ["kind", "file", "name", "other", "start", "end", "bytes", "detail"]
@@ -59,7 +59,7 @@ def load_ranges(path: str | os.PathLike[str]) -> RangeSet:
 
 
 def _load_json(path: Path) -> RangeSet:
-    from .strictio import load_json
+    from ..strictio import load_json
 
     doc = load_json(path, "JSON byte map")
     hint = "expected the output of `gguf-experts dump --format json`"
@@ -96,7 +96,7 @@ def _load_csv(path: Path) -> RangeSet:
     """Every row must have one field per column (pandas would silently shift a row with one extra)."""
     import io
 
-    from .strictio import check_field_counts, decode_text
+    from ..strictio import check_field_counts, decode_text
 
     raw = path.read_bytes()
     text = decode_text(raw, str(path), "CSV byte map")

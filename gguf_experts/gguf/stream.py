@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFFormatError
-from .gguf_file import GGUF_MAGIC, SCALAR_FORMATS, GGUFHeader, ValueType, _Parser
-from .gguf_writer import Encoder
+from ..errors import GGUFFormatError
+from .reader import GGUF_MAGIC, SCALAR_FORMATS, GGUFHeader, ValueType, Parser
+from .writer import Encoder
 
 COPY_CHUNK = 64 << 20  # bytes per copy call: big enough for throughput, small enough for a smooth progress bar
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
@@ -29,7 +29,7 @@ def source_kv_entries(header: GGUFHeader) -> dict[str, bytes]:
     """Each metadata entry of ``header`` as its raw bytes (key, type, value), in file order."""
     out: dict[str, bytes] = {}
     with open(header.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        p = _Parser(mm, header.path, header.byteorder, header.version)
+        p = Parser(mm, header.path, header.byteorder, header.version)
         p.off = 24  # magic, version, tensor count, kv count
         for _ in range(len(header.kv)):
             start = p.off

@@ -22,15 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
-from .lru import (
-    COLD,
-    ChunkDistances,
-    StackState,
-    chunk_distances,
-    chunk_rows_for,
-)
-from .stats import check_ids
+from ...errors import InputError
+from .lru import COLD, ChunkDistances, StackState, chunk_distances, chunk_rows_for
+from ..stats import check_ids
 
 CURVE_COLUMNS = ["layer", "policy", "capacity", "accesses", "hits", "hit_rate", "bytes_fetched"]
 GAP_CAP = 4096  # working-set windows up to this many tokens are exact

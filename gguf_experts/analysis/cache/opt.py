@@ -31,9 +31,9 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ...errors import InputError
 from .cache import curve_frame, layer_streams
-from .stats import check_ids
+from ..stats import check_ids
 
 MAX_TOKENS = 1 << 31  # tokens per layer (int32 rows); an expert not requested again has next use T
 _UNSEEN = 1 << 41  # key time of experts never requested yet: below everything, never resident

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ...errors import InputError
 from .cache import curve_rows, layer_streams
-from .stats import check_ids
+from ..stats import check_ids
 
 _NONE = np.int64(-1) << np.int64(62)  # priority of slots that are not candidates
 

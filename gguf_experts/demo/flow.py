@@ -49,12 +49,12 @@ def run_demo(out_dir: str | os.PathLike[str] = DEFAULT_DIR, model: str | os.Path
              progress: Callable[[int], None] | None = None) -> DemoResult:
     """Capture the demo prompts (sequence i = kind i) into out_dir/demo.bin and join it with the model,
     per kind and over all."""
-    from .gguf_file import open_model
-    from .join import join
-    from .reporters.model_table import model_table
+    from ..gguf.reader import open_model
+    from ..heat import join
+    from ..reporters.model_table import model_table
     from .tinymodel import demo_model_path
-    from .trace.capture import capture
-    from .trace.reader import read_trace
+    from ..trace.live.capture import capture
+    from ..trace.reader import read_trace
 
     path = Path(model) if model is not None else demo_model_path()
     m = open_model(path)
@@ -69,7 +69,7 @@ def run_demo(out_dir: str | os.PathLike[str] = DEFAULT_DIR, model: str | os.Path
             for i, (kind, _) in enumerate(DEMO_PROMPTS)]
     everything = join(tpath, m)
     hot = everything.experts.sort_values("activations", ascending=False, kind="stable").head(8)
-    from .report import demo_report
+    from ..report import demo_report
 
     report = demo_report(out, tpath, m, [k for k, _ in DEMO_PROMPTS])
     return DemoResult(model_path=path, out_dir=out, model_text=model_table(m), kinds=pd.DataFrame(rows),
