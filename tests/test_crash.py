@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gguf_experts.crash import describe_signal
-from gguf_experts.trace import preflight
+from gguf_experts.trace.live import preflight
 
 SIGILL_C = r"""
 #include <signal.h>

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import GGUFExpertsError, InputError
+from ..usercache import cache_dir
 
 ARCHES = ("qwen3moe", "gpt-oss")
 #: --quant name -> llama_ftype (checked against llama_cpp.LLAMA_FTYPE_* in tests)
@@ -236,15 +237,6 @@ def make_tiny_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: 
         return quantize(src, path, quant)
 
 
-def cache_dir() -> Path:
-    """$GGUF_EXPERTS_CACHE, else $XDG_CACHE_HOME/gguf-experts, else ~/.cache/gguf-experts."""
-    env = os.environ.get("GGUF_EXPERTS_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gguf-experts"
-
-
 def demo_model_path(arch: str = "qwen3moe") -> Path:
     """The demo model, generated on first use into the cache dir (temp file + rename, so never half-written)."""
     tag = hashlib.sha1(f"{arch}-{DEMO_SEED}-{GENERATOR_VERSION}".encode()).hexdigest()[:8]
@@ -261,6 +253,6 @@ def demo_model_path(arch: str = "qwen3moe") -> Path:
 
 
 __all__ = [
-    "ARCHES", "QUANT_FTYPES", "ModelBuildError", "cache_dir", "demo_model_path", "make_tiny_model", "quantize",
+    "ARCHES", "QUANT_FTYPES", "ModelBuildError", "demo_model_path", "make_tiny_model", "quantize",
     "write_float_model",
 ]

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..crash import describe_signal, signal_of_status
-from ..errors import LiveUnavailableError
+from ...crash import describe_signal, signal_of_status
+from ...errors import LiveUnavailableError
+from ...usercache import cache_dir
 
 ENV_CHILD = "GGUF_EXPERTS_PREFLIGHT_CHILD"
 ENV_SKIP = "GGUF_EXPERTS_NO_PREFLIGHT"  # for programs that already checked (and for the child itself)
@@ -44,13 +45,11 @@ def build_id(libs: list[Path]) -> str:
 
 
 def _marker(key: str) -> Path:
-    from ..tinymodel import cache_dir
-
     return cache_dir() / "preflight" / f"{key}.ok"
 
 
 def child_command(model: Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_experts.trace.preflight", str(model)]
+    return [sys.executable, "-m", "gguf_experts.trace.live.preflight_child", str(model)]
 
 
 def check_child(cmd: list[str], timeout: float = 300) -> None:
@@ -87,32 +86,3 @@ def ensure_runs() -> None:
         marker.touch()
     finally:
         model.unlink(missing_ok=True)
-
-
-def _child(model: str) -> int:
-    """In the child: a tiny Q8_0 model (llama.cpp's own quantizer), loaded and run for a few tokens."""
-    from ..tinymodel import make_tiny_model
-    from .ggml_ctypes import load_llama_cpp
-
-    path = Path(model)
-    if not path.exists():
-        make_tiny_model(path, quant="Q8_0")
-    lc = load_llama_cpp()
-    mparams = lc.llama_model_default_params()
-    m = lc.llama_model_load_from_file(str(path).encode(), mparams)
-    if not m:
-        return 1
-    cparams = lc.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 64, 16, 16
-    ctx = lc.llama_init_from_model(m, cparams)
-    if not ctx:
-        return 1
-    toks = (lc.llama_token * 8)(*range(3, 11))
-    rc = lc.llama_decode(ctx, lc.llama_batch_get_one(toks, 8))
-    lc.llama_free(ctx)
-    lc.llama_model_free(m)
-    return 0 if rc == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))
