@@ -49,6 +49,11 @@ class Recorder:
         fp = model_fingerprint(model_path)
         if self.fingerprint is not None and fp != self.fingerprint:
             raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
+        from .iostat import IoCounters, io_load, io_start
+
+        counters = IoCounters()
+        start = counters.snapshot()
+        started = io_start(model_path, counters) if self.sink is None else None  # before the load: cold or warm
         # load the model first: a model llama.cpp refuses leaves no trace file behind
         llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
                           n_threads=n_threads, n_gpu_layers=n_gpu_layers, observe_extra=observe_extra,
@@ -61,7 +66,8 @@ class Recorder:
 
                 meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
                         "n_ubatch": n_ubatch, "weights": self.weights,
-                        "llama_cpp_python": getattr(llm.lc, "__version__", "?"), **self.meta}
+                        "llama_cpp_python": getattr(llm.lc, "__version__", "?"),
+                        "io_start": started, "io_load": io_load(start, counters.snapshot()), **self.meta}
                 pruned = mapping_of(open_model(model_path).kv)
                 if pruned is not None:  # analyses read this trace in the original model's expert ids
                     meta[META_KEY] = pruned.to_dict()
@@ -69,6 +75,8 @@ class Recorder:
         except BaseException:
             llm.close()
             raise
+        finally:
+            counters.close()
         llm.sink = self.sink
         self.fingerprint = fp
         self._llms.append(llm)

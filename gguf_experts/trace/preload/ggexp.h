@@ -12,7 +12,7 @@
  * Structure: "sources" get each MoE layer's top-k ids (and weights) of one ubatch into a sched_st (callback:
  * the eval callback observes ffn_moe_topk-N; keepalive: the argsort is flagged as a graph output so it stays
  * alive, and is read after the compute). The "reading" part maps ubatch rows to token, position, sequence and
- * phase and appends CRC'd trace.bin v1 records (docs/trace-format.md), one write() per ubatch.
+ * phase and appends CRC'd trace.bin v2 records (and one measurement record per ubatch) (docs/trace-format.md), one write() per ubatch.
  */
 #ifndef GGEXP_H
 #define GGEXP_H
@@ -132,6 +132,8 @@ struct layer_buf {
     float *w;
     uint8_t have;
 };
+/* measured I/O (ggexp_io.c): the process's counters at one moment (-1: unknown) */
+struct io_snap { int64_t read_bytes, majflt, ns; };
 struct sched_st {
     void *sched;
     eval_cb_t prog_cb;
@@ -166,6 +168,8 @@ struct sched_st {
     size_t cap_pinned;
     uint8_t *out;
     size_t n_outbuf, cap_outbuf;
+    /* measured I/O of this ubatch: before the graph compute, and when the compute returned */
+    struct io_snap io0, io1;
 };
 struct llama_embd { const float *data; size_t n_rows, n_embd; };
 
@@ -204,5 +208,9 @@ struct layer_buf *layer_buf(struct sched_st *s, int layer);
 void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span);
 void prepare(struct sched_st *s, void *gf);
 void emit(struct sched_st *s);
+/* ggexp_io.c */
+void io_snap(struct io_snap *s);
+void io_start_capture(const char *model_path);
+int io_json(char *dst, size_t cap, const struct io_snap *first);
 
 #endif

@@ -135,6 +135,7 @@ EXPORT void *gguf_init_from_file(const char *fname, struct gguf_init_params para
     snprintf(key, sizeof key, "%s.expert_used_count", arch);
     long k = gguf_uint(g, key);
     if (n_expert <= 0 || k <= 0) return g;
+    if (g_n_models == 0) io_start_capture(fname); /* before the first MoE model's weights are mapped */
     pthread_mutex_lock(&g_lock);
     if (g_n_models < MAX_MODELS) {
         struct model_ent *m = &g_models[g_n_models++];
