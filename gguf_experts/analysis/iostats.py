@@ -87,7 +87,9 @@ def io_document(io: IoTable | None, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _gib(v: Any) -> str:
-    return "unknown" if v is None else f"{float(v) / 2**30:.2f} GiB"
+    from ..reporters.tabular import human_bytes
+
+    return "unknown" if v is None else human_bytes(float(v))
 
 
 def start_line(meta: dict[str, Any]) -> str:

@@ -46,14 +46,16 @@ class Recorder:
 
     def llama(self, model_path: str | os.PathLike[str], n_ctx: int = 2048, n_ubatch: int = 512,
               n_threads: int | None = None, n_gpu_layers: int = 0, observe_extra: bool = False) -> TracedLlama:
-        fp = model_fingerprint(model_path)
-        if self.fingerprint is not None and fp != self.fingerprint:
-            raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
         from .iostat import IoCounters, io_load, io_start
 
         counters = IoCounters()
         start = counters.snapshot()
-        started = io_start(model_path, counters) if self.sink is None else None  # before the load: cold or warm
+        # before anything reads the model (even its header: read-ahead brings in megabytes): cold or warm
+        started = io_start(model_path, counters) if self.sink is None else None
+        fp = model_fingerprint(model_path)
+        if self.fingerprint is not None and fp != self.fingerprint:
+            counters.close()
+            raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
         # load the model first: a model llama.cpp refuses leaves no trace file behind
         llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
                           n_threads=n_threads, n_gpu_layers=n_gpu_layers, observe_extra=observe_extra,

@@ -211,6 +211,7 @@ void emit(struct sched_st *s);
 /* ggexp_io.c */
 void io_snap(struct io_snap *s);
 void io_start_capture(const char *model_path);
+void io_start_freeze(void);
 int io_json(char *dst, size_t cap, const struct io_snap *first);
 
 #endif

@@ -36,7 +36,7 @@ void io_snap(struct io_snap *s) {
 
 /* ---- at start -------------------------------------------------------------------------------------------- */
 static struct {
-    int taken;
+    int taken, frozen;
     struct io_snap snap;
     int64_t mem_available, resident, size, read_ahead_kb, page_size;
 } g_start;
@@ -115,10 +115,11 @@ static int64_t read_ahead_kb(const char *path) {
     return kb;
 }
 
-/* Before the first MoE model is loaded (gguf_init_from_file of its first shard): memory, residency of every shard
- * (NAME-00001-of-0000N.gguf), read-ahead, and the process counters (io_load is the load's share). */
+/* Before a GGUF's header is read (gguf_init_from_file), until the first MoE model is found (io_start_freeze): memory,
+ * residency of every shard (NAME-00001-of-0000N.gguf), read-ahead, and the process counters (io_load is the load's
+ * share). Taken before the header read: read-ahead around it would bring in megabytes of the file. */
 void io_start_capture(const char *path) {
-    if (g_start.taken) return;
+    if (g_start.frozen) return;
     g_start.taken = 1;
     g_start.mem_available = mem_available();
     g_start.page_size = sysconf(_SC_PAGESIZE);
@@ -141,6 +142,8 @@ void io_start_capture(const char *path) {
     }
     io_snap(&g_start.snap);
 }
+
+void io_start_freeze(void) { g_start.frozen = g_start.taken; }
 
 static void num(char *dst, size_t cap, int64_t v) {
     if (v < 0) snprintf(dst, cap, "null");
