@@ -191,3 +191,18 @@ def test_llama_server_requests_are_measured(tmp_path: Path, model: Path) -> None
         assert int((mine & (io.phase == 0)).sum()) >= 1
     r2 = subprocess.run([*GGE, "stats", str(t), "--by", "io", "-f", "table"], capture_output=True, text=True)
     assert r2.returncode == 0 and "decode" in r2.stdout and "prefill" in r2.stdout
+
+
+def test_run_without_measuring_writes_the_same_routing(tmp_path: Path, model: Path, script: Path) -> None:
+    """GGUF_EXPERTS_MEASURE=0 (the benchmarks' knob): no measurement records, io_start null, same expert rows."""
+    build_preload()
+    out = {}
+    for knob in ("1", "0"):
+        t = tmp_path / f"m{knob}.bin"
+        r = subprocess.run([*GGE, "run", "-o", str(t), "--", sys.executable, str(script), str(model), "4", PROMPTS[1]],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "GGUF_EXPERTS_MEASURE": knob})
+        assert r.returncode == 0, r.stderr
+        out[knob] = read_trace(t)
+    on, off = out["1"], out["0"]
+    assert on.io is not None and len(on.io) > 0 and off.io is None and off.header.meta["io_start"] is None
+    assert np.array_equal(on.experts, off.experts) and np.array_equal(on.pos, off.pos)

@@ -8,6 +8,7 @@
  *   GGUF_EXPERTS_TRACE=path   the trace.bin to write (unset: the library only forwards, it records nothing)
  *   GGUF_EXPERTS_WEIGHTS=1    also record the gate weights the model applies (the last weight stage)
  *   GGUF_EXPERTS_MODE=callback|keepalive   how the data is obtained (the "source"; records are the same)
+ *   GGUF_EXPERTS_MEASURE=0    no measurement records (measured I/O per ubatch is on by default; for benchmarks)
  *
  * Structure: "sources" get each MoE layer's top-k ids (and weights) of one ubatch into a sched_st (callback:
  * the eval callback observes ffn_moe_topk-N; keepalive: the argsort is flagged as a graph output so it stays
@@ -209,6 +210,7 @@ void take(struct sched_st *s, const struct gt *t, int what, int layer, const uin
 void prepare(struct sched_st *s, void *gf);
 void emit(struct sched_st *s);
 /* ggexp_io.c */
+int io_enabled(void); /* GGUF_EXPERTS_MEASURE=0 turns measuring off */
 void io_snap(struct io_snap *s);
 void io_start_capture(const char *model_path);
 void io_start_freeze(void);

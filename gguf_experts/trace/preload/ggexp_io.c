@@ -10,9 +10,18 @@
 #include <sys/sysmacros.h>
 #include <time.h>
 
-static int g_io_fd = -1;
+static int g_io_fd = -1, g_io_off;
 static pthread_once_t g_io_once = PTHREAD_ONCE_INIT;
-static void io_open(void) { g_io_fd = open("/proc/self/io", O_RDONLY | O_CLOEXEC); }
+static void io_open(void) {
+    const char *e = getenv("GGUF_EXPERTS_MEASURE"); /* 0: no measurement records (benchmarks of their cost) */
+    g_io_off = e && strcmp(e, "0") == 0;
+    if (!g_io_off) g_io_fd = open("/proc/self/io", O_RDONLY | O_CLOEXEC);
+}
+
+int io_enabled(void) {
+    pthread_once(&g_io_once, io_open);
+    return !g_io_off;
+}
 
 static int64_t proc_read_bytes(void) {
     pthread_once(&g_io_once, io_open);
@@ -26,6 +35,7 @@ static int64_t proc_read_bytes(void) {
 }
 
 void io_snap(struct io_snap *s) {
+    if (!io_enabled()) return;
     s->read_bytes = proc_read_bytes();
     struct rusage ru;
     s->majflt = getrusage(RUSAGE_SELF, &ru) == 0 ? (int64_t)ru.ru_majflt : -1;
@@ -152,7 +162,7 @@ static void num(char *dst, size_t cap, int64_t v) {
 
 /* The header meta's "io_start" and "io_load" (the latter up to `first`: the start of the first traced ubatch). */
 int io_json(char *dst, size_t cap, const struct io_snap *first) {
-    if (!g_start.taken) return snprintf(dst, cap, "\"io_start\": null");
+    if (!g_start.taken || !io_enabled()) return snprintf(dst, cap, "\"io_start\": null");
     char mem[32], res[32], ra[32], rb[32], mf[32], lrb[32], lmf[32];
     num(mem, sizeof mem, g_start.mem_available);
     num(res, sizeof res, g_start.resident);

@@ -371,6 +371,7 @@ static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, co
 /* The ubatch's measurement (docs/trace-format.md): deltas from before the compute to its return; a counter that
  * could not be read sets its flag (bit 0 read_bytes, bit 1 majflt) and is stored as 0. */
 static void put_measure(struct sched_st *s, int32_t seq, int phase, int n_tokens) {
+    if (!io_enabled()) return;
     uint8_t *p = out_reserve(s, MEAS_LEN);
     if (!p) return;
     const struct io_snap *a = &s->io0, *b = &s->io1;
