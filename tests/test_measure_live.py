@@ -199,8 +199,9 @@ def test_run_without_measuring_writes_the_same_routing(tmp_path: Path, model: Pa
     out = {}
     for knob in ("1", "0"):
         t = tmp_path / f"m{knob}.bin"
+        env = {**os.environ, "GGUF_EXPERTS_MEASURE": knob}
         r = subprocess.run([*GGE, "run", "-o", str(t), "--", sys.executable, str(script), str(model), "4", PROMPTS[1]],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "GGUF_EXPERTS_MEASURE": knob})
+                           capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
         out[knob] = read_trace(t)
     on, off = out["1"], out["0"]
