@@ -207,3 +207,26 @@ def test_run_without_measuring_writes_the_same_routing(tmp_path: Path, model: Pa
     on, off = out["1"], out["0"]
     assert on.io is not None and len(on.io) > 0 and off.io is None and off.header.meta["io_start"] is None
     assert np.array_equal(on.experts, off.experts) and np.array_equal(on.pos, off.pos)
+
+
+def test_report_draws_measured_io_and_says_when_absent(tmp_path: Path, model: Path) -> None:
+    import re
+    import xml.etree.ElementTree as ET
+
+    from gguf_experts.report import build_report
+    from gguf_experts.reporters.html import render_html
+
+    t = tmp_path / "t.bin"
+    capture(model, PROMPTS, t, n_predict=6, n_ctx=256, n_ubatch=16, n_threads=2, ignore_eos=True)
+    page = render_html(build_report([str(t)], model, cache=False))
+    assert "Measured I/O: disk reads and major faults" in page and "Per phase" in page
+    svgs = re.findall(r"<svg [^>]*role=\"img\".*?</svg>", page)
+    assert len(svgs) == 2  # bytes and faults over time
+    for s in svgs:
+        root = ET.fromstring(s)  # well-formed
+        paths = [e for e in root.iter() if e.tag.endswith("path")]
+        assert len(paths) == 1 and paths[0].get("d", "").count("L") >= 2
+    d = read_trace(t)
+    no_io = TraceData(**{**d.__dict__, "io": None})
+    page = render_html(build_report([no_io], model, cache=False))
+    assert "no measured I/O in this trace" in page and "<svg" not in page.split("Measured I/O")[1].split("<h2")[0]
