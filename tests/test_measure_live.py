@@ -159,7 +159,7 @@ def test_llama_server_requests_are_measured(tmp_path: Path, model: Path) -> None
     from test_run_server import free_port, post, wait_healthy
 
     r = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "scripts" / "build_llama_tools.sh")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env={**os.environ, "PY": sys.executable})
     if r.returncode != 0:
         pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
     server = Path(r.stdout.strip().splitlines()[-1]) / "llama-server"
