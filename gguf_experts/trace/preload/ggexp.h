@@ -13,7 +13,8 @@
  * Structure: "sources" get each MoE layer's top-k ids (and weights) of one ubatch into a sched_st (callback:
  * the eval callback observes ffn_moe_topk-N; keepalive: the argsort is flagged as a graph output so it stays
  * alive, and is read after the compute). The "reading" part maps ubatch rows to token, position, sequence and
- * phase and appends CRC'd trace.bin v2 records (and one measurement record per ubatch) (docs/trace-format.md), one write() per ubatch.
+ * phase and appends CRC'd trace.bin v2 records (docs/trace-format.md), one write() per ubatch: every MoE layer's
+ * record, then the ubatch's measured I/O (ggexp_io.c).
  */
 #ifndef GGEXP_H
 #define GGEXP_H

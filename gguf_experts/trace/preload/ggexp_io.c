@@ -129,7 +129,7 @@ static int64_t read_ahead_kb(const char *path) {
  * residency of every shard (NAME-00001-of-0000N.gguf), read-ahead, and the process counters (io_load is the load's
  * share). Taken before the header read: read-ahead around it would bring in megabytes of the file. */
 void io_start_capture(const char *path) {
-    if (g_start.frozen) return;
+    if (g_start.frozen || !io_enabled()) return;
     g_start.taken = 1;
     g_start.mem_available = mem_available();
     g_start.page_size = sysconf(_SC_PAGESIZE);
