@@ -87,6 +87,37 @@ def snapshot_us(n: int = 20000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+C_SNAPSHOT_MAIN = r"""
+#include "ggexp.h"
+#include <time.h>
+int main(void) {
+    struct io_snap s;
+    io_snap(&s); /* opens /proc/self/io */
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < 200000; i++) io_snap(&s);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 200000.0);
+    return s.read_bytes < 0;
+}
+"""
+
+
+def c_snapshot_us(tmp: Path) -> float | None:
+    """Microseconds of one io_snap() of the C tracer (preload/ggexp_io.c, compiled here with a timing loop)."""
+    from gguf_experts.trace.run import PRELOAD_DIR
+
+    src = tmp / "snap_main.c"
+    src.write_text(C_SNAPSHOT_MAIN)
+    exe = tmp / "snap"
+    r = subprocess.run(["cc", "-O2", "-std=gnu11", f"-I{PRELOAD_DIR}", "-o", str(exe), str(src),
+                        str(PRELOAD_DIR / "ggexp_io.c"), "-lpthread"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    return float(out.stdout) / 1000 if out.returncode == 0 else None
+
+
 def make_model(workdir: Path, layers: int, experts: int, top_k: int, embd: int, ff: int) -> Path:
     big = workdir / f"big-{layers}x{experts}top{top_k}x{embd}x{ff}-q8_0.gguf"
     if not big.exists():
@@ -97,7 +128,8 @@ def make_model(workdir: Path, layers: int, experts: int, top_k: int, embd: int, 
     return big
 
 
-def _print(a: argparse.Namespace, fp: Any, rates: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+def _print(a: argparse.Namespace, fp: Any, rates: dict[str, list[float]], cpu: dict[str, list[float]],
+           c_snap: float | None) -> None:
     """Medians and ratios against the plain run of the same harness (and measured vs unmeasured I/O)."""
     med = {k: statistics.median(v) for k, v in rates.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
@@ -115,8 +147,11 @@ def _print(a: argparse.Namespace, fp: Any, rates: dict[str, list[float]], cpu: d
         if with_io in med and without in med:
             print(f"  measured I/O, {with_io}: wall ratio {med[with_io] / med[without]:.3f}, CPU-time ratio "
                   f"{cmed[with_io] / cmed[without]:.3f} (with / without measuring)")
-    print(f"  one I/O snapshot (Python, /proc/self/io pread + getrusage + clock): {snapshot_us():.1f} us; two per "
-          "ubatch")
+    step_us = 1e6 / med["llama-bench plain"]
+    for who, us in (("C tracer", c_snap), ("Python recorder", snapshot_us())):
+        if us is not None:
+            print(f"  one I/O snapshot ({who}: /proc/self/io pread + getrusage + clock): {us:.2f} us; two per ubatch "
+                  f"= {200 * us / step_us:.3f}% of a plain decode step ({step_us / 1000:.1f} ms)")
     if "python recorder" in overhead:
         py_over = overhead["python recorder"]
         for k in ("run (callback)", "run (keepalive)"):
@@ -142,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(a.workdir or td)
         tmp.mkdir(parents=True, exist_ok=True)
         model = make_model(tmp, a.layers, a.experts, a.top_k, a.embd, a.ff)
+        c_snap = c_snapshot_us(tmp)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("GGUF_EXPERTS_")}
         variants = {
             "llama-bench plain": base_env,
@@ -183,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             llm.close()
             if hasattr(llm.sink, "close"):
                 llm.sink.close()
-    _print(a, fp, rates, cpu)
+    _print(a, fp, rates, cpu, c_snap)
     return 0
 
 
