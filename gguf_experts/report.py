@@ -91,6 +91,20 @@ def cache_tables(trace: TraceSource, heat: HeatResult, opt: bool = True, opt_max
     return pd.concat(curves, ignore_index=True), lru.working_set(), notes
 
 
+def trace_io(trace: TraceSource) -> tuple[object, dict]:
+    """(IoTable or None, header meta) of a trace: its measured I/O, read in one streaming pass."""
+    from .trace.format import IoTable
+
+    if isinstance(trace, TraceData):
+        return trace.io, dict(trace.header.meta)
+    parts, meta = [], {}
+    for c in iter_trace_chunks(trace, weights=False):
+        meta = c.header.meta
+        if c.io is not None:
+            parts.append(c.io)
+    return (IoTable.concat(parts) if parts else None), dict(meta)
+
+
 def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model,
                  labels: Sequence[str] | None = None, cache: bool = True, opt: bool = True) -> ReportInput:
     """Load everything a report shows: join (and diff) the trace(s), byte map, cache curves, working sets,
@@ -112,12 +126,14 @@ def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model
                 view.notes = [f"cache curves and working sets left out: {name} holds counts only (no token order)"]
             else:
                 view.curves, view.working_set, view.notes = cache_tables(t, heat, opt=opt, model=m)
+        if not isinstance(t, ExpertCounts):
+            view.io, view.io_meta = trace_io(t)
         views.append(view)
     sources = [names[i] if isinstance(t, (TraceData, ExpertCounts)) else Path(t).name for i, t in enumerate(traces)]
     first = views[0]
     inp = ReportInput(heat=first.heat, tensors=byte_map(m), curves=first.curves, working_set=first.working_set,
                       sources=sources, labels=(names[0], names[-1]), notes=first.notes, label=names[0],
-                      more=views[1:])
+                      more=views[1:], io=first.io, io_meta=first.io_meta)
     if len(views) == 2:
         inp.diff = diff_frames(views[0].heat.experts, views[1].heat.experts, views[0].heat.layers,
                                views[1].heat.layers)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""`gguf-experts run` overhead: decode tokens/s of an unchanged llama-bench with and without the C tracer,
+"""`gguf-experts run` overhead: decode tokens/s of an unchanged llama-bench with and without the C tracer
+(and with and without its measured I/O per ubatch),
 and of the Python recorder (capture) against its own untraced run, all measured in one run.
 
 Model: the benchmark model of scripts/bench_capture.py (24 layers, 32 experts, top-8, n_embd 1024, expert ff
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +76,49 @@ def python_rate(llm: TracedLlama, n: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
 
 
+def snapshot_us(n: int = 20000) -> float:
+    """Microseconds of one IoCounters.snapshot() (the Python recorder takes two per ubatch)."""
+    from gguf_experts.trace.iostat import IoCounters
+
+    c = IoCounters()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c.snapshot()
+    c.close()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+C_SNAPSHOT_MAIN = r"""
+#include "ggexp.h"
+#include <time.h>
+int main(void) {
+    struct io_snap s;
+    io_snap(&s); /* opens /proc/self/io */
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < 200000; i++) io_snap(&s);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 200000.0);
+    return s.read_bytes < 0;
+}
+"""
+
+
+def c_snapshot_us(tmp: Path) -> float | None:
+    """Microseconds of one io_snap() of the C tracer (preload/ggexp_io.c, compiled here with a timing loop)."""
+    from gguf_experts.trace.preload.run import PRELOAD_DIR
+
+    src = tmp / "snap_main.c"
+    src.write_text(C_SNAPSHOT_MAIN)
+    exe = tmp / "snap"
+    r = subprocess.run(["cc", "-O2", "-std=gnu11", f"-I{PRELOAD_DIR}", "-o", str(exe), str(src),
+                        str(PRELOAD_DIR / "ggexp_io.c"), "-lpthread"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    return float(out.stdout) / 1000 if out.returncode == 0 else None
+
+
 def make_model(workdir: Path, layers: int, experts: int, top_k: int, embd: int, ff: int) -> Path:
     big = workdir / f"big-{layers}x{experts}top{top_k}x{embd}x{ff}-q8_0.gguf"
     if not big.exists():
@@ -82,6 +127,36 @@ def make_model(workdir: Path, layers: int, experts: int, top_k: int, embd: int, 
         quantize(f16, big, "Q8_0")
         f16.unlink()
     return big
+
+
+def _print(a: argparse.Namespace, fp: Any, rates: dict[str, list[float]], cpu: dict[str, list[float]],
+           c_snap: float | None) -> None:
+    """Medians and ratios against the plain run of the same harness (and measured vs unmeasured I/O)."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"model: {fp.n_layer} layers, {fp.n_expert} experts, top-{fp.n_expert_used}, n_embd {a.embd}, Q8_0; "
+          f"median of {a.rounds} rounds x {a.tokens} decode tokens, {a.threads} threads")
+    overhead: dict[str, float] = {}
+    for k in med:
+        base = "python plain" if k.startswith("python") else "llama-bench plain"
+        overhead[k] = 1 - cmed[k] / cmed[base]
+        print(f"  {k:26s} wall {med[k]:7.1f} tok/s (range {min(rates[k]):.1f}-{max(rates[k]):.1f}), ratio "
+              f"{med[k] / med[base]:.3f} | CPU time {cmed[k]:7.1f} tok/s, ratio {cmed[k] / cmed[base]:.3f} "
+              f"(overhead {100 * overhead[k]:+.1f}%)")
+    pairs = [("run (keepalive)", "run (keepalive, no I/O)"), ("python recorder", "python recorder, no I/O")]
+    for with_io, without in pairs:
+        if with_io in med and without in med:
+            print(f"  measured I/O, {with_io}: wall ratio {med[with_io] / med[without]:.3f}, CPU-time ratio "
+                  f"{cmed[with_io] / cmed[without]:.3f} (with / without measuring)")
+    step_us = 1e6 / med["llama-bench plain"]
+    for who, us in (("C tracer", c_snap), ("Python recorder", snapshot_us())):
+        if us is not None:
+            print(f"  one I/O snapshot ({who}: /proc/self/io pread + getrusage + clock): {us:.2f} us; two per ubatch "
+                  f"= {200 * us / step_us:.3f}% of a plain decode step ({step_us / 1000:.1f} ms)")
+    if "python recorder" in overhead:
+        py_over = overhead["python recorder"]
+        for k in ("run (callback)", "run (keepalive)"):
+            print(f"  {k}: CPU overhead {100 * overhead[k]:+.1f}% vs the Python recorder's {100 * py_over:+.1f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,12 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(a.workdir or td)
         tmp.mkdir(parents=True, exist_ok=True)
         model = make_model(tmp, a.layers, a.experts, a.top_k, a.embd, a.ff)
+        c_snap = c_snapshot_us(tmp)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("GGUF_EXPERTS_")}
         variants = {
             "llama-bench plain": base_env,
             "run (callback)": preload_env(lib, tmp / "run-cb.bin", False, "callback", base_env),
             "run (keepalive)": preload_env(lib, tmp / "run-ka.bin", False, "keepalive", base_env),
             "run --weights (callback)": preload_env(lib, tmp / "run-w.bin", True, "callback", base_env),
+            # measured I/O (one /proc/self/io pread + getrusage + clock_gettime before and after each ubatch): off
+            "run (keepalive, no I/O)": {**preload_env(lib, tmp / "run-ka0.bin", False, "keepalive", base_env),
+                                        "GGUF_EXPERTS_MEASURE": "0"},
         }
         rates: dict[str, list[float]] = {k: [] for k in variants}
         cpu: dict[str, list[float]] = {k: [] for k in variants}
@@ -117,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_python:
             py = {"python plain": TracedLlama(model, MemorySink(), fp, n_ctx=512, n_threads=a.threads, trace=False),
                   "python recorder": TracedLlama(model, TraceWriter(tmp / "py.bin", fp), fp, n_ctx=512,
-                                                 n_threads=a.threads)}
+                                                 n_threads=a.threads),
+                  "python recorder, no I/O": TracedLlama(model, TraceWriter(tmp / "py0.bin", fp), fp, n_ctx=512,
+                                                         n_threads=a.threads, measure=False)}
             for k, llm in py.items():
                 rates[k], cpu[k] = [], []
                 python_rate(llm, 8)  # page in the weights
@@ -139,21 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             llm.close()
             if hasattr(llm.sink, "close"):
                 llm.sink.close()
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    print(f"model: {fp.n_layer} layers, {fp.n_expert} experts, top-{fp.n_expert_used}, n_embd {a.embd}, Q8_0; "
-          f"median of {a.rounds} rounds x {a.tokens} decode tokens, {a.threads} threads")
-    overhead: dict[str, float] = {}
-    for k in med:
-        base = "python plain" if k.startswith("python") else "llama-bench plain"
-        overhead[k] = 1 - cmed[k] / cmed[base]
-        print(f"  {k:26s} wall {med[k]:7.1f} tok/s (range {min(rates[k]):.1f}-{max(rates[k]):.1f}), ratio "
-              f"{med[k] / med[base]:.3f} | CPU time {cmed[k]:7.1f} tok/s, ratio {cmed[k] / cmed[base]:.3f} "
-              f"(overhead {100 * overhead[k]:+.1f}%)")
-    if "python recorder" in overhead:
-        py_over = overhead["python recorder"]
-        for k in ("run (callback)", "run (keepalive)"):
-            print(f"  {k}: CPU overhead {100 * overhead[k]:+.1f}% vs the Python recorder's {100 * py_over:+.1f}%")
+    _print(a, fp, rates, cpu, c_snap)
     return 0
 
 

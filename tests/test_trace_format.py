@@ -26,7 +26,7 @@ from gguf_experts.trace.format import TraceData, TraceRecoveryWarning
 from gguf_experts.trace.writer import TraceWriter
 from gguf_experts.trace.reader import iter_trace_chunks, read_trace, read_trace_header
 from gguf_experts.formats.csvlog import encode_trace, infer_sequences, read_csv_log
-from gguf_experts.trace.format import VEC_CRC_MAX_BYTES, crc32_rows, record_length
+from gguf_experts.trace.format import VEC_CRC_MAX_BYTES, VERSION, crc32_rows, record_length
 from test_join import make_trace, tiny_model
 
 FP = ModelFingerprint("qwen3moe", 48, 128, 8, "t" * 32, "q" * 32)
@@ -256,8 +256,8 @@ def test_bad_magic_and_newer_version_give_friendly_errors(tmp_path: Path,
     _small_trace(good, 3)
     raw = good.read_bytes()
     cases = {"magic": (b"GGUF\x03\x00\x00\x00" + raw[8:], "not a gguf-experts trace"),
-             "version": (raw[:8] + struct.pack("<I", 7) + raw[12:],
-                         "trace version 7 is newer than this gguf-experts (reads 1); upgrade"),
+             "version": (raw[:8] + struct.pack("<I", VERSION + 1) + raw[12:],
+                         f"trace version {VERSION + 1} is newer than this gguf-experts (reads {VERSION}); upgrade"),
              "header": (raw[:20] + bytes([raw[20] ^ 1]) + raw[21:], "header checksum mismatch"),
              "short": (raw[:5], "truncated trace header")}
     for name, (data, msg) in cases.items():

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.stats import StatsAccumulator, expert_frame, layer_frame, sequence_frame, stats_document
+from ..analysis.iostats import io_document, io_text, sequence_io_frame
 from ..errors import InputError
 from ..gguf.fingerprint import ModelFingerprint
 from ..formats.write import COUNT_WRITERS, write_counts
@@ -15,6 +16,7 @@ from ..formats.load import Input
 from ..formats.rtrace import near_ties
 from ..formats.write import count_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, say_wrote, write_text
+from ..trace.format import IoTable
 from ._trace_input import add_trace_arguments, expert_bytes, open_any
 from ._types import at_least
 
@@ -33,8 +35,9 @@ NA_NOTE = ("no value: that layer or sequence has no tokens of that phase (e.g. n
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_arguments(p)
-    p.add_argument("--by", choices=("expert", "layer", "sequence"), default="expert",
-                   help="CSV/table rows: per (layer, expert) [default], per layer (imbalance), per sequence")
+    p.add_argument("--by", choices=("expert", "layer", "sequence", "io"), default="expert",
+                   help="CSV/table rows: per (layer, expert) [default], per layer (imbalance), per sequence, "
+                        "io: measured disk bytes and major faults per (sequence, phase)")
     p.add_argument("--top", type=at_least(1), default=5, metavar="N", help="experts per layer in the table (default 5)")
     p.add_argument("--tie-margin", type=float, default=1e-3, metavar="P",
                    help="RTRACE01 input: a token's choice is a near-tie when its k-th and (k+1)-th router "
@@ -51,8 +54,10 @@ def _margin_frame(layer: np.ndarray, margin: np.ndarray, n_layer: int, threshold
                          "near_tie_share": t["share"][ls], "median_margin": t["median_margin"][ls]})
 
 
-def _accumulate(inp: Input, model: str | None) -> tuple[StatsAccumulator, ModelFingerprint, bool]:
-    """Counts of any input in a StatsAccumulator, the fingerprint to report with, and whether phases are known."""
+def _accumulate(inp: Input, model: str | None, io: list[IoTable] | None = None
+                ) -> tuple[StatsAccumulator, ModelFingerprint, bool]:
+    """Counts of any input in a StatsAccumulator, the fingerprint to report with, and whether phases are known;
+    the chunks' measured I/O tables are appended to ``io``."""
     if inp.counts is not None:
         counts = inp.counts
         fp = counts.fingerprint()
@@ -69,6 +74,8 @@ def _accumulate(inp: Input, model: str | None) -> tuple[StatsAccumulator, ModelF
     acc = StatsAccumulator(fp.n_layer, fp.n_expert)
     for c in inp.chunks:
         acc.update(c.layer, c.experts, c.phase, c.seq)
+        if io is not None and c.io is not None:
+            io.append(c.io)
     return acc, fp, bool(inp.header.meta.get("phase_known", True))
 
 
@@ -88,7 +95,13 @@ def _write_counts(args: argparse.Namespace, inp: Input, acc: StatsAccumulator, f
 
 def run(args: argparse.Namespace) -> int:
     inp = open_any(args.trace, args.model)
-    acc, fp, phase_known = _accumulate(inp, args.model)
+    io_parts: list[IoTable] = []
+    acc, fp, phase_known = _accumulate(inp, args.model, io_parts)
+    io = IoTable.concat(io_parts) if io_parts else None
+    meta = inp.header.meta if inp.header is not None else {}
+    if args.by == "io" and io is None:
+        raise InputError(f"{args.trace}: --by io: no measured I/O in this trace (recorded from trace version 2 on "
+                         "by `capture` and `run`); capture or run again, or choose another --by")
     if args.format in COUNT_WRITERS:
         _write_counts(args, inp, acc, fp, phase_known)
         return 0
@@ -98,13 +111,14 @@ def run(args: argparse.Namespace) -> int:
     margins = (_margin_frame(inp.margin_layer, inp.margin, acc.n_layer, args.tie_margin)
                if inp.margin is not None and inp.margin_layer is not None else None)
     frames = {"expert": lambda: expert_frame(acc, eb), "layer": lambda: layer_frame(acc),
-              "sequence": lambda: sequence_frame(acc)}
+              "sequence": lambda: sequence_frame(acc), "io": lambda: sequence_io_frame(io or IoTable.empty())}
     df = frames[args.by]()
 
     def document() -> dict:
         doc = stats_document(acc, fp.n_expert_used, eb)
         doc["source_format"] = inp.format
         doc["phase_known"] = phase_known
+        doc["io"] = io_document(io, meta)
         if margins is not None:
             doc["near_ties"] = {"threshold": args.tie_margin,
                                 "share": float(margins["near_ties"].sum() / max(1, margins["rows"].sum())),
@@ -127,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
             share = margins["near_ties"].sum() / max(1, margins["rows"].sum())
             tail = (f"\nnear-ties (k-th minus (k+1)-th router probability < {args.tie_margin:g}): "
                     f"{share:.2%} of token-layer choices\n" + frame_to_table(margins.round(6)))
+        if args.by == "io":
+            return head + io_text(io, meta)
+        tail += io_text(io, meta)
         if args.by != "expert":
             return head + frame_to_table(df, na_note=NA_NOTE) + tail
         cols = ["layer", "tokens", "tokens_prefill", "tokens_decode", "activations", "never_activated",

@@ -43,6 +43,8 @@ class TraceView:
     curves: pd.DataFrame | None = None
     working_set: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    io: Any = None  # trace.format.IoTable: measured I/O per ubatch (trace version 2), None when absent
+    io_meta: dict[str, Any] | None = None  # the header meta (io_start, io_load); None: not a trace, no section
 
 
 @dataclass
@@ -61,11 +63,14 @@ class ReportInput:
     title: str | None = None
     label: str | None = None  # the first trace's name (default: its source file)
     more: list[TraceView] = field(default_factory=list)  # the other traces, each with its own numbers
+    io: Any = None  # the first trace's measured I/O (see TraceView)
+    io_meta: dict[str, Any] | None = None
 
     def views(self) -> list[TraceView]:
         """Every trace with its own numbers, the first one first."""
         first = self.label or (self.sources[0] if self.sources else "trace")
-        return [TraceView(first, self.heat, self.curves, self.working_set, self.notes), *self.more]
+        return [TraceView(first, self.heat, self.curves, self.working_set, self.notes, self.io, self.io_meta),
+                *self.more]
 
 
 def _asset(name: str) -> str:
@@ -449,6 +454,14 @@ def render_html(inp: ReportInput) -> str:
             '<span id="diff-scale"></span></div>'
             '<div class="panel"><canvas id="diffmap"></canvas></div>'
             "<p><b>Largest changes, 3 per layer</b></p>" + table_html(ch, max_rows=120))
+    if any(v.io_meta is not None for v in views):
+        from .io_chart import io_section
+
+        parts.append(f'<h2 id="io-h">Measured I/O: disk reads and major faults{vname}</h2>'
+                     '<p class="note">What the kernel really read from disk for this process (/proc/self/io '
+                     'read_bytes) and its major page faults, per ubatch, over the ubatches\' compute time; unlike '
+                     'the byte heat above (memory traffic), these are page-cache misses, read-ahead included.</p>'
+                     + _per_view(views, lambda v, i: io_section(v.io, v.io_meta or {}, table_html)))
     parts.append(f"<h2>Run summary{vname}</h2>" + _per_view(
         views, lambda v, i: table_html(_summary_rows(v.heat.summary, [v.label] if len(views) > 1 else inp.sources),
                                        left=("", "value"))))

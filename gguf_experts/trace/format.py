@@ -8,6 +8,9 @@ Layout (all little-endian; see docs/trace-format.md for the full table and versi
               | u32 n_tokens | u32 n_expert_used
               | i32 pos[n] | i32 token[n] | i32 experts[n*k] | (f32 weights[n*k] if flags & 1)
               | u32 crc32(all bytes of the record before it)
+    measure = u32 MEAS_MARKER | u32 48 | i32 seq | u8 phase | u8 flags | u16 0 | u32 n_tokens
+              | u64 read_bytes | u64 majflt | u64 wall_ns | u32 crc32     (version 2: one per ubatch, after
+              the ubatch's expert records)
 
 Every field is 4 bytes wide, so every record is a multiple of 4 bytes and numpy can view a run of
 equal-length records as a 2-D int32 array without copying.
@@ -27,10 +30,12 @@ from ..errors import TraceFormatError
 from ..gguf.fingerprint import ModelFingerprint
 
 MAGIC = b"GGEXTRC\x00"
-VERSION = 1
+VERSION = 2
 #: (version, what changed) for every version this code reads; docs/trace-format.md repeats it.
 VERSION_HISTORY: tuple[tuple[int, str], ...] = (
     (1, "first version: JSON header with fingerprint and meta; per (ubatch, layer) records with CRC32"),
+    (2, "measurement records (marker GEXM): per ubatch disk bytes read, major faults, wall time; "
+        "meta io_start / io_load"),
 )
 REC_MARKER = 0x52584547  # b"GEXR" read as a little-endian u32
 REC_MARKER_BYTES = struct.pack("<I", REC_MARKER)
@@ -39,6 +44,18 @@ KNOWN_FLAGS = FLAG_WEIGHTS
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
 PHASES = (PHASE_PREFILL, PHASE_DECODE)
+PHASE_MIXED = 2  # a measurement of a ubatch that holds prefill and decode rows (a server packing requests)
+MEAS_PHASES = (PHASE_PREFILL, PHASE_DECODE, PHASE_MIXED)
+SEQ_SEVERAL = -1  # a measurement of a ubatch that holds rows of several sequences
+
+# Measurement records (version 2): one per ubatch, after that ubatch's expert records.
+MEAS_MARKER = 0x4D584547  # b"GEXM" read as a little-endian u32
+MEAS_FLAG_NO_READ_BYTES = 1  # /proc/self/io could not be read: read_bytes is unknown (-1 in IoTable)
+MEAS_FLAG_NO_MAJFLT = 2  # getrusage failed: majflt is unknown
+MEAS_KNOWN_FLAGS = MEAS_FLAG_NO_READ_BYTES | MEAS_FLAG_NO_MAJFLT
+#: marker, rec_len, seq, phase, flags, reserved, n_tokens, read_bytes, majflt, wall_ns (then the CRC)
+MEAS_FIXED = struct.Struct("<IIiBBHIQQQ")
+MEAS_LEN = MEAS_FIXED.size + 4  # 48 bytes
 
 _HEADER_PREFIX = struct.Struct("<8sII")  # magic, version, json_len
 #: marker, rec_len, seq, phase, flags, reserved, layer, n_tokens, n_expert_used
@@ -127,7 +144,10 @@ def header_size_needed(raw: bytes) -> int:
 
 @dataclass
 class TraceData:
-    """A trace in memory: flat row-aligned arrays, one row per (token, MoE layer), in capture order."""
+    """A trace in memory: flat row-aligned arrays, one row per (token, MoE layer), in capture order.
+
+    ``io`` is a separate small table, one row per measured ubatch; ``select`` keeps it whole (it describes
+    the ubatches, not rows)."""
 
     seq: np.ndarray  # int32
     phase: np.ndarray  # uint8
@@ -140,6 +160,12 @@ class TraceData:
     recovered: bool = False  # the file had a damaged tail that was dropped
     dropped_bytes: int = 0
     n_records: int = 0
+    io: "IoTable | None" = None  # per-ubatch measurements (version 2 traces that carry them); None: none
+
+    @property
+    def measured(self) -> bool:
+        """Whether the trace carries measured I/O (at least one measurement record)."""
+        return self.io is not None and len(self.io) > 0
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -168,6 +194,46 @@ class TraceData:
 
 
 ROW_FIELDS = ("seq", "phase", "pos", "token", "layer", "experts")
+IO_FIELDS = ("seq", "phase", "n_tokens", "read_bytes", "majflt", "wall_ns", "row")
+
+
+@dataclass
+class IoTable:
+    """Measured I/O, one row per ubatch (trace version 2): why a separate table: there is one measurement per
+    ubatch, not per (token, layer) row.
+
+    ``read_bytes``: bytes the process read from storage during the ubatch (/proc/self/io, -1 unknown);
+    ``majflt``: major page faults (getrusage, -1 unknown); ``wall_ns``: wall time of the ubatch's compute;
+    ``phase``: 0 prefill, 1 decode, 2 mixed; ``seq``: the trace sequence, -1 when the ubatch held several;
+    ``row``: index of the first expert row after this measurement (the ubatch's rows end there).
+    """
+
+    seq: np.ndarray  # int32
+    phase: np.ndarray  # uint8
+    n_tokens: np.ndarray  # int64
+    read_bytes: np.ndarray  # int64
+    majflt: np.ndarray  # int64
+    wall_ns: np.ndarray  # int64
+    row: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    @classmethod
+    def empty(cls) -> "IoTable":
+        i8 = np.zeros(0, np.int64)
+        return cls(seq=np.zeros(0, np.int32), phase=np.zeros(0, np.uint8), n_tokens=i8, read_bytes=i8.copy(),
+                   majflt=i8.copy(), wall_ns=i8.copy(), row=i8.copy())
+
+    @classmethod
+    def concat(cls, parts: "list[IoTable]") -> "IoTable":
+        if not parts:
+            return cls.empty()
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in IO_FIELDS})
+
+    def shifted(self, rows: int) -> "IoTable":
+        """The same table with ``row`` moved by ``rows`` (a chunk's rows start there in the whole trace)."""
+        return replace(self, row=self.row + rows)
 
 
 def concat(parts: list[TraceData], header: TraceHeader) -> TraceData:
@@ -179,7 +245,8 @@ def concat(parts: list[TraceData], header: TraceHeader) -> TraceData:
     if any(p.weights is not None for p in parts):
         weights = np.concatenate([p.weights if p.weights is not None
                                   else np.full(p.experts.shape, np.nan, np.float32) for p in parts])
-    return TraceData(**cols, weights=weights, header=header,
+    ios = [p.io for p in parts if p.io is not None]
+    return TraceData(**cols, weights=weights, header=header, io=IoTable.concat(ios) if ios else None,
                      recovered=any(p.recovered for p in parts),
                      dropped_bytes=sum(p.dropped_bytes for p in parts),
                      n_records=sum(p.n_records for p in parts))
@@ -194,8 +261,9 @@ def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
 
 __all__ = [
     "MAGIC", "VERSION", "VERSION_HISTORY", "REC_MARKER", "FLAG_WEIGHTS", "PHASE_PREFILL", "PHASE_DECODE",
-    "TraceHeader", "TraceData", "TraceRecoveryWarning", "encode_header", "decode_header", "record_length", "concat",
-    "crc32_rows",
+    "PHASE_MIXED", "MEAS_MARKER", "MEAS_LEN", "IoTable", "TraceHeader", "TraceData",
+    "TraceRecoveryWarning",
+    "encode_header", "decode_header", "record_length", "concat", "crc32_rows",
 ]
 
 

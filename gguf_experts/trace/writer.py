@@ -15,7 +15,19 @@ import numpy as np
 
 from ..errors import InputError
 from .format import (
-    CRC_BYTES, FIXED_WORDS, FLAG_WEIGHTS, PHASES, REC_MARKER, RECORD_FIXED, crc32_rows, encode_header, record_length,
+    CRC_BYTES,
+    FIXED_WORDS,
+    FLAG_WEIGHTS,
+    MEAS_FIXED,
+    MEAS_LEN,
+    MEAS_MARKER,
+    MEAS_PHASES,
+    PHASES,
+    REC_MARKER,
+    RECORD_FIXED,
+    crc32_rows,
+    encode_header,
+    record_length,
 )
 from ..gguf.fingerprint import ModelFingerprint
 
@@ -62,6 +74,16 @@ def encode_records(seq: np.ndarray, phase: np.ndarray, layer: np.ndarray, pos: n
     return words.tobytes()
 
 
+def encode_measurement(seq: int, phase: int, n_tokens: int, read_bytes: int, majflt: int, wall_ns: int) -> bytes:
+    """One measurement record (48 bytes); a negative read_bytes or majflt (unknown) sets its flag and stores 0."""
+    if int(phase) not in MEAS_PHASES:
+        raise InputError(f"trace measurement: phase {phase} is not 0 (prefill), 1 (decode) or 2 (mixed)")
+    flags = (1 if read_bytes < 0 else 0) | (2 if majflt < 0 else 0)
+    body = MEAS_FIXED.pack(MEAS_MARKER, MEAS_LEN, int(seq), int(phase), flags, 0, max(0, int(n_tokens)),
+                           max(0, int(read_bytes)), max(0, int(majflt)), max(0, int(wall_ns)))
+    return body + _CRC.pack(zlib.crc32(body))
+
+
 class TraceWriter:
     """Write a trace: ``with TraceWriter(path, fingerprint, meta) as w: w.write(...)``.
 
@@ -76,6 +98,7 @@ class TraceWriter:
         self.k = int(fingerprint.n_expert_used)
         self.records_written = 0
         self.rows_written = 0
+        self.measurements_written = 0
         self._f = open(self.path, "wb", buffering=0)
         try:
             self._put(encode_header(fingerprint, meta))
@@ -117,6 +140,14 @@ class TraceWriter:
         self._put(body + _CRC.pack(zlib.crc32(body)))
         self.records_written += 1
         self.rows_written += n
+
+    def write_measurement(self, seq: int, phase: int, n_tokens: int, read_bytes: int, majflt: int,
+                          wall_ns: int) -> None:
+        """Append the measurement of one ubatch (after its expert records): docs/trace-format.md."""
+        if self._f.closed:
+            raise InputError(f"{self.path}: trace writer is closed")
+        self._put(encode_measurement(seq, phase, n_tokens, read_bytes, majflt, wall_ns))
+        self.measurements_written += 1
 
     def write_many(self, seq: np.ndarray, phase: np.ndarray, layer: np.ndarray, pos: np.ndarray,
                    tokens: np.ndarray, experts: np.ndarray, weights: np.ndarray | None = None) -> None:

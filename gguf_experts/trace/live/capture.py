@@ -43,8 +43,15 @@ class Recorder:
 
     def llama(self, model_path: str | os.PathLike[str], n_ctx: int = 2048, n_ubatch: int = 512,
               n_threads: int | None = None, n_gpu_layers: int = 0, observe_extra: bool = False) -> TracedLlama:
+        from ..iostat import IoCounters, io_load, io_start
+
+        counters = IoCounters()
+        start = counters.snapshot()
+        # before anything reads the model (even its header: read-ahead brings in megabytes): cold or warm
+        started = io_start(model_path, counters) if self.sink is None else None
         fp = model_fingerprint(model_path)
         if self.fingerprint is not None and fp != self.fingerprint:
+            counters.close()
             raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
         # load the model first: a model llama.cpp refuses leaves no trace file behind
         llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
@@ -58,7 +65,8 @@ class Recorder:
 
                 meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
                         "n_ubatch": n_ubatch, "weights": self.weights,
-                        "llama_cpp_python": getattr(llm.lc, "__version__", "?"), **self.meta}
+                        "llama_cpp_python": getattr(llm.lc, "__version__", "?"),
+                        "io_start": started, "io_load": io_load(start, counters.snapshot()), **self.meta}
                 pruned = mapping_of(open_model(model_path).kv)
                 if pruned is not None:  # analyses read this trace in the original model's expert ids
                     meta[META_KEY] = pruned.to_dict()
@@ -66,6 +74,8 @@ class Recorder:
         except BaseException:
             llm.close()
             raise
+        finally:
+            counters.close()
         llm.sink = self.sink
         self.fingerprint = fp
         self._llms.append(llm)

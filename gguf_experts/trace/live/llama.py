@@ -21,6 +21,7 @@ from ...errors import InputError
 from ...gguf.fingerprint import ModelFingerprint
 from ..format import PHASE_DECODE, PHASE_PREFILL
 from .ggml_ctypes import CaptureError, LlamaLog, ThreadPool, load_llama_cpp
+from ..iostat import IoCounters
 from .probe import ASK_PROTO, WEIGHT_STAGES, Collector
 
 class Sink(Protocol):
@@ -34,9 +35,15 @@ class Sink(Protocol):
 
 @dataclass
 class MemorySink:
-    """Records kept in memory (tests, notebooks): one dict per (ubatch, layer)."""
+    """Records kept in memory (tests, notebooks): one dict per (ubatch, layer), one per ubatch measurement."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    measurements: list[dict[str, int]] = field(default_factory=list)
+
+    def write_measurement(self, seq: int, phase: int, n_tokens: int, read_bytes: int, majflt: int,
+                          wall_ns: int) -> None:
+        self.measurements.append({"seq": seq, "phase": phase, "n_tokens": n_tokens, "read_bytes": read_bytes,
+                                  "majflt": majflt, "wall_ns": wall_ns})
 
     def write(self, seq: int, phase: int, layer: int, pos: np.ndarray, tokens: np.ndarray,
               experts: np.ndarray, weights: np.ndarray | None = None,
@@ -59,8 +66,11 @@ class TracedLlama:
     def __init__(self, model_path: str | os.PathLike[str], sink: Sink, fingerprint: ModelFingerprint,
                  weights: bool = False, n_ctx: int = 2048, n_ubatch: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int = 0, observe_extra: bool = False, trace: bool = True,
-                 observe_down_norms: bool = False, seq_counter: Iterator[int] | None = None) -> None:
+                 observe_down_norms: bool = False, seq_counter: Iterator[int] | None = None,
+                 measure: bool = True) -> None:
         self.lc = load_llama_cpp()
+        # measured I/O per ubatch (trace version 2), to sinks that take it (write_measurement)
+        self.io: IoCounters | None = IoCounters() if measure else None
         lc = self.lc
         self.sink, self.fp = sink, fingerprint
         self.n_ctx, self.n_ubatch = int(n_ctx), int(min(n_ubatch, n_ctx))
@@ -187,7 +197,10 @@ class TracedLlama:
         col = self.collector
         col.reset((n, int(out.sum())))
         col.error = None
+        io = self.io
+        before = io.snapshot() if io is not None else None
         rc = self._llama_decode(self._ctx, self._batch)
+        after = io.snapshot() if io is not None else None
         if col.error is not None:
             err, col.error = col.error, None
             raise err
@@ -198,6 +211,9 @@ class TracedLlama:
         self.n_past += n
         self.tokens_done += n
         self._flush(pos, chunk, out.astype(bool), phase)
+        put = getattr(self.sink, "write_measurement", None)
+        if after is not None and before is not None and put is not None:
+            put(self.seq, phase, n, *after.delta(before))
 
     def _flush(self, pos: np.ndarray, tokens: np.ndarray, out: np.ndarray, phase: int) -> None:
         col = self.collector
@@ -283,6 +299,8 @@ class TracedLlama:
         if self._model:
             lc.llama_model_free(self._model)
             self._model = None
+        if self.io is not None:
+            self.io.close()
 
     def __enter__(self) -> TracedLlama:
         return self

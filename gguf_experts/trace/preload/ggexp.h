@@ -8,11 +8,13 @@
  *   GGUF_EXPERTS_TRACE=path   the trace.bin to write (unset: the library only forwards, it records nothing)
  *   GGUF_EXPERTS_WEIGHTS=1    also record the gate weights the model applies (the last weight stage)
  *   GGUF_EXPERTS_MODE=callback|keepalive   how the data is obtained (the "source"; records are the same)
+ *   GGUF_EXPERTS_MEASURE=0    no measurement records (measured I/O per ubatch is on by default; for benchmarks)
  *
  * Structure: "sources" get each MoE layer's top-k ids (and weights) of one ubatch into a sched_st (callback:
  * the eval callback observes ffn_moe_topk-N; keepalive: the argsort is flagged as a graph output so it stays
  * alive, and is read after the compute). The "reading" part maps ubatch rows to token, position, sequence and
- * phase and appends CRC'd trace.bin v1 records (docs/trace-format.md), one write() per ubatch.
+ * phase and appends CRC'd trace.bin v2 records (docs/trace-format.md), one write() per ubatch: every MoE layer's
+ * record, then the ubatch's measured I/O (ggexp_io.c).
  */
 #ifndef GGEXP_H
 #define GGEXP_H
@@ -132,6 +134,8 @@ struct layer_buf {
     float *w;
     uint8_t have;
 };
+/* measured I/O (ggexp_io.c): the process's counters at one moment (-1: unknown) */
+struct io_snap { int64_t read_bytes, majflt, ns; };
 struct sched_st {
     void *sched;
     eval_cb_t prog_cb;
@@ -166,6 +170,8 @@ struct sched_st {
     size_t cap_pinned;
     uint8_t *out;
     size_t n_outbuf, cap_outbuf;
+    /* measured I/O of this ubatch: before the graph compute, and when the compute returned */
+    struct io_snap io0, io1;
 };
 struct llama_embd { const float *data; size_t n_rows, n_embd; };
 
@@ -204,5 +210,11 @@ struct layer_buf *layer_buf(struct sched_st *s, int layer);
 void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span);
 void prepare(struct sched_st *s, void *gf);
 void emit(struct sched_st *s);
+/* ggexp_io.c */
+int io_enabled(void); /* GGUF_EXPERTS_MEASURE=0 turns measuring off */
+void io_snap(struct io_snap *s);
+void io_start_capture(const char *model_path);
+void io_start_freeze(void);
+int io_json(char *dst, size_t cap, const struct io_snap *first);
 
 #endif

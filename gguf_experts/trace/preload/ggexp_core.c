@@ -119,6 +119,7 @@ static long gguf_uint(void *g, const char *key) {
 EXPORT void *gguf_init_from_file(const char *fname, struct gguf_init_params params) {
     REAL(gguf_init_t, real, "gguf_init_from_file");
     if (!real) return NULL;
+    if (g_enabled && fname && g_n_models == 0) io_start_capture(fname); /* before its header is read */
     void *g = real(fname, params);
     if (!g || !g_enabled || !fname) return g;
     REAL(gguf_find_t, find, "gguf_find_key");
@@ -135,6 +136,7 @@ EXPORT void *gguf_init_from_file(const char *fname, struct gguf_init_params para
     snprintf(key, sizeof key, "%s.expert_used_count", arch);
     long k = gguf_uint(g, key);
     if (n_expert <= 0 || k <= 0) return g;
+    if (g_n_models == 0) io_start_freeze(); /* the first MoE model's: a later file does not replace it */
     pthread_mutex_lock(&g_lock);
     if (g_n_models < MAX_MODELS) {
         struct model_ent *m = &g_models[g_n_models++];

@@ -244,6 +244,8 @@ void prepare(struct sched_st *s, void *gf) {
     if (unmatched) __atomic_add_fetch(&g_unmatched, unmatched, __ATOMIC_RELAXED);
     for (int l = 0; l < s->n_layers; l++) s->layers[l].have = 0, s->layers[l].wstage = 0, s->layers[l].wrows = 0;
     s->active = 1;
+    io_snap(&s->io0); /* last: the measured span is the compute, not our bookkeeping */
+    s->io1 = s->io0;
 }
 
 /* ---- records (docs/trace-format.md; byte-identical to gguf_experts.trace.writer) ------------------------------ */
@@ -263,6 +265,9 @@ static uint32_t crc32_of(const uint8_t *p, size_t n) {
 }
 
 #define REC_MARKER 0x52584547u
+#define MEAS_MARKER 0x4D584547u /* "GEXM": one measurement record per ubatch, after its expert records */
+#define MEAS_LEN 48
+#define TRACE_VERSION 2
 #define JSON_RESERVE 4092
 
 static void json_str(char *dst, size_t cap, const char *src) {
@@ -280,9 +285,9 @@ static void json_str(char *dst, size_t cap, const char *src) {
     dst[o] = 0;
 }
 
-/* The header: the fingerprint's structural digests are left empty and meta.fingerprint_pending set; the
+/* The header (version 2): the fingerprint's structural digests are left empty and meta.fingerprint_pending set; the
  * Python side fills them from model_path (gguf-experts run at exit, or the reader). Called under g_lock. */
-static int write_header(struct model_ent *m) {
+static int write_header(struct model_ent *m, const struct io_snap *first) {
     if (g_header_done) return g_fd >= 0 ? 0 : -1;
     g_header_done = 1;
     g_fd = open(g_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -302,15 +307,16 @@ static int write_header(struct model_ent *m) {
     json_str(arch_js, sizeof arch_js, m->arch);
     const char *name = strrchr(path_js, '/');
     name = name ? name + 1 : path_js;
-    static char json[4 * PATH_MAX + 2048];
+    static char json[4 * PATH_MAX + 2048], io_js[1024];
+    io_json(io_js, sizeof io_js, first);
     int len = snprintf(json, sizeof json,
                        "{\"format\": \"gguf-experts trace\", \"fingerprint\": {\"architecture\": \"%s\", \"n_layer\": %u, "
                        "\"n_expert\": %u, \"n_expert_used\": %u, \"tensor_digest\": \"\", \"type_digest\": \"\"}, "
                        "\"meta\": {\"tool\": \"gguf-experts run\", \"fingerprint_pending\": true, \"model\": \"%s\", "
                        "\"model_path\": \"%s\", \"weights\": %s, \"mode\": \"%s\", \"pid\": %d, "
-                       "\"sequences_file\": \"%s\"}}",
+                       "\"sequences_file\": \"%s\", %s}}",
                        arch_js, m->n_layer, m->n_expert, m->k, name, path_js, g_weights ? "true" : "false",
-                       g_keepalive ? "keepalive" : "callback", (int)getpid(), base_js);
+                       g_keepalive ? "keepalive" : "callback", (int)getpid(), base_js, io_js);
     if (len < 0 || (size_t)len >= sizeof json - 16) return -1;
     int json_len = len > JSON_RESERVE ? len : JSON_RESERVE;
     while ((16 + json_len + 4) % 8) json_len++;
@@ -318,7 +324,7 @@ static int write_header(struct model_ent *m) {
     uint8_t *h = malloc(total);
     if (!h) return -1;
     memcpy(h, "GGEXTRC\0", 8);
-    uint32_t v = 1, jl = (uint32_t)json_len;
+    uint32_t v = TRACE_VERSION, jl = (uint32_t)json_len;
     memcpy(h + 8, &v, 4);
     memcpy(h + 12, &jl, 4);
     memset(h + 16, ' ', (size_t)json_len);
@@ -362,6 +368,30 @@ static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, co
     s->n_outbuf += len;
 }
 
+/* The ubatch's measurement (docs/trace-format.md): deltas from before the compute to its return; a counter that
+ * could not be read sets its flag (bit 0 read_bytes, bit 1 majflt) and is stored as 0. */
+static void put_measure(struct sched_st *s, int32_t seq, int phase, int n_tokens) {
+    if (!io_enabled()) return;
+    uint8_t *p = out_reserve(s, MEAS_LEN);
+    if (!p) return;
+    const struct io_snap *a = &s->io0, *b = &s->io1;
+    int flags = 0;
+    uint64_t rb = 0, mf = 0, ns = b->ns > a->ns ? (uint64_t)(b->ns - a->ns) : 0;
+    if (a->read_bytes < 0 || b->read_bytes < 0) flags |= 1;
+    else if (b->read_bytes > a->read_bytes) rb = (uint64_t)(b->read_bytes - a->read_bytes);
+    if (a->majflt < 0 || b->majflt < 0) flags |= 2;
+    else if (b->majflt > a->majflt) mf = (uint64_t)(b->majflt - a->majflt);
+    uint32_t hdr[5] = {MEAS_MARKER, MEAS_LEN, (uint32_t)seq, (uint32_t)phase | ((uint32_t)flags << 8),
+                       (uint32_t)n_tokens};
+    memcpy(p, hdr, 20);
+    memcpy(p + 20, &rb, 8);
+    memcpy(p + 28, &mf, 8);
+    memcpy(p + 36, &ns, 8);
+    uint32_t crc = crc32_of(p, MEAS_LEN - 4);
+    memcpy(p + MEAS_LEN - 4, &crc, 4);
+    s->n_outbuf += MEAS_LEN;
+}
+
 /* Write the ubatch: for each run of rows of one (sequence, phase), every MoE layer's record, in layer order;
  * one write() for the whole ubatch (kill -9 loses at most the ubatch being computed). */
 void emit(struct sched_st *s) {
@@ -371,12 +401,14 @@ void emit(struct sched_st *s) {
     struct model_ent *m = c->m;
     int n = s->n_tok, k = (int)m->k;
     pthread_mutex_lock(&g_lock);
-    int ok = write_header(m) == 0;
+    int ok = write_header(m, &s->io0) == 0;
     pthread_mutex_unlock(&g_lock);
     if (!ok) return;
     int *rows = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
     if (!rows) return;
     s->n_outbuf = 0;
+    int32_t m_seq = 0;
+    int m_phase = -1;
     for (int a = 0; a < n;) {
         int32_t sid = s->row_seq[a];
         uint8_t ph = s->row_phase[a];
@@ -396,6 +428,11 @@ void emit(struct sched_st *s) {
             pthread_mutex_unlock(&g_lock);
         }
         int32_t tseq = q ? q->trace_seq : 0;
+        if (m_phase < 0) m_seq = tseq, m_phase = ph; /* the measurement's: -1 for several sequences, 2 mixed */
+        else {
+            if (m_seq != tseq) m_seq = -1;
+            if (m_phase != ph) m_phase = 2;
+        }
         for (int l = 0; l < s->n_layers; l++) {
             const struct layer_buf *lb = &s->layers[l];
             if (!lb->have) continue;
@@ -413,6 +450,7 @@ void emit(struct sched_st *s) {
         a = b;
     }
     free(rows);
+    put_measure(s, m_seq, m_phase < 0 ? 0 : m_phase, n);
     for (int l = 0; l < s->n_layers; l++) s->layers[l].have = 0;
     pthread_mutex_lock(&g_lock);
     size_t off = 0;

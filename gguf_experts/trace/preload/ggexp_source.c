@@ -258,6 +258,7 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
         s->n_flagged = 0;
     }
     int st = real(sched, graph);
+    if (s->active) io_snap(&s->io1); /* synchronous on the CPU; a GPU backend may return before it finished */
     if (s->active) {
         if (st != 0) s->active = 0;
         else if (g_keepalive) s->keep_pending = 1;
