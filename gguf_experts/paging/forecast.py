@@ -153,7 +153,7 @@ class PageSim:
         self.close()
 
     def log_ops(self, cap: int) -> None:
-        """Record up to ``cap`` operations (kind 0 touch, 1 WILLNEED as the kernel caps it, 2 sequential read;
+        """Record up to ``cap`` operations (kind 0 touch, 1 WILLNEED as asked (the kernel caps it), 2 sequential read;
         page ranges [a, b)): what a plain-mmap replay must do to match (tests/test_forecast_pagecache.py)."""
         self._log = np.zeros((cap, 3), np.int64)
         self.lib.sim_set_log(self.handle, ctypes.c_void_p(_ptr(self._log)), ctypes.c_int64(cap))

@@ -34,7 +34,6 @@
 #define F_YOUNG 2u
 #define F_REF 4u
 #define F_WS 8u
-#define F_RAND 16u
 #define L_NONE 0
 #define L_INACT 1
 #define L_ACT 2
@@ -44,8 +43,8 @@ enum { C_MAJ, C_MIN, C_RPAGES, C_RREQ, C_TOUCH, C_MISS, C_EVICT, C_IOTIME, C_WIL
 
 typedef struct {
     int64_t npages, nblk;
-    uint16_t *res, *map, *ram;
-    uint8_t *fl, *lst;
+    uint16_t *res, *map, *ram, *rnd; /* rnd: VM_RAND_READ (MADV_RANDOM) per page */
+    uint8_t *fl, *lst, *morder; /* morder: folio order of the PG_readahead mark in the block */
     int32_t *prv, *nxt;
     uint64_t *shadow; /* bit0 valid, bit1 workingset, age << 2 */
     int32_t head[3], tail[3];
@@ -53,7 +52,7 @@ typedef struct {
     int64_t resident, budget;
     uint64_t age;
     int64_t mmap_miss, lotsamiss;
-    int64_t ra_start, ra_size, ra_async, ra_pages, io_pages;
+    int64_t ra_start, ra_size, ra_async, ra_pages, io_pages, ra_order, max_order;
     double lat, sec_per_page;
     double c[NCOUNT];
     int64_t *log, log_n, log_cap; /* optional: (kind, a, b) of every touch / willneed / read_seq */
@@ -87,16 +86,17 @@ sim_t *sim_new(int64_t npages, int64_t budget_pages, int64_t ra_pages, int64_t i
     s->npages = npages;
     s->nblk = (npages + BPAGES - 1) >> BSHIFT;
     size_t n = (size_t)s->nblk + 1;
-    s->res = calloc(n, 2); s->map = calloc(n, 2); s->ram = calloc(n, 2);
-    s->fl = calloc(n, 1); s->lst = calloc(n, 1);
+    s->res = calloc(n, 2); s->map = calloc(n, 2); s->ram = calloc(n, 2); s->rnd = calloc(n, 2);
+    s->fl = calloc(n, 1); s->lst = calloc(n, 1); s->morder = calloc(n, 1);
     s->prv = calloc(n, 4); s->nxt = calloc(n, 4);
     s->shadow = calloc(n, 8);
-    if (!s->res || !s->map || !s->ram || !s->fl || !s->lst || !s->prv || !s->nxt || !s->shadow) return NULL;
+    if (!s->res || !s->map || !s->ram || !s->rnd || !s->fl || !s->lst || !s->morder || !s->prv || !s->nxt || !s->shadow) return NULL;
     for (int l = 0; l < 3; l++) s->head[l] = s->tail[l] = NIL;
     s->budget = budget_pages;
     s->ra_pages = ra_pages;
     s->io_pages = io_pages;
     s->lotsamiss = 100;
+    s->max_order = 9; /* MAX_PAGECACHE_ORDER on x86-64 (PMD order): ext4/xfs large folios */
     s->lat = lat;
     s->sec_per_page = sec_per_page;
     return s;
@@ -108,13 +108,13 @@ static void log_op(sim_t *s, int64_t kind, int64_t a, int64_t b) {
     e[0] = kind; e[1] = a; e[2] = b;
 }
 
-/* Record every operation (0 touch, 1 willneed as capped, 2 sequential read) into buf [cap, 3]. */
+/* Record every operation (0 touch, 1 willneed as asked, 2 sequential read) into buf [cap, 3]. */
 void sim_set_log(sim_t *s, int64_t *buf, int64_t cap) { s->log = buf; s->log_cap = cap; s->log_n = 0; }
 int64_t sim_log_n(sim_t *s) { return s->log_n; }
 
 void sim_free(sim_t *s) {
     if (!s) return;
-    free(s->res); free(s->map); free(s->ram); free(s->fl); free(s->lst); free(s->prv); free(s->nxt);
+    free(s->res); free(s->map); free(s->ram); free(s->rnd); free(s->fl); free(s->morder); free(s->lst); free(s->prv); free(s->nxt);
     free(s->shadow); free(s);
 }
 
@@ -126,11 +126,12 @@ void sim_counters(sim_t *s, double *out, int reset) {
 int64_t sim_resident(sim_t *s) { return s->resident; }
 int64_t sim_mmap_miss(sim_t *s) { return s->mmap_miss; }
 
-/* VM_RAND_READ (MADV_RANDOM) on the blocks that hold pages [a, b) (block granularity). */
+/* VM_RAND_READ (MADV_RANDOM) on pages [a, b). */
 void sim_set_rand(sim_t *s, int64_t a, int64_t b, int on) {
     if (b > s->npages) b = s->npages;
-    for (int64_t blk = a >> BSHIFT; a < b && blk <= (b - 1) >> BSHIFT; blk++) {
-        if (on) s->fl[blk] |= F_RAND; else s->fl[blk] &= (uint8_t)~F_RAND;
+    for (int64_t p = a < 0 ? 0 : a; p < b; p++) {
+        if (on) s->rnd[p >> BSHIFT] |= (uint16_t)(1u << (p & 15));
+        else s->rnd[p >> BSHIFT] &= (uint16_t)~(1u << (p & 15));
     }
 }
 
@@ -142,7 +143,7 @@ static void evict(sim_t *s, int32_t b) {
     s->resident -= pages;
     s->c[C_EVICT] += pages;
     s->res[b] = s->map[b] = s->ram[b] = 0;
-    s->fl[b] &= F_RAND;
+    s->fl[b] = 0;
 }
 
 static int64_t isqrt64(int64_t x) {
@@ -198,8 +199,8 @@ static void reclaim(sim_t *s) {
     }
 }
 
-/* Pages of [a, b) not cached are read (runs of them are requests); mark: page that gets PG_readahead. */
-static void read_range(sim_t *s, int64_t a, int64_t b, int64_t mark) {
+/* Pages of [a, b) not cached are read (runs of them are requests). */
+static void read_range(sim_t *s, int64_t a, int64_t b) {
     if (a < 0) a = 0;
     if (b > s->npages) b = s->npages;
     if (a >= b) return;
@@ -237,7 +238,6 @@ static void read_range(sim_t *s, int64_t a, int64_t b, int64_t mark) {
                 s->npg[s->lst[bb]] += np;
             }
             s->resident += np;
-            if (mark >= p0 && mark < p0 + BPAGES && (miss >> (mark - p0) & 1u)) s->ram[bb] |= (uint16_t)(1u << (mark - p0));
         }
         carry = (hi == BPAGES) && ((miss >> 15) & 1u);
     }
@@ -251,6 +251,47 @@ static void read_range(sim_t *s, int64_t a, int64_t b, int64_t mark) {
     }
 }
 
+static int all_missing(sim_t *s, int64_t a, int64_t b) {
+    for (int64_t p = a; p < b && p < s->npages; p++)
+        if ((s->res[p >> BSHIFT] >> (p & 15)) & 1u) return 0;
+    return 1;
+}
+
+static void set_mark(sim_t *s, int64_t m0, int order) {
+    for (int64_t p = m0; p < m0 + ((int64_t)1 << order) && p < s->npages; p++) {
+        s->ram[p >> BSHIFT] |= (uint16_t)(1u << (p & 15));
+        s->morder[p >> BSHIFT] = (uint8_t)order;
+    }
+}
+
+static int clear_mark(sim_t *s, int64_t pg) {
+    int order = s->morder[pg >> BSHIFT];
+    int64_t f0 = pg & ~(((int64_t)1 << order) - 1);
+    for (int64_t p = f0; p < f0 + ((int64_t)1 << order) && p < s->npages; p++)
+        s->ram[p >> BSHIFT] &= (uint16_t)~(1u << (p & 15));
+    return order;
+}
+
+static int ilog2_64(int64_t x) { int r = 0; while (x > 1) { x >>= 1; r++; } return r; }
+
+/* page_cache_ra_order: folios of ra_order pages (aligned) from start; the folio holding `mark` gets
+ * PG_readahead when it is allocated whole (no page of it cached), else the order-0 fallback marks one page. */
+static void ra_read(sim_t *s, int64_t start, int64_t size, int64_t async) {
+    int64_t mark = start + size - async;
+    int order = (int)s->ra_order;
+    if (order > s->max_order) order = (int)s->max_order;
+    if (order > ilog2_64(size)) order = ilog2_64(size);
+    s->ra_order = order;
+    int mo = order;
+    int64_t m0 = mark & ~(((int64_t)1 << mo) - 1);
+    if (m0 < start || (start & (((int64_t)1 << mo) - 1))) { mo = 0; m0 = mark; }
+    int whole = mark >= 0 && mark < s->npages && all_missing(s, m0, m0 + ((int64_t)1 << mo));
+    int page_missing = mark >= 0 && mark < s->npages && all_missing(s, mark, mark + 1);
+    read_range(s, start, start + size);
+    if (whole) set_mark(s, m0, mo);
+    else if (page_missing) set_mark(s, mark, 0);
+}
+
 static int64_t next_size(int64_t cur, int64_t max) {
     if (cur < max / 16) return 4 * cur;
     if (cur <= max / 2) return 2 * cur;
@@ -259,9 +300,9 @@ static int64_t next_size(int64_t cur, int64_t max) {
 
 static int is_resident(sim_t *s, int64_t p) { return (s->res[p >> BSHIFT] >> (p & 15)) & 1u; }
 
-static void async_ra(sim_t *s, int64_t pg) {
+static void async_ra(sim_t *s, int64_t pg, int forder) {
     int64_t max = s->ra_pages;
-    int64_t expected = s->ra_start + s->ra_size - s->ra_async;
+    int64_t expected = (s->ra_start + s->ra_size - s->ra_async) & ~(((int64_t)1 << forder) - 1);
     if (pg == expected) {
         s->ra_start += s->ra_size;
         s->ra_size = next_size(s->ra_size, max);
@@ -274,7 +315,8 @@ static void async_ra(sim_t *s, int64_t pg) {
         s->ra_size = next_size(start - pg + s->ra_pages, max);
         s->ra_async = s->ra_size;
     }
-    read_range(s, s->ra_start, s->ra_start + s->ra_size, s->ra_start + s->ra_size - s->ra_async);
+    s->ra_order += 2;
+    ra_read(s, s->ra_start, s->ra_size, s->ra_async);
 }
 
 static void fault(sim_t *s, int64_t pg) {
@@ -293,9 +335,9 @@ static void fault(sim_t *s, int64_t pg) {
         }
         if (s->map[b] & bit) break;
         if (s->res[b] & bit) { /* cached but not mapped by fault-around: PG_readahead */
-            if (!major && !(s->fl[b] & F_RAND) && s->ra_pages) {
+            if (!major && !(s->rnd[b] & bit) && s->ra_pages) {
                 if (s->mmap_miss > 0) s->mmap_miss--;
-                if (s->ram[b] & bit) { s->ram[b] &= (uint16_t)~bit; async_ra(s, pg); }
+                if (s->ram[b] & bit) { int o = clear_mark(s, pg); async_ra(s, pg, o); }
             }
             s->map[b] |= (uint16_t)bit;
             s->fl[b] |= F_YOUNG;
@@ -304,19 +346,20 @@ static void fault(sim_t *s, int64_t pg) {
         if (major) break; /* read and evicted before the retry (a budget below one read-around) */
         major = 1;
         s->c[C_MISS] += 1;
-        if ((s->fl[b] & F_RAND) || !s->ra_pages) {
-            read_range(s, pg, pg + 1, -1);
+        if ((s->rnd[b] & bit) || !s->ra_pages) {
+            read_range(s, pg, pg + 1);
         } else {
             if (s->mmap_miss < s->lotsamiss * 10) s->mmap_miss++;
             if (s->mmap_miss > s->lotsamiss) {
-                read_range(s, pg, pg + 1, -1);
+                read_range(s, pg, pg + 1);
             } else {
                 int64_t start = pg - s->ra_pages / 2;
                 if (start < 0) start = 0;
                 s->ra_start = start;
                 s->ra_size = s->ra_pages;
                 s->ra_async = s->ra_pages / 4;
-                read_range(s, start, start + s->ra_size, start + s->ra_size - s->ra_async);
+                s->ra_order = 0;
+                ra_read(s, start, s->ra_size, s->ra_async);
             }
         }
     }
@@ -346,10 +389,10 @@ void sim_touch(sim_t *s, int64_t a, int64_t b) {
 /* MADV_WILLNEED / POSIX_FADV_WILLNEED over pages [a, b): force_page_cache_ra's cap. */
 void sim_willneed(sim_t *s, int64_t a, int64_t b) {
     int64_t cap = s->io_pages > s->ra_pages ? s->io_pages : s->ra_pages;
+    log_op(s, 1, a, b); /* as asked: the kernel caps it */
     if (b - a > cap) b = a + cap;
-    log_op(s, 1, a, b);
     double before = s->c[C_RPAGES];
-    read_range(s, a, b, -1);
+    read_range(s, a, b);
     s->c[C_WILLNEED] += s->c[C_RPAGES] - before;
 }
 
@@ -358,7 +401,7 @@ void sim_read_seq(sim_t *s, int64_t a, int64_t b) {
     log_op(s, 2, a, b);
     double before = s->c[C_RPAGES];
     int64_t step = s->ra_pages > 0 ? s->ra_pages : 32;
-    for (int64_t x = a; x < b; x += step) read_range(s, x, x + step < b ? x + step : b, -1);
+    for (int64_t x = a; x < b; x += step) read_range(s, x, x + step < b ? x + step : b);
     s->c[C_WILLNEED] += s->c[C_RPAGES] - before;
 }
 
@@ -452,3 +495,8 @@ int64_t sim_replay(sim_t *s, replay_t *r, int64_t n_rec, const int64_t *rec_ub, 
 }
 
 int sim_ncount(void) { return NCOUNT; }
+
+/* The read-ahead state (start, size, async_size, mmap_miss): for tests and debugging. */
+void sim_ra_state(sim_t *s, int64_t *out) {
+    out[0] = s->ra_start; out[1] = s->ra_size; out[2] = s->ra_async; out[3] = s->mmap_miss;
+}
