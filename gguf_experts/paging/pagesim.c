@@ -199,8 +199,8 @@ static void reclaim(sim_t *s) {
     }
 }
 
-/* Pages of [a, b) not cached are read (runs of them are requests). */
-static void read_range(sim_t *s, int64_t a, int64_t b) {
+/* Pages of [a, b) not cached are read: runs of them are requests, or one request per page (single). */
+static void read_range_x(sim_t *s, int64_t a, int64_t b, int single) {
     if (a < 0) a = 0;
     if (b > s->npages) b = s->npages;
     if (a >= b) return;
@@ -241,6 +241,7 @@ static void read_range(sim_t *s, int64_t a, int64_t b) {
         }
         carry = (hi == BPAGES) && ((miss >> 15) & 1u);
     }
+    if (single) reqs = pages;
     if (pages) {
         s->c[C_RPAGES] += (double)pages;
         /* a request longer than the device's max transfer (io_pages) is split */
@@ -250,6 +251,8 @@ static void read_range(sim_t *s, int64_t a, int64_t b) {
         if (s->resident > s->budget) reclaim(s);
     }
 }
+
+static void read_range(sim_t *s, int64_t a, int64_t b) { read_range_x(s, a, b, 0); }
 
 static int all_missing(sim_t *s, int64_t a, int64_t b) {
     for (int64_t p = a; p < b && p < s->npages; p++)
@@ -379,6 +382,29 @@ void sim_touch(sim_t *s, int64_t a, int64_t b) {
         int hi = b < p0 + BPAGES ? (int)(b - p0) : BPAGES;
         unsigned m = ((hi >= 16 ? 0xffffu : ((1u << hi) - 1u)) >> lo) << lo;
         if (((unsigned)s->map[blk] & m) == m) { s->fl[blk] |= F_YOUNG; continue; }
+        if (((unsigned)s->rnd[blk] & m) == m && !((unsigned)s->ram[blk] & m)) {
+            /* MADV_RANDOM pages, no read-ahead marks: each missing page is one major fault reading that page
+             * alone (do_sync_mmap_readahead returns at VM_RAND_READ, mmap_miss untouched); the retries'
+             * fault-around maps every cached page of the 16-page window. Same counts as the page loop. */
+            unsigned missing = m & ~(unsigned)s->res[blk];
+            int nm = pc16(missing);
+            if (nm) {
+                s->c[C_MAJ] += nm;
+                s->c[C_MISS] += nm;
+                read_range_x(s, p0 + lo, p0 + hi, 1);
+            }
+            unsigned fa = (unsigned)s->res[blk] & ~(unsigned)s->ram[blk] & ~(unsigned)s->map[blk];
+            if (fa) {
+                if (!nm) s->c[C_MIN] += 1;
+                s->map[blk] |= (uint16_t)fa;
+                if (!(s->fl[blk] & F_WS)) {
+                    int n = pc16(fa);
+                    s->mmap_miss = s->mmap_miss > n ? s->mmap_miss - n : 0;
+                }
+            }
+            if (s->res[blk]) s->fl[blk] |= F_YOUNG;
+            continue;
+        }
         for (int i = lo; i < hi; i++) {
             if (!((s->map[blk] >> i) & 1u)) fault(s, p0 + i);
         }
