@@ -144,3 +144,55 @@ def test_cold_replay_matches_kernel(big_model: Path, mode: str, tmp_path: Path) 
     assert real["read_bytes"] > 0 and real["majflt"] > 0, msg
     assert BYTES_BOUNDS[0] <= rb <= BYTES_BOUNDS[1], msg
     assert FAULT_BOUNDS[0] <= rf <= FAULT_BOUNDS[1], msg
+
+
+def _ops_sim(layout_pages: int, ops: list[tuple[int, int, int]], rand: list[tuple[int, int]], ra: int,
+             io_pages: int) -> tuple[float, float]:
+    """Bytes read and major faults of raw operations through the simulator (no budget limit)."""
+    from gguf_experts.paging import native
+
+    lib = native.lib()
+    disk = DiskModel(1900, 19300, "assumed")
+    h = lib.sim_new(layout_pages, layout_pages * 2, ra, io_pages, disk.latency, disk.sec_per_page)
+    try:
+        for a, b in rand:
+            lib.sim_set_rand(h, a, b, 1)
+        for kind, a, b in ops:
+            (lib.sim_touch, lib.sim_willneed, lib.sim_read_seq)[kind](h, a, b)
+        out = np.zeros(native.NCOUNT)
+        lib.sim_counters(h, out.ctypes.data, 1)
+    finally:
+        lib.sim_free(h)
+    return float(out[2]) * PAGE, float(out[0])
+
+
+def _patterns(n: int) -> dict[str, tuple[list[tuple[int, int, int]], bool]]:
+    """Access patterns that isolate one rule each: (ops, MADV_RANDOM over the whole file)."""
+    return {
+        "sequential": ([(0, 0, n)], False),  # read-around once, then the async window chain (large folios)
+        "one_page_per_16MiB": ([(0, p, p + 1) for p in range(0, n, 4096)], False),  # read-around per fault
+        "slices_stride5": ([(0, p, p + 408) for p in range(20000, n - 500, 2040)], False),  # skips past marks
+        "willneed_64MiB_random": ([(1, 1000, 1000 + 16384), (0, 1000, 1000 + 16384)], True),  # WILLNEED cap
+    }
+
+
+@pytest.mark.parametrize("name", list(_patterns(1 << 20)))
+def test_access_patterns_match_kernel(big_model: Path, name: str, tmp_path: Path) -> None:
+    ra_kb = device_read_ahead_kb(big_model)
+    io_pages = device_io_pages(big_model, ra_kb // 4)
+    n = -(-big_model.stat().st_size // PAGE)
+    ops, rand_all = _patterns(n)[name]
+    rand = [(0, n)] if rand_all else []
+    sim_bytes, sim_faults = _ops_sim(n, ops, rand, ra_kb // 4, io_pages)
+    np.save(tmp_path / "ops.npy", np.array(ops, np.int64).reshape(-1, 3))
+    np.save(tmp_path / "rand.npy", np.array(rand, np.int64).reshape(-1, 2))
+    evict(big_model)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ops.npy"), str(tmp_path / "rand.npy"),
+                          str(big_model), str(max(io_pages, ra_kb // 4))], check=True, capture_output=True, text=True)
+    real = json.loads(out.stdout)
+    msg = (f"{name} at read_ahead_kb {ra_kb}: forecast {sim_bytes / 2**20:.1f} MiB, {sim_faults:.0f} major faults; "
+           f"kernel {real['read_bytes'] / 2**20:.1f} MiB, {real['majflt']} major faults")
+    print(msg)
+    assert real["read_bytes"] > 0, msg
+    assert BYTES_BOUNDS[0] <= sim_bytes / real["read_bytes"] <= BYTES_BOUNDS[1], msg
+    assert FAULT_BOUNDS[0] <= (sim_faults + 1) / (real["majflt"] + 1) <= FAULT_BOUNDS[1], msg
