@@ -112,8 +112,9 @@ class RamModel:
 
     @property
     def minimum(self) -> int:
-        """Below this the non-expert weights and the KV cache alone do not fit: refused."""
-        return self.nonexpert_bytes + self.kv_bytes
+        """Below this the non-expert weights (which every token reads) do not fit beside the KV cache, compute
+        buffers and process: refused."""
+        return self.nonexpert_bytes + self.anon_bytes
 
     def page_cache(self, ram: int) -> int:
         return ram - self.anon_bytes
@@ -147,12 +148,12 @@ def ram_model(model: Model, ctx_size: int, n_ubatch: int = DEFAULT_UBATCH) -> Ra
 
 
 def check_budgets(rm: RamModel, budgets: list[int]) -> None:
-    """A budget below the non-expert weights plus the KV cache is refused (the message names the amount)."""
-    low = [b for b in budgets if b < rm.minimum or rm.page_cache(b) <= 0]
+    """A budget below the non-expert weights plus the KV cache (and the rest of llama.cpp's own memory) is
+    refused; the message names that amount and its parts."""
+    low = [b for b in budgets if b < rm.minimum]
     if low:
-        need = max(rm.minimum, rm.anon_bytes + 1)
         raise InputError(
             f"--ram {low[0] / 2**30:.2f} GiB is below what llama.cpp needs before any expert: "
-            f"{need / 2**30:.2f} GiB (non-expert weights {rm.nonexpert_bytes / 2**30:.2f} GiB + KV cache "
-            f"{rm.kv_bytes / 2**30:.2f} GiB, compute buffers {rm.compute_bytes / 2**30:.2f} GiB); give a larger "
-            "--ram or a smaller --ctx-size")
+            f"{rm.minimum / 2**30:.2f} GiB (non-expert weights {rm.nonexpert_bytes / 2**30:.2f} GiB + KV cache "
+            f"{rm.kv_bytes / 2**30:.2f} GiB + compute buffers ~{rm.compute_bytes / 2**30:.2f} GiB + process "
+            f"~{rm.overhead_bytes / 2**30:.2f} GiB); give a larger --ram or a smaller --ctx-size")
