@@ -43,7 +43,7 @@ def layout_30b(n_layer: int, n_exp: int, embd: int = 2048, ff: int = 768, heads:
             pos += -(-nbytes // 32) * 32
         ne_idx.append(len(ne_a))
         for _ in range(3):
-            sl = q8(embd) * ff if True else 0
+            sl = q8(embd) * ff
             ex_base.append(pos)
             ex_slice.append(sl)
             ranges.append((pos // PAGE, -(-(pos + sl * n_exp) // PAGE)))
@@ -61,7 +61,6 @@ def layout_30b(n_layer: int, n_exp: int, embd: int = 2048, ff: int = 768, heads:
 
 def make_trace(n_prefill: int, n_decode: int, L: int, E: int, k: int, seed: int = 0) -> TraceData:
     rng = np.random.default_rng(seed)
-    p = 1.0 / np.arange(1, E + 1) ** 0.9
     perm = np.stack([rng.permutation(E) for _ in range(L)])
     ubs = [(0, s, min(512, n_prefill - s)) for s in range(0, n_prefill, 512)]
     n_tok = n_prefill + n_decode

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..paging import ADVICE
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
 from ._trace_input import parse_int_list
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NAME = "forecast"
 HELP = ("replay a trace through a model of the Linux page cache (read-around, fault-around, LRU, WILLNEED): disk "
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _notes(df) -> list[str]:  # type: ignore[no-untyped-def]
+def _notes(df: pd.DataFrame) -> list[str]:
     a = df.attrs
     rm, disk = a["ram_model"], a["disk"]
     comp = a["compute_s_per_token"]

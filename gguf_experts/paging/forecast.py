@@ -26,7 +26,7 @@ from ..gguf_file import Model, open_model
 from ..trace.format import TraceData
 from . import ADVICE, native
 from .disk import DEFAULT_IOPS, DEFAULT_SEQ_MBPS, DiskModel
-from .model import PAGE, PageLayout, RamModel, check_budgets, page_layout, ram_model
+from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model
 
 MODES = {"stock": 0, "random": 1, "prefetch": 2}
 WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
@@ -232,8 +232,9 @@ def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int,
             sim.log_ops(log_ops)
         load = sim.load(populate, warmup)
         for chunk in _with_end(chunks):
-            if chunk is not None and getattr(chunk, "io", None) is not None:
-                measured.append(chunk.io)
+            io = getattr(chunk, "io", None)  # trace version 2: one measurement per ubatch (IoTable)
+            if io is not None:
+                measured.append(io)
             rec = grouper.feed(chunk)
             rows.append(sim.run(rec, flush=chunk is None))
             if len(rec):
