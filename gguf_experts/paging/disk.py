@@ -83,6 +83,7 @@ def measure_disk(path: str | os.PathLike[str], seconds: float = 3.0, block: int 
         raise InputError(f"{path}: cannot open with O_DIRECT to time the disk ({e.strerror}); give --disk-seq "
                          "and --disk-iops instead") from None
     buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    small = memoryview(buf)[:4096]
     rng = np.random.default_rng()
     try:
         n_seq, t0 = 0, time.perf_counter()
@@ -93,7 +94,6 @@ def measure_disk(path: str | os.PathLike[str], seconds: float = 3.0, block: int 
                 break
             n_seq += 1
         t_seq = time.perf_counter() - t0
-        small = memoryview(buf)[:4096]
         offs = rng.integers(0, size // 4096, 1 << 20) * 4096
         n_rnd, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / 2 and n_rnd < len(offs):
@@ -104,5 +104,6 @@ def measure_disk(path: str | os.PathLike[str], seconds: float = 3.0, block: int 
         raise InputError(f"{path}: O_DIRECT read failed ({e.strerror}); give --disk-seq and --disk-iops") from None
     finally:
         os.close(fd)
+        small.release()
         buf.close()
     return DiskModel(seq_mbps=n_seq * block / t_seq / 1e6, iops=n_rnd / t_rnd, source="measured")
