@@ -20,7 +20,7 @@ DESCRIPTION = (HELP + ". --ram is the RAM left to llama.cpp's process and the pa
                "(llama.cpp unchanged), random (MADV_RANDOM on the expert tensors, no load pass for a model that "
                "does not fit), prefetch (random + WILLNEED over the selected experts once the router has chosen). "
                "See docs/forecast.md for what the model assumes.")
-ORDER = 65
+ORDER = 63
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
