@@ -52,6 +52,7 @@ typedef struct {
     int64_t resident, budget;
     uint64_t age;
     int64_t mmap_miss, lotsamiss;
+    int64_t refaults;          /* refault activations since the last reclaim (sc->may_deactivate) */
     int64_t ra_start, ra_size, ra_async, ra_pages, io_pages, ra_order, max_order;
     double lat, sec_per_page;
     double c[NCOUNT];
@@ -176,8 +177,7 @@ static void shrink_inactive(sim_t *s, int64_t nr) {
         if ((s->fl[b] & F_YOUNG) && s->map[b]) {
             s->fl[b] &= (uint8_t)~F_YOUNG;
             list_del(s, b);
-            if (s->fl[b] & F_REF) {
-                s->fl[b] &= (uint8_t)~F_REF;
+            if (s->fl[b] & F_REF) { /* PG_referenced stays set: a deactivated block used once more returns */
                 s->fl[b] |= F_ACTIVE;
                 list_add_head(s, b, L_ACT);
             } else {
@@ -190,10 +190,20 @@ static void shrink_inactive(sim_t *s, int64_t nr) {
     }
 }
 
+/* shrink_lruvec with prepare_scan_control's may_deactivate: the active file list is scanned (in proportion
+ * to its size against the inactive list, get_scan_count's SCAN_FILE balance) when the inactive list is low or
+ * when file refaults were activated since the last reclaim (the workingset is changing). */
 static void reclaim(sim_t *s) {
     int guard = 0;
+    int may_deactivate = s->refaults > 0;
+    s->refaults = 0;
     while (s->resident > s->budget && guard++ < (1 << 30)) {
-        if (inactive_is_low(s) || s->tail[L_INACT] == NIL) shrink_active(s, 32);
+        if (s->tail[L_INACT] == NIL) shrink_active(s, 32);
+        else if (may_deactivate || inactive_is_low(s)) {
+            int64_t nr = s->npg[L_INACT] > 0 ? 32 * s->npg[L_ACT] / s->npg[L_INACT] : 32;
+            if (nr < 1) nr = 1;
+            shrink_active(s, nr);
+        }
         if (s->tail[L_INACT] == NIL && s->tail[L_ACT] == NIL) break;
         shrink_inactive(s, 32);
     }
@@ -226,6 +236,7 @@ static void read_range_x(sim_t *s, int64_t a, int64_t b, int single) {
                     uint64_t dist = s->age - (s->shadow[bb] >> 2);
                     if ((int64_t)dist <= s->npg[L_ACT]) {
                         act = 1;
+                        s->refaults += np;
                         s->age += (uint64_t)np;
                         if (s->shadow[bb] & 2u) s->fl[bb] |= F_WS;
                     }
