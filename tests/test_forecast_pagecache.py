@@ -57,8 +57,27 @@ for kind, a, b in ops:
         for x in range(int(a), int(b), cap):
             os.posix_fadvise(fd, x * 4096, min(cap, int(b) - x) * 4096, os.POSIX_FADV_WILLNEED)
 r1, f1 = io(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-print(json.dumps({"read_bytes": r1 - r0, "majflt": f1 - f0, "sink": sink}))
+import ctypes
+vec = np.zeros((size + 4095) // 4096, np.uint8)
+ctypes.CDLL(None).mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), ctypes.c_void_p(vec.ctypes.data))
+print(json.dumps({"read_bytes": r1 - r0, "majflt": f1 - f0, "resident": int((vec & 1).sum()), "sink": sink}))
 """
+
+
+def replay_in_child(model: Path, ops_f: Path, rand_f: Path, cap: int, tries: int = 3) -> dict:
+    """The kernel's numbers for the replay, from a cold cache. The check assumes nothing is evicted while the
+    child runs (the whole model fits); when other processes' memory pressure evicts pages anyway (fewer pages
+    resident at the end than were read), the measurement is void: try again, then skip."""
+    for _ in range(tries):
+        evict(model)
+        assert resident_pages(model) < (model.stat().st_size // PAGE) // 50, "the model did not leave the page cache"
+        out = subprocess.run([sys.executable, "-c", CHILD, str(ops_f), str(rand_f), str(model), str(cap)],
+                             check=True, capture_output=True, text=True)
+        real = json.loads(out.stdout)
+        if real["resident"] * PAGE >= real["read_bytes"] * 0.999:
+            return real
+    pytest.skip(f"memory pressure from other processes evicted the model during {tries} replays (kernel read "
+                f"{real['read_bytes']} bytes, {real['resident']} pages resident after): no cold-cache measurement")
 
 
 def routing_trace(model_path: Path, seed: int = 1, n_prefill: int = 8, n_decode: int = 24) -> TraceData:
@@ -132,11 +151,7 @@ def test_cold_replay_matches_kernel(big_model: Path, mode: str, tmp_path: Path) 
     np.save(ops_f, res.ops)
     rand = np.array(layout.expert_ranges if mode != "stock" else [], np.int64).reshape(-1, 2)
     np.save(rand_f, rand)
-    evict(big_model)
-    assert resident_pages(big_model) < layout.n_pages // 50, "the model did not leave the page cache"
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ops_f), str(rand_f), str(big_model),
-                          str(max(io_pages, ra_kb // 4))], check=True, capture_output=True, text=True)
-    real = json.loads(out.stdout)
+    real = replay_in_child(big_model, ops_f, rand_f, max(io_pages, ra_kb // 4))
     rb, rf = sim_bytes / max(real["read_bytes"], 1), sim_faults / max(real["majflt"], 1)
     msg = (f"{mode} at read_ahead_kb {ra_kb}: forecast {sim_bytes / 2**20:.1f} MiB, {sim_faults:.0f} major faults; "
            f"kernel {real['read_bytes'] / 2**20:.1f} MiB, {real['majflt']} major faults")
@@ -186,10 +201,7 @@ def test_access_patterns_match_kernel(big_model: Path, name: str, tmp_path: Path
     sim_bytes, sim_faults = _ops_sim(n, ops, rand, ra_kb // 4, io_pages)
     np.save(tmp_path / "ops.npy", np.array(ops, np.int64).reshape(-1, 3))
     np.save(tmp_path / "rand.npy", np.array(rand, np.int64).reshape(-1, 2))
-    evict(big_model)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ops.npy"), str(tmp_path / "rand.npy"),
-                          str(big_model), str(max(io_pages, ra_kb // 4))], check=True, capture_output=True, text=True)
-    real = json.loads(out.stdout)
+    real = replay_in_child(big_model, tmp_path / "ops.npy", tmp_path / "rand.npy", max(io_pages, ra_kb // 4))
     msg = (f"{name} at read_ahead_kb {ra_kb}: forecast {sim_bytes / 2**20:.1f} MiB, {sim_faults:.0f} major faults; "
            f"kernel {real['read_bytes'] / 2**20:.1f} MiB, {real['majflt']} major faults")
     print(msg)
