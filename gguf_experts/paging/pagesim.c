@@ -179,6 +179,7 @@ static void shrink_inactive(sim_t *s, int64_t nr) {
             list_del(s, b);
             if (s->fl[b] & F_REF) { /* PG_referenced stays set: a deactivated block used once more returns */
                 s->fl[b] |= F_ACTIVE;
+                s->age += (uint64_t)pc16(s->res[b]); /* move_folios_to_lru: workingset_age_nonresident */
                 list_add_head(s, b, L_ACT);
             } else {
                 s->fl[b] |= F_REF;
@@ -537,3 +538,6 @@ int sim_ncount(void) { return NCOUNT; }
 void sim_ra_state(sim_t *s, int64_t *out) {
     out[0] = s->ra_start; out[1] = s->ra_size; out[2] = s->ra_async; out[3] = s->mmap_miss;
 }
+
+/* Pages on the inactive and active lists (for tests and debugging). */
+void sim_lists(sim_t *s, int64_t *out) { out[0] = s->npg[L_INACT]; out[1] = s->npg[L_ACT]; out[2] = s->resident; }
