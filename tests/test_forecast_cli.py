@@ -158,3 +158,28 @@ def test_no_measurements_means_disk_only_ceiling(model: Path) -> None:
     np.testing.assert_allclose(small["decode_tok_s"].to_numpy(), 1 / io)
     fits = df[df["ram"] == 300 << 20]
     assert fits["decode_tok_s"].isna().all()  # no reads, no compute time: unbounded (shown as '-')
+
+
+def test_forecast_of_a_real_capture(model: Path, tmp_path: Path, run_cli) -> None:
+    """A trace llama.cpp really wrote (ubatches of 32, then greedy decode): the replay finds its ubatches, including
+    prefill ubatches where the last block's MoE ran for no row (llama.cpp computes it only for output rows)."""
+    pytest.importorskip("llama_cpp")
+    tr = tmp_path / "cap.bin"
+    cap = run_cli("capture", model, "--prompt", "The quick brown fox jumps over the lazy dog, again and again, "
+                  "until the end of the story.", "-n", "6", "--ubatch-size", "32", "-t", "2", "-o", tr,
+                  "--no-progress", "--format", "json")
+    assert cap.rc == 0, cap.err
+    summary = json.loads(cap.out)
+    summary = summary[0] if isinstance(summary, list) else summary.get("rows", [summary])[0]
+    from gguf_experts.trace.reader import read_trace
+
+    data = read_trace(tr)
+    res = simulate([data], page_layout(open_model(model)), 1 << 20, "stock", 32, 32, DiskModel(1900, 19300, "x"))
+    u = res.ubatches
+    pre, dec = u[u["phase"] == 0], u[u["phase"] == 1]
+    assert int(pre["n_tokens"].sum()) == summary["prefill_tokens"] and set(pre["n_tokens"][:-1]) == {32}
+    assert len(dec) == int(dec["n_tokens"].sum()) == int((data.phase == 1).sum() // open_model(model).block_count)
+    r = run_cli("forecast", tr, "-m", model, "--ram", "170M", "-c", "512", "--format", "json")
+    assert r.rc == 0, r.err
+    row = json.loads(r.out)["rows"][0]
+    assert row["prefill_tokens"] == summary["prefill_tokens"] and row["decode_tokens"] == len(dec)
