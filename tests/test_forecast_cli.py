@@ -183,3 +183,24 @@ def test_forecast_of_a_real_capture(model: Path, tmp_path: Path, run_cli) -> Non
     assert r.rc == 0, r.err
     row = json.loads(r.out)["rows"][0]
     assert row["prefill_tokens"] == summary["prefill_tokens"] and row["decode_tokens"] == len(dec)
+
+
+def test_trace_of_another_model_is_refused(model: Path, tmp_path: Path, run_cli) -> None:
+    from conftest import sparse_moe_model
+
+    other = sparse_moe_model(tmp_path / "other.gguf", n_layer=4, n_expert=16, k=4)
+    tr = write_trace(make_trace(model, 16, 2), tmp_path / "t.bin")
+    r = run_cli("forecast", tr, "-m", other, "--ram", "300M", "--readahead", "128")
+    assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and "t.bin" in r.err, r.err
+
+
+def test_per_ubatch_counters_for_the_harness(model: Path) -> None:
+    tr = make_trace(model)
+    df = forecast(tr, model, [170 << 20], advice=("stock", "prefetch"), ctx_size=512, keep_ubatches=True)
+    kept = df.attrs["ubatches"]
+    assert set(kept) == {(170 << 20, "stock"), (170 << 20, "prefetch")}
+    u = kept[(170 << 20, "stock")]
+    assert int(u["n_tokens"].sum()) == 70 and {"seq", "phase", "read_pages", "majflt", "io_s"} <= set(u.columns)
+    row = df[df["advice"] == "stock"].iloc[0]
+    dec = u[u["phase"] == 1]
+    assert row["decode_read_per_token"] == pytest.approx(dec["read_pages"].sum() * PAGE / 30)

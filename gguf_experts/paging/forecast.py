@@ -307,26 +307,32 @@ def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
 
 
 def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Sequence[str] = ADVICE,
-             readahead_kb: int = 8192, ctx_size: int = 4096, disk: DiskModel | None = None,
+             readahead_kb: int | str = "auto", ctx_size: int = 4096, disk: DiskModel | None = None,
              measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool = True,
-             whole_frac: float = WHOLE_FRAC) -> pd.DataFrame:
+             whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False) -> pd.DataFrame:
     """One row per (budget, advice): disk bytes, major faults, hit ratio and tokens/s per token by phase.
 
     ``budgets``: bytes of RAM available to llama.cpp's process and the page cache; the KV cache, compute
     buffers and process overhead (paging.model.ram_model) are taken off first. ``readahead_kb``: the model
-    device's read_ahead_kb. ``io_pages``: its max_sectors_kb / 4 (default: the read-ahead in pages)."""
+    device's read_ahead_kb, or "auto" (sysfs; InputError when unreadable). ``io_pages``: its max_sectors_kb / 4
+    (default: from sysfs, else the read-ahead in pages). ``keep_ubatches``: ``df.attrs["ubatches"][(ram,
+    advice)]`` = the per-ubatch counters (seq, phase, n_tokens, majflt, read_pages, io_s, ...), e.g. to compare
+    per request with a measured run."""
+    from .disk import device_io_pages, device_read_ahead_kb
+
     m = open_model(model) if not isinstance(model, Model) else model
     bad = [a for a in advice if a not in MODES]
     if bad:
         raise InputError(f"--advice {bad[0]!r}: not a paging mode; give some of {', '.join(ADVICE)}")
-    if readahead_kb < 0:
-        raise InputError(f"--readahead {readahead_kb}: must be 0 or more KiB")
+    readahead_kb = device_read_ahead_kb(m.path) if readahead_kb == "auto" else readahead_kb
+    if not isinstance(readahead_kb, int) or readahead_kb < 0:
+        raise InputError(f"--readahead {readahead_kb!r}: must be 0 or more KiB, or auto")
     disk = disk or DiskModel(DEFAULT_SEQ_MBPS, DEFAULT_IOPS, "assumed")
     layout = page_layout(m)
     rm = ram_model(m, ctx_size)
     check_budgets(rm, list(budgets))
     ra_pages = readahead_kb // 4
-    iop = io_pages if io_pages is not None else ra_pages
+    iop = io_pages if io_pages is not None else device_io_pages(m.path, ra_pages)
     header, chunks = iter_chunks(trace, str(m.path))
     reopen = isinstance(trace, str) or hasattr(trace, "__fspath__")
     cached = None if reopen else list(chunks)  # a trace file is streamed again for every simulation
@@ -335,11 +341,9 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
         return iter(cached) if cached is not None else iter_chunks(trace, str(m.path))[1]
 
     if header is not None:
-        fp = header.fingerprint
-        if fp.n_expert != m.expert_count:
-            raise InputError(f"trace has {fp.n_expert} experts per layer, model {m.path} has {m.expert_count}: "
-                             "give the model the trace was captured from")
+        _check_trace(header.fingerprint, m, str(trace) if reopen else "the trace")
     rows = []
+    kept: dict[tuple[int, str], pd.DataFrame] = {}
     meas = measured
     for ram in budgets:
         pc_bytes = rm.page_cache(ram)
@@ -350,13 +354,11 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
             if meas is None and res.measured is not None:
                 meas = res.measured
             rows.append(_row(ram, pc_bytes, mode, res))
+            if keep_ubatches:
+                kept[(ram, mode)] = res.ubatches
     df = pd.DataFrame(rows)
     comp = compute_per_token(meas, disk)
-    for ph, name in ((0, "prefill"), (1, "decode")):
-        io = df[f"{name}_io_s_per_token"]
-        c = comp[ph]
-        total = io + (c if c is not None else 0.0)
-        df[f"{name}_tok_s"] = np.where(total > 0, 1.0 / total.where(total > 0, 1.0), np.nan)
+    _add_rates(df, comp)
     ms = measured_summary(meas)
     if meas is not None:
         for k, v in ms.items():
@@ -367,7 +369,29 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
                      "compute_s_per_token": {"prefill": comp[0], "decode": comp[1]},
                      "measured": meas is not None, "model_bytes": layout.file_bytes,
                      "nonexpert_bytes": layout.nonexpert_bytes})
+    if keep_ubatches:
+        df.attrs["ubatches"] = kept
     return df
+
+
+def _check_trace(fp: Any, m: Model, name: str) -> None:
+    """The trace must be of this model (names and shapes when the trace carries them, else the counts)."""
+    if fp.tensor_digest:
+        from ..fingerprint import check_model
+
+        check_model(fp, m, name)
+    elif (fp.n_layer, fp.n_expert) != (m.block_count, m.expert_count):
+        raise InputError(f"{name} has {fp.n_layer} layers x {fp.n_expert} experts, model {m.path} "
+                         f"{m.block_count} x {m.expert_count}: give the model the trace was captured from")
+
+
+def _add_rates(df: pd.DataFrame, comp: dict[int, float | None]) -> None:
+    """tokens/s per phase = 1 / (I/O + compute seconds per token); NaN where both are zero (unbounded)."""
+    for ph, name in ((0, "prefill"), (1, "decode")):
+        io = df[f"{name}_io_s_per_token"]
+        c = comp[ph]
+        total = io + (c if c is not None else 0.0)
+        df[f"{name}_tok_s"] = np.where(total > 0, 1.0 / total.where(total > 0, 1.0), np.nan)
 
 
 def _row(ram: int, pc_bytes: int, mode: str, res: SimResult) -> dict[str, Any]:
