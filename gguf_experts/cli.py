@@ -36,13 +36,13 @@ class Command(Protocol):
 if TYPE_CHECKING:  # for mypy only: commands are imported one at a time at run time (start-up is paid per call);
     # tests/test_architecture.py checks that this lists every file in gguf_experts/commands/.
     from .commands import (
-        cache_sim, capture, check_overlaps, convert, demo, diff, dump, join_trace, make_model, pins, profile, prune,
-        report, reuse, run, stats,
+        cache_sim, capture, check_overlaps, convert, demo, diff, dump, forecast, join_trace, make_model, pins, profile,
+        prune, report, reuse, run, stats,
     )
 
     _REGISTRY: tuple[Command, ...] = (
-        cache_sim, capture, check_overlaps, convert, demo, diff, dump, join_trace, make_model, pins, profile, prune,
-        report, reuse, run, stats,
+        cache_sim, capture, check_overlaps, convert, demo, diff, dump, forecast, join_trace, make_model, pins, profile,
+        prune, report, reuse, run, stats,
     )
 
 

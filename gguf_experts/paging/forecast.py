@@ -1,0 +1,423 @@
+"""``forecast``: replay a trace's accesses in llama.cpp's order through the page-cache model (pagesim.c) for
+each RAM budget and paging mode, and turn the kernel's reads into bytes, faults and tokens/s per phase.
+
+Library API (used by ``gguf-experts forecast`` and the paging harness)::
+
+    df = forecast(trace, model, budgets=[9 << 30], advice=("stock", "random", "prefetch"), readahead_kb=8192,
+                  ctx_size=2048, disk=DiskModel(1900, 19300, "given"), measured=None)
+
+``trace``: a trace path (any ordered input), a TraceData or an iterable of TraceData chunks; ``model``: a path or
+an open Model. ``measured`` (optional): one row per ubatch with columns phase, n_tokens, read_bytes, majflt,
+wall_ns (-1 = unknown), as the trace's IoTable carries them; chunks with an ``io`` table are collected when
+``measured`` is None. One row per (budget, advice); ``df.attrs`` holds the RAM model, disk model and notes.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..gguf.reader import Model, open_model
+from ..trace.format import TraceData
+from . import ADVICE, native
+from .disk import DEFAULT_IOPS, DEFAULT_SEQ_MBPS, DiskModel
+from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model
+
+MODES = {"stock": 0, "random": 1, "prefetch": 2}
+WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
+WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS (and EOS) with every expert selected
+MEASURED_COLUMNS = ("phase", "n_tokens", "read_bytes", "majflt", "wall_ns")
+
+
+@dataclass
+class Records:
+    """One chunk of trace rows as replay records: one per (ubatch, MoE block), in order."""
+
+    ub: np.ndarray  # int64 global ubatch id
+    layer: np.ndarray  # int32
+    sel: np.ndarray  # uint8 [n_rec, n_expert]: the union of the ubatch's selections at that block
+    tok_off: np.ndarray  # int64 [n_rec + 1]
+    tok: np.ndarray  # int32
+    ub_new: np.ndarray  # bool: this record starts its ubatch
+    phase: np.ndarray  # uint8 per record
+    seq: np.ndarray  # int32 per record
+    n_rows: np.ndarray  # int64 per record (the ubatch's tokens)
+
+    def __len__(self) -> int:
+        return int(self.ub.shape[0])
+
+
+@dataclass
+class _Grouper:
+    """Rows -> records -> ubatches, across chunks: a ubatch starts where the block index does not increase (or
+    the sequence or phase changes); the last record of a chunk waits for the next chunk (it may go on there)."""
+
+    n_expert: int
+    n_block: int
+    ub: int = -1
+    prev: tuple[int, int, int] | None = None
+    carry: dict[str, np.ndarray] | None = None
+
+    def feed(self, chunk: TraceData | None) -> Records:
+        parts = [self.carry] if self.carry is not None else []
+        if chunk is not None and len(chunk):
+            parts.append({"layer": chunk.layer.astype(np.int32), "seq": chunk.seq.astype(np.int32),
+                          "phase": chunk.phase.astype(np.uint8), "token": chunk.token.astype(np.int32),
+                          "experts": chunk.experts.astype(np.int32)})
+        self.carry = None
+        if not parts:
+            return _empty_records(self.n_expert)
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        lay, seq, ph = rows["layer"], rows["seq"], rows["phase"]
+        n = len(lay)
+        brk = np.ones(n, bool)
+        brk[1:] = (lay[1:] != lay[:-1]) | (seq[1:] != seq[:-1]) | (ph[1:] != ph[:-1])
+        starts = np.flatnonzero(brk)
+        final = chunk is None
+        cut = n if final else int(starts[-1])
+        if not final:
+            self.carry = {k: v[cut:] for k, v in rows.items()}
+            starts = starts[:-1]
+        if cut == 0:
+            return _empty_records(self.n_expert)
+        r_layer, r_seq, r_ph = lay[starts], seq[starts], ph[starts]
+        p_layer = np.empty_like(r_layer)
+        p_seq, p_ph = np.empty_like(r_seq), np.empty_like(r_ph)
+        p_layer[1:], p_seq[1:], p_ph[1:] = r_layer[:-1], r_seq[:-1], r_ph[:-1]
+        if self.prev is None:
+            p_layer[0], p_seq[0], p_ph[0] = np.iinfo(np.int32).max, r_seq[0], r_ph[0]
+        else:
+            p_layer[0], p_seq[0], p_ph[0] = self.prev
+        new = (r_layer <= p_layer) | (r_seq != p_seq) | (r_ph != p_ph)
+        ub = self.ub + np.cumsum(new)
+        self.ub = int(ub[-1])
+        self.prev = (int(r_layer[-1]), int(r_seq[-1]), int(r_ph[-1]))
+        bounds = np.append(starts, cut).astype(np.int64)
+        counts = np.diff(bounds)
+        ex = rows["experts"][:cut]
+        rec = np.repeat(np.arange(len(starts)), counts)
+        sel = np.zeros((len(starts), self.n_expert), np.uint8)
+        ok = (ex >= 0) & (ex < self.n_expert)
+        sel[np.broadcast_to(rec[:, None], ex.shape)[ok], ex[ok]] = 1
+        return Records(ub=ub.astype(np.int64), layer=np.clip(r_layer, 0, self.n_block - 1).astype(np.int32),
+                       sel=sel, tok_off=bounds, tok=rows["token"][:cut].copy(), ub_new=new, phase=r_ph,
+                       seq=r_seq, n_rows=counts)
+
+
+def _empty_records(n_expert: int) -> Records:
+    z = np.zeros(0, np.int64)
+    return Records(ub=z, layer=np.zeros(0, np.int32), sel=np.zeros((0, n_expert), np.uint8),
+                   tok_off=np.zeros(1, np.int64), tok=np.zeros(0, np.int32), ub_new=np.zeros(0, bool),
+                   phase=np.zeros(0, np.uint8), seq=np.zeros(0, np.int32), n_rows=z)
+
+
+def _ptr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+class PageSim:
+    """One simulated page cache (budget, read-ahead, disk) with the layout's replay state."""
+
+    def __init__(self, layout: PageLayout, budget_pages: int, mode: str, ra_pages: int, io_pages: int,
+                 disk: DiskModel, whole_frac: float = WHOLE_FRAC) -> None:
+        self.lib = native.lib()
+        self.layout = layout
+        self.mode = mode
+        self.handle = self.lib.sim_new(layout.n_pages, budget_pages, ra_pages, io_pages, disk.latency,
+                                       disk.sec_per_page)
+        if not self.handle:
+            raise MemoryError("pagesim: out of memory")
+        lo = layout
+        self._keep = [lo.ne_idx, lo.ne_a, lo.ne_b, lo.ex_idx, lo.ex_base, lo.ex_slice]
+        self.replay = native.Replay(lo.n_block, lo.n_expert, *(_ptr(a) for a in self._keep), lo.embd_off,
+                                    lo.embd_row, MODES[mode], whole_frac, -1, -1)
+        if mode != "stock":  # MADV_RANDOM on the *_exps tensors only
+            for a, b in lo.expert_ranges:
+                self.lib.sim_set_rand(self.handle, a, b, 1)
+        self._log: np.ndarray | None = None
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.sim_free(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "PageSim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log_ops(self, cap: int) -> None:
+        """Record up to ``cap`` operations (kind 0 touch, 1 WILLNEED as asked (the kernel caps it), 2 sequential read;
+        page ranges [a, b)): what a plain-mmap replay must do to match (tests/test_forecast_pagecache.py)."""
+        self._log = np.zeros((cap, 3), np.int64)
+        self.lib.sim_set_log(self.handle, ctypes.c_void_p(_ptr(self._log)), ctypes.c_int64(cap))
+
+    def ops(self) -> np.ndarray:
+        if self._log is None:
+            return np.zeros((0, 3), np.int64)
+        n = self.lib.sim_log_n(self.handle)
+        return self._log[:n].copy()
+
+    def counters(self, reset: bool = True) -> dict[str, float]:
+        out = np.zeros(native.NCOUNT, np.float64)
+        self.lib.sim_counters(self.handle, _ptr(out), int(reset))
+        return dict(zip(native.COUNTERS, out.tolist()))
+
+    def load(self, populate: bool, warmup: bool) -> dict[str, float]:
+        """llama.cpp's load: MAP_POPULATE (every page, in order) and posix_madvise(WILLNEED) over the file when
+        ``populate``; the warm-up decode with every expert selected when ``warmup``. Returns its counters."""
+        lo = self.layout
+        if populate:
+            self.lib.sim_touch(self.handle, 0, lo.n_pages)
+            self.lib.sim_willneed(self.handle, 0, lo.n_pages)
+        if warmup and lo.moe_blocks:
+            n = len(lo.moe_blocks)
+            rec = Records(ub=np.full(n, -2, np.int64), layer=np.array(lo.moe_blocks, np.int32),
+                          sel=np.ones((n, lo.n_expert), np.uint8),
+                          tok_off=np.array([0] + [len(WARMUP_TOKENS)] * n, np.int64),
+                          tok=np.array(WARMUP_TOKENS, np.int32), ub_new=np.zeros(n, bool),
+                          phase=np.zeros(n, np.uint8), seq=np.zeros(n, np.int32), n_rows=np.ones(n, np.int64))
+            self.run(rec, flush=True)
+        return self.counters(reset=True)
+
+    def run(self, rec: Records, flush: bool) -> np.ndarray:
+        """Replay records; rows [ubatch id, counters...] of the ubatches finished."""
+        out = np.zeros((len(rec) + 2, native.NCOUNT + 1), np.float64)
+        sel = np.ascontiguousarray(rec.sel, np.uint8)
+        n = self.lib.sim_replay(self.handle, ctypes.byref(self.replay), len(rec), _ptr(rec.ub), _ptr(rec.layer),
+                                _ptr(sel), _ptr(rec.tok_off), _ptr(rec.tok), int(flush), _ptr(out))
+        return out[:n]
+
+
+def iter_chunks(trace: Any, model_path: str | None = None) -> tuple[Any, Iterator[TraceData]]:
+    """(header or None, chunks) of a trace path, a TraceData or an iterable of chunks."""
+    if isinstance(trace, TraceData):
+        return trace.header, iter([trace])
+    if isinstance(trace, (str, bytes)) or hasattr(trace, "__fspath__"):
+        from ..formats.load import open_input
+        from ..gguf.expert_ids import original_input
+
+        inp = original_input(open_input(str(trace), model_path))
+        inp.require_order()
+        assert inp.header is not None and inp.chunks is not None
+        return inp.header, iter(inp.chunks)
+    return None, iter(trace)
+
+
+@dataclass
+class SimResult:
+    """One simulation: the load pass's counters and one row per ubatch of the trace."""
+
+    load: dict[str, float]
+    ubatches: pd.DataFrame
+    ops: np.ndarray | None = None
+    measured: pd.DataFrame | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int, mode: str, ra_pages: int,
+             io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool = True,
+             whole_frac: float = WHOLE_FRAC, log_ops: int = 0) -> SimResult:
+    """Replay ``chunks`` (streamed: bounded memory) through one page cache."""
+    grouper = _Grouper(layout.n_expert, layout.n_block)
+    rows, meta, measured = [], [], []
+    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac) as sim:
+        if log_ops:
+            sim.log_ops(log_ops)
+        load = sim.load(populate, warmup)
+        for chunk in _with_end(chunks):
+            io = getattr(chunk, "io", None)  # trace version 2: one measurement per ubatch (IoTable)
+            if io is not None:
+                measured.append(io)
+            rec = grouper.feed(chunk)
+            rows.append(sim.run(rec, flush=chunk is None))
+            if len(rec):
+                m = rec.ub_new
+                meta.append(pd.DataFrame({"ubatch": rec.ub[m], "phase": rec.phase[m], "seq": rec.seq[m],
+                                          "n_tokens": rec.n_rows[m]}))
+        ops = sim.ops() if log_ops else None
+    out = np.concatenate(rows) if rows else np.zeros((0, native.NCOUNT + 1))
+    df = pd.DataFrame(out[:, 1:], columns=list(native.COUNTERS))
+    df.insert(0, "ubatch", out[:, 0].astype(np.int64))
+    info = pd.concat(meta, ignore_index=True) if meta else pd.DataFrame(
+        {"ubatch": [], "phase": [], "seq": [], "n_tokens": []})
+    df = info.merge(df, on="ubatch", how="right")
+    mdf = None
+    if measured:
+        mdf = pd.DataFrame({c: np.concatenate([np.asarray(getattr(t, c)) for t in measured])
+                            for c in MEASURED_COLUMNS})
+    return SimResult(load=load, ubatches=df, ops=ops, measured=mdf)
+
+
+def _with_end(chunks: Iterable[TraceData]) -> Iterator[TraceData | None]:
+    yield from chunks
+    yield None
+
+
+def _phase_sums(df: pd.DataFrame, phase: int) -> dict[str, float]:
+    d = df[df["phase"] == phase]
+    tokens = float(d["n_tokens"].sum())
+    s = {c: float(d[c].sum()) for c in ("read_pages", "majflt", "touched_pages", "missed_pages", "io_s",
+                                        "read_requests")}
+    s["tokens"] = tokens
+    return s
+
+
+def compute_per_token(measured: pd.DataFrame | None, disk: DiskModel) -> dict[int, float | None]:
+    """Compute seconds per token by phase, from measured wall times: ubatches that read nothing give it
+    directly; otherwise wall minus the disk model's time for what was read (at least a tenth of wall)."""
+    out: dict[int, float | None] = {0: None, 1: None}
+    if measured is None or not len(measured):
+        return out
+    m = measured[(measured["wall_ns"] > 0) & (measured["n_tokens"] > 0)]
+    for ph in (0, 1):
+        d = m[m["phase"] == ph]
+        if not len(d):
+            continue
+        rb = d["read_bytes"].clip(lower=0)
+        quiet = d[rb == 0]
+        if len(quiet):
+            out[ph] = float(quiet["wall_ns"].sum() / 1e9 / quiet["n_tokens"].sum())
+            continue
+        io = rb / PAGE * disk.sec_per_page + d["majflt"].clip(lower=0) * disk.latency
+        wall = d["wall_ns"] / 1e9
+        out[ph] = float(np.maximum(wall - io, 0.1 * wall).sum() / d["n_tokens"].sum())
+    return out
+
+
+def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
+    """Measured bytes, faults and tokens/s per token by phase (None where unknown)."""
+    out: dict[str, float | None] = {}
+    for ph, name in ((0, "prefill"), (1, "decode")):
+        d = None if measured is None else measured[(measured["phase"] == ph) & (measured["n_tokens"] > 0)]
+        ok = d is not None and len(d) > 0
+        tok = float(d["n_tokens"].sum()) if ok else 0.0  # type: ignore[index]
+        for col, key in (("read_bytes", "read_per_token"), ("majflt", "majflt_per_token")):
+            good = ok and bool((d[col] >= 0).all())  # type: ignore[index]
+            out[f"measured_{name}_{key}"] = float(d[col].sum()) / tok if good and tok else None  # type: ignore[index]
+        wall = float(d["wall_ns"].sum()) / 1e9 if ok else 0.0  # type: ignore[index]
+        out[f"measured_{name}_tok_s"] = tok / wall if wall > 0 else None
+    return out
+
+
+def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Sequence[str] = ADVICE,
+             readahead_kb: int | str = "auto", ctx_size: int = 4096, disk: DiskModel | None = None,
+             measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool = True,
+             whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False) -> pd.DataFrame:
+    """One row per (budget, advice): disk bytes, major faults, hit ratio and tokens/s per token by phase.
+
+    ``budgets``: bytes of RAM available to llama.cpp's process and the page cache; the KV cache, compute
+    buffers and process overhead (paging.model.ram_model) are taken off first. ``readahead_kb``: the model
+    device's read_ahead_kb, or "auto" (sysfs; InputError when unreadable). ``io_pages``: its max_sectors_kb / 4
+    (default: from sysfs, else the read-ahead in pages). ``keep_ubatches``: ``df.attrs["ubatches"][(ram,
+    advice)]`` = the per-ubatch counters (seq, phase, n_tokens, majflt, read_pages, io_s, ...), e.g. to compare
+    per request with a measured run."""
+    from .disk import device_io_pages, device_read_ahead_kb
+
+    m = open_model(model) if not isinstance(model, Model) else model
+    bad = [a for a in advice if a not in MODES]
+    if bad:
+        raise InputError(f"--advice {bad[0]!r}: not a paging mode; give some of {', '.join(ADVICE)}")
+    readahead_kb = device_read_ahead_kb(m.path) if readahead_kb == "auto" else readahead_kb
+    if not isinstance(readahead_kb, int) or readahead_kb < 0:
+        raise InputError(f"--readahead {readahead_kb!r}: must be 0 or more KiB, or auto")
+    disk = disk or DiskModel(DEFAULT_SEQ_MBPS, DEFAULT_IOPS, "assumed")
+    layout = page_layout(m)
+    rm = ram_model(m, ctx_size)
+    check_budgets(rm, list(budgets))
+    ra_pages = readahead_kb // 4
+    iop = io_pages if io_pages is not None else device_io_pages(m.path, ra_pages)
+    header, chunks = iter_chunks(trace, str(m.path))
+    reopen = isinstance(trace, str) or hasattr(trace, "__fspath__")
+    cached = None if reopen else list(chunks)  # a trace file is streamed again for every simulation
+
+    def source() -> Iterator[TraceData]:
+        return iter(cached) if cached is not None else iter_chunks(trace, str(m.path))[1]
+
+    if header is not None:
+        _check_trace(header.fingerprint, m, str(trace) if reopen else "the trace")
+    rows = []
+    kept: dict[tuple[int, str], pd.DataFrame] = {}
+    meas = measured
+    for ram in budgets:
+        pc_bytes = rm.page_cache(ram)
+        for mode in advice:
+            populate = mode == "stock" or layout.file_bytes <= pc_bytes
+            res = simulate(source(), layout, pc_bytes // PAGE, mode, ra_pages, iop, disk, populate=populate,
+                           warmup=warmup, whole_frac=whole_frac)
+            if meas is None and res.measured is not None:
+                meas = res.measured
+            rows.append(_row(ram, pc_bytes, mode, res))
+            if keep_ubatches:
+                kept[(ram, mode)] = res.ubatches
+    df = pd.DataFrame(rows)
+    comp = compute_per_token(meas, disk)
+    _add_rates(df, comp)
+    ms = measured_summary(meas)
+    if meas is not None:
+        for k, v in ms.items():
+            df[k] = v
+    df.attrs.update({"ram_model": rm.as_dict(), "disk": {"seq_mbps": disk.seq_mbps, "iops": disk.iops,
+                                                         "source": disk.source},
+                     "readahead_kb": readahead_kb, "io_pages": iop, "ctx_size": ctx_size,
+                     "compute_s_per_token": {"prefill": comp[0], "decode": comp[1]},
+                     "measured": meas is not None, "model_bytes": layout.file_bytes,
+                     "nonexpert_bytes": layout.nonexpert_bytes})
+    if keep_ubatches:
+        df.attrs["ubatches"] = kept
+    return df
+
+
+def _check_trace(fp: Any, m: Model, name: str) -> None:
+    """The trace must be of this model (names and shapes when the trace carries them, else the counts)."""
+    if fp.tensor_digest:
+        from ..gguf.fingerprint import check_model
+
+        check_model(fp, m, name)
+    elif (fp.n_layer, fp.n_expert) != (m.block_count, m.expert_count):
+        raise InputError(f"{name} has {fp.n_layer} layers x {fp.n_expert} experts, model {m.path} "
+                         f"{m.block_count} x {m.expert_count}: give the model the trace was captured from")
+
+
+def _add_rates(df: pd.DataFrame, comp: dict[int, float | None]) -> None:
+    """tokens/s per phase = 1 / (I/O + compute seconds per token); NaN where both are zero (unbounded)."""
+    for ph, name in ((0, "prefill"), (1, "decode")):
+        io = df[f"{name}_io_s_per_token"]
+        c = comp[ph]
+        total = io + (c if c is not None else 0.0)
+        df[f"{name}_tok_s"] = np.where(total > 0, 1.0 / total.where(total > 0, 1.0), np.nan)
+
+
+def _row(ram: int, pc_bytes: int, mode: str, res: SimResult) -> dict[str, Any]:
+    row: dict[str, Any] = {"ram": ram, "page_cache": pc_bytes, "advice": mode}
+    hits = []
+    for ph, name in ((0, "prefill"), (1, "decode")):
+        s = _phase_sums(res.ubatches, ph)
+        t = s["tokens"]
+        row[f"{name}_tokens"] = int(t)
+        row[f"{name}_read_per_token"] = s["read_pages"] * PAGE / t if t else np.nan
+        row[f"{name}_majflt_per_token"] = s["majflt"] / t if t else np.nan
+        row[f"{name}_hit_ratio"] = 1.0 - s["missed_pages"] / s["touched_pages"] if s["touched_pages"] else np.nan
+        row[f"{name}_io_s_per_token"] = s["io_s"] / t if t else np.nan
+        hits.append(s)
+    row["load_read_bytes"] = res.load["read_pages"] * PAGE
+    row["load_majflt"] = res.load["majflt"]
+    return row
+
+
+def recommend(df: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, the advice with the best forecast decode tokens/s (then prefill)."""
+    d = df.assign(_d=df["decode_tok_s"].fillna(np.inf), _p=df["prefill_tok_s"].fillna(np.inf))
+    best = d.sort_values(["ram", "_d", "_p"], ascending=[True, False, False]).groupby("ram", sort=True).head(1)
+    return best.drop(columns=["_d", "_p"]).reset_index(drop=True)
+
+
+def run_command(mode: str, model_path: str, ctx_size: int) -> str:
+    """The command line that runs llama-server in the recommended mode (issue 19's ``run --paging``)."""
+    return f"gguf-experts run --paging {mode} -- llama-server -m {model_path} -c {ctx_size}"

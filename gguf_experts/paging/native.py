@@ -1,0 +1,97 @@
+"""Build pagesim.c into the user cache with the system cc on first use (as ``run`` builds its preload) and
+load it with ctypes. Why C: a day-long trace touches billions of pages; Python cannot loop over them."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import GGUFExpertsError
+
+SOURCE = Path(__file__).with_name("pagesim.c")
+CFLAGS = ("-O2", "-shared", "-fPIC", "-std=gnu11")
+NCOUNT = 9  # counters per ubatch, in pagesim.c's order
+COUNTERS = ("majflt", "minflt", "read_pages", "read_requests", "touched_pages", "missed_pages", "evicted_pages",
+            "io_s", "prefetched_pages")
+
+
+class SimBuildError(GGUFExpertsError):
+    """The page-cache simulator could not be compiled (no C compiler, or it failed)."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gguf-experts"
+
+
+def library_path() -> Path:
+    h = hashlib.sha256(" ".join(CFLAGS).encode() + b"\0" + SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"pagesim-{h}" / "libpagesim.so"
+
+
+def build(cc: str | None = None) -> Path:
+    """The compiled simulator (built once per source; concurrent first uses each build, one wins)."""
+    out = library_path()
+    if out.exists():
+        return out
+    compiler = cc or os.environ.get("CC") or "cc"
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise SimBuildError(f"no C compiler ({compiler!r} not found) to build the page-cache simulator of "
+                            "`forecast`; install one (e.g. apt-get install gcc) or set CC")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([exe, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise SimBuildError(f"{compiler} could not build {SOURCE}: {last}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+_LIB: ctypes.CDLL | None = None
+I64, F64, P = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+class Replay(ctypes.Structure):
+    """pagesim.c's replay_t: the model's page ranges in llama.cpp's order, and the replay's state."""
+
+    _fields_ = [("n_block", ctypes.c_int32), ("n_expert", ctypes.c_int32),
+                ("ne_idx", P), ("ne_a", P), ("ne_b", P), ("ex_idx", P), ("ex_base", P), ("ex_slice", P),
+                ("embd_off", I64), ("embd_row", I64), ("mode", ctypes.c_int32), ("whole_frac", F64),
+                ("cur_layer", ctypes.c_int32), ("cur_ub", I64)]
+
+
+def lib() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        so = ctypes.CDLL(str(build()))
+        so.sim_new.restype = P
+        so.sim_new.argtypes = [I64, I64, I64, I64, F64, F64]
+        so.sim_free.argtypes = [P]
+        so.sim_counters.argtypes = [P, P, ctypes.c_int]
+        so.sim_resident.restype = I64
+        so.sim_resident.argtypes = [P]
+        so.sim_mmap_miss.restype = I64
+        so.sim_mmap_miss.argtypes = [P]
+        for f in ("sim_touch", "sim_willneed", "sim_read_seq"):
+            getattr(so, f).argtypes = [P, I64, I64]
+        so.sim_set_log.argtypes = [P, P, I64]
+        so.sim_log_n.restype = I64
+        so.sim_log_n.argtypes = [P]
+        so.sim_set_rand.argtypes = [P, I64, I64, ctypes.c_int]
+        so.sim_replay.restype = I64
+        so.sim_replay.argtypes = [P, ctypes.POINTER(Replay), I64, P, P, P, P, P, ctypes.c_int, P]
+        if so.sim_ncount() != NCOUNT:
+            raise SimBuildError(f"{SOURCE}: counter count mismatch; reinstall gguf-experts")
+        _LIB = so
+    return _LIB
