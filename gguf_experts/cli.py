@@ -104,6 +104,7 @@ def _close_llama_devnull() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)  # a bad option: one line and SystemExit(2) (Parser.error)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # a command may re-run itself (capture --paging)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
