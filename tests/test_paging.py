@@ -231,7 +231,7 @@ def test_trace_equals_stock(tmp_path: Path, tiny: Path, llama_bin: Path, mode: s
         finally:
             assert srv.stop() == 0, srv.stderr[-2000:]
         if m != "stock":
-            assert f"gguf-experts: paging {mode} (asked, no load pass" in srv.stderr
+            assert f"gguf-experts: paging {mode} (asked; GGUF_EXPERTS_PAGING_LOAD=skip, no load pass)" in srv.stderr
     a, b = read_trace(base), read_trace(tmp_path / f"{mode}.bin")
     assert len(a) > 0 and len(a.header.meta["sequences"]) == len(PROMPTS)
     assert np.array_equal(rows(a), rows(b))
@@ -249,7 +249,7 @@ def test_capture_paging_trace_equals_stock(tmp_path: Path, big: Path) -> None:
                            env={**os.environ, "GGUF_EXPERTS_PAGING_LOAD": "skip"})
         assert r.returncode == 0, r.stderr[-2000:]
         out[mode] = slice_residency(big, "ffn_up_exps")
-    assert "gguf-experts: paging prefetch (asked)" in r.stderr
+    assert "gguf-experts: paging prefetch (asked; GGUF_EXPERTS_PAGING_LOAD=skip)" in r.stderr
     a, b = read_trace(tmp_path / "stock.bin"), read_trace(tmp_path / "prefetch.bin")
     assert np.array_equal(rows(a), rows(b))
     used = {(int(l_), int(e)) for l_, ex in zip(b.layer, b.experts) for e in ex}
@@ -306,8 +306,13 @@ def test_cold_start_advice_and_residency(tmp_path: Path, big: Path, llama_bin: P
     used = {(int(l_), int(e)) for l_, ex in zip(d.layer, d.experts) for e in ex}
     assert 0 < len(used) < len(res) // 2
     assert all(res[k] == 1.0 for k in used), [(k, res[k]) for k in used if res[k] < 1]
-    assert all(v == 0.0 for k, v in res.items() if k not in used), [k for k, v in res.items() if v and k not in used]
-    pages_used = len(used) * 3 * (256 << 10) // PAGE
+    # llama-server's start-up check decodes [0, 0] (common's partial-removal probe), untraced by design: its
+    # experts (2 tokens x k=2 per layer at most) are the only others allowed
+    extra = [k for k, v in res.items() if v and k not in used]
+    assert len(extra) <= 2 * 2 * 4 and all(res[k] == 1.0 for k in extra), extra
+    # major faults: the up_exps slices alone (gate's head and down's tail may come in with the read-around of
+    # the layer's non-expert tensors)
+    pages_used = len(used) * (256 << 10) // PAGE
     if mode == "random":  # every page of a selected slice faulted in alone
         assert info["majflt"] >= pages_used, info["majflt"]
     else:  # read ahead before the matmul touched them
@@ -453,12 +458,12 @@ def test_model_on_tmpfs_falls_back_to_stock(tmp_path: Path, shm_model: Path, lla
 
 def test_program_that_does_not_map_the_model(tmp_path: Path, tiny: Path, llama_bin: Path) -> None:
     srv = Server(llama_bin, tiny, ["--paging", "prefetch", "-o", str(tmp_path / "t.bin")],
-                 {"GGUF_EXPERTS_PAGING_LOAD": "skip"}, server_args=("--no-mmap",))
+                 {"GGUF_EXPERTS_PAGING_LOAD": "skip"}, server_args=("--load-mode", "none"))
     try:
         srv.complete(PROMPTS[0])
     finally:
         assert srv.stop() == 0
     lines = [x for x in srv.stderr.splitlines() if "cannot apply" in x]
     assert lines == ["gguf-experts: warning: --paging prefetch cannot apply: the program does not memory-map the "
-                     "model (--no-mmap?); running as stock"], srv.stderr[-2000:]
+                     "model (--load-mode none, --no-mmap?); running as stock"], srv.stderr[-2000:]
     assert len(read_trace(tmp_path / "t.bin")) > 0

@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if choice.fallback:
         sys.stderr.write(f"gguf-experts: warning: {choice.reason}\n")
     elif args.paging == "auto" or choice.mode != "stock":
-        load = {"skip": ", no load pass (the model does not fit)", "keep": ", load pass kept (the model fits)",
-                "auto": ""}[choice.load] if choice.mode != "stock" else ""
+        load = {"skip": ", no load pass", "keep": ", load pass kept", "auto": ""}[choice.load] \
+            if choice.mode != "stock" else ""
         sys.stderr.write(f"gguf-experts: paging {choice.mode} ({choice.reason}{load})\n")
     res = tracer.launch(argv, None if args.no_trace else args.output, weights=args.weights, mode=args.mode,
                         env=paging.paging_env(choice), extra_meta={"paging": choice.mode})

@@ -143,12 +143,12 @@ def resolve(mode: str, model: Path | None, available: int | None = None,
         return PagingChoice("stock", "asked", "keep")
     fits = model is not None and available is not None and sum(
         f.stat().st_size for f in model_files(model)) <= available - reserve
-    load = "keep" if fits else "skip"
+    load, why = ("keep", "asked; the model fits in memory") if fits else ("skip", "asked; the model does not fit")
     if model is None:
-        load = "auto"  # the preload judges the file it maps
+        load, why = "auto", "asked; the preload sizes the model when it is mapped"
     if os.environ.get(ENV_LOAD) in ("keep", "skip", "auto"):
-        load = os.environ[ENV_LOAD]  # the user's override (tests of a small model use skip)
-    return PagingChoice(mode, "asked", load)
+        load, why = os.environ[ENV_LOAD], f"asked; {ENV_LOAD}={os.environ[ENV_LOAD]}"  # the user's override
+    return PagingChoice(mode, why, load)
 
 
 def paging_env(choice: PagingChoice, base: dict[str, str] | None = None) -> dict[str, str]:

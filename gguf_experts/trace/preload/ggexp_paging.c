@@ -240,7 +240,7 @@ void paging_graph(void *gf) {
         }
     }
     if (g_n_exps == 0 && before == 0 && g_n_exps_outside > 0)
-        warn_once(g_n_maps == 0 ? "the program does not memory-map the model (--no-mmap?)"
+        warn_once(g_n_maps == 0 ? "the program does not memory-map the model (--load-mode none, --no-mmap?)"
                                 : "the expert tensors are not in the model's mapping (repacked or offloaded)");
 }
 
