@@ -213,6 +213,7 @@ void emit(struct sched_st *s);
 extern int g_paging;
 dlsym_t rdlsym(void);
 void paging_graph(void *gf);            /* before a graph computes: learn the *_exps tensors, MADV_RANDOM */
+bool paging_observes(void);             /* prefetch observes the top-k (the model's load pass was dropped) */
 bool paging_wants(const struct gt *t);  /* the eval callback's ask: a top-k node, in prefetch mode */
 void paging_topk(const struct gt *t);   /* the top-k was computed: read the selected experts ahead */
 

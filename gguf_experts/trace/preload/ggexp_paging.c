@@ -293,9 +293,25 @@ static void submit(uint8_t *p, size_t len) {
     if (full) run_job((struct job){p, len});
 }
 
+/* Whether prefetch observes the top-k at all: only for a model whose load pass was dropped (it does not fit, or
+ * GGUF_EXPERTS_PAGING_LOAD=skip). A model that fits is read whole at load: observing would only split the graph. */
+static int g_observe = -1;
+bool paging_observes(void) {
+    if (g_paging != PAGING_PREFETCH || g_warned) return false;
+    if (g_observe < 0) {
+        pthread_mutex_lock(&g_plock);
+        int any = 0;
+        for (int i = 0; i < g_n_maps; i++) any |= g_maps[i].skip_load;
+        if (g_n_maps > 0) g_observe = any;
+        pthread_mutex_unlock(&g_plock);
+        if (g_n_maps == 0) return true; /* not mapped yet (or never: then paging_graph warns) */
+    }
+    return g_observe;
+}
+
 /* The eval callback asks: observe this node? (the top-k of a layer, in prefetch mode) */
 bool paging_wants(const struct gt *t) {
-    return g_paging == PAGING_PREFETCH && !g_warned && t->name[0] == 'f' && memcmp(t->name, "ffn_moe_topk-", 13) == 0;
+    return t->name[0] == 'f' && memcmp(t->name, "ffn_moe_topk-", 13) == 0 && paging_observes();
 }
 
 /* A layer's top-k has been computed: read ahead the selected experts' slices of every *_exps tensor of it. */

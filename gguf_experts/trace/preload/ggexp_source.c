@@ -44,7 +44,7 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
 EXPORT void ggml_backend_sched_set_eval_callback(void *sched, eval_cb_t cb, void *ud) {
     REAL(set_cb_t, real, "ggml_backend_sched_set_eval_callback");
     if (!real) return;
-    int paging = g_paging == PAGING_PREFETCH; /* observes the top-k nodes, traced or not */
+    int paging = paging_observes(); /* prefetch observes the top-k nodes, traced or not */
     struct sched_st *s = g_enabled || paging ? sched_of(sched, 1) : NULL;
     if (!s) {
         real(sched, cb, ud);
