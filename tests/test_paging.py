@@ -319,12 +319,30 @@ def test_cold_start_advice_and_residency(tmp_path: Path, big: Path, llama_bin: P
         assert info["majflt"] < pages_used // 4, info["majflt"]
 
 
-def test_prefetch_whole_reads_whole_tensors(tmp_path: Path, big: Path, llama_bin: Path) -> None:
+@pytest.mark.parametrize("ahead", ["0", "1"])
+def test_prefetch_whole_reads_whole_tensors(tmp_path: Path, big: Path, llama_bin: Path, stock_trace: Path,
+                                            ahead: str) -> None:
     evict(big)
-    env = {"GGUF_EXPERTS_PAGING_LOAD": "skip", "GGUF_EXPERTS_PREFETCH_WHOLE": "0.01"}
+    env = {"GGUF_EXPERTS_PAGING_LOAD": "skip", "GGUF_EXPERTS_PREFETCH_WHOLE": "0.01",
+           "GGUF_EXPERTS_PREFETCH_AHEAD": ahead}
     serve_trace(llama_bin, big, tmp_path / "w.bin", "prefetch", env)
     res = slice_residency(big, "ffn_up_exps")
     assert min(res.values()) == 1.0
+    assert np.array_equal(rows(read_trace(tmp_path / "w.bin")), rows(read_trace(stock_trace)))
+
+
+def test_choose_mode(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gguf_experts.trace.paging import choose_mode, resolve
+
+    size = tiny.stat().st_size
+    assert choose_mode(None, 10 << 30).mode == "stock"
+    fits = choose_mode(tiny, size + (1 << 30), reserve=1 << 30)
+    assert fits.mode == "stock" and fits.load == "keep" and "fits in MemAvailable" in fits.reason
+    big = choose_mode(tiny, size + (1 << 30) - 1, reserve=1 << 30)
+    assert big.mode == "prefetch" and big.load == "skip" and "does not fit" in big.reason
+    monkeypatch.delenv("GGUF_EXPERTS_PAGING_LOAD", raising=False)
+    assert resolve("random", tiny, available=1, reserve=0).load == "skip"
+    assert resolve("random", tiny, available=10 << 30, reserve=0).load == "keep"
 
 
 def test_stock_keeps_the_load_pass(tmp_path: Path, big: Path, llama_bin: Path) -> None:

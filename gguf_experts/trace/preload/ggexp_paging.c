@@ -10,6 +10,7 @@
  *                                                     ubatch at or above which whole tensors are read
  *   GGUF_EXPERTS_PREFETCH_ASYNC=1|0                   prefetch: issue the reads from a helper thread (default), or
  *                                                     inline in the eval callback before the matmul starts
+ *   GGUF_EXPERTS_PREFETCH_AHEAD=0|1                   prefetch: a layer read whole also reads the next layer whole
  *
  * How: `mmap` is wrapped to drop MAP_POPULATE for a .gguf mapping (mode not stock, load pass skipped) and
  * `posix_madvise(WILLNEED)` over such a mapping is skipped. Before each graph computes, its nodes' sources are
@@ -29,6 +30,9 @@ int g_paging; /* PAGING_* */
 static int g_load = 0; /* 0 auto, 1 keep, 2 skip */
 static double g_whole = 0.5;
 static int g_async = 1;
+static int g_ahead; /* GGUF_EXPERTS_PREFETCH_AHEAD=1: a whole layer also reads the next layer whole */
+static unsigned g_ubatch;           /* graphs computed (paging_graph), to read a tensor whole once per ubatch */
+static unsigned g_whole_at[4096];   /* per layer: 1 + the ubatch whose whole read was submitted */
 static long long g_reserve = 1LL << 30;
 static int g_warned;
 static long g_page = 4096;
@@ -80,6 +84,8 @@ __attribute__((constructor)) static void paging_init(void) {
     }
     const char *a = getenv("GGUF_EXPERTS_PREFETCH_ASYNC");
     g_async = !(a && strcmp(a, "0") == 0);
+    const char *ah = getenv("GGUF_EXPERTS_PREFETCH_AHEAD");
+    g_ahead = ah && strcmp(ah, "1") == 0;
     const char *r = getenv("GGUF_EXPERTS_PAGING_RESERVE");
     if (r && *r) g_reserve = atoll(r);
 }
@@ -228,6 +234,7 @@ void paging_graph(void *gf) {
     REAL(graph_node_t, node, "ggml_graph_node");
     if (!n_nodes || !node) return;
     int nn = n_nodes(gf);
+    g_ubatch++;
     if (gf == g_scanned_gf && nn == g_scanned_nodes) return;
     g_scanned_gf = gf;
     g_scanned_nodes = nn;
@@ -309,6 +316,14 @@ bool paging_observes(void) {
     return g_observe;
 }
 
+/* Every *_exps tensor of `layer`, whole (the read-ahead of a next layer; marked so its own top-k skips it). */
+static void submit_whole(int layer) {
+    if (layer < 0) return;
+    if (layer < 4096) g_whole_at[layer] = g_ubatch + 1;
+    for (int i = 0; i < g_n_exps; i++)
+        if (g_exps[i].layer == layer) submit(g_exps[i].data, g_exps[i].stride * (size_t)g_exps[i].n_exp);
+}
+
 /* The eval callback asks: observe this node? (the top-k of a layer, in prefetch mode) */
 bool paging_wants(const struct gt *t) {
     return t->name[0] == 'f' && memcmp(t->name, "ffn_moe_topk-", 13) == 0 && paging_observes();
@@ -344,13 +359,14 @@ void paging_topk(const struct gt *t) {
                     if (e >= 0 && e < n_exp && !sel[e]) sel[e] = 1, count++;
                 }
     int whole = count >= g_whole * n_exp;
+    if (whole) { /* this layer (unless read ahead already), then, with AHEAD, the next: the queue is in order */
+        if (layer >= 4096 || g_whole_at[layer] != g_ubatch + 1) submit_whole(layer);
+        if (g_ahead) submit_whole(layer + 1);
+        return;
+    }
     for (int i = 0; i < g_n_exps; i++) {
         struct exps *x = &g_exps[i];
         if (x->layer != layer) continue;
-        if (whole) {
-            submit(x->data, x->stride * (size_t)x->n_exp);
-            continue;
-        }
         for (int e = 0; e < x->n_exp && e < n_exp;) {
             if (!sel[e]) {
                 e++;
