@@ -372,7 +372,8 @@ def vmlck_kb(pid: int) -> int:
 def start_pin(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     ready = tmp_path / "ready"
     ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([*GGE, "pin", *args, "--ready-file", str(ready)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*GGE, "pin", *args, "--ready-file", str(ready), "--format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not ready.exists():
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -396,6 +397,8 @@ def test_pin_locks_and_releases(tmp_path: Path, big: Path, pin_list: Path, how: 
         proc.send_signal(how)
         rc = proc.wait(timeout=30)
     assert rc == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+    out = json.loads(proc.stdout.read() if proc.stdout else "")
+    assert out["experts"] == 2 and out["bytes"] == 2 * 3 * (256 << 10) and out["pid"] == proc.pid
     evict(big)
     assert resident(big).sum() == 0  # nothing left locked
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from ..errors import InputError
+from ..reporters.tabular import add_output_options
 from ._trace_input import parse_int_list
 
 NAME = "pin"
@@ -27,13 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", metavar="T.bin", help="learn the hot experts from this trace of the model")
     src.add_argument("--pins", metavar="PINS.csv", help="a pin list written by `pins --list-csv`")
+    add_output_options(p, output=False, what="what was pinned (experts, bytes, ranges, pid), once locked")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write this file (the pid) once everything is locked (for scripts that wait on it)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from .. import pin
     from ..atomic import atomic_write
+    from ..reporters.tabular import Output, emit
     from ..trace.paging import mem_available
 
     budgets = parse_int_list(args.budget, "--budget")
@@ -51,10 +56,12 @@ def run(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, lambda n, f: stop.append(n)) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         with pin.Pinned(plan):
-            sys.stderr.write(f"gguf-experts: pinned {int(experts.sum())} experts ({plan.locked_bytes / 2**30:.2f} GiB "
-                             f"in {len(plan.ranges)} ranges) of {args.model}; pid {os.getpid()}; stop with "
-                             f"kill -TERM {os.getpid()}\n")
-            sys.stderr.flush()
+            row = {"model": args.model, "experts": int(experts.sum()), "bytes": plan.bytes,
+                   "locked_bytes": plan.locked_bytes, "ranges": len(plan.ranges), "pid": os.getpid()}
+            text = (f"pinned {row['experts']} experts ({plan.locked_bytes / 2**30:.2f} GiB in {len(plan.ranges)} "
+                    f"ranges) of {args.model}; pid {os.getpid()}; stop with kill -TERM {os.getpid()}\n")
+            emit(Output(pd.DataFrame([row]), document=row, text=text), args.format, None)
+            sys.stdout.flush()
             if args.ready_file:
                 with atomic_write(args.ready_file) as fh:
                     fh.write(f"{os.getpid()}\n")
