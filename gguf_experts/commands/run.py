@@ -58,14 +58,18 @@ def run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     paging.check_mode(args.paging)  # before anything runs: an unknown mode is one line and exit 2
     choice = paging.resolve(args.paging, paging.model_in_argv(argv))
-    if choice.fallback:
-        sys.stderr.write(f"gguf-experts: warning: {choice.reason}\n")
-    elif args.paging == "auto" or choice.mode != "stock":
-        load = {"skip": ", no load pass", "keep": ", load pass kept", "auto": ""}[choice.load] \
-            if choice.mode != "stock" else ""
-        sys.stderr.write(f"gguf-experts: paging {choice.mode} ({choice.reason}{load})\n")
+
+    def say_mode() -> None:  # once every check has passed: an error stays one line
+        if choice.fallback:
+            sys.stderr.write(f"gguf-experts: warning: {choice.reason}\n")
+        elif args.paging == "auto" or choice.mode != "stock":
+            load = {"skip": ", no load pass", "keep": ", load pass kept", "auto": ""}[choice.load] \
+                if choice.mode != "stock" else ""
+            sys.stderr.write(f"gguf-experts: paging {choice.mode} ({choice.reason}{load})\n")
+        sys.stderr.flush()
+
     res = tracer.launch(argv, None if args.no_trace else args.output, weights=args.weights, mode=args.mode,
-                        env=paging.paging_env(choice), extra_meta={"paging": choice.mode})
+                        env=paging.paging_env(choice), extra_meta={"paging": choice.mode}, on_start=say_mode)
     if args.no_trace:
         return res.returncode
     if res.written and res.header is not None:

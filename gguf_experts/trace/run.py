@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,7 @@ _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # what a ter
 
 def launch(argv: Sequence[str], trace: str | os.PathLike[str] | None, weights: bool = False,
            mode: str = "keepalive", lib: Path | None = None, env: dict[str, str] | None = None,
-           extra_meta: dict[str, Any] | None = None) -> RunResult:
+           extra_meta: dict[str, Any] | None = None, on_start: Callable[[], None] | None = None) -> RunResult:
     """Run ``argv`` with the tracer preloaded; forward SIGINT/SIGTERM/SIGHUP/SIGQUIT; finalise the trace.
 
     A terminal's Ctrl-C (or hang-up) goes to its whole foreground process group, the program included:
@@ -237,6 +237,8 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str] | None, weights: b
         for stale in (out, sequences_path(out)):
             stale.unlink(missing_ok=True)  # an old trace must not pass for this run's
     env = preload_env(lib, out, weights, mode, env)
+    if on_start is not None:  # every check passed: the caller may say what is about to run
+        on_start()
     received: list[int] = []
     # Python handlers (run by the main thread whichever thread the signal hit): record, act in the loop
     old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _FORWARD}
