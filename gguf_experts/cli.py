@@ -36,13 +36,13 @@ class Command(Protocol):
 if TYPE_CHECKING:  # for mypy only: commands are imported one at a time at run time (start-up is paid per call);
     # tests/test_architecture.py checks that this lists every file in gguf_experts/commands/.
     from .commands import (
-        cache_sim, capture, check_overlaps, convert, demo, diff, dump, forecast, join_trace, make_model, pins, profile,
-        prune, report, reuse, run, stats,
+        cache_sim, capture, check_overlaps, convert, demo, diff, dump, forecast, join_trace, make_model, pin, pins,
+        profile, prune, report, reuse, run, stats,
     )
 
     _REGISTRY: tuple[Command, ...] = (
-        cache_sim, capture, check_overlaps, convert, demo, diff, dump, forecast, join_trace, make_model, pins, profile,
-        prune, report, reuse, run, stats,
+        cache_sim, capture, check_overlaps, convert, demo, diff, dump, forecast, join_trace, make_model, pin, pins,
+        profile, prune, report, reuse, run, stats,
     )
 
 
@@ -131,6 +131,7 @@ def _close_llama_devnull() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)  # a bad option: one line and SystemExit(2) (Parser.error)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # a command may re-run itself (capture --paging)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2

@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(as a perplexity run does); default: only the last, as in generation")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
     p.add_argument("-o", "--output", required=True, metavar="TRACE.bin", help="the trace file to write")
+    p.add_argument("--paging", default="stock", metavar="MODE",
+                   help="stock (default), random, prefetch or auto, as in `run --paging` (docs/paging.md): the "
+                        "capture re-runs itself with the C preload's paging (llama.cpp's mmap must be wrapped "
+                        "before it loads); the trace is the same in every mode")
     add_output_options(p, output=False, what="the run summary on stdout")
     add_progress(p)
 
@@ -50,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..trace.live.capture import capture
 
+    rc = _paged(args)
+    if rc is not None:
+        return rc
     texts = read_prompts(args)
     n_predict = args.n_predict if args.n_predict is not None else (0 if args.jsonl else 32)
     resolve_target(args.output)  # a missing or read-only directory, or a model as -o, fails before the run
@@ -73,3 +80,31 @@ def run(args: argparse.Namespace) -> int:
             "all of them"), stacklevel=1)
     emit(Output(df, document=row, text=text), args.format, None)
     return 130 if res.interrupted else 0
+
+
+def _paged(args: argparse.Namespace) -> int | None:
+    """--paging MODE other than stock: run this same command again under the C preload with only paging on
+    (no trace of its own), and return its exit status; None when this process is that child, or stock.
+    Why a child: the preload must wrap mmap/posix_madvise before llama.cpp maps the model, and a library
+    loaded into a running Python comes after libc in symbol lookup, so only LD_PRELOAD at exec time works."""
+    import os
+    import sys
+
+    from ..paging import modes as paging
+    from ..trace.preload import run as tracer
+
+    paging.check_mode(args.paging)
+    if args.paging == "stock":
+        return None
+    if os.environ.get(paging.ENV_PAGING) in ("random", "prefetch", "stock") and os.environ.get("GGUF_EXPERTS_PAGED"):
+        return None  # the child: the preload is already there
+    choice = paging.resolve(args.paging, Path(args.model))
+    if choice.fallback:
+        sys.stderr.write(f"gguf-experts: warning: {choice.reason}\n")
+        return None
+    sys.stderr.write(f"gguf-experts: paging {choice.mode} ({choice.reason})\n")
+    if choice.mode == "stock":
+        return None
+    env = paging.paging_env(choice)
+    env["GGUF_EXPERTS_PAGED"] = "1"
+    return tracer.launch([sys.executable, "-m", "gguf_experts", *args._argv], None, env=env).returncode

@@ -27,6 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the tracer gets the data: keeping each layer's top-k alive and reading it once per "
                         "ubatch (default; no graph splits: 1.9%% of decode on a GPU), or an eval callback per MoE "
                         "layer (a graph split and sync per layer: 28%% on a GPU); env GGUF_EXPERTS_MODE")
+    p.add_argument("--paging", default="auto", metavar="MODE",
+                   help="how the model's pages are read (docs/paging.md): stock (llama.cpp unchanged), random "
+                        "(MADV_RANDOM on the expert tensors), prefetch (random, plus reading exactly the experts "
+                        "each layer selected as soon as its router has run), or auto (default: stock when the "
+                        "model fits in MemAvailable minus a reserve, else the recommended mode); never changes "
+                        "results")
+    p.add_argument("--no-trace", action="store_true",
+                   help="write no trace: only the paging mode applies (-o is ignored)")
     p.add_argument("--print-preload", action="store_true",
                    help="build the tracer if needed and print its path (for LD_PRELOAD), then exit")
     p.add_argument("--finalize", metavar="TRACE.bin",
@@ -35,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..paging import modes as paging
     from ..trace.preload import run as tracer
 
     if args.print_preload:
@@ -48,10 +57,25 @@ def run(args: argparse.Namespace) -> int:
     argv = list(args.program)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    res = tracer.launch(argv, args.output, weights=args.weights, mode=args.mode)
+    paging.check_mode(args.paging)  # before anything runs: an unknown mode is one line and exit 2
+    choice = paging.resolve(args.paging, paging.model_in_argv(argv))
+
+    def say_mode() -> None:  # once every check has passed: an error stays one line
+        if choice.fallback:
+            sys.stderr.write(f"gguf-experts: warning: {choice.reason}\n")
+        elif args.paging == "auto" or choice.mode != "stock":
+            load = {"skip": ", no load pass", "keep": ", load pass kept", "auto": ""}[choice.load] \
+                if choice.mode != "stock" else ""
+            sys.stderr.write(f"gguf-experts: paging {choice.mode} ({choice.reason}{load})\n")
+        sys.stderr.flush()
+
+    res = tracer.launch(argv, None if args.no_trace else args.output, weights=args.weights, mode=args.mode,
+                        env=paging.paging_env(choice), extra_meta={"paging": choice.mode}, on_start=say_mode)
     if res.signal is not None:
-        lost = "" if res.written else "; no trace written"
+        lost = "" if res.written or args.no_trace else "; no trace written"
         sys.stderr.write(f"gguf-experts: {describe_signal(res.signal, argv[0])}{lost}; exit status {res.returncode}\n")
+    if args.no_trace:
+        return res.returncode
     if res.written and res.header is not None:
         seqs = len(res.header.meta.get("sequences") or [])
         sys.stderr.write(f"gguf-experts: trace {res.trace} ({seqs} sequences, model "

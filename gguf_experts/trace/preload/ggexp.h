@@ -217,4 +217,16 @@ void io_start_capture(const char *model_path);
 void io_start_freeze(void);
 int io_json(char *dst, size_t cap, const struct io_snap *first);
 
+/* ---- paging (ggexp_paging.c; independent of tracing, env GGUF_EXPERTS_PAGING) ---------------------------- */
+#define PAGING_STOCK 0
+#define PAGING_RANDOM 1
+#define PAGING_PREFETCH 2
+#define PAGING_AUTO 3 /* the env form's auto, resolved at the model's mmap */
+extern int g_paging;
+dlsym_t rdlsym(void);
+void paging_graph(void *gf);            /* before a graph computes: learn the *_exps tensors, MADV_RANDOM */
+bool paging_observes(void);             /* prefetch observes the top-k (the model's load pass was dropped) */
+bool paging_wants(const struct gt *t);  /* the eval callback's ask: a top-k node, in prefetch mode */
+void paging_topk(const struct gt *t);   /* the top-k was computed: read the selected experts ahead */
+
 #endif

@@ -30,8 +30,9 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
         int layer;
         s->my_need = s->active && !g_keepalive && !g_cost_probe && t->name[0] == 'f' && classify(t->name, &layer) >= 0;
         s->their_need = s->prog_cb ? s->prog_cb(t, true, s->prog_ud) : false;
-        return s->my_need || s->their_need;
+        return s->my_need || s->their_need || paging_wants(t);
     }
+    paging_topk(t); /* prefetch mode: this layer's selected experts are known (ggexp_paging.c) */
     if (s->my_need) {
         int layer, what = classify(t->name, &layer);
         if (what >= 0) take(s, t, what, layer, NULL);
@@ -43,7 +44,8 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
 EXPORT void ggml_backend_sched_set_eval_callback(void *sched, eval_cb_t cb, void *ud) {
     REAL(set_cb_t, real, "ggml_backend_sched_set_eval_callback");
     if (!real) return;
-    struct sched_st *s = g_enabled ? sched_of(sched, 1) : NULL;
+    int paging = paging_observes(); /* prefetch observes the top-k nodes, traced or not */
+    struct sched_st *s = g_enabled || paging ? sched_of(sched, 1) : NULL;
     if (!s) {
         real(sched, cb, ud);
         return;
@@ -51,7 +53,7 @@ EXPORT void ggml_backend_sched_set_eval_callback(void *sched, eval_cb_t cb, void
     s->prog_cb = cb;
     s->prog_ud = ud;
     /* keepalive installs no callback at all unless the program has one: the graph runs as untraced */
-    if (g_keepalive && !cb) real(sched, NULL, NULL);
+    if ((!g_enabled || g_keepalive) && !cb && !paging) real(sched, NULL, NULL);
     else real(sched, ggexp_cb, s);
 }
 
@@ -245,6 +247,7 @@ EXPORT void ggml_backend_sched_free(void *sched) {
 EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     REAL(compute_t, real, "ggml_backend_sched_graph_compute_async");
     if (!real) return 1;
+    if (g_paging) paging_graph(graph);
     if (!g_enabled) return real(sched, graph);
     struct sched_st *s = sched_of(sched, g_keepalive);
     if (!s) return real(sched, graph);

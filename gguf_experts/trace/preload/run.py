@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,19 +140,24 @@ def finalize(trace: str | os.PathLike[str], extra_meta: dict[str, Any] | None = 
 @dataclass
 class RunResult:
     returncode: int  # the program's exit status (128 + N when a signal N ended it)
-    trace: Path
+    trace: Path | None  # None: run without a trace (paging only)
     written: bool  # the program loaded a MoE model and the trace exists
     header: TraceHeader | None
     signal: int | None = None  # the signal that ended the program, if one did
 
 
-def preload_env(lib: Path, trace: Path, weights: bool, mode: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def preload_env(lib: Path, trace: Path | None, weights: bool, mode: str,
+                base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the traced program. Our library goes last in LD_PRELOAD: it interposes dlsym, and
-    a preload listed before it keeps its own RTLD_NEXT lookups (see docs/run.md)."""
+    a preload listed before it keeps its own RTLD_NEXT lookups (see docs/run.md). ``trace`` None: no trace
+    (the preload only pages, see trace/paging.py)."""
     env = dict(os.environ if base is None else base)
     pre = env.get("LD_PRELOAD", "").strip()
     env["LD_PRELOAD"] = f"{pre}:{lib}" if pre else str(lib)
-    env[ENV_TRACE] = str(trace)
+    if trace is None:
+        env.pop(ENV_TRACE, None)
+    else:
+        env[ENV_TRACE] = str(trace)
     env[ENV_WEIGHTS] = "1" if weights else "0"
     env[ENV_MODE] = mode
     return env
@@ -162,8 +167,9 @@ _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # what a terminal sends its foreground group
 
 
-def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = False, mode: str = "keepalive",
-           lib: Path | None = None) -> RunResult:
+def launch(argv: Sequence[str], trace: str | os.PathLike[str] | None, weights: bool = False,
+           mode: str = "keepalive", lib: Path | None = None, env: dict[str, str] | None = None,
+           extra_meta: dict[str, Any] | None = None, on_start: Callable[[], None] | None = None) -> RunResult:
     """Run ``argv`` with the tracer preloaded; forward SIGINT/SIGTERM/SIGHUP/SIGQUIT; finalise the trace.
 
     A terminal's Ctrl-C (or hang-up) goes to its whole foreground process group, the program included:
@@ -179,14 +185,17 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = F
     if exe is None:
         raise InputError(f"{program}: no such program (not found on PATH); check the name")
     lib = lib or build_preload()
-    out = Path(trace).absolute()
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; give a file name for the trace")
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: no such directory for the trace")
-    for stale in (out, sequences_path(out)):
-        stale.unlink(missing_ok=True)  # an old trace must not pass for this run's
-    env = preload_env(lib, out, weights, mode)
+    out = Path(trace).absolute() if trace is not None else None
+    if out is not None:
+        if out.is_dir():
+            raise InputError(f"{out}: is a directory; give a file name for the trace")
+        if not out.parent.is_dir():
+            raise InputError(f"{out.parent}: no such directory for the trace")
+        for stale in (out, sequences_path(out)):
+            stale.unlink(missing_ok=True)  # an old trace must not pass for this run's
+    env = preload_env(lib, out, weights, mode, env)
+    if on_start is not None:  # every check passed: the caller may say what is about to run
+        on_start()
     received: list[int] = []
     # Python handlers (run by the main thread whichever thread the signal hit): record, act in the loop
     old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _FORWARD}
@@ -200,8 +209,8 @@ def launch(argv: Sequence[str], trace: str | os.PathLike[str], weights: bool = F
     killed_by = -rc if rc < 0 else None
     rc = 128 - rc if rc < 0 else rc
     header = None
-    if out.exists() and out.stat().st_size > 0:
-        header = finalize(out, {"command": list(argv)})
+    if out is not None and out.exists() and out.stat().st_size > 0:
+        header = finalize(out, {"command": list(argv), **(extra_meta or {})})
     return RunResult(rc, out, header is not None, header, killed_by)
 
 
