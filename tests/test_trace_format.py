@@ -497,3 +497,21 @@ def test_csv_logs_are_read_strictly(tmp_path: Path, capsys: pytest.CaptureFixtur
     p.write_bytes(head + b"1,1,2,7\n\n2,1,0,7\n")  # the same log without damage converts
     assert main(["convert", str(p), str(tmp_path / "o.bin"), "--model", str(model)]) == 0
     assert read_trace(tmp_path / "o.bin").experts.tolist() == [[3, 1], [2, 7], [0, 7]]
+
+
+def test_header_encoder_fills_a_given_size() -> None:
+    """The one header encoder also rewrites a header in place (run's finalize): exactly ``size`` bytes, or
+    HeaderSpaceError; the result decodes to the same fingerprint and meta."""
+    from gguf_experts.trace.format import HeaderSpaceError, decode_header, encode_header, header_length
+
+    fp = ModelFingerprint("qwen3moe", 4, 8, 2, "t" * 32, "q" * 32)
+    short = encode_header(fp, {"a": 1})
+    assert len(short) == header_length(len(short) - 20) and len(short) % 8 == 0
+    raw = encode_header(fp, {"a": 1}, size=4112, version=1)
+    assert len(raw) == 4112
+    h = decode_header(raw, "t")
+    assert (h.fingerprint, h.meta, h.size) == (fp, {"a": 1}, 4112)
+    with pytest.raises(HeaderSpaceError):
+        encode_header(fp, {"a": "x" * 5000}, size=4112)
+    with pytest.raises(HeaderSpaceError):  # not a multiple of 8: records would not be aligned
+        encode_header(fp, {"a": 1}, size=4113)

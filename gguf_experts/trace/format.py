@@ -40,12 +40,36 @@ PHASE_PREFILL = 0
 PHASE_DECODE = 1
 PHASES = (PHASE_PREFILL, PHASE_DECODE)
 
-_HEADER_PREFIX = struct.Struct("<8sII")  # magic, version, json_len
-#: marker, rec_len, seq, phase, flags, reserved, layer, n_tokens, n_expert_used
-RECORD_FIXED = struct.Struct("<IIiBBHiII")
+#: The fixed fields, in file order, as (name, struct code): the header's prefix (then JSON and CRC) and a record's
+#: fixed part (then pos, token, experts, weights, CRC). This is the definition: the C tracer declares the same
+#: structs in trace/preload/ggexp_format.h, and tests/test_trace_format_c.py compiles it and compares.
+HEADER_FIELDS: tuple[tuple[str, str], ...] = (("magic", "8s"), ("version", "I"), ("json_len", "I"))
+RECORD_FIELDS: tuple[tuple[str, str], ...] = (
+    ("marker", "I"), ("rec_len", "I"), ("seq", "i"), ("phase", "B"), ("flags", "B"), ("reserved", "H"),
+    ("layer", "i"), ("n_tokens", "I"), ("n_expert_used", "I"),
+)
+_HEADER_PREFIX = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+HEADER_PREFIX_SIZE = _HEADER_PREFIX.size
+RECORD_FIXED = struct.Struct("<" + "".join(code for _, code in RECORD_FIELDS))
 FIXED_WORDS = RECORD_FIXED.size // 4  # 7 int32 words before pos[]
 CRC_BYTES = 4
+HEADER_ALIGN = 8  # the JSON is space-padded so that records start 8-byte aligned
 MAX_JSON = 16 * 1024 * 1024
+
+
+def field_offsets(fields: tuple[tuple[str, str], ...]) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of packed little-endian fields (HEADER_FIELDS, RECORD_FIELDS)."""
+    out, at = {}, 0
+    for name, code in fields:
+        size = struct.calcsize("<" + code)
+        out[name] = (at, size)
+        at += size
+    return out
+
+
+def header_length(json_len: int) -> int:
+    """Bytes of a whole header whose JSON is ``json_len`` bytes before padding."""
+    return -(-(_HEADER_PREFIX.size + json_len + CRC_BYTES) // HEADER_ALIGN) * HEADER_ALIGN
 
 
 def record_length(n_tokens: int, k: int, weights: bool) -> int:
@@ -67,13 +91,24 @@ class TraceHeader:
     size: int = 0  # bytes of the header in the file; records start here
 
 
-def encode_header(fingerprint: ModelFingerprint, meta: dict[str, Any] | None) -> bytes:
-    """The header bytes; JSON is space-padded so records start 8-byte aligned."""
+class HeaderSpaceError(ValueError):
+    """The header does not fit the space reserved for it (``encode_header(..., size=)``)."""
+
+
+def encode_header(fingerprint: ModelFingerprint, meta: dict[str, Any] | None, *, size: int | None = None,
+                  version: int = VERSION) -> bytes:
+    """The header bytes (the one encoder: writer, CSV logs, `run`'s finalize). The JSON is space-padded so
+    records start 8-byte aligned, or to exactly ``size`` bytes in all, to rewrite a header in place
+    (HeaderSpaceError when it does not fit)."""
     doc = {"format": "gguf-experts trace", "fingerprint": fingerprint.to_dict(), "meta": meta or {}}
     body = json.dumps(doc, sort_keys=True, default=str).encode("utf-8")
-    pad = (-(_HEADER_PREFIX.size + len(body) + CRC_BYTES)) % 8
+    total = header_length(len(body)) if size is None else size
+    pad = total - (_HEADER_PREFIX.size + len(body) + CRC_BYTES)
+    if pad < 0 or total % HEADER_ALIGN:
+        raise HeaderSpaceError(f"a header of {_HEADER_PREFIX.size + len(body) + CRC_BYTES} bytes does not fit "
+                               f"{total} bytes")
     body += b" " * pad
-    head = _HEADER_PREFIX.pack(MAGIC, VERSION, len(body)) + body
+    head = _HEADER_PREFIX.pack(MAGIC, version, len(body)) + body
     return head + struct.pack("<I", zlib.crc32(head))
 
 
@@ -119,7 +154,7 @@ def decode_header(raw: bytes, where: str) -> TraceHeader:
 
 def header_size_needed(raw: bytes) -> int:
     """How many bytes the header occupies, from its first 16 bytes (0 when that cannot be told)."""
-    if len(raw) < _HEADER_PREFIX.size or raw[:8] != MAGIC:
+    if len(raw) < _HEADER_PREFIX.size or raw[:len(MAGIC)] != MAGIC:
         return 0
     _, _, json_len = _HEADER_PREFIX.unpack_from(raw)
     return _HEADER_PREFIX.size + min(json_len, MAX_JSON) + CRC_BYTES
@@ -194,7 +229,8 @@ def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
 
 __all__ = [
     "MAGIC", "VERSION", "VERSION_HISTORY", "REC_MARKER", "FLAG_WEIGHTS", "PHASE_PREFILL", "PHASE_DECODE",
-    "TraceHeader", "TraceData", "TraceRecoveryWarning", "encode_header", "decode_header", "record_length", "concat",
+    "HEADER_FIELDS", "RECORD_FIELDS", "HEADER_ALIGN", "TraceHeader", "TraceData", "TraceRecoveryWarning",
+    "HeaderSpaceError", "encode_header", "decode_header", "field_offsets", "header_length", "record_length", "concat",
     "crc32_rows",
 ]
 

@@ -17,8 +17,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from .format import (
-    CRC_BYTES, FIXED_WORDS, FLAG_WEIGHTS, KNOWN_FLAGS, REC_MARKER, RECORD_FIXED, TraceData, TraceHeader, concat,
-    crc32_rows, decode_header, header_size_needed, record_length, warn_recovered,
+    CRC_BYTES, FIXED_WORDS, FLAG_WEIGHTS, HEADER_PREFIX_SIZE, KNOWN_FLAGS, REC_MARKER, RECORD_FIXED, TraceData,
+    TraceHeader, concat, crc32_rows, decode_header, header_size_needed, record_length, warn_recovered,
 )
 
 DEFAULT_MAX_ROWS = 1 << 17  # small chunks stay in cache and in the malloc heap: fastest (bench_join.py)
@@ -43,7 +43,7 @@ def read_trace_header(path: str | os.PathLike[str]) -> TraceHeader:
 
 
 def _read_header(f: BinaryIO, where: str) -> TraceHeader:
-    first = f.read(16)
+    first = f.read(HEADER_PREFIX_SIZE)
     need = header_size_needed(first)
     raw = first + f.read(max(0, need - len(first)))
     header = decode_header(raw, where)
