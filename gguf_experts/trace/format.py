@@ -220,6 +220,27 @@ def concat(parts: list[TraceData], header: TraceHeader) -> TraceData:
                      n_records=sum(p.n_records for p in parts))
 
 
+class EmptyRecordsWarning(UserWarning):
+    """A trace holds records with no rows (n_tokens = 0): well-formed, but they record nothing. Our writers
+    refuse to write them; the reader skips them and says so (docs/trace-format.md, "Degenerate records")."""
+
+
+def warn_empty_records(where: str, count: int, first_offset: int, seqs: list[int]) -> None:
+    """One warning per trace with records of no rows; the CLI prints it as one line."""
+    shown = ", ".join(map(str, seqs[:8])) + (", ..." if len(seqs) > 8 else "")
+    warnings.warn(EmptyRecordsWarning(
+        f"{where}: {count} record{'s' if count > 1 else ''} with no rows (the first at byte {first_offset}, "
+        f"sequence{'s' if len(seqs) > 1 else ''} {shown}) skipped: they hold no routing; the other records are "
+        "kept"), stacklevel=3)
+
+
+def warn_no_rows(where: str) -> None:
+    """A trace with no rows at all (a header, no records): every result of it is empty; say why, once."""
+    warnings.warn(EmptyRecordsWarning(
+        f"{where}: the trace holds no rows (a header and no records): the traced program computed no MoE layer, "
+        "or it stopped before its first ubatch; every result is empty"), stacklevel=3)
+
+
 def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
     """One warning per damaged trace; the CLI prints it as one line."""
     warnings.warn(TraceRecoveryWarning(
@@ -230,7 +251,8 @@ def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
 __all__ = [
     "MAGIC", "VERSION", "VERSION_HISTORY", "REC_MARKER", "FLAG_WEIGHTS", "PHASE_PREFILL", "PHASE_DECODE",
     "HEADER_FIELDS", "RECORD_FIELDS", "HEADER_ALIGN", "TraceHeader", "TraceData", "TraceRecoveryWarning",
-    "HeaderSpaceError", "encode_header", "decode_header", "field_offsets", "header_length", "record_length", "concat",
+    "HeaderSpaceError", "EmptyRecordsWarning", "encode_header", "decode_header", "field_offsets", "header_length",
+    "record_length", "concat",
     "crc32_rows",
 ]
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from .format import (
     CRC_BYTES, FIXED_WORDS, FLAG_WEIGHTS, HEADER_PREFIX_SIZE, KNOWN_FLAGS, REC_MARKER, RECORD_FIXED, TraceData,
-    TraceHeader, concat, crc32_rows, decode_header, header_size_needed, record_length, warn_recovered,
+    TraceHeader, concat, crc32_rows, decode_header, header_size_needed, record_length, warn_empty_records,
+    warn_no_rows, warn_recovered,
 )
 
 DEFAULT_MAX_ROWS = 1 << 17  # small chunks stay in cache and in the malloc heap: fastest (bench_join.py)
@@ -163,6 +164,7 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
         store = bytearray(block_bytes)  # reused: chunks are copies, never views of it
         fill = 0  # valid bytes in store (the leftover of the previous block, then new data)
         yielded = False
+        empty = _EmptyRecords()
         while True:
             cap = max(block_bytes, stuck_need)
             stuck_need = 0
@@ -176,7 +178,9 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
             buf = np.frombuffer(store, np.uint8, count=fill)
             runs, used, damage = _scan(buf, header.fingerprint.n_expert_used, at_eof)
             chunk = _extract(buf, runs, header, weights) if runs else None
+            empty.note(buf, runs, offset)
             if damage is not None:
+                empty.warn(where)
                 dropped = file_size - (offset + used)
                 warn_recovered(where, offset + used, dropped, damage)
                 out = chunk if chunk is not None else TraceData.empty(header)
@@ -198,8 +202,30 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
                 need = int.from_bytes(store[4:8], "little") if fill >= 8 else _FIXED
                 present = max(0, os.fstat(f.fileno()).st_size - offset)
                 stuck_need = max(min(need, MAX_RECORD_BYTES, present), _FIXED + CRC_BYTES, fill + 1)
+        empty.warn(where)
         if not yielded:
+            warn_no_rows(where)
             yield TraceData.empty(header)
+
+
+class _EmptyRecords:
+    """Records with no rows (n_tokens = 0): skipped, counted, and reported once (EmptyRecordsWarning)."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, -1
+        self.seqs: set[int] = set()
+
+    def note(self, buf: np.ndarray, runs: list[_Run], offset: int) -> None:
+        for r in runs:
+            if r.n == 0:  # word 2 of each record is its sequence
+                words = buf[r.offset:r.offset + r.count * r.length].reshape(r.count, r.length).view("<i4")
+                self.seqs.update(np.unique(words[:, 2]).tolist())
+                self.first = offset + r.offset if self.first < 0 else self.first
+                self.count += r.count
+
+    def warn(self, where: str) -> None:
+        if self.count:
+            warn_empty_records(where, self.count, self.first, sorted(self.seqs))
 
 
 def read_trace(path: str | os.PathLike[str]) -> TraceData:
