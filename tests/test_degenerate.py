@@ -180,3 +180,45 @@ def test_complete_trace_reads_without_warnings(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(read_trace(path)) == 3
+
+
+# --- the same rules for other tools' ordered logs ---------------------------------------------------------------
+
+def _mblt(path: Path, records: list[tuple[int, int, list[int]]], n_expert: int = 8) -> Path:
+    """An MBLT file: header (magic, version 1, n_expert), then (layer, k, n_tokens, ids[n*k]) records."""
+    from gguf_experts.formats.mblt import MAGIC
+
+    words = [MAGIC, 1, n_expert]
+    for layer, k, ids in records:
+        words += [layer, k, len(ids) // k, *ids]
+    np.asarray(words, "<i4").tofile(path)
+    return path
+
+
+def test_mblt_records_of_no_rows_are_said(tmp_path: Path) -> None:
+    from gguf_experts.formats.mblt import read_mblt
+
+    path = _mblt(tmp_path / "t.mblt", [(0, 2, [1, 2, 3, 4]), (1, 2, []), (1, 2, [5, 6])])
+    with pytest.warns(EmptyRecordsWarning, match=r"1 record with no rows \(the first at byte 40\) skipped"):
+        t = read_mblt(path, FP)
+    assert len(t) == 3 and t.layer.tolist() == [0, 0, 1]
+
+
+def test_empty_foreign_logs_are_said(tmp_path: Path) -> None:
+    """An MBLT of no records reads as empty with the model's top-k (it used to be refused as 'top-1'); an
+    RTRACE01 of no records too; both with the no-rows warning, never silently."""
+    from gguf_experts.demo.tinymodel import make_tiny_model
+    from gguf_experts.formats.load import load_trace
+    from gguf_experts.formats.write import write_ordered
+    from gguf_experts.gguf.fingerprint import fingerprint
+    from gguf_experts.trace.format import TraceData, TraceHeader
+
+    model = make_tiny_model(tmp_path / "m.gguf")
+    fp = fingerprint(open_model(model))
+    empty = TraceData.empty(TraceHeader(version=1, fingerprint=fp))
+    for fmt in ("mblt", "rtrace"):
+        path = tmp_path / f"e.{fmt}"
+        write_ordered(fmt, empty, path)
+        with pytest.warns(EmptyRecordsWarning, match=r"holds no rows"):
+            t = load_trace(path, model)
+        assert len(t) == 0 and t.header.fingerprint.n_expert_used == fp.n_expert_used

@@ -228,10 +228,10 @@ class EmptyRecordsWarning(UserWarning):
 def warn_empty_records(where: str, count: int, first_offset: int, seqs: list[int]) -> None:
     """One warning per trace with records of no rows; the CLI prints it as one line."""
     shown = ", ".join(map(str, seqs[:8])) + (", ..." if len(seqs) > 8 else "")
+    in_seqs = f", sequence{'s' if len(seqs) > 1 else ''} {shown}" if seqs else ""
     warnings.warn(EmptyRecordsWarning(
-        f"{where}: {count} record{'s' if count > 1 else ''} with no rows (the first at byte {first_offset}, "
-        f"sequence{'s' if len(seqs) > 1 else ''} {shown}) skipped: they hold no routing; the other records are "
-        "kept"), stacklevel=3)
+        f"{where}: {count} record{'s' if count > 1 else ''} with no rows (the first at byte {first_offset}"
+        f"{in_seqs}) skipped: they hold no routing; the other records are kept"), stacklevel=3)
 
 
 def warn_no_rows(where: str) -> None:
