@@ -222,3 +222,66 @@ def test_empty_foreign_logs_are_said(tmp_path: Path) -> None:
         with pytest.warns(EmptyRecordsWarning, match=r"holds no rows"):
             t = load_trace(path, model)
         assert len(t) == 0 and t.header.fingerprint.n_expert_used == fp.n_expert_used
+
+
+# --- fuzz: any combination of split keys either opens a complete model or is refused in one line ------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_KEY_VALUES = st.one_of(st.none(), st.just("keep"), st.integers(0, 4))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 3), changes=st.lists(st.tuples(_KEY_VALUES, _KEY_VALUES, _KEY_VALUES), min_size=3,
+                                             max_size=3))
+def test_fuzz_split_keys(tmp_path_factory: pytest.TempPathFactory, n: int,
+                         changes: list[tuple[Any, Any, Any]]) -> None:
+    """Each shard's split.no / split.count / split.tensors.count kept, removed or set to a small number: the
+    model opens with all its tensors and consistent keys, or a ShardError names what is wrong."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+
+    def keys(i: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, vt, change in zip(("split.no", "split.count", "split.tensors.count"),
+                                   (V.UINT16, V.UINT16, V.INT32), changes[i]):
+            if change != "keep":
+                out[key] = None if change is None else (vt, change)
+        return out
+
+    paths = _split(tmp, n, keys)
+    for p in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model = open_model(p)
+        except ShardError as e:
+            assert str(e).count("\n") == 0 and str(paths[0].parent) in str(e)
+            continue
+        assert len(model.tensors) == len(TENSORS) and [s.path for s in model.shards] == paths
+        for i, h in enumerate(model.shards):
+            assert h.get("split.no") in (None, i) and h.get("split.count") in (None, n)
+            assert h.get("split.tensors.count") in (None, len(TENSORS))
+            if n > 1:
+                assert h.get("split.no") == i and model.shards[0].get("split.count") == n
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 3), max_size=12))
+def test_fuzz_empty_records_among_others(tmp_path_factory: pytest.TempPathFactory, sizes: list[int]) -> None:
+    """Records of 0..3 rows in any order (the empty ones written as another writer would): every row of the
+    others is read, and there is one warning exactly when some record has no rows or there is no record."""
+    path = tmp_path_factory.mktemp("fuzz") / "t.bin"
+    with TraceWriter(path, FP) as w:
+        for i, n in enumerate(sizes):
+            if n:
+                w.write(i, 0, i % 4, *_rows(n))
+            else:
+                w._put(encode_records(np.array([i]), np.array([0]), np.array([0]), np.zeros((1, 0)),
+                                      np.zeros((1, 0)), np.zeros((1, 0, 2)), None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = read_trace(path)
+    said = [w for w in caught if issubclass(w.category, EmptyRecordsWarning)]
+    assert len(t) == sum(sizes) and sorted(set(t.seq.tolist())) == [i for i, n in enumerate(sizes) if n]
+    assert len(said) == (1 if 0 in sizes or not sizes else 0)
