@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from gguf_experts.gguf.reader import LazyArray, ValueType, read_header
-from gguf_experts.gguf.writer import Encoder
+from gguf_experts.gguf.encode import Encoder
 
 DROP = object()
 

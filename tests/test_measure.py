@@ -207,13 +207,12 @@ def test_any_damage_keeps_a_prefix_of_rows_and_measurements(tmp_path: Path, flip
 
 def v1_trace(path: Path, m: int = 6) -> None:
     """A trace exactly as version 1 wrote it: header version 1, expert records only."""
-    from gguf_experts.trace.preload.run import _encode_json_header
+    from gguf_experts.trace.format import encode_header
 
-    doc = {"format": "gguf-experts trace", "fingerprint": FP.to_dict(), "meta": {"n_ctx": 64}}
     rng = np.random.default_rng(1)
     body = encode_records(np.zeros(m), np.ones(m), np.arange(m) % 4, np.arange(m)[:, None], np.zeros((m, 1)),
                           rng.integers(0, 16, (m, 1, 2)), None)
-    path.write_bytes(_encode_json_header(1, doc, None) + body)
+    path.write_bytes(encode_header(FP, {"n_ctx": 64}, version=1) + body)
 
 
 def test_version_1_traces_still_read_and_say_they_have_no_measurements(tmp_path: Path,

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import InputError
 from ..trace.format import MAGIC as TRACE_MAGIC
 from ..gguf.fingerprint import ModelFingerprint
-from ..trace.format import TraceData, TraceHeader
+from ..trace.format import TraceData, TraceHeader, warn_no_rows
 from . import moe_trace_csv
 from .counts import ExpertCounts
 
@@ -178,6 +178,8 @@ def open_input(path: str | os.PathLike[str], model: Any = None, max_rows: int = 
 
             td, margin = read_rtrace(path, fp)
     if td is not None:
+        if not len(td):
+            warn_no_rows(where)
         return Input(where, fmt, header=td.header, chunks=iter([td]), margin=margin,
                      margin_layer=td.layer if margin is not None else None)
     k = fp.n_expert_used if fp else None

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..gguf.fingerprint import ModelFingerprint
-from ..trace.format import TraceData, TraceRecoveryWarning
+from ..trace.format import TraceData, TraceRecoveryWarning, warn_empty_records
 from .passes import records_to_trace, trace_records
 
 MAGIC = 0x544C424D
@@ -36,6 +36,7 @@ def read_records(path: str | os.PathLike[str]) -> tuple[int, int, np.ndarray, np
         raise InputError(f"{where}: MBLT header says {n_expert} experts; the header is damaged")
     layers, ns, spans = [], [], []
     pos, size, k = 3, len(raw), None
+    empty, first_empty = 0, -1
     while pos + 3 <= size:
         layer, kk, n = int(raw[pos]), int(raw[pos + 1]), int(raw[pos + 2])
         at = pos * 4
@@ -47,16 +48,21 @@ def read_records(path: str | os.PathLike[str]) -> tuple[int, int, np.ndarray, np
         end = pos + 3 + n * kk
         if end > size:
             break
-        layers.append(layer)
-        ns.append(n)
-        spans.append((pos + 3, end))
+        if n == 0:  # a degenerate record: skipped and said (docs/trace-format.md, "Degenerate records")
+            empty, first_empty = empty + 1, at if first_empty < 0 else first_empty
+        else:
+            layers.append(layer)
+            ns.append(n)
+            spans.append((pos + 3, end))
         pos = end
     if pos < size:
         warnings.warn(TraceRecoveryWarning(f"{where}: truncated MBLT record at byte {pos * 4}; kept the "
                                            f"{len(ns)} complete records before it, dropped {(size - pos) * 4} bytes"),
                       stacklevel=2)
-    kk = int(k or 1)
-    ids = (np.concatenate([raw[a:b] for a, b in spans]) if spans else np.zeros(0, np.int32)).reshape(-1, kk)
+    if empty:
+        warn_empty_records(where, empty, first_empty, [])
+    kk = int(k or 0)  # 0: no record says (an empty file); read_mblt takes the model's
+    ids = (np.concatenate([raw[a:b] for a, b in spans]) if spans else np.zeros(0, np.int32)).reshape(-1, max(kk, 1))
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_expert):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise InputError(f"{where}: expert id {bad} outside [0, {n_expert}); the MBLT file is damaged")
@@ -68,6 +74,9 @@ def read_mblt(path: str | os.PathLike[str], fp: ModelFingerprint | None = None) 
     from ..gguf.fingerprint import fingerprint_for
 
     n_expert, k, rec_layer, rec_n, ids = read_records(path)
+    if not k:  # no records: top-k is the model's (EmptyRecordsWarning from open_input says the file is empty)
+        k = fp.n_expert_used if fp is not None else 1
+        ids = ids.reshape(0, k)
     n_layer = int(rec_layer.max()) + 1 if len(rec_layer) else 0
     fpr = fingerprint_for(str(path), fp, n_layer, n_expert, k)
     return records_to_trace(rec_layer, rec_n, ids, fpr, {"converted_from": str(path), "source_format": "mblt"})

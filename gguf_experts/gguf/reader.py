@@ -11,6 +11,7 @@ import mmap
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -438,6 +439,47 @@ class Model:
         }
 
 
+class ShardWarning(UserWarning):
+    """Split metadata that contradicts the files but that llama.cpp loads anyway (the model is complete)."""
+
+
+def check_split_keys(headers: list[GGUFHeader], split_named: bool) -> None:
+    """Every split.* key of every file against the files present. Errors where llama.cpp refuses the files or
+    would load a different set of tensors; a warning where it loads them and only the key is wrong. The rules
+    are in README ("Split models")."""
+    n, total = len(headers), sum(len(h.tensors) for h in headers)
+    arch = headers[0].get("general.architecture")
+    for i, h in enumerate(headers):
+        no, count = h.get(SPLIT_NO), h.get(SPLIT_COUNT)
+        if split_named:
+            if count is not None and count != n:
+                raise ShardError(f"{h.path}: split.count = {count} but the file names say {n} shards; the shards "
+                                 "are from different splits: download them again")
+            if n > 1 and i == 0 and count is None:
+                raise ShardError(f"{h.path}: the first shard has no split.count; llama.cpp would load it alone and "
+                                 f"miss the tensors of the other {n - 1}: split the model again (llama-gguf-split)")
+            if n > 1 and no is None:
+                raise ShardError(f"{h.path}: shard {i + 1} of {n} has no split.no (llama.cpp refuses it: missing key "
+                                 "split.no); split the model again (llama-gguf-split)")
+            if no is not None and no != i:
+                raise ShardError(f"{h.path}: split.no = {no}, expected {i} from its name; the shards are mixed up")
+        elif no not in (None, 0):
+            warnings.warn(ShardWarning(f"{h.path}: split.no = {no} in a single file: if it is a shard of a split "
+                                       "model, the others are missing (llama.cpp loads it alone)"), stacklevel=3)
+    for h in headers:  # after the shards' numbers: a mixed-up shard is named as such first
+        tensors = h.get(SPLIT_TENSORS)
+        if tensors is not None and tensors != total:
+            raise ShardError(f"{h.path}: split.tensors.count = {tensors} but the "
+                             + ("shards hold" if split_named else "file holds") + f" {total} tensors; "
+                             + ("a shard is from another model or version: download them again" if split_named
+                                else "it is one shard of a split model: open it with its other shards"))
+    for h in headers[1:]:  # gguf-split writes only the split keys there; a shard that names another model is one
+        other = h.get("general.architecture")
+        if other is not None and other != arch:
+            raise ShardError(f"{h.path}: general.architecture = {other!r} but the first shard's is {arch!r}; "
+                             "the shards are from different models")
+
+
 def open_model(path: str | os.PathLike[str]) -> Model:
     """Open a model from any of its files; a split model's other shards are found and checked."""
     path = Path(path)
@@ -446,6 +488,9 @@ def open_model(path: str | os.PathLike[str]) -> Model:
     first = read_header(path)
     paths = shard_paths(path)
     count = first.get(SPLIT_COUNT)
+    from .metadata import check_header, check_model
+
+    check_header(first)  # the split keys' types first: the checks below compare their values
     if paths is None:
         if count not in (None, 0, 1):
             raise ShardError(f"{path}: split.count = {count} but the name is not NAME-0000i-of-0000n.gguf; "
@@ -460,15 +505,9 @@ def open_model(path: str | os.PathLike[str]) -> Model:
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                              + f" in {path.parent}; download all {len(paths)} shards into one folder")
         headers = [first if p == path else read_header(p) for p in paths]
-        for i, h in enumerate(headers):
-            no = h.get(SPLIT_NO)
-            if no is not None and no != i:
-                raise ShardError(f"{h.path}: split.no = {no}, expected {i} from its name; the shards are mixed up")
-        expected = headers[0].get(SPLIT_TENSORS)
-        total = sum(len(h.tensors) for h in headers)
-        if expected is not None and expected != total:
-            raise ShardError(f"{headers[0].path}: split.tensors.count = {expected} but the shards hold {total} "
-                             "tensors; a shard is from another model or version: download them again")
+        for h in headers:
+            check_header(h)
+    check_split_keys(headers, split_named=paths is not None)
     tensors: list[TensorInfo] = []
     seen: dict[str, Path] = {}
     for si, h in enumerate(headers):
@@ -479,8 +518,6 @@ def open_model(path: str | os.PathLike[str]) -> Model:
             seen[t.name] = h.path
             t.shard = si
             tensors.append(t)
-    from .metadata import check_model
-
     model = Model(headers, tensors)
     check_model(model)  # types and ranges of the metadata every command reads, before anything uses it
     return model

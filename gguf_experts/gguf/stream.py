@@ -1,6 +1,6 @@
 """Streaming GGUF output for models derived from another GGUF (prune): headers and bulk data copies.
 
-Why not gguf_writer: a derived model keeps the source's metadata, including 150k-entry tokenizer arrays,
+Why not writer.py: a derived model keeps the source's metadata, including 150k-entry tokenizer arrays,
 and any ggml type id (gguf-py's writer and its type table do not cover them all). Here the source's
 key/value entries are copied byte for byte (never decoded), changed keys are encoded anew, and tensor
 data is copied file to file in large runs (``os.copy_file_range``, else ``sendfile``, else pread/pwrite
@@ -11,15 +11,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
-import numpy as np
 
 from ..errors import GGUFFormatError
-from .reader import GGUF_MAGIC, SCALAR_FORMATS, GGUFHeader, ValueType, Parser
-from .writer import Encoder
+from .reader import GGUFHeader, Parser
 
 COPY_CHUNK = 64 << 20  # bytes per copy call: big enough for throughput, small enough for a smooth progress bar
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
@@ -38,70 +34,6 @@ def source_kv_entries(header: GGUFHeader) -> dict[str, bytes]:
             p.value(vtype, key=key)
             out[key] = bytes(mm[start:p.off])
     return out
-
-
-def encode_kv(key: str, vtype: ValueType, value: Any, byteorder: str = "<",
-              element_type: ValueType | None = None) -> bytes:
-    """One metadata entry: a scalar or string, or an array of scalars (numpy-converted) or strings."""
-    e = Encoder(byteorder)
-    e.string(key)
-    e.pack("I", int(vtype))
-    if vtype == ValueType.ARRAY:
-        if element_type is None:
-            raise ValueError(f"{key}: an array needs its element type")
-        items = list(value)
-        if element_type in SCALAR_FORMATS:
-            e.array((element_type, np.asarray(items)))
-        elif element_type == ValueType.STRING:
-            e.array((element_type, [str(s) for s in items]))
-        else:
-            raise ValueError(f"{key}: arrays of {element_type!r} are not written here")
-    elif vtype in SCALAR_FORMATS or vtype == ValueType.STRING:
-        e.value(vtype, str(value) if vtype == ValueType.STRING else value)
-    else:
-        raise ValueError(f"{key}: value type {vtype!r} is not written here")
-    return e.bytes()
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """A tensor info of the output: name, ne (ggml order), ggml type id, data size."""
-
-    name: str
-    ne: tuple[int, ...]
-    type_id: int
-    nbytes: int
-
-
-def align(n: int, alignment: int) -> int:
-    return -(-n // alignment) * alignment
-
-
-def encode_header(kv_entries: Sequence[bytes], tensors: Sequence[TensorEntry], alignment: int,
-                  version: int = 3, byteorder: str = "<") -> tuple[bytes, list[int], int]:
-    """Header bytes, each tensor's data-relative offset (tensor order, each aligned as libggml's loader
-    expects) and the data section's start."""
-    e = Encoder(byteorder)
-    e.parts.append(GGUF_MAGIC)
-    e.pack("I", version)
-    e.pack("Q", len(tensors))
-    e.pack("Q", len(kv_entries))
-    e.parts.extend(kv_entries)
-    rel: list[int] = []
-    off = 0
-    for t in tensors:
-        off = align(off, alignment)
-        rel.append(off)
-        off += t.nbytes
-    for t, r in zip(tensors, rel):
-        e.string(t.name)
-        e.pack("I", len(t.ne))
-        for d in t.ne:
-            e.pack("Q", d)
-        e.pack("I", t.type_id)
-        e.pack("Q", r)
-    head = e.bytes()
-    return head, rel, align(len(head), alignment)
 
 
 class RangeCopier:

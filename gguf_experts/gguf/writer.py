@@ -1,27 +1,26 @@
 """A small GGUF writer: v2/v3, both byte orders, any alignment, headers written atomically.
 
-Library code: ``prune`` writes the headers of its output models with it, and the tests and benchmarks build
-their fixtures with it. Its API (:func:`write_gguf`, :func:`write_split`, :func:`encode_header`,
-:class:`TensorSpec`) is kept stable. Data may be omitted: the file is then extended sparsely (truncate) to
-its full length, so a 600 GB DeepSeek-V3-shaped set of shards costs a few MB of disk. gguf-py's GGUFWriter
-writes real models too; this one exists because we also need big-endian, v2, odd alignments, sparse files
-and the value types exactly as our reader decodes them (one table, gguf_file.SCALAR_FORMATS).
+The tests and benchmarks build their fixtures with it (imatrix files too); ``prune`` writes its output models
+through stream.py; both encode through encode.py, the one GGUF encoder. Its API (:func:`write_gguf`,
+:func:`write_split`, :func:`encode_header`, :class:`TensorSpec`) is kept stable. Data may be omitted: the
+file is then extended sparsely (truncate) to its full length, so a 600 GB DeepSeek-V3-shaped set of shards
+costs a few MB of disk. gguf-py's GGUFWriter writes real models too; this one exists because we also need
+big-endian, v2, odd alignments, sparse files and the value types exactly as our reader decodes them (one
+table, reader.SCALAR_FORMATS).
 """
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from ..atomic import atomic_write
+from .encode import Encoder, TensorEntry, infer_type
+from .encode import encode_header as encode_entries
+from .reader import ValueType
 from .types import GGMLType, by_name, ggml_type
-from .reader import SCALAR_FORMATS, ValueType
-
-Typed = tuple[ValueType, Any]
 
 
 @dataclass
@@ -40,112 +39,23 @@ class TensorSpec:
     def nbytes(self) -> int:
         return self.type.nbytes(self.ne)
 
-
-def _infer(value: Any) -> Typed:
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], ValueType):
-        return value
-    if isinstance(value, bool):
-        return ValueType.BOOL, value
-    if isinstance(value, int):
-        if value < 0:
-            return (ValueType.INT32 if value >= -(1 << 31) else ValueType.INT64), value
-        return (ValueType.UINT32 if value < 1 << 32 else ValueType.UINT64), value
-    if isinstance(value, float):
-        return ValueType.FLOAT32, value
-    if isinstance(value, str):
-        return ValueType.STRING, value
-    if isinstance(value, np.ndarray):
-        return ValueType.ARRAY, value
-    if isinstance(value, (list, tuple)):
-        return ValueType.ARRAY, list(value)
-    raise TypeError(f"cannot infer a GGUF type for {type(value).__name__}")
-
-
-_NP_TO_VT = {"u1": ValueType.UINT8, "i1": ValueType.INT8, "u2": ValueType.UINT16, "i2": ValueType.INT16,
-             "u4": ValueType.UINT32, "i4": ValueType.INT32, "f4": ValueType.FLOAT32, "u8": ValueType.UINT64,
-             "i8": ValueType.INT64, "f8": ValueType.FLOAT64, "b1": ValueType.BOOL}
-
-
-class Encoder:
-    """GGUF value encoding in one byte order (the header writers here and in gguf_stream share it)."""
-
-    def __init__(self, bo: str) -> None:
-        self.bo = bo
-        self.parts: list[bytes] = []
-
-    def pack(self, code: str, v: Any) -> None:
-        self.parts.append(struct.pack(self.bo + code, v))
-
-    def string(self, s: str | bytes) -> None:
-        raw = s.encode("utf-8") if isinstance(s, str) else s
-        self.pack("Q", len(raw))
-        self.parts.append(raw)
-
-    def value(self, vt: ValueType, v: Any) -> None:
-        if vt in SCALAR_FORMATS:
-            self.pack(SCALAR_FORMATS[vt][0], v)
-        elif vt == ValueType.STRING:
-            self.string(v)
-        elif vt == ValueType.ARRAY:
-            self.array(v)
-        else:
-            raise ValueError(f"bad value type {vt}")
-
-    def array(self, v: Any) -> None:
-        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], ValueType):  # (element type, items)
-            et, items = v
-        elif isinstance(v, np.ndarray):
-            et, items = _NP_TO_VT[v.dtype.str[1:] if v.dtype != bool else "b1"], v
-        else:
-            items = list(v)
-            et = _infer(items[0])[0] if items else ValueType.UINT8
-        self.pack("I", int(et))
-        self.pack("Q", len(items))
-        if et in SCALAR_FORMATS and not isinstance(items, list):
-            self.parts.append(np.asarray(items).astype(self.bo + SCALAR_FORMATS[et][1]).tobytes())
-        elif et == ValueType.STRING:
-            pack_len = struct.Struct(self.bo + "Q").pack
-            enc = [s.encode("utf-8") if isinstance(s, str) else s for s in items]
-            self.parts.append(b"".join(pack_len(len(b)) + b for b in enc))
-        else:
-            for it in items:
-                self.value(et, it)
-
-    def bytes(self) -> bytes:
-        return b"".join(self.parts)
+    @property
+    def entry(self) -> TensorEntry:
+        return TensorEntry(self.name, self.ne, self.type.id, self.nbytes)
 
 
 def encode_header(kv: dict[str, Any], tensors: Sequence[TensorSpec], alignment: int = 32, version: int = 3,
                   byteorder: str = "<", offsets: Sequence[int] | None = None) -> tuple[bytes, list[int], int]:
-    """Header bytes, each tensor's data-relative offset, and the data section's start."""
-    e = Encoder(byteorder)
-    e.parts.append(b"GGUF")
-    e.pack("I", version)
-    e.pack("Q", len(tensors))
-    e.pack("Q", len(kv))
+    """A fixture's header (metadata as a dict, types inferred): gguf/encode.encode_header on its entries."""
+    entries = []
     for key, value in kv.items():
-        vt, v = _infer(value)
+        e = Encoder(byteorder)
+        vt, v = infer_type(value)
         e.string(key)
         e.pack("I", int(vt))
         e.value(vt, v)
-    rel = []
-    off = 0
-    for t in tensors:
-        off = -(-off // alignment) * alignment
-        rel.append(off)
-        off += t.nbytes
-    if offsets is not None:
-        rel = list(offsets)
-    for t, r in zip(tensors, rel):
-        e.string(t.name)
-        e.pack("I", len(t.ne))
-        for d in t.ne:
-            e.pack("Q", d)
-        e.pack("I", t.type.id)
-        e.pack("Q", r)
-    head = e.bytes()
-    data_start = -(-len(head) // alignment) * alignment
-    return head, rel, data_start
+        entries.append(e.bytes())
+    return encode_entries(entries, [t.entry for t in tensors], alignment, version, byteorder, offsets)
 
 
 def write_gguf(path: str | os.PathLike[str], kv: dict[str, Any], tensors: Sequence[TensorSpec],

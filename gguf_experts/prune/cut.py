@@ -23,7 +23,8 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import GGUFFormatError, InputError, ModelMismatchError
 from ..gguf.reader import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, Model, TensorInfo, ValueType
-from ..gguf.stream import RangeCopier, TensorEntry, encode_header, encode_kv, source_kv_entries
+from ..gguf.encode import TensorEntry, encode_header, encode_kv
+from ..gguf.stream import RangeCopier, source_kv_entries
 from ..gguf.layout import kind_of
 from ..gguf.names import legacy_expert, split_name
 from ..gguf.expert_ids import PREFIX, mapping_of

@@ -53,16 +53,44 @@ MEAS_MARKER = 0x4D584547  # b"GEXM" read as a little-endian u32
 MEAS_FLAG_NO_READ_BYTES = 1  # /proc/self/io could not be read: read_bytes is unknown (-1 in IoTable)
 MEAS_FLAG_NO_MAJFLT = 2  # getrusage failed: majflt is unknown
 MEAS_KNOWN_FLAGS = MEAS_FLAG_NO_READ_BYTES | MEAS_FLAG_NO_MAJFLT
-#: marker, rec_len, seq, phase, flags, reserved, n_tokens, read_bytes, majflt, wall_ns (then the CRC)
-MEAS_FIXED = struct.Struct("<IIiBBHIQQQ")
-MEAS_LEN = MEAS_FIXED.size + 4  # 48 bytes
 
-_HEADER_PREFIX = struct.Struct("<8sII")  # magic, version, json_len
-#: marker, rec_len, seq, phase, flags, reserved, layer, n_tokens, n_expert_used
-RECORD_FIXED = struct.Struct("<IIiBBHiII")
+#: The fixed fields, in file order, as (name, struct code): the header's prefix (then JSON and CRC) and a record's
+#: fixed part (then pos, token, experts, weights, CRC). This is the definition: the C tracer declares the same
+#: structs in trace/preload/ggexp_format.h, and tests/test_trace_format_c.py compiles it and compares.
+HEADER_FIELDS: tuple[tuple[str, str], ...] = (("magic", "8s"), ("version", "I"), ("json_len", "I"))
+RECORD_FIELDS: tuple[tuple[str, str], ...] = (
+    ("marker", "I"), ("rec_len", "I"), ("seq", "i"), ("phase", "B"), ("flags", "B"), ("reserved", "H"),
+    ("layer", "i"), ("n_tokens", "I"), ("n_expert_used", "I"),
+)
+#: A measurement record (version 2): its fixed fields, then the CRC.
+MEAS_FIELDS: tuple[tuple[str, str], ...] = (
+    ("marker", "I"), ("rec_len", "I"), ("seq", "i"), ("phase", "B"), ("flags", "B"), ("reserved", "H"),
+    ("n_tokens", "I"), ("read_bytes", "Q"), ("majflt", "Q"), ("wall_ns", "Q"),
+)
+_HEADER_PREFIX = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+HEADER_PREFIX_SIZE = _HEADER_PREFIX.size
+RECORD_FIXED = struct.Struct("<" + "".join(code for _, code in RECORD_FIELDS))
 FIXED_WORDS = RECORD_FIXED.size // 4  # 7 int32 words before pos[]
 CRC_BYTES = 4
+MEAS_FIXED = struct.Struct("<" + "".join(code for _, code in MEAS_FIELDS))
+MEAS_LEN = MEAS_FIXED.size + CRC_BYTES  # 48 bytes
+HEADER_ALIGN = 8  # the JSON is space-padded so that records start 8-byte aligned
 MAX_JSON = 16 * 1024 * 1024
+
+
+def field_offsets(fields: tuple[tuple[str, str], ...]) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of packed little-endian fields (HEADER_FIELDS, RECORD_FIELDS)."""
+    out, at = {}, 0
+    for name, code in fields:
+        size = struct.calcsize("<" + code)
+        out[name] = (at, size)
+        at += size
+    return out
+
+
+def header_length(json_len: int) -> int:
+    """Bytes of a whole header whose JSON is ``json_len`` bytes before padding."""
+    return -(-(_HEADER_PREFIX.size + json_len + CRC_BYTES) // HEADER_ALIGN) * HEADER_ALIGN
 
 
 def record_length(n_tokens: int, k: int, weights: bool) -> int:
@@ -84,13 +112,24 @@ class TraceHeader:
     size: int = 0  # bytes of the header in the file; records start here
 
 
-def encode_header(fingerprint: ModelFingerprint, meta: dict[str, Any] | None) -> bytes:
-    """The header bytes; JSON is space-padded so records start 8-byte aligned."""
+class HeaderSpaceError(ValueError):
+    """The header does not fit the space reserved for it (``encode_header(..., size=)``)."""
+
+
+def encode_header(fingerprint: ModelFingerprint, meta: dict[str, Any] | None, *, size: int | None = None,
+                  version: int = VERSION) -> bytes:
+    """The header bytes (the one encoder: writer, CSV logs, `run`'s finalize). The JSON is space-padded so
+    records start 8-byte aligned, or to exactly ``size`` bytes in all, to rewrite a header in place
+    (HeaderSpaceError when it does not fit)."""
     doc = {"format": "gguf-experts trace", "fingerprint": fingerprint.to_dict(), "meta": meta or {}}
     body = json.dumps(doc, sort_keys=True, default=str).encode("utf-8")
-    pad = (-(_HEADER_PREFIX.size + len(body) + CRC_BYTES)) % 8
+    total = header_length(len(body)) if size is None else size
+    pad = total - (_HEADER_PREFIX.size + len(body) + CRC_BYTES)
+    if pad < 0 or total % HEADER_ALIGN:
+        raise HeaderSpaceError(f"a header of {_HEADER_PREFIX.size + len(body) + CRC_BYTES} bytes does not fit "
+                               f"{total} bytes")
     body += b" " * pad
-    head = _HEADER_PREFIX.pack(MAGIC, VERSION, len(body)) + body
+    head = _HEADER_PREFIX.pack(MAGIC, version, len(body)) + body
     return head + struct.pack("<I", zlib.crc32(head))
 
 
@@ -136,7 +175,7 @@ def decode_header(raw: bytes, where: str) -> TraceHeader:
 
 def header_size_needed(raw: bytes) -> int:
     """How many bytes the header occupies, from its first 16 bytes (0 when that cannot be told)."""
-    if len(raw) < _HEADER_PREFIX.size or raw[:8] != MAGIC:
+    if len(raw) < _HEADER_PREFIX.size or raw[:len(MAGIC)] != MAGIC:
         return 0
     _, _, json_len = _HEADER_PREFIX.unpack_from(raw)
     return _HEADER_PREFIX.size + min(json_len, MAX_JSON) + CRC_BYTES
@@ -252,6 +291,27 @@ def concat(parts: list[TraceData], header: TraceHeader) -> TraceData:
                      n_records=sum(p.n_records for p in parts))
 
 
+class EmptyRecordsWarning(UserWarning):
+    """A trace holds records with no rows (n_tokens = 0): well-formed, but they record nothing. Our writers
+    refuse to write them; the reader skips them and says so (docs/trace-format.md, "Degenerate records")."""
+
+
+def warn_empty_records(where: str, count: int, first_offset: int, seqs: list[int]) -> None:
+    """One warning per trace with records of no rows; the CLI prints it as one line."""
+    shown = ", ".join(map(str, seqs[:8])) + (", ..." if len(seqs) > 8 else "")
+    in_seqs = f", sequence{'s' if len(seqs) > 1 else ''} {shown}" if seqs else ""
+    warnings.warn(EmptyRecordsWarning(
+        f"{where}: {count} record{'s' if count > 1 else ''} with no rows (the first at byte {first_offset}"
+        f"{in_seqs}) skipped: they hold no routing; the other records are kept"), stacklevel=3)
+
+
+def warn_no_rows(where: str) -> None:
+    """A trace with no rows at all (a header, no records): every result of it is empty; say why, once."""
+    warnings.warn(EmptyRecordsWarning(
+        f"{where}: the trace holds no rows (a header and no records): the traced program computed no MoE layer, "
+        "or it stopped before its first ubatch; every result is empty"), stacklevel=3)
+
+
 def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
     """One warning per damaged trace; the CLI prints it as one line."""
     warnings.warn(TraceRecoveryWarning(
@@ -261,9 +321,11 @@ def warn_recovered(where: str, offset: int, dropped: int, reason: str) -> None:
 
 __all__ = [
     "MAGIC", "VERSION", "VERSION_HISTORY", "REC_MARKER", "FLAG_WEIGHTS", "PHASE_PREFILL", "PHASE_DECODE",
-    "PHASE_MIXED", "MEAS_MARKER", "MEAS_LEN", "IoTable", "TraceHeader", "TraceData",
-    "TraceRecoveryWarning",
-    "encode_header", "decode_header", "record_length", "concat", "crc32_rows",
+    "PHASE_MIXED", "MEAS_MARKER", "MEAS_LEN", "MEAS_FIELDS", "IoTable",
+    "HEADER_FIELDS", "RECORD_FIELDS", "HEADER_ALIGN", "TraceHeader", "TraceData", "TraceRecoveryWarning",
+    "HeaderSpaceError", "EmptyRecordsWarning", "encode_header", "decode_header", "field_offsets", "header_length",
+    "record_length", "concat",
+    "crc32_rows",
 ]
 
 

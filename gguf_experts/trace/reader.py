@@ -21,6 +21,7 @@ from .format import (
     CRC_BYTES,
     FIXED_WORDS,
     FLAG_WEIGHTS,
+    HEADER_PREFIX_SIZE,
     KNOWN_FLAGS,
     MEAS_FLAG_NO_MAJFLT,
     MEAS_FLAG_NO_READ_BYTES,
@@ -38,6 +39,8 @@ from .format import (
     decode_header,
     header_size_needed,
     record_length,
+    warn_empty_records,
+    warn_no_rows,
     warn_recovered,
 )
 
@@ -85,7 +88,7 @@ def read_trace_header(path: str | os.PathLike[str]) -> TraceHeader:
 
 
 def _read_header(f: BinaryIO, where: str) -> TraceHeader:
-    first = f.read(16)
+    first = f.read(HEADER_PREFIX_SIZE)
     need = header_size_needed(first)
     raw = first + f.read(max(0, need - len(first)))
     header = decode_header(raw, where)
@@ -328,6 +331,7 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
         yielded = False
         measures = header.version >= 2  # a measurement record in a version-1 trace is damage
         rows_before = 0  # rows of the chunks already yielded: IoTable.row counts from the trace's first row
+        empty = _EmptyRecords()
         while True:
             cap = max(block_bytes, stuck_need)
             stuck_need = 0
@@ -345,7 +349,9 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
                 if chunk.io is not None:
                     chunk.io = chunk.io.shifted(rows_before)
                 rows_before += len(chunk)
+            empty.note(buf, runs, offset)
             if damage is not None:
+                empty.warn(where)
                 dropped = file_size - (offset + used)
                 warn_recovered(where, offset + used, dropped, damage)
                 out = chunk if chunk is not None else TraceData.empty(header)
@@ -367,8 +373,30 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
                 need = int.from_bytes(store[4:8], "little") if fill >= 8 else _FIXED
                 present = max(0, os.fstat(f.fileno()).st_size - offset)
                 stuck_need = max(min(need, MAX_RECORD_BYTES, present), _FIXED + CRC_BYTES, fill + 1)
+        empty.warn(where)
         if not yielded:
+            warn_no_rows(where)
             yield TraceData.empty(header)
+
+
+class _EmptyRecords:
+    """Records with no rows (n_tokens = 0): skipped, counted, and reported once (EmptyRecordsWarning)."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, -1
+        self.seqs: set[int] = set()
+
+    def note(self, buf: np.ndarray, runs: list[_Run], offset: int) -> None:
+        for r in runs:
+            if r.n == 0 and r.per > 0:  # expert records with no rows (a lone measurement has per = 0)
+                recs = np.ascontiguousarray(r.groups(buf)[:, :r.per * r.length]).reshape(r.count * r.per, r.length)
+                self.seqs.update(np.unique(recs.view("<i4")[:, 2]).tolist())  # word 2 of a record: its sequence
+                self.first = offset + r.offset if self.first < 0 else self.first
+                self.count += r.count * r.per
+
+    def warn(self, where: str) -> None:
+        if self.count:
+            warn_empty_records(where, self.count, self.first, sorted(self.seqs))
 
 
 def read_trace(path: str | os.PathLike[str]) -> TraceData:

@@ -119,6 +119,9 @@ class TraceWriter:
             raise InputError(f"{self.path}: trace writer is closed")
         pos_a = np.asarray(pos).reshape(-1)
         n = pos_a.shape[0]
+        if n == 0:
+            raise InputError(f"{self.path}: a trace record with no rows (layer {layer}, sequence {seq}) records "
+                             "nothing; write records of the rows a layer computed, skip empty ones")
         if int(phase) not in PHASES:
             raise InputError(f"trace record: phase {phase} is not 0 (prefill) or 1 (decode)")
         if not 0 <= int(layer) < self.fingerprint.n_layer:
@@ -156,6 +159,8 @@ class TraceWriter:
         if pos.ndim != 2:
             raise InputError(f"trace records: pos must be [records, tokens], got shape {pos.shape}")
         m, n = pos.shape
+        if m and n == 0:
+            raise InputError(f"{self.path}: {m} trace records with no rows record nothing; skip empty records")
         exp = np.asarray(experts)
         if exp.shape != (m, n, self.k):
             raise InputError(f"trace records: experts has shape {exp.shape}, expected {(m, n, self.k)}")

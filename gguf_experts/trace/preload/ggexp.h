@@ -35,6 +35,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "ggexp_format.h" /* the trace.bin layout: trace/format.py in C */
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the trace is little-endian and the tracer writes its structs as they are in memory"
+#endif
+
 #define EXPORT __attribute__((visibility("default")))
 
 /* ---- the few ggml / llama declarations we need (stable ABI, 64-bit) ------------------------------------ */

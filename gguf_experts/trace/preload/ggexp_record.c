@@ -248,7 +248,7 @@ void prepare(struct sched_st *s, void *gf) {
     s->io1 = s->io0;
 }
 
-/* ---- records (docs/trace-format.md; byte-identical to gguf_experts.trace.writer) ------------------------------ */
+/* ---- records (ggexp_format.h; byte-identical to gguf_experts.trace.writer) --------------------------------- */
 static uint32_t crc_table[256];
 static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -264,11 +264,7 @@ static uint32_t crc32_of(const uint8_t *p, size_t n) {
     return c ^ 0xFFFFFFFFu;
 }
 
-#define REC_MARKER 0x52584547u
-#define MEAS_MARKER 0x4D584547u /* "GEXM": one measurement record per ubatch, after its expert records */
-#define MEAS_LEN 48
-#define TRACE_VERSION 2
-#define JSON_RESERVE 4092
+#define JSON_RESERVE 4092 /* header space for `run`'s finalize to fill in place: 4112 bytes in all */
 
 static void json_str(char *dst, size_t cap, const char *src) {
     size_t o = 0;
@@ -318,19 +314,18 @@ static int write_header(struct model_ent *m, const struct io_snap *first) {
                        arch_js, m->n_layer, m->n_expert, m->k, name, path_js, g_weights ? "true" : "false",
                        g_keepalive ? "keepalive" : "callback", (int)getpid(), base_js, io_js);
     if (len < 0 || (size_t)len >= sizeof json - 16) return -1;
-    int json_len = len > JSON_RESERVE ? len : JSON_RESERVE;
-    while ((16 + json_len + 4) % 8) json_len++;
-    size_t total = 16 + (size_t)json_len + 4;
+    size_t total = ggexp_header_length((size_t)(len > JSON_RESERVE ? len : JSON_RESERVE));
+    size_t json_len = total - sizeof(struct ggexp_header_prefix) - GGEXP_CRC_BYTES; /* space-padded */
     uint8_t *h = malloc(total);
     if (!h) return -1;
-    memcpy(h, "GGEXTRC\0", 8);
-    uint32_t v = TRACE_VERSION, jl = (uint32_t)json_len;
-    memcpy(h + 8, &v, 4);
-    memcpy(h + 12, &jl, 4);
-    memset(h + 16, ' ', (size_t)json_len);
-    memcpy(h + 16, json, (size_t)len);
-    uint32_t crc = crc32_of(h, 16 + (size_t)json_len);
-    memcpy(h + 16 + json_len, &crc, 4);
+    struct ggexp_header_prefix pre = {.version = GGEXP_VERSION, .json_len = (uint32_t)json_len};
+    memcpy(pre.magic, GGEXP_MAGIC, GGEXP_MAGIC_LEN);
+    memcpy(h, &pre, sizeof pre);
+    uint8_t *body = h + sizeof pre;
+    memset(body, ' ', json_len);
+    memcpy(body, json, (size_t)len);
+    uint32_t crc = crc32_of(h, sizeof pre + json_len);
+    memcpy(body + json_len, &crc, GGEXP_CRC_BYTES);
     ssize_t w = write(g_fd, h, total);
     free(h);
     return w == (ssize_t)total ? 0 : -1;
@@ -347,13 +342,15 @@ static uint8_t *out_reserve(struct sched_st *s, size_t add) {
 
 static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, const int *rows, int n,
                        const struct layer_buf *lb, int k, bool with_w) {
-    size_t len = 28 + 4 * (size_t)n * (2 + (size_t)k * (with_w ? 2 : 1)) + 4;
+    size_t len = ggexp_record_length((size_t)n, (size_t)k, with_w);
     uint8_t *p = out_reserve(s, len);
     if (!p) return;
-    uint32_t hdr[7] = {REC_MARKER, (uint32_t)len, (uint32_t)seq, (uint32_t)phase | ((with_w ? 1u : 0u) << 8),
-                       (uint32_t)layer, (uint32_t)n, (uint32_t)k};
-    memcpy(p, hdr, 28);
-    int32_t *w = (int32_t *)(p + 28);
+    struct ggexp_record_fixed hdr = {.marker = GGEXP_REC_MARKER, .rec_len = (uint32_t)len, .seq = seq,
+                                     .phase = (uint8_t)phase, .flags = with_w ? GGEXP_FLAG_WEIGHTS : 0u,
+                                     .reserved = 0, .layer = layer, .n_tokens = (uint32_t)n,
+                                     .n_expert_used = (uint32_t)k};
+    memcpy(p, &hdr, sizeof hdr);
+    int32_t *w = (int32_t *)(p + sizeof hdr);
     /* rows[] index the layer's rows; the ubatch row of layer row i is i (all rows) or out_ids[i] */
     bool all = lb->rows == s->n_tok;
     for (int i = 0; i < n; i++) w[i] = s->pos[all ? rows[i] : s->out_ids[rows[i]]];
@@ -363,8 +360,8 @@ static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, co
     for (int i = 0; i < n; i++, w += k) memcpy(w, lb->ids + (size_t)rows[i] * k, 4 * (size_t)k);
     if (with_w)
         for (int i = 0; i < n; i++, w += k) memcpy(w, lb->w + (size_t)rows[i] * k, 4 * (size_t)k);
-    uint32_t crc = crc32_of(p, len - 4);
-    memcpy(p + len - 4, &crc, 4);
+    uint32_t crc = crc32_of(p, len - GGEXP_CRC_BYTES);
+    memcpy(p + len - GGEXP_CRC_BYTES, &crc, GGEXP_CRC_BYTES);
     s->n_outbuf += len;
 }
 
@@ -372,24 +369,20 @@ static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, co
  * could not be read sets its flag (bit 0 read_bytes, bit 1 majflt) and is stored as 0. */
 static void put_measure(struct sched_st *s, int32_t seq, int phase, int n_tokens) {
     if (!io_enabled()) return;
-    uint8_t *p = out_reserve(s, MEAS_LEN);
+    uint8_t *p = out_reserve(s, GGEXP_MEAS_LEN);
     if (!p) return;
     const struct io_snap *a = &s->io0, *b = &s->io1;
-    int flags = 0;
-    uint64_t rb = 0, mf = 0, ns = b->ns > a->ns ? (uint64_t)(b->ns - a->ns) : 0;
-    if (a->read_bytes < 0 || b->read_bytes < 0) flags |= 1;
-    else if (b->read_bytes > a->read_bytes) rb = (uint64_t)(b->read_bytes - a->read_bytes);
-    if (a->majflt < 0 || b->majflt < 0) flags |= 2;
-    else if (b->majflt > a->majflt) mf = (uint64_t)(b->majflt - a->majflt);
-    uint32_t hdr[5] = {MEAS_MARKER, MEAS_LEN, (uint32_t)seq, (uint32_t)phase | ((uint32_t)flags << 8),
-                       (uint32_t)n_tokens};
-    memcpy(p, hdr, 20);
-    memcpy(p + 20, &rb, 8);
-    memcpy(p + 28, &mf, 8);
-    memcpy(p + 36, &ns, 8);
-    uint32_t crc = crc32_of(p, MEAS_LEN - 4);
-    memcpy(p + MEAS_LEN - 4, &crc, 4);
-    s->n_outbuf += MEAS_LEN;
+    struct ggexp_meas_fixed m = {.marker = GGEXP_MEAS_MARKER, .rec_len = (uint32_t)GGEXP_MEAS_LEN, .seq = seq,
+                                 .phase = (uint8_t)phase, .n_tokens = (uint32_t)n_tokens};
+    m.wall_ns = b->ns > a->ns ? (uint64_t)(b->ns - a->ns) : 0;
+    if (a->read_bytes < 0 || b->read_bytes < 0) m.flags |= GGEXP_MEAS_NO_READ_BYTES;
+    else if (b->read_bytes > a->read_bytes) m.read_bytes = (uint64_t)(b->read_bytes - a->read_bytes);
+    if (a->majflt < 0 || b->majflt < 0) m.flags |= GGEXP_MEAS_NO_MAJFLT;
+    else if (b->majflt > a->majflt) m.majflt = (uint64_t)(b->majflt - a->majflt);
+    memcpy(p, &m, sizeof m);
+    uint32_t crc = crc32_of(p, sizeof m);
+    memcpy(p + sizeof m, &crc, GGEXP_CRC_BYTES);
+    s->n_outbuf += GGEXP_MEAS_LEN;
 }
 
 /* Write the ubatch: for each run of rows of one (sequence, phase), every MoE layer's record, in layer order;

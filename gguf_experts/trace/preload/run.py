@@ -8,26 +8,23 @@ writes the model path and leaves the fingerprint's digests empty; see docs/run.m
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import GGUFExpertsError, InputError
-from ..format import MAGIC, TraceHeader
+from ..format import HeaderSpaceError, TraceHeader, encode_header
 from ..pending import sequences_path
 
-PRELOAD_DIR = Path(__file__).parent  # ggexp.h and the ggexp_*.c it declares, next to this module
+PRELOAD_DIR = Path(__file__).parent  # ggexp*.h and the ggexp_*.c they declare, next to this module
 LIB_NAME = "libggexp_preload.so"
 ENV_TRACE, ENV_WEIGHTS, ENV_MODE = "GGUF_EXPERTS_TRACE", "GGUF_EXPERTS_WEIGHTS", "GGUF_EXPERTS_MODE"
 MODES = ("callback", "keepalive")
@@ -50,7 +47,7 @@ def preload_sources() -> list[Path]:
 def preload_path() -> Path:
     """Where the library for this source lives: cache/preload-<source hash>/libggexp_preload.so."""
     h = hashlib.sha256(" ".join(CFLAGS).encode())
-    for f in [PRELOAD_DIR / "ggexp.h", *preload_sources()]:
+    for f in [*sorted(PRELOAD_DIR.glob("*.h")), *preload_sources()]:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     digest = h.hexdigest()[:16]
     return cache_dir() / f"preload-{digest}" / LIB_NAME
@@ -87,19 +84,6 @@ def build_preload(cc: str | None = None) -> Path:
 
 
 # -- finalising the trace ----------------------------------------------------------------------------------
-def _encode_json_header(version: int, doc: dict[str, Any], size: int | None) -> bytes:
-    """Header bytes with the JSON padded to exactly ``size`` bytes in total (or the shortest valid length)."""
-    body = json.dumps(doc).encode("utf-8")
-    json_len = len(body) if size is None else size - 20
-    if size is None:
-        while (16 + json_len + 4) % 8:
-            json_len += 1
-    if json_len < len(body):
-        raise ValueError("header does not fit")
-    raw = MAGIC + struct.pack("<II", version, json_len) + body + b" " * (json_len - len(body))
-    return raw + struct.pack("<I", zlib.crc32(raw))
-
-
 def finalize(trace: str | os.PathLike[str], extra_meta: dict[str, Any] | None = None) -> TraceHeader:
     """Write the model fingerprint and the sequence map into the header of a trace the C tracer wrote.
 
@@ -116,15 +100,14 @@ def finalize(trace: str | os.PathLike[str], extra_meta: dict[str, Any] | None = 
                          "the trace keeps working without --model, but join-trace needs the model")
     meta.update(extra_meta or {})
     seq_file = path.with_name(str(meta.pop("sequences_file", ""))) if meta.get("sequences_file") else None
-    doc = {"format": "gguf-experts trace", "fingerprint": header.fingerprint.to_dict(), "meta": meta}
     try:
-        raw = _encode_json_header(header.version, doc, header.size)
+        raw = encode_header(header.fingerprint, meta, size=header.size, version=header.version)
         with open(path, "r+b") as f:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-    except ValueError:  # too many sequences for the reserved space: rewrite the file
-        raw = _encode_json_header(header.version, doc, None)
+    except HeaderSpaceError:  # too many sequences for the reserved space: rewrite the file
+        raw = encode_header(header.fingerprint, meta, version=header.version)
         from ...atomic import atomic_path
 
         with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
