@@ -142,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(cmake_args()))
     elif what == "key":
         print(build_key(args[1] if len(args) > 1 else LLAMA_CPP_PYTHON_VERSION))
+    elif what == "version":
+        print(LLAMA_CPP_PYTHON_VERSION)
     elif what == "wheelhouse":
         print(wheelhouse())
     else:
-        print(f"native_build: unknown action {what!r}; use install, cmake-args, key or wheelhouse", file=sys.stderr)
+        print(f"native_build: unknown action {what!r}; use install, cmake-args, key, version or wheelhouse", file=sys.stderr)
         return 2
     return 0
 

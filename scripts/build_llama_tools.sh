@@ -13,9 +13,11 @@
 # the package registry (pip download of the sdist; pip's cache keeps it); the web UI is not fetched.
 set -euo pipefail
 PY=${PY:-python3}
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 NB="$PY $HERE/gguf_experts/native_build.py"
+# the installed llama-cpp-python's version (the tools must be its llama.cpp), else the one native_build installs
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null \
+  || $NB version)}
 KEY=$($NB key "$VERSION")
 ROOT=${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-$KEY}
 eval "NATIVE_ARGS=($($NB cmake-args))"

@@ -40,6 +40,23 @@ def sparse_moe_model(path: Path, n_layer: int = 3, n_expert: int = 8, k: int = 2
     return write_gguf(path, kv, t)
 
 
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """llama.cpp's own programs (llama-server, llama-cli, llama-imatrix, llama-bench), built by
+    scripts/build_llama_tools.sh from the llama.cpp that llama-cpp-python vendors, with the same flags as its
+    wheel; the script waits for a build under way and returns at once when the binaries exist."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_llama_tools.sh"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={**os.environ, "PY": sys.executable},
+                       timeout=3600)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """Call gguf_experts.cli.main([...]) in-process and return its exit code, stdout and stderr (a bad option

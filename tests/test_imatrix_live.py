@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from gguf_experts.demo import tinymodel
 
@@ -18,18 +17,6 @@ N_CTX, N_CHUNKS = 64, 3
 TEXT = ("def add(a, b):\n    return a + b\n\nQ: What is 12 * 7? A: 84. Once upon a time, a small robot "
         "learned to count experts. The quick brown fox jumps over the lazy dog. x = [i * i for i in range(10)]\n"
         "SELECT name FROM users WHERE id = 42; -- the answer\n") * 2
-
-
-@pytest.fixture(scope="session")
-def llama_bin() -> Path:
-    """llama.cpp's programs built from the vendored source (scripts/build_llama_tools.sh; it waits for a build
-    under way and returns at once when the binaries exist)."""
-    import sys
-
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True,
-                       env={**__import__("os").environ, "PY": sys.executable}, timeout=3600)
-    assert r.returncode == 0, f"build_llama_tools.sh failed: {r.stderr[-2000:]}"
-    return Path(r.stdout.strip().splitlines()[-1])
 
 
 def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, tmp_path):

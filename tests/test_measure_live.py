@@ -154,15 +154,11 @@ def test_run_preload_measures_every_ubatch(tmp_path: Path, model: Path, script: 
     assert load["read_bytes"] + int(io.read_bytes.sum()) >= size * 9 // 10 and load["wall_ns"] > 0
 
 
-def test_llama_server_requests_are_measured(tmp_path: Path, model: Path) -> None:
+def test_llama_server_requests_are_measured(tmp_path: Path, model: Path, llama_bin: Path) -> None:
     """Under llama-server: every ubatch measured (prompt and generated tokens), per request."""
     from test_run_server import free_port, post, wait_healthy
 
-    r = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "scripts" / "build_llama_tools.sh")],
-                       capture_output=True, text=True, env={**os.environ, "PY": sys.executable})
-    if r.returncode != 0:
-        pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
-    server = Path(r.stdout.strip().splitlines()[-1]) / "llama-server"
+    server = llama_bin / "llama-server"
     build_preload()
     port = free_port()
     t = tmp_path / "server.bin"

@@ -47,14 +47,6 @@ PROMPTS = ["Once upon a time, a small robot", "The capital of France is"]
 PAGE = mmap.PAGESIZE
 
 
-@pytest.fixture(scope="session")
-def llama_bin() -> Path:
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
-    return Path(r.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=3)

@@ -161,26 +161,12 @@ def test_dry_run_numbers_from_the_trace(tmp_path: Path, run_cli: Callable[..., C
     assert doc["model_bytes_after"] < doc["model_bytes_before"] and doc["experts_after"] == 8
 
 
-def _llama_tools() -> Path | None:
-    """llama.cpp's own programs as scripts/build_llama_tools.sh caches them (not built here: ~10 minutes)."""
-    import importlib.metadata
-    import os
-
-    version = importlib.metadata.version("llama-cpp-python")
-    root = os.environ.get("GGUF_EXPERTS_TOOLS") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gguf-experts" / f"llama.cpp-{version}")
-    b = Path(root) / "build" / "bin"
-    return b if (b / "llama-bench").exists() else None
-
-
-def test_llama_bench_runs_the_pruned_model(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
+def test_llama_bench_runs_the_pruned_model(tmp_path: Path, run_cli: Callable[..., CliResult], llama_bin: Path) -> None:
     """llama.cpp's own llama-bench loads and runs the pruned gpt-oss, and counts exactly its tensors' elements."""
     import math
     import subprocess
 
-    tools = _llama_tools()
-    if tools is None:
-        pytest.skip("llama.cpp's programs are not built: bash scripts/build_llama_tools.sh")
+    tools = llama_bin
     src = tinymodel.make_tiny_model(tmp_path / "src.gguf", arch="gpt-oss", seed=6, quant="MXFP4_MOE")
     (tmp_path / "drop.csv").write_text("".join(f"{la},{e}\n" for la in range(4) for e in range(0, 16, 2)))
     assert run_cli("prune", src, "--plan", tmp_path / "drop.csv", "-o", tmp_path / "p.gguf").rc == 0

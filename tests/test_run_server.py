@@ -30,15 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GGE = [sys.executable, "-m", "gguf_experts"]
 
 
-@pytest.fixture(scope="session")
-def llama_bin() -> Path:
-    """llama.cpp's own programs, built from the llama.cpp llama-cpp-python vendors (cached per version)."""
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
-    return Path(r.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=3)
