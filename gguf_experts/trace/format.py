@@ -317,7 +317,8 @@ def crc32_rows(rows: np.ndarray) -> np.ndarray:
     g, c, n = rows3.shape
     m = g * c
     if n % 2 or n > VEC_CRC_MAX_BYTES:
-        return np.fromiter((zlib.crc32(r) for grp in rows3 for r in grp), np.uint32, m)
+        flat = rows if rows.ndim == 2 else (r for grp in rows3 for r in grp)
+        return np.fromiter((zlib.crc32(r) for r in flat), np.uint32, m)
     if m == 0 or n == 0:
         return np.zeros(m, np.uint32)  # crc32(b"") == 0
     tabs = _pair_tables(n)
