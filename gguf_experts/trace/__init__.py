@@ -9,6 +9,7 @@ from .format import (
     PHASE_DECODE,
     PHASE_PREFILL,
     VERSION,
+    IoTable,
     ModelFingerprint,
     TraceData,
     TraceHeader,
@@ -20,7 +21,7 @@ from .reader import iter_trace_chunks, read_trace, read_trace_header
 from .writer import TraceWriter
 
 __all__ = [
-    "MAGIC", "VERSION", "PHASE_PREFILL", "PHASE_DECODE", "ModelFingerprint", "TraceData", "TraceHeader",
+    "MAGIC", "VERSION", "PHASE_PREFILL", "PHASE_DECODE", "IoTable", "ModelFingerprint", "TraceData", "TraceHeader",
     "TraceRecoveryWarning", "TraceWriter", "check_fingerprint", "concat", "iter_trace_chunks", "read_trace",
     "read_trace_header",
 ]
