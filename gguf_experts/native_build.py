@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     elif what == "wheelhouse":
         print(wheelhouse())
     else:
-        print(f"native_build: unknown action {what!r}; use install, cmake-args, key, version or wheelhouse", file=sys.stderr)
+        print(f"native_build: unknown action {what!r}; use install, cmake-args, key, version or wheelhouse",
+              file=sys.stderr)
         return 2
     return 0
 

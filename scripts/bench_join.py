@@ -7,7 +7,9 @@ subprocess so that peak RSS (ru_maxrss) belongs to that measurement alone:
   ours: gguf_experts.heat.count_chunks over iter_trace_chunks (streaming, vectorised, CRC-checked);
   peer: a plain per-record Python reader (struct header, zlib.crc32, np.frombuffer, bincount per record),
         timed on a prefix of the same file (--peer-selections) because it is slow; rates are per selection.
-Usage: bench_join.py [--selections 100000000] [--shape both|prefill|decode] [--weights] [--keep DIR]
+With --measured the traces carry a measurement record after every ubatch (N_LAYER records), as version-2
+captures do: compare the rate with a run without it.
+Usage: bench_join.py [--selections 100000000] [--shape both|prefill|decode] [--weights] [--measured] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_experts.trace.format import RECORD_FIXED, record_length
 from gguf_experts.gguf.fingerprint import ModelFingerprint
+from gguf_experts.trace.format import MEAS_LEN, RECORD_FIXED, record_length
 from gguf_experts.trace.reader import read_trace_header
-from gguf_experts.trace.writer import TraceWriter
+from gguf_experts.trace.writer import TraceWriter, encode_measurement, encode_records
 
 N_LAYER, N_EXPERT, K = 48, 128, 8
 
@@ -37,12 +39,17 @@ def fingerprint() -> ModelFingerprint:
     return ModelFingerprint("qwen3moe", N_LAYER, N_EXPERT, K, "b" * 32, "b" * 32)
 
 
-def generate(path: Path, selections: int, tokens_per_record: int, seed: int = 0, weights: bool = False) -> int:
-    """A capture-shaped trace of about ``selections`` expert ids; returns the exact number written."""
+def generate(path: Path, selections: int, tokens_per_record: int, seed: int = 0, weights: bool = False,
+             measured: bool = False) -> int:
+    """A capture-shaped trace of about ``selections`` expert ids; returns the exact number written. ``measured``:
+    a measurement record after every ubatch (N_LAYER records), with varying counters."""
     rng = np.random.default_rng(seed)
     n = tokens_per_record
     records = max(1, selections // (n * K))
     batch = max(1, (1 << 22) // (n * K))  # about 4 M selections per vectorised write
+    if measured:  # whole ubatches only
+        records = max(N_LAYER, records // N_LAYER * N_LAYER)
+        batch = max(N_LAYER, batch // N_LAYER * N_LAYER)
     probs = rng.dirichlet(np.full(N_EXPERT, 0.3))  # skewed routing, like real models
     with TraceWriter(path, fingerprint(), {"synthetic": True}) as w:
         for s in range(0, records, batch):
@@ -53,7 +60,17 @@ def generate(path: Path, selections: int, tokens_per_record: int, seed: int = 0,
             pos = (step[:, None] * n + np.arange(n)) % 4096
             experts = rng.choice(N_EXPERT, size=(m, n, K), p=probs).astype(np.int32)
             gate = rng.random((m, n, K), dtype=np.float32) if weights else None
-            w.write_many(step // 64, np.full(m, 0 if n > 1 else 1), layer, pos, pos % 50000, experts, gate)
+            if not measured:
+                w.write_many(step // 64, np.full(m, 0 if n > 1 else 1), layer, pos, pos % 50000, experts, gate)
+                continue
+            phase = 0 if n > 1 else 1
+            raw = np.frombuffer(encode_records(step // 64, np.full(m, phase), layer, pos, pos % 50000, experts, gate),
+                                np.uint8).reshape(m // N_LAYER, -1)
+            counters = rng.integers(0, 1 << 24, m // N_LAYER)
+            meas = b"".join(encode_measurement(int(u) // 64, phase, n, int(r), int(r) // 4096, int(r))
+                            for u, r in zip(step[::N_LAYER], counters))
+            meas_rows = np.frombuffer(meas, np.uint8).reshape(m // N_LAYER, -1)
+            w._put(np.concatenate([raw, meas_rows], axis=1).tobytes())
     return records * n * K
 
 
@@ -82,6 +99,11 @@ def measure_peer(path: str, limit: int) -> dict:
             head = f.read(RECORD_FIXED.size)
             if len(head) < RECORD_FIXED.size:
                 break
+            if head[:4] == b"GEXM":  # a measurement record: a straightforward reader checks and skips it
+                rest = f.read(MEAS_LEN - RECORD_FIXED.size)
+                if zlib.crc32(rest[:-4], zlib.crc32(head)) != struct.unpack_from("<I", rest, len(rest) - 4)[0]:
+                    break
+                continue
             _m, length, _seq, _ph, flags, _r, layer, n, k = RECORD_FIXED.unpack(head)
             body = f.read(length - RECORD_FIXED.size)
             (crc,) = struct.unpack_from("<I", body, len(body) - 4)
@@ -134,6 +156,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512, help="tokens per record of the prefill trace")
     ap.add_argument("--peer-selections", type=int, default=2_000_000, help="prefix the slow peer is timed on")
     ap.add_argument("--weights", action="store_true", help="records carry gate weights too")
+    ap.add_argument("--measured", action="store_true", help="a measurement record after every ubatch (version 2)")
     ap.add_argument("--max-rows", type=int, default=None, help="rows per chunk (default: the reader's)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each (the best is reported)")
     ap.add_argument("--keep", type=Path, default=None, help="write the traces here and keep them")
@@ -160,7 +183,7 @@ def main() -> None:
         for shape, n in shapes.items():
             path = Path(args.keep or tmp) / f"{shape}.bin"
             t = time.perf_counter()
-            total = generate(path, args.selections, n, weights=args.weights)
+            total = generate(path, args.selections, n, weights=args.weights, measured=args.measured)
             gen = time.perf_counter() - t
             size = path.stat().st_size
             print(f"\n{shape}: {total:,} selections, {total // (n * K):,} records of {n} token(s) "

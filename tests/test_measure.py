@@ -308,3 +308,17 @@ def test_iostat_probes_agree_with_the_kernel(tmp_path: Path) -> None:
     assert st["model_size"] == f.stat().st_size and st["page_size"] == mmap.PAGESIZE
     assert set(st) == {"mem_available", "model_resident", "model_size", "read_ahead_kb", "page_size", "read_bytes",
                        "majflt"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(0, 40), c=st.integers(1, 60), half=st.integers(0, 120), seed=st.integers(0, 2**32 - 1))
+def test_crc_of_strided_groups_equals_zlib(g: int, c: int, half: int, seed: int) -> None:
+    """crc32_rows on [g, c, n] views (the records of a periodic run, with a gap after each group)."""
+    from gguf_experts.trace.format import crc32_rows
+
+    rng = np.random.default_rng(seed)
+    n = 2 * half
+    buf = rng.integers(0, 3, (g, c * n + 48), dtype=np.uint8)  # few values: constant columns happen
+    view = buf[:, :c * n].reshape(g, c, n)
+    got = crc32_rows(view)
+    assert got.tolist() == [zlib.crc32(view[i, j].tobytes()) for i in range(g) for j in range(c)]

@@ -154,12 +154,16 @@ def test_run_preload_measures_every_ubatch(tmp_path: Path, model: Path, script: 
     assert load["read_bytes"] + int(io.read_bytes.sum()) >= size * 9 // 10 and load["wall_ns"] > 0
 
 
-def test_llama_server_requests_are_measured(tmp_path: Path, model: Path, llama_bin: Path) -> None:
+@pytest.fixture(scope="module")
+def server(llama_bin: Path) -> Path:
+    build_preload()
+    return llama_bin / "llama-server"
+
+
+def test_llama_server_requests_are_measured(tmp_path: Path, model: Path, server: Path) -> None:
     """Under llama-server: every ubatch measured (prompt and generated tokens), per request."""
     from test_run_server import free_port, post, wait_healthy
 
-    server = llama_bin / "llama-server"
-    build_preload()
     port = free_port()
     t = tmp_path / "server.bin"
     proc = subprocess.Popen([*GGE, "run", "-o", str(t), "--", str(server), "-m", str(model), "--host", "127.0.0.1",
@@ -226,3 +230,52 @@ def test_report_draws_measured_io_and_says_when_absent(tmp_path: Path, model: Pa
     no_io = TraceData(**{**d.__dict__, "io": None})
     page = render_html(build_report([no_io], model, cache=False))
     assert "no measured I/O in this trace" in page and "<svg" not in page.split("Measured I/O")[1].split("<h2")[0]
+
+
+def test_llama_server_concurrent_requests_share_ubatches(tmp_path: Path, model: Path, server: Path) -> None:
+    """--parallel 2 with two clients at once: ubatches that pack both requests are measured once, as sequence -1
+    (phase 2 when they hold prompt and generated rows); the token sums still hold."""
+    import threading
+
+    from test_run_server import free_port, post, wait_healthy
+
+    port = free_port()
+    t = tmp_path / "par.bin"
+    proc = subprocess.Popen([*GGE, "run", "-o", str(t), "--", str(server), "-m", str(model), "--host", "127.0.0.1",
+                             "--port", str(port), "--parallel", "2", "-c", "1024", "-t", "2", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors: list[BaseException] = []
+    try:
+        wait_healthy(port, proc)
+        barrier = threading.Barrier(2)
+
+        def client(prompt: str) -> None:
+            try:
+                barrier.wait()
+                post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0})
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=client, args=(p,)) for p in PROMPTS]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=300)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not errors, errors
+    d = read_trace(t)
+    check_ubatches(d)
+    io = d.io
+    assert io is not None
+    first = int(d.layer.min())
+    starts = np.concatenate([[0], io.row[:-1]])
+    for s, e, seq, ph in zip(starts, io.row, io.seq, io.phase):
+        rows = slice(int(s), int(e))
+        assert (seq == -1) == (len(set(d.seq[rows].tolist())) > 1)
+        assert (ph == 2) == (len(set(d.phase[rows].tolist())) > 1)
+    assert int(io.n_tokens.sum()) == int((d.layer == first).sum()) == 2 * 11 + sum(
+        int(((d.seq == q) & (d.phase == 0) & (d.layer == first)).sum()) for q in (0, 1))

@@ -369,33 +369,38 @@ def _pair_tables(n: int) -> np.ndarray:
 
 
 def crc32_rows(rows: np.ndarray) -> np.ndarray:
-    """zlib.crc32 of every row of an [m, n] uint8 array whose rows are contiguous, as uint32 [m].
+    """zlib.crc32 of every row of an [m, n] uint8 array whose rows are contiguous, as uint32 [m]; or of a
+    [g, c, n] array (g groups of c rows: the records of a periodic run, strided in the file), as [g * c].
 
     Vectorised for even n up to VEC_CRC_MAX_BYTES (short records: decode); zlib per row otherwise.
     """
-    m, n = rows.shape
+    rows3 = rows[:, None, :] if rows.ndim == 2 else rows
+    g, c, n = rows3.shape
+    m = g * c
     if n % 2 or n > VEC_CRC_MAX_BYTES:
-        return np.fromiter((zlib.crc32(r) for r in rows), np.uint32, m)
+        flat = rows if rows.ndim == 2 else (r for grp in rows3 for r in grp)
+        return np.fromiter((zlib.crc32(r) for r in flat), np.uint32, m)
     if m == 0 or n == 0:
         return np.zeros(m, np.uint32)  # crc32(b"") == 0
     tabs = _pair_tables(n)
     base = zlib.crc32(bytes(n))
-    u = rows.view("<u2")
-    out = np.empty(m, np.uint32)
-    for s in range(0, m, _CRC_BLOCK_ROWS):
-        blk = u[s:s + _CRC_BLOCK_ROWS]
-        r, first = blk.shape[0], blk[0]
-        # columns equal to the first row in three sampled rows are candidates; only they are verified
-        cand = np.flatnonzero((blk[[r // 3, (2 * r) // 3, r - 1]] == first).all(axis=0))
+    u = rows3.view("<u2")
+    out = np.empty((g, c), np.uint32)
+    step = max(1, _CRC_BLOCK_ROWS // c)
+    for s in range(0, g, step):
+        blk = u[s:s + step]
+        r, first = blk.shape[0], blk[0, 0]
+        # columns equal to the first row in three sampled groups are candidates; only they are verified
+        cand = np.flatnonzero((blk[[r // 3, (2 * r) // 3, r - 1]] == first).all(axis=(0, 1)))
         same = np.zeros(n // 2, bool)
         if cand.size:
-            same[cand] = (blk[:, cand] == first[cand]).all(axis=0)
+            same[cand] = (blk[..., cand] == first[cand]).all(axis=(0, 1))
         const = base
-        acc = np.zeros(blk.shape[0], np.uint32)
+        acc = np.zeros(blk.shape[:2], np.uint32)
         for p in range(n // 2):
             if same[p]:
                 const ^= int(tabs[p, first[p]])
             else:
-                acc ^= tabs[p].take(blk[:, p])
-        out[s:s + _CRC_BLOCK_ROWS] = acc ^ np.uint32(const)
-    return out
+                acc ^= tabs[p].take(blk[..., p])
+        out[s:s + step] = acc ^ np.uint32(const)
+    return out.reshape(m)

@@ -100,9 +100,10 @@ def _read_header(f: BinaryIO, where: str) -> TraceHeader:
 
 
 def _check_fixed(words: np.ndarray, length: int, word3_hi: int, n: int, k: int) -> np.ndarray:
-    """Which rows of a [rows, 7] uint32 view of fixed fields start a record like the run's first."""
-    return ((words[:, 0] == REC_MARKER) & (words[:, 1] == length) & ((words[:, 3] & 0xFFFFFF00) == word3_hi)
-            & ((words[:, 3] & 0xFF) <= 1) & (words[:, 5] == n) & (words[:, 6] == k))
+    """Which rows of a [..., 7] uint32 view of fixed fields start a record like the run's first."""
+    return ((words[..., 0] == REC_MARKER) & (words[..., 1] == length)
+            & ((words[..., 3] & 0xFFFFFF00) == word3_hi) & ((words[..., 3] & 0xFF) <= 1)
+            & (words[..., 5] == n) & (words[..., 6] == k))
 
 
 def _check_meas(words: np.ndarray) -> np.ndarray:
@@ -117,9 +118,10 @@ def _meas_at(buf: np.ndarray, o: int) -> bool:
 
 
 def _crc_ok(rows: np.ndarray, length: int) -> np.ndarray:
-    """Per row of an [m, length] uint8 array: does the stored CRC (last 4 bytes) match the bytes before it?"""
-    rows = np.ascontiguousarray(rows)
-    return crc32_rows(rows[:, :length - CRC_BYTES]) == rows[:, length - CRC_BYTES:].view("<u4")[:, 0]
+    """Per record of an [m, length] or [g, c, length] uint8 array (rows contiguous, in file order): does the
+    stored CRC (last 4 bytes) match the bytes before it? Flat [m] / [g * c]."""
+    stored = rows[..., length - CRC_BYTES:].view("<u4")[..., 0].reshape(-1)
+    return crc32_rows(rows[..., :length - CRC_BYTES]) == stored
 
 
 def _periodic(buf: np.ndarray, o: int, c: int, length: int, word3_hi: int, n: int, k: int,
@@ -135,8 +137,8 @@ def _periodic(buf: np.ndarray, o: int, c: int, length: int, word3_hi: int, n: in
     while count < avail:
         hi = min(avail, count + probe)
         grp = buf[o + count * g_len:o + hi * g_len].reshape(hi - count, g_len)
-        fixed = grp[:, :c * length].reshape(hi - count, c, length)[:, :, :_FIXED].view("<u4").reshape(-1, FIXED_WORDS)
-        ok = _check_fixed(fixed, length, word3_hi, n, k).reshape(hi - count, c).all(axis=1)
+        fixed = grp[:, :c * length].reshape(hi - count, c, length)[:, :, :_FIXED].view("<u4")  # a view
+        ok = _check_fixed(fixed, length, word3_hi, n, k).all(axis=1)
         ok &= _check_meas(grp[:, c * length:c * length + 16].view("<u4"))
         if ok.all():
             count, probe = hi, probe * 4
@@ -146,7 +148,7 @@ def _periodic(buf: np.ndarray, o: int, c: int, length: int, word3_hi: int, n: in
     if count < 2:
         return None
     grp = buf[o:o + count * g_len].reshape(count, g_len)
-    good_r = _crc_ok(grp[:, :c * length].reshape(count * c, length), length)
+    good_r = _crc_ok(grp[:, :c * length].reshape(count, c, length), length)
     good_m = _crc_ok(grp[:, c * length:], MEAS_LEN)
     if good_r.all() and good_m.all():
         return [_Run(o, length, count, n, weights, per=c, meas=True)], o + count * g_len, None
@@ -271,22 +273,24 @@ def _extract(buf: np.ndarray, runs: list[_Run], header: TraceHeader, want_weight
             meas.append((words, at + np.arange(1, r.count + 1, dtype=np.int64) * (r.per * r.n)))
         if rows == 0 or grp is None:
             continue
-        w = grp[:, :r.per * r.length].reshape(r.count * r.per, r.length).view("<i4")
+        # [count, per, length/4] int32: a view (periodic runs are strided); fields are copied out column-wise
+        w = grp[:, :r.per * r.length].reshape(r.count, r.per, r.length).view("<i4")
         sl = slice(at, at + rows)
         c, n = FIXED_WORDS, r.n
         if n == 1:
-            seq[sl], layer[sl], phase[sl] = w[:, 2], w[:, 4], w[:, 3] & 0xFF
+            seq[sl], layer[sl] = w[..., 2].reshape(rows), w[..., 4].reshape(rows)
+            phase[sl] = (w[..., 3] & 0xFF).reshape(rows)
         else:
-            seq[sl] = np.repeat(w[:, 2], n)
-            layer[sl] = np.repeat(w[:, 4], n)
-            phase[sl] = np.repeat(w[:, 3] & 0xFF, n)
-        pos[sl] = w[:, c:c + n].reshape(rows)
-        token[sl] = w[:, c + n:c + 2 * n].reshape(rows)
+            seq[sl] = np.repeat(w[..., 2].reshape(-1), n)
+            layer[sl] = np.repeat(w[..., 4].reshape(-1), n)
+            phase[sl] = np.repeat((w[..., 3] & 0xFF).reshape(-1), n)
+        pos[sl] = w[..., c:c + n].reshape(rows)
+        token[sl] = w[..., c + n:c + 2 * n].reshape(rows)
         e = c + 2 * n
-        experts[sl] = w[:, e:e + n * k].reshape(rows, k)
+        experts[sl] = w[..., e:e + n * k].reshape(rows, k)
         if weights is not None:
             if r.weights:
-                weights[sl] = w[:, e + n * k:e + 2 * n * k].view("<f4").reshape(rows, k)
+                weights[sl] = w[..., e + n * k:e + 2 * n * k].view("<f4").reshape(rows, k)
             else:
                 weights[sl] = np.nan
         at += rows
