@@ -147,3 +147,27 @@ def test_expand_sorts_and_reads_a_file_once(fleet):
     assert expand([str(fleet["b"]), g]) == [str(fleet["b"]), str(fleet["a"])]
     with pytest.raises(InputError, match="matches no file"):
         expand([str(fleet["dir"] / "*.nothing")])
+
+
+def test_report_side_of_several_pools_caches(run_cli, fleet, tmp_path):
+    """report 'glob': one side of two servers: heat of the summed counts, LRU curves per trace pooled (equal
+    to cache-sim's pooled rows); two sides compare."""
+    from gguf_experts.report import build_report
+
+    a, b, m = fleet["a"], fleet["b"], fleet["model"]
+    inp = build_report([[str(a), str(b)]], m, opt=False)
+    j = csv(run_cli, "join-trace", a, b, "-m", m)
+    assert int(inp.heat.experts["activations"].sum()) == int(j["activations"].sum())
+    lru = inp.curves[(inp.curves.policy == "lru") & (inp.curves.layer == "all")].set_index("capacity")
+    c = csv(run_cli, "cache-sim", a, b, "--capacity", "4,8")
+    pooled = c[(c.trace == "pooled") & (c.layer == "all")].set_index("capacity")
+    for cap in (4, 8):
+        assert lru.loc[cap, "hits"] == pooled.loc[cap, "hits"]
+        assert lru.loc[cap, "accesses"] == pooled.loc[cap, "accesses"]
+    out = tmp_path / "r.html"
+    r = run_cli("report", str(fleet["glob"]), a, "-m", m, "-o", out, "--no-opt")
+    assert r.rc == 0, r.err
+    html = out.read_text()
+    assert "s1.bin +1" in html and "one cache per trace, pooled" in html
+    r = run_cli("report", f"{a},{fleet['other']}", "-m", m, "-o", tmp_path / "x.html")
+    assert r.rc == 2 and "x.bin" in r.err and not (tmp_path / "x.html").exists()
