@@ -268,3 +268,36 @@ def test_bad_npz_and_json(run_cli, tiny, tmp_path):
     j.write_text(json.dumps({"meta_info": {"routed_experts": "@@@"}}))
     r = run_cli("stats", j, "--model", tiny["model"])
     assert r.rc == 2 and "not valid base64" in r.err, r.err
+
+
+def test_sglang_valid_mask_and_int16(run_cli, tiny, tmp_path):
+    """SGLang's {"values", "valid_mask"} payload (a masked (token, layer) is no routing) and the int16 arrays
+    RL stacks keep: read as the same rows."""
+    z = np.load(_npz_of(run_cli, tiny, tmp_path))
+    n = int(z["lengths"][0])
+    e = z["routed_experts"][:n]
+    valid = (e != -1).all(axis=2)
+    vals = np.where(e < 0, 0, e).astype("<i4")  # what a server leaves in unrouted slots
+    doc = {"meta_info": {"prompt_tokens": int(z["prompt_lengths"][0]), "routed_experts": {
+        "values": base64.b64encode(vals.tobytes()).decode(),
+        "valid_mask": base64.b64encode(valid.astype(np.uint8).tobytes()).decode()}}}
+    j = tmp_path / "masked.json"
+    j.write_text(json.dumps(doc))
+    p16 = tmp_path / "r16.npy"
+    np.save(p16, e.astype(np.int16))
+    got, got16 = load_trace(j, tiny["model"]), load_trace(p16, tiny["model"])
+    assert len(got) == int(valid.sum()) == len(got16)
+    cols = ["pos", "layer", *[f"e{j}" for j in range(K)]]
+    pd.testing.assert_frame_equal(rows(got)[cols], rows(got16)[cols])
+    bad = dict(doc)
+    bad["meta_info"] = {"routed_experts": {"values": doc["meta_info"]["routed_experts"]["values"],
+                                           "valid_mask": base64.b64encode(b"\x01\x01\x01").decode()}}
+    j.write_text(json.dumps(bad))
+    r = run_cli("stats", j, "--model", tiny["model"])
+    assert r.rc == 2 and "valid_mask holds 3 flags" in r.err, r.err
+
+
+def _npz_of(run_cli, tiny, tmp_path) -> Path:  # type: ignore[no-untyped-def]
+    npz = tmp_path / "r.npz"
+    assert run_cli("convert", tiny["trace"], npz).rc == 0
+    return npz

@@ -1,7 +1,8 @@
 """Routed experts as vLLM (``--enable-return-routed-experts``) and SGLang (``return_routed_experts``) return
 them: an integer array [tokens, layers, k] per request, as ``.npy`` / ``.npz`` files or in the JSON response
 (SGLang: ``meta_info.routed_experts``, base64 of the flat values, ``meta_info.routed_experts_dtype`` when the
-server sent another integer type than int32).
+server sent another integer type than int32; a newer payload ``{"values", "valid_mask"}`` masks (token, layer)
+rows). vLLM's ``CompletionOutput.routed_experts`` is the same array; saved with numpy.save / savez it reads here.
 
 Layer axis: both engines size it by the Hugging Face config's ``num_hidden_layers`` and index it by the
 decoder layer's own number (vLLM: ``FusedMoE.layer_id = extract_layer_index(prefix)``; SGLang: the layer's
@@ -261,12 +262,27 @@ def _decode(v: Any, dtype: np.dtype, layers: int, k: int, where: str, what: str 
         data = v.get("data", v.get("values"))
         shape = v.get("shape")
         flat = _b64(data, _wire_dtype(v.get("dtype"), where) if what == "routed_experts" else dtype, where)
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if shape is None:  # SGLang's {"values", "valid_mask"} payload: shaped by the model, as the flat form
+            arr = _shaped(flat, layers, k, where, what)
+        elif not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise InputError(f"{where}: {what}.shape = {shape!r}, expected a list of sizes such as [T, L, k]")
-        if int(np.prod(shape)) != flat.size:
+        elif int(np.prod(shape)) != flat.size:
             raise InputError(f"{where}: {what} holds {flat.size} values, its shape {shape} needs {int(np.prod(shape))}")
-        return flat.reshape(shape)
-    flat = _b64(v, dtype, where)
+        else:
+            arr = flat.reshape(shape)
+        if v.get("valid_mask") is not None and what == "routed_experts":
+            mask = _b64(v["valid_mask"], np.dtype(np.uint8), where)
+            if arr.ndim != 3 or mask.size not in (arr.size, arr.size // max(1, arr.shape[2])):
+                raise InputError(f"{where}: valid_mask holds {mask.size} flags for routed_experts of shape "
+                                 f"{tuple(arr.shape)}; expected one per value or one per (token, layer)")
+            m = mask.reshape(arr.shape if mask.size == arr.size else arr.shape[:2] + (1,)) != 0
+            arr = np.where(np.broadcast_to(m, arr.shape).all(axis=2, keepdims=True), arr.astype(np.int64), -1)
+        return arr
+    return _shaped(_b64(v, dtype, where), layers, k, where, what)
+
+
+def _shaped(flat: np.ndarray, layers: int, k: int, where: str, what: str) -> np.ndarray:
+    """Flat values as [-1, layers, k] (SGLang sends no shape: num_hidden_layers and top-k are the model's)."""
     if flat.size % (layers * k):
         raise InputError(f"{where}: {what} holds {flat.size} values, not a whole number of tokens of "
                          f"{layers} layers x top-{k} (the model's); pass the model the server ran, or send the "
