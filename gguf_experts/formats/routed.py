@@ -365,8 +365,12 @@ def to_trace(ra: RoutedArrays, model: Any, fp: ModelFingerprint, where: str, sou
     keep = ~absent.reshape(-1)
     tt, mm = tt[keep], mm[keep]
     pre = phase_t[tt] == PHASE_PREFILL
-    order = np.lexsort((np.where(pre, tt, mm), np.where(pre, mm, tt), phase_t[tt], req[tt]))
-    tt, mm = tt[order], mm[order]
+    if pre.any():  # prompt rows layer-major: one int64 key (request, phase, place in its pass), one argsort
+        span = np.int64(T) * max(Lm, 1)
+        place = np.where(pre, mm.astype(np.int64) * T + tt, tt.astype(np.int64) * Lm + mm)
+        key = (req[tt].astype(np.int64) * 2 + phase_t[tt]) * span + place
+        order = np.argsort(key, kind="stable")
+        tt, mm = tt[order], mm[order]
     seq_of = ra.sequence_ids if ra.sequence_ids is not None else np.arange(R, dtype=np.int32)
     pos = ra.positions if ra.positions is not None else within.astype(np.int32)
     tok = ra.token_ids if ra.token_ids is not None else np.full(T, -1, np.int32)
@@ -401,15 +405,14 @@ def from_trace(td: TraceData) -> RoutedArrays:
     every block (blk.N at index N), -1 where the trace has no row (dense blocks, rows llama.cpp skipped)."""
     fp = td.header.fingerprint
     n = len(td)
-    key = np.stack([td.seq.astype(np.int64), td.pos.astype(np.int64)])
-    if n:
-        utok, inv = np.unique(key, axis=1, return_inverse=True)
-        inv = inv.reshape(-1)
-    else:
-        utok, inv = np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
-    T = utok.shape[1]
+    key = (td.seq.astype(np.int64) << 32) | (td.pos.astype(np.int64) & 0xFFFFFFFF)
+    ukey, inv = np.unique(key, return_inverse=True)
+    inv = inv.reshape(-1)
+    utok = np.stack([ukey >> 32, (ukey & 0xFFFFFFFF).astype(np.uint32).astype(np.int32)])
+    T = len(ukey)
     flat = inv * fp.n_layer + td.layer.astype(np.int64)
-    if len(np.unique(flat)) != n:
+    sf = np.sort(flat)
+    if n and (sf[1:] == sf[:-1]).any():
         raise InputError("the trace has two rows for one (sequence, position, layer) (a sequence id reused for "
                          "another request?); routed-experts arrays hold one routing per token and layer")
     e = np.full((T, fp.n_layer, td.k), -1, np.int32)
