@@ -88,7 +88,8 @@ def main() -> None:
     print(f"qwen3-30b-a3b shape, {a.tokens:,} tokens x {L} layers x top-{k} = {sel:,} selections, "
           f"{a.requests} requests")
     print(f"ours   routed .npz -> trace rows: {r / 1e6:8.1f} M selections/CPU-s")
-    print(f"peer   trace.bin -> trace rows:    {sel / t_bin / 1e6:8.1f} M selections/CPU-s (ours/peer {r * t_bin / sel:.2f}x)")
+    print(f"peer   trace.bin -> trace rows:    {sel / t_bin / 1e6:8.1f} M selections/CPU-s "
+          f"(ours/peer {r * t_bin / sel:.2f}x)")
     print(f"peer   Python loop (prefix):       {done / t_loop / 1e6:8.3f} M selections/CPU-s "
           f"(ours/peer {r / (done / t_loop):.0f}x)")
     print(f"ours   trace -> routed arrays:     {sel / t_write / 1e6:8.1f} M selections/CPU-s; "
