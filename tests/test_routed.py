@@ -301,3 +301,23 @@ def _npz_of(run_cli, tiny, tmp_path) -> Path:  # type: ignore[no-untyped-def]
     npz = tmp_path / "r.npz"
     assert run_cli("convert", tiny["trace"], npz).rc == 0
     return npz
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_routed_through_the_cli_in_every_format(run_cli, tiny, tmp_path, fmt):
+    npz = tmp_path / "r.npz"
+    r = run_cli("convert", tiny["trace"], npz, "-f", fmt)
+    assert r.rc == 0, r.err
+    if fmt == "json":
+        info = json.loads(r.out)
+        assert info["direction"] == "trace -> routed-npy" and info["rows"] == len(np.load(npz)["routed_experts"])
+    elif fmt == "csv":
+        assert r.out.startswith("input,output,direction")
+    else:
+        assert "trace -> routed-npy" in r.out
+    s = run_cli("stats", npz, "--model", tiny["model"], "-f", fmt)
+    assert s.rc == 0, s.err
+    if fmt == "json":
+        assert json.loads(s.out)["source_format"] == "routed-npy"
+    elif fmt == "table":
+        assert "vLLM/SGLang routed experts array" in s.out
