@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gguf_experts.demo import tinymodel
+from gguf_experts.errors import InputError
 from gguf_experts.formats.counts import ExpertCounts
 from gguf_experts.formats.load import detect_format, load_trace
 from gguf_experts.formats.routed import RoutedArrays, from_trace, to_trace
@@ -189,12 +190,21 @@ def test_layer_axis_is_blk_n_with_leading_dense_blocks(deepseek, tmp_path):
 
 
 def test_mtp_blocks_not_counted(tmp_path):
-    """A GGUF with nextn_predict_layers has those blocks at the end; Hugging Face's num_hidden_layers omits them."""
+    """A GGUF with nextn_predict_layers has those blocks at the end; Hugging Face's num_hidden_layers (the
+    engines' layer axis) omits them: both sizes read, index N = blk.N either way."""
+    import dataclasses
+
     from gguf_experts.formats.routed import hf_layers, layer_map
 
-    model = open_model(shapes.deepseek_v3(n_shards=1).write(tmp_path))
-    assert hf_layers(model) == 61
-    assert layer_map(61, model, "x")[3] == 3 and layer_map(61, model, "x")[2] == -1
+    ds = shapes.deepseek_v3(n_shards=1)
+    mtp = dataclasses.replace(ds, kv={**ds.kv, "deepseek2.nextn_predict_layers": 1})
+    model = open_model(mtp.write(tmp_path))
+    assert hf_layers(model) == 60 and model.block_count == 61
+    for L in (60, 61):
+        m = layer_map(L, model, "x")
+        assert len(m) == L and (m[:3] == -1).all() and np.array_equal(m[3:], np.arange(3, L))
+    with pytest.raises(InputError, match="expected 60 or 61 .* or 58"):
+        layer_map(59, model, "x")
 
 
 # --- hypothesis: arrays -> trace -> arrays -----------------------------------------------------------------
