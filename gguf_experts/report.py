@@ -7,7 +7,9 @@ with its name; two traces also get their difference.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,9 @@ def _expert_bytes(heat: HeatResult, n_layer: int, n_expert: int) -> np.ndarray:
     return eb
 
 
-def _name(trace: Loaded, i: int) -> str:
+def _name(trace: Loaded | list[Loaded], i: int) -> str:
+    if isinstance(trace, list):
+        return f"{_name(trace[0], i)} +{len(trace) - 1}"
     if isinstance(trace, ExpertCounts):
         return f"{trace.source} counts {i + 1}"
     return f"trace {i + 1}" if isinstance(trace, TraceData) else Path(trace).name
@@ -105,7 +109,67 @@ def trace_io(trace: TraceSource) -> tuple[object, dict]:
     return (IoTable.concat(parts) if parts else None), dict(meta)
 
 
-def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model,
+def _side_source(side: Sequence[Loaded]) -> Iterator[TraceData] | ExpertCounts:
+    """What join takes for a side of several traces (counts add): their chunks one after another, sequence
+    numbers shifted so that each trace's sequences stay its own; or the sum of their counts when any of
+    them holds counts only."""
+    from .fleet import add_counts
+
+    def chunks_of(t: Loaded) -> Iterator[TraceData]:
+        return iter([t]) if isinstance(t, TraceData) else iter_trace_chunks(t, weights=False)  # type: ignore[arg-type]
+
+    if any(isinstance(t, ExpertCounts) for t in side):
+        parts = []
+        for t in side:
+            if isinstance(t, ExpertCounts):
+                parts.append(t)
+            else:
+                it = chunks_of(t)
+                first = next(it, None)
+                if first is not None:
+                    parts.append(ExpertCounts.from_chunks(chain([first], it), first.header.fingerprint))
+        return add_counts(parts)
+
+    def chained() -> Iterator[TraceData]:
+        offset = 0
+        for t in side:
+            top = -1
+            for c in chunks_of(t):
+                if len(c):
+                    top = max(top, int(c.seq.max()))
+                yield replace(c, seq=(c.seq.astype(np.int64) + offset).astype(np.int32)) if offset else c
+            offset += top + 1
+    return chained()
+
+
+def _fleet_view(side: Sequence[Loaded], name: str, m: Model, cache: bool, opt: bool) -> TraceView:
+    """A side of several traces (servers): heat of the summed counts; cache curves simulated per trace and
+    pooled (hits, accesses and bytes summed, hit rates from the sums); working sets stay per trace."""
+    from .fleet import pool_rows
+
+    heat = join(_side_source(side), m)
+    view = TraceView(label=name, heat=heat)
+    if not cache:
+        return view
+    ordered = [t for t in side if not isinstance(t, ExpertCounts)]
+    view.notes = [f"{name}: {len(side)} traces; counts add; cache curves: one cache per trace, pooled (hits and "
+                  "accesses summed over the traces); working sets are per trace (gguf-experts cache-sim "
+                  "--working-set with the same traces)"]
+    if len(ordered) < len(side):
+        view.notes.append(f"cache curves of {name} leave out {len(side) - len(ordered)} count-only input(s)")
+    if ordered:
+        curves = []
+        for t in ordered:
+            c, _, notes = cache_tables(t, heat, opt=opt, model=m)
+            curves.append(c)
+            view.notes += notes
+        pooled = pool_rows(curves, [str(i) for i in range(len(curves))], ["layer", "policy", "capacity"],
+                           ["accesses", "hits", "bytes_fetched"], {"hit_rate": ("hits", "accesses")})
+        view.curves = pooled[pooled["trace"] == "pooled"].drop(columns="trace").reset_index(drop=True)
+    return view
+
+
+def build_report(traces: Sequence[Loaded | list[Loaded]], model: str | os.PathLike[str] | Model,
                  labels: Sequence[str] | None = None, cache: bool = True, opt: bool = True) -> ReportInput:
     """Load everything a report shows: join (and diff) the trace(s), byte map, cache curves, working sets,
     for every trace. A trace is a path or an in-memory TraceData (e.g. one prompt kind of a larger trace)."""
@@ -119,6 +183,9 @@ def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model
         names = [f"{n} ({i + 1})" for i, n in enumerate(names)]  # two traces of one name: keep them apart
     views = []
     for t, name in zip(traces, names):
+        if isinstance(t, list):  # a side of several traces (a fleet)
+            views.append(_fleet_view(t, name, m, cache, opt))
+            continue
         heat = join(t, m)
         view = TraceView(label=name, heat=heat)
         if cache:
@@ -129,7 +196,8 @@ def build_report(traces: Sequence[Loaded], model: str | os.PathLike[str] | Model
         if not isinstance(t, ExpertCounts):
             view.io, view.io_meta = trace_io(t)
         views.append(view)
-    sources = [names[i] if isinstance(t, (TraceData, ExpertCounts)) else Path(t).name for i, t in enumerate(traces)]
+    sources = [names[i] if isinstance(t, (TraceData, ExpertCounts, list)) else Path(t).name
+               for i, t in enumerate(traces)]
     first = views[0]
     inp = ReportInput(heat=first.heat, tensors=byte_map(m), curves=first.curves, working_set=first.working_set,
                       sources=sources, labels=(names[0], names[-1]), notes=first.notes, label=names[0],

@@ -17,9 +17,17 @@ from ..trace.format import TraceData, TraceHeader
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows read per step; the LRU pass splits them into cache-sized pieces
 
 
-def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False) -> None:
-    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`), or another tool's "
-                                 "file: llama-imatrix GGUF, tracer/REAP JSON, moe-trace CSV, MBLT, RTRACE01")
+MANY_HELP = ("; several traces or quoted globs (one trace per server) combine: counts add, a cache is simulated "
+             "per trace and reported per trace and pooled, sequences keep their origin (README, 'Many traces')")
+
+
+def add_trace_arguments(p: argparse.ArgumentParser, model_required: bool = False, many: bool = False) -> None:
+    what = ("trace.bin written by `gguf-experts capture` (or `convert`), or another tool's file: llama-imatrix "
+            "GGUF, tracer/REAP JSON, moe-trace CSV, MBLT, RTRACE01, vLLM/SGLang routed experts")
+    if many:
+        p.add_argument("trace", nargs="+", metavar="TRACE", help=what + MANY_HELP)
+    else:
+        p.add_argument("trace", help=what)
     p.add_argument("--model", "-m", metavar="MODEL.gguf", required=model_required,
                    help="the model the trace was captured from: adds bytes (sum of each expert's slices); "
                         "needed for files that do not say k (moe-trace CSV, RTRACE01, CSV logs)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..analysis.cache.cachesim import CacheSimRequest, CacheSimResult, cache_sim, parse_policies
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
@@ -33,7 +34,7 @@ CONVENTIONS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_trace_arguments(p)
+    add_trace_arguments(p, many=True)
     p.add_argument("--policy", default="lru", metavar="P[,P]",
                    help="lru, lfu, lfuda, s3fifo, opt (comma-separated; default lru)")
     p.add_argument("--order", choices=["token", "access"], default="token",
@@ -51,7 +52,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_options(p)
 
 
+def _many(args: argparse.Namespace, paths: list[str]) -> int:
+    """Several traces: one cache per trace (per server), rows per trace and pooled (sums of hits, accesses and
+    bytes fetched; rates from the sums); the smallest capacities and working sets per trace."""
+    import pandas as pd
+
+    from ..analysis.cache.cachesim import gap_share
+    from ..fleet import fleet_summary, labels, open_all, pool_rows
+
+    inputs = open_all(paths, args.model)
+    names = labels(paths)
+    results = []
+    for inp in inputs:
+        inp.require_order()
+        assert inp.header is not None and inp.chunks is not None
+        req = _request(args, inp.header.fingerprint)
+        req.expert_bytes = expert_bytes(args.model, inp.header, inp.path)
+        results.append(cache_sim(((c.layer, c.experts) for c in inp.chunks), req))
+    keys = ["layer", "policy", "capacity"]
+    rows = pool_rows([r.rows for r in results], names, keys, ["accesses", "hits", "bytes_fetched"],
+                     {"hit_rate": ("hits", "accesses")})
+    pooled = rows["trace"] == "pooled"
+    if pooled.any():
+        rows.loc[pooled, "gap_share"] = gap_share(rows[pooled].reset_index(drop=True)).to_numpy()
+    smallest = pd.concat([r.smallest.assign(trace=n) for r, n in zip(results, names)], ignore_index=True)
+    ws = pd.concat([r.working_set.assign(trace=n) for r, n in zip(results, names)], ignore_index=True)
+    smallest = smallest[["trace", *[c for c in smallest.columns if c != "trace"]]]
+    ws = ws[["trace", *[c for c in ws.columns if c != "trace"]]]
+    fp = inputs[0].header.fingerprint  # type: ignore[union-attr]
+    main = ws if args.working_set else rows
+    doc = {"traces": fleet_summary(inputs, names), "n_layer": fp.n_layer, "n_expert": fp.n_expert,
+           "n_expert_used": fp.n_expert_used, "order": args.order, "convention": CONVENTIONS[args.order],
+           "pooled": "one cache per trace; pooled rows sum hits, accesses and bytes over the traces",
+           "rows": frame_records(rows), "smallest_lru_capacity": frame_records(smallest),
+           "working_set": frame_records(ws)}
+
+    def text() -> str:
+        head = (f"{len(paths)} traces: {fp.architecture}, {fp.n_expert} experts per layer, top-{fp.n_expert_used}; "
+                f"order {args.order}; one cache per trace, 'pooled' = sums over the traces\n")
+        if args.working_set:
+            return head + "\n" + frame_to_table(ws)
+        shown = rows[rows["layer"].astype(str) == "all"] if rows["layer"].nunique() > 9 else rows
+        return (head + "\nsmallest LRU cache per layer reaching 90/95/99% hits, per trace:\n"
+                + frame_to_table(smallest) + "\nhit rates per trace and pooled:\n"
+                + frame_to_table(shown, na_note=NA_NOTE, max_rows=200))
+    emit(Output(main, document=doc, text=text), args.format, args.output)
+    return 0
+
+
+def _request(args: argparse.Namespace, fp: Any) -> CacheSimRequest:
+    return CacheSimRequest(
+        fp.n_layer, fp.n_expert, fp.n_expert_used, policies=parse_policies(args.policy), order=args.order,
+        capacities=parse_int_list(args.capacity, "--capacity"), budgets=parse_int_list(args.budget, "--budget"),
+        curve=args.curve, taus=parse_int_list(args.tau, "--tau"))
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..fleet import expand
+
+    paths = expand(args.trace)
+    if len(paths) > 1:
+        return _many(args, paths)
+    args.trace = paths[0]
     header, chunks = open_trace(args.trace, model=args.model)
     fp = header.fingerprint
     req = CacheSimRequest(

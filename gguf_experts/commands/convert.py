@@ -21,15 +21,18 @@ from ..trace.format import TraceData, TraceRecoveryWarning
 from ..trace.reader import iter_trace_chunks, read_trace_header
 
 NAME = "convert"
-HELP = ("convert between trace.bin, CSV expert logs and other tools' formats (MBLT, moe-trace CSV, RTRACE01; "
+HELP = ("convert between trace.bin, CSV expert logs and other tools' formats (MBLT, moe-trace CSV, RTRACE01, "
+        "vLLM/SGLang routed experts; "
         "tracer/REAP JSON and imatrix for counts)")
 DESCRIPTION = (HELP + ". The input's format is read from its content; the output's is --to, else the output "
-               "name (.mblt, .rtrace, .gguf = imatrix, .bin = trace), else: a trace.bin gives a CSV log (--detail: "
-               "with seq, phase, token, weights), any other ordered log gives a trace.bin. Going to a trace needs "
-               "--model (its fingerprint goes into the header). Logs without sequences or phases get them "
-               "inferred (see README, 'Formats other tools write').")
-TO = ("trace", "csv", "moe-trace-csv", "mblt", "rtrace", "tracer-json", "reap-json", "imatrix")
-EXTENSIONS = {".mblt": "mblt", ".rtrace": "rtrace", ".gguf": "imatrix", ".bin": "trace"}
+               "name (.mblt, .rtrace, .npz/.npy = routed-npy, .gguf = imatrix, .bin = trace), else: a trace.bin "
+               "gives a CSV log (--detail: with seq, phase, token, weights), any other ordered log gives a trace.bin. "
+               "routed-npy writes [tokens, layers, k] int32 as vLLM and SGLang return it (layer N = blk.N, -1 = no "
+               "routing). Going to a trace needs --model (its fingerprint goes into the header). Logs without "
+               "sequences or phases get them inferred (see README, 'Formats other tools write').")
+TO = ("trace", "csv", "moe-trace-csv", "mblt", "rtrace", "routed-npy", "tracer-json", "reap-json", "imatrix")
+EXTENSIONS = {".mblt": "mblt", ".rtrace": "rtrace", ".gguf": "imatrix", ".bin": "trace", ".npz": "routed-npy",
+              ".npy": "routed-npy"}
 ORDER = 40
 
 

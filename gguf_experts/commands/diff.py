@@ -7,7 +7,6 @@ from pathlib import Path
 import pandas as pd
 
 from ..analysis.diff import ShareDiff, top_changes
-from ..compare import compare
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
 from ._types import at_least
 
@@ -19,8 +18,9 @@ ORDER = 58
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", metavar="A.bin", help="first trace (the baseline); any input stats reads")
-    p.add_argument("b", metavar="B.bin", help="second trace; deltas are B minus A")
+    p.add_argument("a", metavar="A.bin", help="first trace (the baseline); any input stats reads; a quoted glob "
+                                              "(or A1,A2,...) makes one side of several traces whose counts add")
+    p.add_argument("b", metavar="B.bin", help="second trace (or glob, or list); deltas are B minus A")
     p.add_argument("--model", "-m", metavar="MODEL.gguf",
                    help="check both traces against this model (else they are only checked against each other)")
     p.add_argument("--by", choices=("expert", "layer"), default="expert",
@@ -36,11 +36,26 @@ def expert_rows(d: ShareDiff) -> pd.DataFrame:
     return d.experts.assign(js_divergence=js.reindex(d.experts["layer"]).to_numpy())
 
 
+def _side(text: str) -> list[str]:
+    """A side: a path, a glob, or a comma-separated list of them."""
+    from ..fleet import expand
+
+    return expand([p for p in text.split(",") if p] if "," in text and not Path(text).exists() else [text])
+
+
+def _label(paths: list[str]) -> str:
+    return Path(paths[0]).name if len(paths) == 1 else f"{Path(paths[0]).name} +{len(paths) - 1}"
+
+
 def run(args: argparse.Namespace) -> int:
-    d = compare(args.a, args.b, args.model)
+    from ..fleet import compare_sides
+
+    a, b = _side(args.a), _side(args.b)
+    d = compare_sides(a, b, args.model)
     df = d.layers if args.by == "layer" else expert_rows(d)
-    la, lb = Path(args.a).name, Path(args.b).name
-    doc = {"a": la, "b": lb, "overall_js_divergence": d.overall, "layers": frame_records(d.layers),
+    la, lb = _label(a), _label(b)
+    doc = {"a": la, "b": lb, "a_traces": a, "b_traces": b,
+           "overall_js_divergence": d.overall, "layers": frame_records(d.layers),
            "by": args.by, "rows": frame_records(df)}
 
     def text() -> str:

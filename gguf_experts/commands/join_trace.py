@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pandas as pd
 
@@ -17,8 +18,10 @@ ORDER = 45
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="trace.bin written by `gguf-experts capture` (or `convert`), or another tool's "
-                                 "file (llama-imatrix GGUF, tracer/REAP JSON, moe-trace CSV, MBLT, RTRACE01)")
+    p.add_argument("trace", nargs="+", metavar="TRACE",
+                   help="trace.bin written by `gguf-experts capture` (or `convert`), or another tool's file "
+                        "(llama-imatrix GGUF, tracer/REAP JSON, moe-trace CSV, MBLT, RTRACE01, vLLM/SGLang routed "
+                        "experts); several traces or quoted globs: their counts add")
     p.add_argument("--model", "-m", required=True, metavar="MODEL.gguf",
                    help="the model the trace was captured from (any shard of a split model)")
     p.add_argument("--by", choices=("expert", "tensor", "page"), default="expert",
@@ -37,10 +40,24 @@ def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:
     return res.experts
 
 
+def _source(paths: list[str], model: str) -> Any:
+    """What join takes: one input as before; several: their chunks one after another (counts add), or the sum
+    of their counts when any of them holds counts only."""
+    if len(paths) == 1:
+        inp = open_any(paths[0], model)
+        return paths[0] if inp.format == "trace" else (inp.counts if inp.counts is not None else inp.chunks)
+    from ..fleet import join_source, open_all
+
+    return join_source(open_all(paths, model))
+
+
 def run(args: argparse.Namespace) -> int:
-    inp = open_any(args.trace, args.model)
-    src = args.trace if inp.format == "trace" else (inp.counts if inp.counts is not None else inp.chunks)
-    res: HeatResult = join(src, args.model)
+    from ..fleet import expand
+
+    paths = expand(args.trace)
+    res: HeatResult = join(_source(paths, args.model), args.model)
+    if len(paths) > 1:
+        res.summary["traces"] = paths
     df = frame_for(res, args.by, args.page_size)
     doc = {"summary": res.summary, "layers": frame_records(res.layers), "by": args.by, "rows": frame_records(df)}
     if args.by == "page":

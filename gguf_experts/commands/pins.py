@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +31,10 @@ ORDER = 62
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", nargs="?", help="trace.bin to split into training and held-out parts")
+    p.add_argument("trace", nargs="*", metavar="TRACE",
+                   help="trace.bin to split into training and held-out parts; several traces or quoted globs (one "
+                        "per server): one pin list from their training parts (counts add), scored on each trace's "
+                        "held-out part with its own LRU/OPT cache, per trace and pooled")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--capacity", type=int, metavar="C", help="experts pinned per layer")
     size.add_argument("--budget", metavar="BYTES", help="one byte budget over all layers (e.g. 8G); needs --model")
@@ -74,7 +77,64 @@ def _split(args: argparse.Namespace) -> tuple[TraceHeader, Split, str]:
     return h, split_fraction(lay, ex, h.fingerprint.n_layer, args.train_fraction), args.trace
 
 
+def _many(args: argparse.Namespace, paths: list[str]) -> int:
+    """Several traces: pins from the summed training counts, scored per trace and pooled."""
+    from ..fleet import labels, open_all, pool_pin_scores
+
+    if args.train is not None or args.test is not None:
+        raise InputError("give either TRACEs (each split by --train-fraction) or --train A.bin --test B.bin, not both")
+    open_all(paths, args.model)  # one model, checked before the work
+    names = labels(paths)
+    loaded = [_load(p) for p in paths]
+    header = loaded[0][0]
+    fp = header.fingerprint
+    L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used
+    eb = expert_bytes(args.model, header, paths[0])
+    budget = _budget(args, eb)
+    splits = [split_fraction(lay, ex, L, args.train_fraction) for _, lay, ex in loaded]
+    train = sum((counts_of(s.train_layer, s.train_experts, L, M) for s in splits), np.zeros((L, M), np.int64))
+    pins = pick_per_layer(train, args.capacity) if budget is None or eb is None else pick_budget(train, eb, budget)
+    scores = [score_pins(s, L, M, k, pins, args.capacity, budget, eb, args.order) for s in splits]
+    score = pool_pin_scores(scores, names)
+    source = f"{len(paths)} traces"
+    _write_lists(args, pins, train, source, k)
+    pooled = score[score.trace == "pooled"].drop(columns="trace")
+    emit(Output(score, document=lambda: {"source": source, "traces": paths, "order": args.order,
+                                         "verdict": verdict(pooled), "rows": frame_records(score)},
+                text=lambda: "pooled over the traces: " + verdict(pooled) + "\n\n" + frame_to_table(
+                    (score[score.layer == "all"] if len(score) > 17 else score).round(4))),
+         args.format, args.output)
+    return 0
+
+
+def _budget(args: argparse.Namespace, eb: np.ndarray | None) -> int | None:
+    budgets = parse_int_list(args.budget, "--budget")
+    if budgets and len(budgets) > 1:
+        raise InputError(f"--budget {args.budget}: give one byte budget (run pins once per budget)")
+    budget = budgets[0] if budgets else None
+    if budget is not None and eb is None:
+        raise InputError("--budget needs --model (experts are weighed by their bytes in the model)")
+    return budget
+
+
+def _write_lists(args: argparse.Namespace, pins: Any, train: np.ndarray, source: str, k: int) -> None:
+    if args.list_csv:
+        with atomic_write(args.list_csv) as fh:
+            fh.write(frame_to_csv(pins_frame(pins, train)))
+        say_wrote(args.list_csv, "csv, the pinned experts")
+    if args.pin_list:
+        with atomic_write(args.pin_list) as fh:
+            fh.write(fitz_pin_list(pins, train, source, k))
+        say_wrote(args.pin_list, "EXPERT_CACHE_PIN_LIST v1")
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..fleet import expand
+
+    paths = expand(args.trace) if args.trace else []
+    if len(paths) > 1:
+        return _many(args, paths)
+    args.trace = paths[0] if paths else None
     header, split, source = _split(args)
     fp = header.fingerprint
     L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used

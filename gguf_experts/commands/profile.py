@@ -23,7 +23,15 @@ DESCRIPTION = (
     "expert's output before weighting (ffn_moe_down) give, per expert, activation_counts, "
     "activation_frequency, avg_gate_weight, ean_sum, ean_mean, weighted_ean_sum, reap (mean over routed "
     "tokens of gate x norm, gates renormalised over the top-k), max_activations and never_activated. "
-    "-o is written atomically every --save-every records and at the end; --resume continues from it.")
+    "-o is written atomically every --save-every records and at the end; --resume continues from it. "
+    "--compat expert-profile does what llama.cpp's llama-expert-profile (PR #20454) does, so that its numbers "
+    "and ours can be compared (see --compat).")
+COMPAT_HELP = (
+    "expert-profile: tokenise prompt + '\\n' + response (BOS as the vocabulary says), cut to the context, and ask "
+    "for the logits of the last token only, as llama-expert-profile does: llama.cpp then routes only that output "
+    "row in the last layer, so there it counts one row per record, not one per token. Our default joins prompt "
+    "and response with nothing (the text as given) and asks for every output, so every layer, the last "
+    "included, scores every token of the record")
 ORDER = 70
 
 
@@ -39,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-plan", type=at_least(1), default=None, metavar="K",
                    help="report the K least salient experts per layer instead of the lowest/highest REAP")
     add_output_options(p, output=False, what="the report on stdout")
+    p.add_argument("--compat", choices=("expert-profile",), default=None, help=COMPAT_HELP)
     add_progress(p)
 
 
@@ -65,6 +74,9 @@ def _start(args: argparse.Namespace, fp: Any) -> ReapAccumulator:
         want = acc.meta.get("fingerprint", {})
         if want.get("tensor_digest") != fp.tensor_digest or (acc.n_layer, acc.n_expert) != (fp.n_layer, fp.n_expert):
             raise InputError(f"{out} holds statistics of another model; pass another -o or drop --resume")
+        if acc.meta.get("compat") != args.compat:
+            raise InputError(f"{out} was profiled with --compat {acc.meta.get('compat') or '(none)'}; resume with "
+                             "the same --compat")
         if acc.meta.get("jsonl") not in (None, Path(args.jsonl).name):
             raise InputError(f"{out} was profiled from {acc.meta.get('jsonl')}, not {Path(args.jsonl).name}; "
                              "resume with the same --jsonl")
@@ -74,10 +86,13 @@ def _start(args: argparse.Namespace, fp: Any) -> ReapAccumulator:
     acc = ReapAccumulator(fp.n_layer, fp.n_expert)
     acc.meta = {"model": Path(args.model).name, "fingerprint": fp.to_dict(), "jsonl": Path(args.jsonl).name,
                 "ctx_size": args.ctx_size, "truncated_records": 0, "skipped_records": 0}
+    if args.compat:
+        acc.meta["compat"] = args.compat
     return acc
 
 
-def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink, ctx_size: int) -> None:
+def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink, ctx_size: int,
+                    logits: str = "all") -> None:
     """Evaluate one JSONL record as one sequence and merge its statistics (or count it cut or skipped)."""
     from ..trace.format import PHASE_PREFILL
 
@@ -90,7 +105,7 @@ def _profile_record(llm: Any, text: str, acc: ReapAccumulator, sink: _RecordSink
     if toks:
         sink.part = ReapAccumulator(acc.n_layer, acc.n_expert)
         llm.new_sequence()
-        llm.eval(toks, PHASE_PREFILL, logits="all")  # every row is an output: the last layer sees all
+        llm.eval(toks, PHASE_PREFILL, logits=logits)  # "all": every row is an output, the last layer sees all
         acc.merge(sink.part)
     else:
         acc.meta["skipped_records"] = acc.meta.get("skipped_records", 0) + 1
@@ -101,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from ..gguf.fingerprint import model_fingerprint
 
     resolve_target(args.output)  # fail before the run, not at the first checkpoint
-    texts = jsonl_texts(args.jsonl)
+    compat = args.compat == "expert-profile"
+    texts = jsonl_texts(args.jsonl, sep="\n" if compat else "")
     if not texts:
         raise InputError(f"{args.jsonl}: no records (empty, or only blank lines); nothing to profile")
     fp = model_fingerprint(args.model)
@@ -115,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                              n_ubatch=args.ubatch_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                              observe_down_norms=True) as llm:
                 for i in range(acc.records, end):  # one llama.cpp evaluation per record
-                    _profile_record(llm, texts[i], acc, sink, args.ctx_size)
+                    _profile_record(llm, texts[i], acc, sink, args.ctx_size, "last" if compat else "all")
                     acc.records = i + 1
                     if update is not None:
                         update(1)

@@ -20,7 +20,9 @@ ORDER = 65
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE.bin",
                    help="one trace, or two to compare (B minus A); another tool's file too (imatrix, tracer/REAP "
-                        "JSON: no cache curves; moe-trace CSV, MBLT, RTRACE01)")
+                        "JSON: no cache curves; moe-trace CSV, MBLT, RTRACE01, vLLM/SGLang routed experts). A quoted "
+                        "glob or a comma-separated list is one side of several traces (servers): counts add, cache "
+                        "curves are simulated per trace and pooled")
     p.add_argument("--model", "-m", required=True, metavar="MODEL.gguf",
                    help="the model the trace(s) were captured from (any shard of a split model)")
     p.add_argument("-o", "--output", metavar="REPORT.html", default="report.html",
@@ -57,9 +59,15 @@ def run(args: argparse.Namespace) -> int:
 
     size = parse_size(args.screenshot_size)  # a bad size fails before the work
     check_output_names(args.output, args.png, args.screenshot)
+    from ..fleet import expand, labels as short_names, open_all
+
     m = open_model(args.model)
-    loaded = load_inputs(args.traces, m)
-    labels = args.labels or [Path(p).name for p in args.traces]
+    sides = [expand([p for p in t.split(",") if p] if "," in t and not Path(t).exists() else [t])
+             for t in args.traces]
+    if sum(len(s) for s in sides) > len(sides):  # a fleet side: every trace of every side of one model
+        open_all([p for s in sides for p in s], args.model)
+    loaded: list = [load_inputs(s, m) if len(s) > 1 else load_inputs(s, m)[0] for s in sides]
+    labels = args.labels or [short_names(s)[0] + (f" +{len(s) - 1}" if len(s) > 1 else "") for s in sides]
     inp = build_report(loaded, m, labels=labels, cache=not args.no_cache, opt=not args.no_opt)
     written = write_report(args.output, inp, png=args.png, screenshot=args.screenshot, screenshot_size=size)
     df = pd.DataFrame({"output": [w for w, _ in written], "path": [p for _, p in written],

@@ -15,7 +15,7 @@ from ..formats.counts import ExpertCounts
 from ..formats.load import Input
 from ..formats.rtrace import near_ties
 from ..formats.write import count_text
-from ..reporters.tabular import Output, add_output_options, emit, frame_to_table, say_wrote, write_text
+from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, say_wrote, write_text
 from ..trace.format import IoTable
 from ._trace_input import add_trace_arguments, expert_bytes, open_any
 from ._types import at_least
@@ -34,7 +34,7 @@ NA_NOTE = ("no value: that layer or sequence has no tokens of that phase (e.g. n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_trace_arguments(p)
+    add_trace_arguments(p, many=True)
     p.add_argument("--by", choices=("expert", "layer", "sequence", "io"), default="expert",
                    help="CSV/table rows: per (layer, expert) [default], per layer (imbalance), per sequence, "
                         "io: measured disk bytes and major faults per (sequence, phase)")
@@ -79,11 +79,12 @@ def _accumulate(inp: Input, model: str | None, io: list[IoTable] | None = None
     return acc, fp, bool(inp.header.meta.get("phase_known", True))
 
 
-def _write_counts(args: argparse.Namespace, inp: Input, acc: StatsAccumulator, fp: ModelFingerprint,
+def _write_counts(args: argparse.Namespace, inp: Input | None, acc: StatsAccumulator, fp: ModelFingerprint,
                   phase_known: bool) -> None:
     """--format tracer-json / reap-json / imatrix: the counts in another tool's format."""
-    out = ExpertCounts(acc.counts, acc.tokens, k=fp.n_expert_used or None, source=inp.format,
-                       phase_known=phase_known, meta=dict(inp.counts.meta) if inp.counts is not None else {})
+    out = ExpertCounts(acc.counts, acc.tokens, k=fp.n_expert_used or None,
+                       source=inp.format if inp is not None else "several", phase_known=phase_known,
+                       meta=dict(inp.counts.meta) if inp is not None and inp.counts is not None else {})
     if args.format == "imatrix" and not args.output:
         raise InputError("--format imatrix writes a GGUF file: give -o FILE.gguf (and --model)")
     if args.output:
@@ -93,15 +94,51 @@ def _write_counts(args: argparse.Namespace, inp: Input, acc: StatsAccumulator, f
         write_text(count_text(args.format, out), None)
 
 
-def run(args: argparse.Namespace) -> int:
+def _many(args: argparse.Namespace, paths: list[str]) -> tuple[StatsAccumulator, ModelFingerprint, bool,
+                                                                 pd.DataFrame, list[dict]]:
+    """Several traces: counts add; per-sequence rows keep their trace and their own sequence number."""
+    from ..fleet import labels, open_all, fleet_summary
+
+    inputs = open_all(paths, args.model)
+    names = labels(paths)
+    parts = [_accumulate(inp, args.model) for inp in inputs]
+    L = max(a.n_layer for a, _, _ in parts)
+    M = parts[0][0].n_expert
+    acc = StatsAccumulator(L, M)
+    for a, _, _ in parts:
+        acc.counts[:, :a.n_layer] += a.counts
+        acc.tokens[:, :a.n_layer] += a.tokens
+    seqs = pd.concat([sequence_frame(a).assign(trace=n) for (a, _, _), n in zip(parts, names)], ignore_index=True)
+    seqs = seqs[["trace", *[c for c in seqs.columns if c != "trace"]]]
+    fp = next((f for _, f, _ in parts if f.tensor_digest), parts[0][1])
+    return acc, fp, all(k for _, _, k in parts), seqs, fleet_summary(inputs, names)
+
+
+def _load(args: argparse.Namespace) -> tuple[Input | None, StatsAccumulator, ModelFingerprint, bool,
+                                             pd.DataFrame | None, list[dict] | None, IoTable | None, dict]:
+    """One trace (its measured I/O too), or several (counts add; sequences keep their trace)."""
+    from ..fleet import expand
+
+    paths = expand(args.trace)
+    if len(paths) > 1:
+        if args.by == "io":
+            raise InputError("--by io: measured I/O is per trace (per process); give one trace")
+        acc, fp, phase_known, seqs, traces = _many(args, paths)
+        args.trace = f"{len(paths)} traces"
+        return None, acc, fp, phase_known, seqs, traces, None, {}
+    args.trace = paths[0]
     inp = open_any(args.trace, args.model)
     io_parts: list[IoTable] = []
     acc, fp, phase_known = _accumulate(inp, args.model, io_parts)
     io = IoTable.concat(io_parts) if io_parts else None
-    meta = inp.header.meta if inp.header is not None else {}
     if args.by == "io" and io is None:
         raise InputError(f"{args.trace}: --by io: no measured I/O in this trace (recorded from trace version 2 on "
                          "by `capture` and `run`); capture or run again, or choose another --by")
+    return inp, acc, fp, phase_known, None, None, io, inp.header.meta if inp.header is not None else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    inp, acc, fp, phase_known, seqs, traces, io, meta = _load(args)
     if args.format in COUNT_WRITERS:
         _write_counts(args, inp, acc, fp, phase_known)
         return 0
@@ -109,14 +146,20 @@ def run(args: argparse.Namespace) -> int:
     if eb is not None and eb.shape[0] != acc.n_layer:
         eb = eb[:acc.n_layer]
     margins = (_margin_frame(inp.margin_layer, inp.margin, acc.n_layer, args.tie_margin)
-               if inp.margin is not None and inp.margin_layer is not None else None)
+               if inp is not None and inp.margin is not None and inp.margin_layer is not None else None)
     frames = {"expert": lambda: expert_frame(acc, eb), "layer": lambda: layer_frame(acc),
-              "sequence": lambda: sequence_frame(acc), "io": lambda: sequence_io_frame(io or IoTable.empty())}
+              "sequence": lambda: sequence_frame(acc) if seqs is None else seqs,
+              "io": lambda: sequence_io_frame(io or IoTable.empty())}
     df = frames[args.by]()
+    fmt = inp.format if inp is not None else "several"
 
     def document() -> dict:
         doc = stats_document(acc, fp.n_expert_used, eb)
-        doc["source_format"] = inp.format
+        doc["source_format"] = fmt
+        if traces is not None:
+            doc["traces"] = traces
+            if args.by == "sequence":
+                doc["sequences"] = frame_records(df)
         doc["phase_known"] = phase_known
         doc["io"] = io_document(io, meta)
         if margins is not None:
@@ -132,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         top["share"] = (top["share"] * 100).round(2).astype(str) + "%"
         top["cum_share"] = (top["cum_share"] * 100).round(2).astype(str) + "%"
         k = f"top-{fp.n_expert_used}" if fp.n_expert_used else "top-k unknown (pass --model)"
-        src = "" if inp.format == "trace" else f" [{inp.description}]"
+        src = "" if inp is None or inp.format == "trace" else f" [{inp.description}]"
         head = (f"{args.trace}{src}: {fp.architecture}, {len(lf)} MoE layers x {acc.n_expert} experts, "
                 f"{k}; {int(lf['tokens'].max()) if len(lf) else 0} tokens"
                 + ("" if phase_known else "; prefill/decode not recorded (counted as decode)") + "\n\n")

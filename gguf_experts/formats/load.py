@@ -23,13 +23,15 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "moe-trace-csv": ("llama-moe-trace CSV (llama.cpp PR #28544: 'layer,expert' rows)", True),
     "mblt": ("mbolt MBLT v1 binary trace", True),
     "rtrace": ("fitz-tec RTRACE01 router-probability trace", True),
+    "routed-npy": ("vLLM/SGLang routed experts array (.npy / .npz of [tokens, layers, k])", True),
+    "routed-json": ("vLLM/SGLang response JSON with routed_experts (base64 int32)", True),
     "imatrix": ("llama-imatrix GGUF", False),
     "tracer-json": ("tracer JSON statistics ({total_tokens, expert_activations, per_layer})", False),
     "reap-json": ("llama-expert-profile REAP JSON (llama.cpp PR #20454)", False),
 }
 ORDER_NEEDED = ("needs a trace in token order (which experts each token used, one token after another); "
                 "capture one with `gguf-experts capture`, or pass an ordered log (trace.bin, CSV log, MBLT, "
-                "moe-trace CSV, RTRACE01)")
+                "moe-trace CSV, RTRACE01, vLLM/SGLang routed experts)")
 
 
 class NeedsTraceError(InputError):
@@ -50,6 +52,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "mblt"
     if head.startswith(b"RTRACE01"):
         return "rtrace"
+    if head.startswith(b"\x93NUMPY") or (head.startswith(b"PK\x03\x04") and _npz(path)):
+        return "routed-npy"
     if head.startswith(b"GGUF") or head[:4] == b"FUGG":
         from ..errors import GGUFExpertsError, TraceFormatError
         from ..gguf.reader import read_header
@@ -70,6 +74,10 @@ def _text_format(path: str | os.PathLike[str], head: bytes) -> str:
     """JSON statistics, CSV logs and moe-trace CSV, by their first bytes (JSON: by its keys)."""
     where = str(path)
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    from .routed import looks_like_json
+
+    if looks_like_json(head):
+        return "routed-json"
     if text.startswith(b"{"):
         doc = _json(path)
         from . import reap_json, tracer_json
@@ -92,6 +100,12 @@ def _text_format(path: str | os.PathLike[str], head: bytes) -> str:
     raise InputError(f"{where}: not a gguf-experts trace nor a known format (first bytes {head[:8]!r}); "
                      "expected one of: "
                      + ", ".join(d for d, _ in FORMATS.values()))
+
+
+def _npz(path: str | os.PathLike[str]) -> bool:
+    from .routed import is_npz
+
+    return is_npz(path)
 
 
 def _json(path: str | os.PathLike[str]) -> Any:
@@ -146,6 +160,11 @@ def _model_fp(model: Any) -> tuple[ModelFingerprint | None, Any]:
 
 
 def _needs_model(path: str, fmt: str) -> InputError:
+    if fmt.startswith("routed-"):
+        return InputError(f"{path}: a {FORMATS[fmt][0]} does not say how many experts the model has; pass "
+                          "--model MODEL.gguf, a GGUF of the same architecture and shapes (its layer count, expert "
+                          "count and k are checked against the array). stats, cache-sim, pins and diff need only "
+                          "those; join-trace's byte heat also uses that GGUF's byte map (its quantisation's bytes)")
     return InputError(f"{path}: a {FORMATS[fmt][0]} does not say how many experts each token uses; "
                       "pass the model it was made with (--model MODEL.gguf)")
 
@@ -166,17 +185,10 @@ def open_input(path: str | os.PathLike[str], model: Any = None, max_rows: int = 
         from .mblt import read_mblt
 
         td = read_mblt(path, fp)
-    elif fmt in ("csv", "moe-trace-csv", "rtrace"):
+    elif fmt in ("csv", "moe-trace-csv", "rtrace", "routed-npy", "routed-json"):
         if fp is None:
             raise _needs_model(where, fmt)
-        if fmt == "csv":
-            td = _csv_log(where, fp)
-        elif fmt == "moe-trace-csv":
-            td = moe_trace_csv.read_moe_trace_csv(path, fp)
-        else:
-            from .rtrace import read_rtrace
-
-            td, margin = read_rtrace(path, fp)
+        td, margin = _ordered_log(path, fmt, m, fp)
     if td is not None:
         if not len(td):
             warn_no_rows(where)
@@ -199,6 +211,22 @@ def open_input(path: str | os.PathLike[str], model: Any = None, max_rows: int = 
         counts.check_model(fp, where)
         counts = counts.resized(fp.n_layer)
     return Input(where, fmt, counts=counts)
+
+
+def _ordered_log(path: str | os.PathLike[str], fmt: str, m: Any, fp: ModelFingerprint
+                 ) -> tuple[TraceData, np.ndarray | None]:
+    """An ordered foreign log that needs the model's fingerprint (and, for RTRACE01, its router margins)."""
+    if fmt in ("routed-npy", "routed-json"):
+        from .routed import read_routed
+
+        return read_routed(path, fmt, m, fp), None
+    if fmt == "csv":
+        return _csv_log(str(path), fp), None
+    if fmt == "moe-trace-csv":
+        return moe_trace_csv.read_moe_trace_csv(path, fp), None
+    from .rtrace import read_rtrace
+
+    return read_rtrace(path, fp)
 
 
 def _csv_log(path: str, fp: ModelFingerprint) -> TraceData:

@@ -15,13 +15,16 @@ ORDERED_WRITERS: dict[str, str] = {
     "mblt": "sequences, phases, positions, token ids and gate weights (inferred back from passes)",
     "moe-trace-csv": "sequences, phases, positions, token ids and gate weights (inferred back from passes)",
     "rtrace": "sequences, phases and real router probabilities (written: gate weights on the selected experts)",
+    "routed-npy": "nothing (.npz: lengths, phases, positions, token ids, sequence ids and weights ride along); "
+                  "a bare .npy keeps only the ids of one sequence",
 }
 COUNT_WRITERS: dict[str, str] = {
     "tracer-json": "token order (counts per layer and expert, with prefill/decode split)",
     "reap-json": "token order; reap/ean_mean only when the input had them",
     "imatrix": "token order and the phase split; in_sum2 is neutral (needs --model for tensor shapes)",
 }
-EXTENSIONS = {".mblt": "mblt", ".rtrace": "rtrace", ".csv": "moe-trace-csv", ".bin": "trace"}
+EXTENSIONS = {".mblt": "mblt", ".rtrace": "rtrace", ".csv": "moe-trace-csv", ".bin": "trace", ".npz": "routed-npy",
+              ".npy": "routed-npy"}
 
 
 def write_ordered(fmt: str, td: TraceData, path: str | os.PathLike[str]) -> int:
@@ -43,6 +46,11 @@ def write_ordered(fmt: str, td: TraceData, path: str | os.PathLike[str]) -> int:
 
         with atomic_write(path, "wb") as fh:
             return write_rtrace(td, fh)
+    if fmt == "routed-npy":
+        from .routed import write_routed
+
+        with atomic_write(path, "wb") as fh:
+            return write_routed(td, fh, npy=str(path).lower().endswith(".npy"))
     raise InputError(f"--to {fmt}: not an ordered format; choose one of {', '.join(ORDERED_WRITERS)}")
 
 

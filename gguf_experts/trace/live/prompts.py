@@ -14,8 +14,9 @@ JSONL_PROMPT_KEYS = ("prompt", "instruction", "question", "input", "text")
 JSONL_RESPONSE_KEYS = ("response", "output", "completion", "answer")
 
 
-def jsonl_text(rec: Any, where: str) -> str:
-    """prompt + response of one record (keys: prompt/response, instruction/input/output, text, messages)."""
+def jsonl_text(rec: Any, where: str, sep: str = "") -> str:
+    """prompt + sep + response of one record (keys: prompt/response, instruction/input/output, text,
+    messages); sep is "" for us, "\n" for llama-expert-profile (profile --compat expert-profile)."""
     if not isinstance(rec, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if isinstance(rec.get("messages"), list):
@@ -28,12 +29,12 @@ def jsonl_text(rec: Any, where: str) -> str:
     if "instruction" in rec and isinstance(rec.get("input"), str) and rec["input"]:
         prompt = f"{prompt}\n{rec['input']}"
     resp = next((str(rec[k]) for k in JSONL_RESPONSE_KEYS if isinstance(rec.get(k), str)), "")
-    return check_encodable(prompt + resp, where)
+    return check_encodable(prompt + sep + resp, where)
 
 
-def jsonl_texts(path: str | os.PathLike[str]) -> list[str]:
+def jsonl_texts(path: str | os.PathLike[str], sep: str = "") -> list[str]:
     """Texts of the non-blank JSONL lines, in order (a record's index is its place among them)."""
-    return [jsonl_text(rec, f"{path}:{no}") for no, rec in iter_jsonl(path, "JSONL file of prompt records")]
+    return [jsonl_text(rec, f"{path}:{no}", sep) for no, rec in iter_jsonl(path, "JSONL file of prompt records")]
 
 
 def prompt_lines(path: str | os.PathLike[str]) -> list[str]:
