@@ -163,6 +163,34 @@ EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t o
     return do_mmap("mmap64", addr, len, prot, flags, fd, off);
 }
 
+/* A recorded mapping unmapped whole is forgotten (its addresses may be reused); a fragment unmapped (llama.cpp
+ * unmaps the unused head and tail of its mapping) leaves the record, which only widens where advice may go. */
+typedef int (*munmap_t)(void *, size_t);
+EXPORT int munmap(void *addr, size_t len) {
+    static munmap_t real;
+    if (!real) {
+        dlsym_t ds = rdlsym();
+        real = ds ? (munmap_t)ds(RTLD_NEXT, "munmap") : NULL;
+        if (!real) {
+            errno = ENOSYS;
+            return -1;
+        }
+    }
+    if (g_n_maps > 0) {
+        pthread_mutex_lock(&g_plock);
+        for (int i = 0; i < g_n_maps; i++)
+            if (g_maps[i].base >= (uint8_t *)addr && g_maps[i].base + g_maps[i].len <= (uint8_t *)addr + len) {
+                for (int j = 0; j < g_n_exps; j++) /* the model is gone (freed between computes) */
+                    if (g_exps[j].data >= g_maps[i].base && g_exps[j].data < g_maps[i].base + g_maps[i].len)
+                        g_exps[j--] = g_exps[--g_n_exps];
+                g_scanned_gf = NULL;
+                g_maps[i--] = g_maps[--g_n_maps];
+            }
+        pthread_mutex_unlock(&g_plock);
+    }
+    return real(addr, len);
+}
+
 static struct gmap *map_of(const void *p, size_t len) {
     const uint8_t *b = p;
     for (int i = 0; i < g_n_maps; i++)
