@@ -488,3 +488,34 @@ def test_program_that_does_not_map_the_model(tmp_path: Path, tiny: Path, llama_b
     assert lines == ["gguf-experts: warning: --paging prefetch cannot apply: the program does not memory-map the "
                      "model (--load-mode none, --no-mmap?); running as stock"], srv.stderr[-2000:]
     assert len(read_trace(tmp_path / "t.bin")) > 0
+
+
+RELOAD = """
+import sys, numpy as np, llama_cpp
+out = []
+for path in sys.argv[1:]:
+    llm = llama_cpp.Llama(path, n_ctx=128, n_threads=2, verbose=False, logits_all=False)
+    llm.eval(llm.tokenize(b"Once upon a time"))
+    out.append(np.asarray(llm.scores[llm.n_tokens - 1]).tolist())
+    llm.close()
+print(repr(out))
+"""
+
+
+def test_models_loaded_one_after_another(tmp_path: Path, big: Path, tiny: Path) -> None:
+    """A llama-cpp-python program that frees a model and loads others (the same addresses may come back): under
+    prefetch with no trace, the logits are stock's, and each model is paged (learned afresh after munmap)."""
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    outs = {}
+    for mode in ("stock", "prefetch"):
+        evict(big)
+        r = subprocess.run([*GGE, "run", "--paging", mode, "--no-trace", "--", sys.executable, str(script), str(big),
+                            str(tiny), str(big)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "GGUF_EXPERTS_PAGING_LOAD": "skip"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[mode] = r.stdout
+        if mode == "prefetch":
+            res = slice_residency(big, "ffn_up_exps")
+            assert 0 < sum(v == 1.0 for v in res.values()) < len(res) // 2  # only what the prompt selected
+    assert outs["stock"] == outs["prefetch"] and outs["stock"].startswith("[[")
