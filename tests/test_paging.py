@@ -519,3 +519,15 @@ def test_models_loaded_one_after_another(tmp_path: Path, big: Path, tiny: Path) 
             res = slice_residency(big, "ffn_up_exps")
             assert 0 < sum(v == 1.0 for v in res.values()) < len(res) // 2  # only what the prompt selected
     assert outs["stock"] == outs["prefetch"] and outs["stock"].startswith("[[")
+
+
+def test_auto_without_a_model_on_the_command_line(tmp_path: Path, tiny: Path) -> None:
+    """A program that names its model itself: the preload decides when the model is mapped, in one line."""
+    script = tmp_path / "reload.py"
+    # (verbose: llama-cpp-python points stderr at /dev/null while it loads a model quietly)
+    script.write_text(RELOAD.replace("sys.argv[1:]", repr([str(tiny)])).replace("verbose=False", "verbose=True"))
+    r = subprocess.run([*GGE, "run", "--no-trace", "--", sys.executable, str(script)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("gguf-experts: paging")]
+    assert lines == ["gguf-experts: paging stock (GGUF_EXPERTS_PAGING=auto: the model fits in memory)"], r.stderr

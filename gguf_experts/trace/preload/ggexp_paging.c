@@ -118,10 +118,20 @@ static int on_gguf_map(int flags, int fd, size_t len, int *record) {
     }
     struct stat st;
     if (fstat(fd, &st) != 0) return flags;
+    long long size = (long long)st.st_size;
+    int no, of;
+    if (n > 20 && sscanf(path + n - 20, "-%5d-of-%5d.gguf", &no, &of) == 2 && of > 1 && of < 10000) {
+        size = 0; /* a split model: all of its shards count */
+        for (int i = 1; i <= of; i++) {
+            char sib[PATH_MAX];
+            snprintf(sib, sizeof sib, "%.*s-%05d-of-%05d.gguf", (int)(n - 20), path, i, of);
+            if (stat(sib, &st) == 0) size += (long long)st.st_size;
+        }
+    }
     int skip = g_load == 2;
     if (g_load == 0) {
         long long avail = mem_available();
-        skip = avail >= 0 && (long long)st.st_size > avail - g_reserve;
+        skip = avail >= 0 && size > avail - g_reserve;
     }
     if (g_paging == PAGING_AUTO) { /* the env form's auto: stock when the file fits, else prefetch */
         g_paging = skip ? PAGING_PREFETCH : PAGING_STOCK;
