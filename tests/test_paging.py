@@ -426,14 +426,41 @@ def test_unknown_mode_is_one_line(tmp_path: Path) -> None:
         assert "--paging fast: unknown mode; use one of stock, random, prefetch, auto" in r.stderr
 
 
+def _drop_ipc_lock() -> None:
+    """(preexec) Drop CAP_IPC_LOCK from the bounding set: the exec'd pin has it no more, RLIMIT_MEMLOCK applies."""
+    if ctypes.CDLL("libc.so.6", use_errno=True).prctl(24, 14, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_IPC_LOCK
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
 def test_pin_budget_above_memlock_is_refused(tmp_path: Path, big: Path, pin_list: Path) -> None:
+    from gguf_experts.pin import has_ipc_lock
+
     soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
     if soft == resource.RLIM_INFINITY:
         pytest.skip("RLIMIT_MEMLOCK is unlimited here")
+    pre = _drop_ipc_lock if has_ipc_lock() else None  # a privileged test runner: run pin without the privilege
     r = subprocess.run([*GGE, "pin", str(big), "--budget", str(soft + PAGE), "--pins", str(pin_list)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, preexec_fn=pre)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "RLIMIT_MEMLOCK" in r.stderr and "ulimit -l" in r.stderr
+
+
+def test_pin_above_memlock_with_cap_ipc_lock(tmp_path: Path, big: Path) -> None:
+    """With CAP_IPC_LOCK the kernel does not apply RLIMIT_MEMLOCK: pin locks more than `ulimit -l`."""
+    from gguf_experts.pin import has_ipc_lock
+
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    if not has_ipc_lock() or soft == resource.RLIM_INFINITY or soft > 64 << 20:
+        pytest.skip("needs CAP_IPC_LOCK and a small RLIMIT_MEMLOCK")
+    pins = tmp_path / "many.csv"
+    pins.write_text("layer,expert\n" + "".join(f"{layer},{e}\n" for layer in range(4) for e in range(64)))
+    budget = soft + (4 << 20)
+    proc = start_pin([str(big), "--budget", str(budget), "--pins", str(pins)], tmp_path)
+    try:
+        assert soft // 1024 < vmlck_kb(proc.pid) <= budget // 1024 + 64
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 def _raise_memlock() -> None:
