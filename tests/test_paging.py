@@ -418,14 +418,41 @@ def test_unknown_mode_is_one_line(tmp_path: Path) -> None:
         assert "--paging fast: unknown mode; use one of stock, random, prefetch, auto" in r.stderr
 
 
+def _drop_ipc_lock() -> None:
+    """(preexec) Drop CAP_IPC_LOCK from the bounding set: the exec'd pin has it no more, RLIMIT_MEMLOCK applies."""
+    if ctypes.CDLL("libc.so.6", use_errno=True).prctl(24, 14, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_IPC_LOCK
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
 def test_pin_budget_above_memlock_is_refused(tmp_path: Path, big: Path, pin_list: Path) -> None:
+    from gguf_experts.paging.pin import has_ipc_lock
+
     soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
     if soft == resource.RLIM_INFINITY:
         pytest.skip("RLIMIT_MEMLOCK is unlimited here")
+    pre = _drop_ipc_lock if has_ipc_lock() else None  # a privileged test runner: run pin without the privilege
     r = subprocess.run([*GGE, "pin", str(big), "--budget", str(soft + PAGE), "--pins", str(pin_list)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, preexec_fn=pre)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "RLIMIT_MEMLOCK" in r.stderr and "ulimit -l" in r.stderr
+
+
+def test_pin_above_memlock_with_cap_ipc_lock(tmp_path: Path, big: Path) -> None:
+    """With CAP_IPC_LOCK the kernel does not apply RLIMIT_MEMLOCK: pin locks more than `ulimit -l`."""
+    from gguf_experts.paging.pin import has_ipc_lock
+
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    if not has_ipc_lock() or soft == resource.RLIM_INFINITY or soft > 64 << 20:
+        pytest.skip("needs CAP_IPC_LOCK and a small RLIMIT_MEMLOCK")
+    pins = tmp_path / "many.csv"
+    pins.write_text("layer,expert\n" + "".join(f"{layer},{e}\n" for layer in range(4) for e in range(64)))
+    budget = soft + (4 << 20)
+    proc = start_pin([str(big), "--budget", str(budget), "--pins", str(pins)], tmp_path)
+    try:
+        assert soft // 1024 < vmlck_kb(proc.pid) <= budget // 1024 + 64
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 def _raise_memlock() -> None:
@@ -439,9 +466,11 @@ def test_pin_budget_above_free_memory_is_refused(tmp_path: Path, big: Path, pin_
 
     with pytest.raises(PinLimitError, match=r"above the free memory \(MemAvailable 0.00 GiB\)"):
         check_budget(PAGE, 1024)
+    from gguf_experts.paging.pin import has_ipc_lock
+
     avail = mem_available()
     hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
-    if avail is None or (hard != resource.RLIM_INFINITY and hard <= avail):
+    if avail is None or (not has_ipc_lock() and hard != resource.RLIM_INFINITY and hard <= avail):
         pytest.skip("the hard RLIMIT_MEMLOCK is below MemAvailable: the CLI refuses on the rlimit first")
     r = subprocess.run([*GGE, "pin", str(big), "--budget", str(avail + (1 << 30)), "--pins", str(pin_list)],
                        capture_output=True, text=True, timeout=60, preexec_fn=_raise_memlock)
@@ -480,3 +509,46 @@ def test_program_that_does_not_map_the_model(tmp_path: Path, tiny: Path, llama_b
     assert lines == ["gguf-experts: warning: --paging prefetch cannot apply: the program does not memory-map the "
                      "model (--load-mode none, --no-mmap?); running as stock"], srv.stderr[-2000:]
     assert len(read_trace(tmp_path / "t.bin")) > 0
+
+
+RELOAD = """
+import sys, numpy as np, llama_cpp
+out = []
+for path in sys.argv[1:]:
+    llm = llama_cpp.Llama(path, n_ctx=128, n_threads=2, verbose=False, logits_all=False)
+    llm.eval(llm.tokenize(b"Once upon a time"))
+    out.append(np.asarray(llm.scores[llm.n_tokens - 1]).tolist())
+    llm.close()
+print(repr(out))
+"""
+
+
+def test_models_loaded_one_after_another(tmp_path: Path, big: Path, tiny: Path) -> None:
+    """A llama-cpp-python program that frees a model and loads others (the same addresses may come back): under
+    prefetch with no trace, the logits are stock's, and each model is paged (learned afresh after munmap)."""
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    outs = {}
+    for mode in ("stock", "prefetch"):
+        evict(big)
+        r = subprocess.run([*GGE, "run", "--paging", mode, "--no-trace", "--", sys.executable, str(script), str(big),
+                            str(tiny), str(big)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "GGUF_EXPERTS_PAGING_LOAD": "skip"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[mode] = r.stdout
+        if mode == "prefetch":
+            res = slice_residency(big, "ffn_up_exps")
+            assert 0 < sum(v == 1.0 for v in res.values()) < len(res) // 2  # only what the prompt selected
+    assert outs["stock"] == outs["prefetch"] and outs["stock"].startswith("[[")
+
+
+def test_auto_without_a_model_on_the_command_line(tmp_path: Path, tiny: Path) -> None:
+    """A program that names its model itself: the preload decides when the model is mapped, in one line."""
+    script = tmp_path / "reload.py"
+    # (verbose: llama-cpp-python points stderr at /dev/null while it loads a model quietly)
+    script.write_text(RELOAD.replace("sys.argv[1:]", repr([str(tiny)])).replace("verbose=False", "verbose=True"))
+    r = subprocess.run([*GGE, "run", "--no-trace", "--", sys.executable, str(script)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("gguf-experts: paging")]
+    assert lines == ["gguf-experts: paging stock (GGUF_EXPERTS_PAGING=auto: the model fits in memory)"], r.stderr

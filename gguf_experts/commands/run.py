@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     def say_mode() -> None:  # once every check has passed: an error stays one line
         if choice.fallback:
             sys.stderr.write(f"gguf-experts: warning: {choice.reason}\n")
-        elif args.paging == "auto" or choice.mode != "stock":
+        elif choice.mode != "auto" and (args.paging == "auto" or choice.mode != "stock"):  # (auto: the preload says)
             load = {"skip": ", no load pass", "keep": ", load pass kept", "auto": ""}[choice.load] \
                 if choice.mode != "stock" else ""
             sys.stderr.write(f"gguf-experts: paging {choice.mode} ({choice.reason}{load})\n")

@@ -26,7 +26,7 @@ _SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 @dataclass(frozen=True)
 class PagingChoice:
-    mode: str  # stock | random | prefetch
+    mode: str  # stock | random | prefetch (auto: left to the preload, which sizes the file the program maps)
     reason: str  # one clause, for the stderr line
     load: str  # the load pass: "keep" (MAP_POPULATE and whole-file WILLNEED stay) or "skip"
     fallback: bool = False  # the asked mode could not apply (a warning, not just a choice)
@@ -137,6 +137,9 @@ def resolve(mode: str, model: Path | None, available: int | None = None,
     if model is not None and mode != "stock" and fs_type(model) in _IN_MEMORY_FS:
         return PagingChoice("stock", f"--paging {mode} cannot apply: {model} is on {fs_type(model)} (already "
                             "in memory); running as stock", "keep", fallback=True)
+    if mode == "auto" and model is None:  # the preload sizes the file the program maps (stock or prefetch)
+        return PagingChoice("auto", "no model file on the command line: the preload decides when the program maps "
+                            "it (stock if it fits, else prefetch)", "auto")
     if mode == "auto":
         return choose_mode(model, available, reserve)
     if mode == "stock":

@@ -130,15 +130,28 @@ def memlock_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def has_ipc_lock(status: str = "/proc/self/status") -> bool:
+    """Whether this process has CAP_IPC_LOCK (then the kernel does not apply RLIMIT_MEMLOCK to mlock)."""
+    try:
+        with open(status, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 14 & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def check_budget(budget: int, available: int | None) -> None:
-    """Refuse a budget above RLIMIT_MEMLOCK or above MemAvailable, naming the limit and how to raise it."""
+    """Refuse a budget above RLIMIT_MEMLOCK (unless CAP_IPC_LOCK lifts it) or above MemAvailable, naming the
+    limit and how to raise it."""
     gib = 1 << 30
     lim = memlock_limit()
-    if lim is not None and budget > lim:
+    if lim is not None and budget > lim and not has_ipc_lock():
         raise PinLimitError(
             f"--budget {budget / gib:.2f} GiB is above RLIMIT_MEMLOCK ({lim / 1024:.0f} KiB, `ulimit -l`): "
             f"raise it with `ulimit -l {-(-budget // 1024)}` (or unlimited; the hard limit is set in "
-            "/etc/security/limits.conf, memlock) or give a smaller --budget")
+            "/etc/security/limits.conf, memlock; CAP_IPC_LOCK lifts it) or give a smaller --budget")
     if available is not None and budget > available:
         raise PinLimitError(f"--budget {budget / gib:.2f} GiB is above the free memory (MemAvailable "
                             f"{available / gib:.2f} GiB): give a smaller --budget")

@@ -118,10 +118,20 @@ static int on_gguf_map(int flags, int fd, size_t len, int *record) {
     }
     struct stat st;
     if (fstat(fd, &st) != 0) return flags;
+    long long size = (long long)st.st_size;
+    int no, of;
+    if (n > 20 && sscanf(path + n - 20, "-%5d-of-%5d.gguf", &no, &of) == 2 && of > 1 && of < 10000) {
+        size = 0; /* a split model: all of its shards count */
+        for (int i = 1; i <= of; i++) {
+            char sib[PATH_MAX];
+            snprintf(sib, sizeof sib, "%.*s-%05d-of-%05d.gguf", (int)(n - 20), path, i, of);
+            if (stat(sib, &st) == 0) size += (long long)st.st_size;
+        }
+    }
     int skip = g_load == 2;
     if (g_load == 0) {
         long long avail = mem_available();
-        skip = avail >= 0 && (long long)st.st_size > avail - g_reserve;
+        skip = avail >= 0 && size > avail - g_reserve;
     }
     if (g_paging == PAGING_AUTO) { /* the env form's auto: stock when the file fits, else prefetch */
         g_paging = skip ? PAGING_PREFETCH : PAGING_STOCK;
@@ -161,6 +171,34 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 }
 EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
     return do_mmap("mmap64", addr, len, prot, flags, fd, off);
+}
+
+/* A recorded mapping unmapped whole is forgotten (its addresses may be reused); a fragment unmapped (llama.cpp
+ * unmaps the unused head and tail of its mapping) leaves the record, which only widens where advice may go. */
+typedef int (*munmap_t)(void *, size_t);
+EXPORT int munmap(void *addr, size_t len) {
+    static munmap_t real;
+    if (!real) {
+        dlsym_t ds = rdlsym();
+        real = ds ? (munmap_t)ds(RTLD_NEXT, "munmap") : NULL;
+        if (!real) {
+            errno = ENOSYS;
+            return -1;
+        }
+    }
+    if (g_n_maps > 0) {
+        pthread_mutex_lock(&g_plock);
+        for (int i = 0; i < g_n_maps; i++)
+            if (g_maps[i].base >= (uint8_t *)addr && g_maps[i].base + g_maps[i].len <= (uint8_t *)addr + len) {
+                for (int j = 0; j < g_n_exps; j++) /* the model is gone (freed between computes) */
+                    if (g_exps[j].data >= g_maps[i].base && g_exps[j].data < g_maps[i].base + g_maps[i].len)
+                        g_exps[j--] = g_exps[--g_n_exps];
+                g_scanned_gf = NULL;
+                g_maps[i--] = g_maps[--g_n_maps];
+            }
+        pthread_mutex_unlock(&g_plock);
+    }
+    return real(addr, len);
 }
 
 static struct gmap *map_of(const void *p, size_t len) {
