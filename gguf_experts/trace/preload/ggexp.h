@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/types.h>
 
 #include "ggexp_format.h" /* the trace.bin layout: trace/format.py in C */
 
@@ -222,6 +223,7 @@ void io_snap(struct io_snap *s);
 void io_start_capture(const char *model_path);
 void io_start_freeze(void);
 int io_json(char *dst, size_t cap, const struct io_snap *first);
+int64_t device_queue_kb(dev_t dev, const char *attr); /* /sys/dev/block/MAJ:MIN/queue/ATTR, or -1 */
 
 /* ---- paging (ggexp_paging.c; independent of tracing, env GGUF_EXPERTS_PAGING) ---------------------------- */
 #define PAGING_STOCK 0

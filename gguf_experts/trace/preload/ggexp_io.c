@@ -103,19 +103,18 @@ static int64_t file_resident(const char *path, int64_t *size) {
     return bytes < st.st_size ? bytes : st.st_size;
 }
 
-/* read_ahead_kb of the block device holding the file: /sys/dev/block/MAJ:MIN/queue, a partition's parent's. */
-static int64_t read_ahead_kb(const char *path) {
-    struct stat st;
-    if (stat(path, &st) != 0) return -1;
+/* A queue attribute (read_ahead_kb, max_sectors_kb) of the block device `dev`: /sys/dev/block/MAJ:MIN/queue, a
+ * partition's parent's; -1 when unknown (tmpfs, FUSE, network file systems). */
+int64_t device_queue_kb(dev_t dev, const char *attr) {
     char link[128], real[PATH_MAX], q[PATH_MAX + 64];
-    snprintf(link, sizeof link, "/sys/dev/block/%u:%u", major(st.st_dev), minor(st.st_dev));
+    snprintf(link, sizeof link, "/sys/dev/block/%u:%u", major(dev), minor(dev));
     if (!realpath(link, real)) return -1;
-    snprintf(q, sizeof q, "%s/queue/read_ahead_kb", real);
+    snprintf(q, sizeof q, "%s/queue/%s", real, attr);
     if (access(q, R_OK) != 0) {
         char *slash = strrchr(real, '/'); /* a partition: its disk's queue */
         if (!slash) return -1;
         *slash = 0;
-        snprintf(q, sizeof q, "%s/queue/read_ahead_kb", real);
+        snprintf(q, sizeof q, "%s/queue/%s", real, attr);
     }
     FILE *f = fopen(q, "re");
     if (!f) return -1;
@@ -123,6 +122,11 @@ static int64_t read_ahead_kb(const char *path) {
     if (fscanf(f, "%lld", &kb) != 1) kb = -1;
     fclose(f);
     return kb;
+}
+
+static int64_t read_ahead_kb(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 ? device_queue_kb(st.st_dev, "read_ahead_kb") : -1;
 }
 
 /* Before a GGUF's header is read (gguf_init_from_file), until the first MoE model is found (io_start_freeze): memory,

@@ -19,7 +19,7 @@
  * `ffn_moe_topk-L`; when it is computed, the union of the selected experts over the ubatch's rows is read
  * ahead (MADV_WILLNEED per run of consecutive ids) in every *_exps tensor of layer L, in graph order; a ubatch
  * selecting at least PREFETCH_WHOLE of the experts reads the whole tensors instead (sequential WILLNEED in
- * 32 MiB steps). Nothing here touches the data the program computes with: results are unchanged.
+ * steps of the device's read-ahead cap). Nothing here touches the data the program computes with: results are unchanged.
  */
 #include "ggexp.h"
 #include <sys/mman.h>
@@ -103,6 +103,17 @@ static long long mem_available(void) {
 
 /* A mapping of a .gguf file (read-only, shared or private, whole file or a fragment): record it, decide the
  * load pass. Called only when paging is on. Returns the flags to map with. */
+/* The most one MADV_WILLNEED reads: the kernel cuts each call to max(io_pages, ra_pages) of the file's device
+ * (mm/readahead.c force_page_cache_ra: max(max_sectors_kb, read_ahead_kb)), so a longer call reads only its
+ * start. Prefetch issues calls of this size, back to back. 128 KiB (the kernel's default read-ahead) if unknown. */
+static size_t g_step = 128u << 10;
+
+static void set_step(dev_t dev) {
+    int64_t ra = device_queue_kb(dev, "read_ahead_kb"), ms = device_queue_kb(dev, "max_sectors_kb");
+    int64_t kb = ra > ms ? ra : ms;
+    if (kb >= 4) g_step = (size_t)kb << 10;
+}
+
 static int on_gguf_map(int flags, int fd, size_t len, int *record) {
     *record = 0;
     char link[64], path[PATH_MAX];
@@ -118,6 +129,7 @@ static int on_gguf_map(int flags, int fd, size_t len, int *record) {
     }
     struct stat st;
     if (fstat(fd, &st) != 0) return flags;
+    set_step(st.st_dev);
     long long size = (long long)st.st_size;
     int no, of;
     if (n > 20 && sscanf(path + n - 20, "-%5d-of-%5d.gguf", &no, &of) == 2 && of > 1 && of < 10000) {
@@ -297,11 +309,10 @@ static unsigned g_qhead, g_qtail; /* tail: next to take; head: next free */
 static pthread_mutex_t g_qlock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_qcond = PTHREAD_COND_INITIALIZER;
 static int g_helper; /* 1 running, -1 could not start */
-#define STEP (32u << 20)
-
 static void run_job(struct job j) {
-    for (size_t off = 0; off < j.len; off += STEP) /* sequential steps: a job is read in order */
-        advise(j.p + off, j.len - off < STEP ? j.len - off : STEP, MADV_WILLNEED);
+    size_t step = g_step;
+    for (size_t off = 0; off < j.len; off += step) /* in order, each call no longer than the kernel reads */
+        advise(j.p + off, j.len - off < step ? j.len - off : step, MADV_WILLNEED);
 }
 
 static void *helper(void *arg) {
