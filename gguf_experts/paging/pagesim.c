@@ -306,9 +306,12 @@ static void ra_read(sim_t *s, int64_t start, int64_t size, int64_t async) {
     if (order > s->max_order) order = (int)s->max_order;
     if (order > ilog2_64(size)) order = ilog2_64(size);
     s->ra_order = order;
+    /* the folio holding the mark: folios are allocated from start, each of `order` pages unless start's own
+     * alignment is smaller (order = __ffs(index)), so the first folio's order is min(order, ctz(start)) */
     int mo = order;
+    if (start > 0 && (start & (((int64_t)1 << mo) - 1))) mo = __builtin_ctzll((unsigned long long)start);
     int64_t m0 = mark & ~(((int64_t)1 << mo) - 1);
-    if (m0 < start || (start & (((int64_t)1 << mo) - 1))) { mo = 0; m0 = mark; }
+    if (m0 < start) { mo = 0; m0 = mark; }
     int whole = mark >= 0 && mark < s->npages && all_missing(s, m0, m0 + ((int64_t)1 << mo));
     int page_missing = mark >= 0 && mark < s->npages && all_missing(s, mark, mark + 1);
     read_range(s, start, start + size);
