@@ -74,7 +74,7 @@ def test_forecast_json_rows_recommendation_and_no_measurement_note(model: Path, 
     # the model fits at 400M (page cache > 27 MB): nothing is read after the load pass in any mode
     big = [x for x in rows if x["ram"] == 400 << 20]
     assert all(x["decode_read_per_token"] == 0 and x["decode_majflt_per_token"] == 0 for x in big)
-    t = run_cli("forecast", tr, "-m", model, "--ram", "400M", "-c", "512", "--format", "table")
+    t = run_cli("forecast", tr, "-m", model, "--ram", "0.390625G", "-c", "512", "--format", "table")
     assert t.rc == 0 and "recommended at 400.00 MiB: gguf-experts run --paging" in t.out
 
 
@@ -108,7 +108,8 @@ def test_readahead_unreadable_asks_for_the_option(model: Path, tmp_path: Path, r
 def test_bad_options_are_one_line(model: Path, tmp_path: Path, run_cli) -> None:
     tr = write_trace(make_trace(model, 16, 2), tmp_path / "t.bin")
     for extra, word in ((["--advice", "stock,lazy"], "lazy"), (["--readahead", "lots"], "--readahead"),
-                        (["--disk-seq", "100"], "--disk-iops"), (["--ctx-size", "0"], "--ctx-size")):
+                        (["--disk-seq", "100"], "--disk-iops"), (["--ctx-size", "0"], "--ctx-size"),
+                        (["--ram", "lots"], "--ram"), (["--ram", "-1G"], "--ram")):
         r = run_cli("forecast", tr, "-m", model, "--ram", "300M", *extra)
         assert r.rc == 2 and word in r.err and len(r.err.strip().splitlines()) == 1, (extra, r.err)
 

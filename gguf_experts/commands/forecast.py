@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from ..errors import InputError
 from ..paging import ADVICE
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
-from ._trace_input import parse_int_list
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..paging.disk import measure_disk
     from ..paging.forecast import forecast, recommend, run_command
 
-    budgets = parse_int_list(args.ram, "--ram") or []
+    budgets = parse_sizes(args.ram, "--ram")
     advice = [a.strip() for a in args.advice.split(",") if a.strip()]
     if args.readahead == "auto":
         ra = device_read_ahead_kb(args.model)
@@ -95,6 +94,24 @@ def run(args: argparse.Namespace) -> int:
 
     emit(Output(df, document=document, text=text), args.format, args.output)
     return 0
+
+
+def parse_sizes(text: str, what: str) -> list[int]:
+    """'6G,9.2G,13.5G' -> bytes (binary K/M/G/T suffixes, fractions allowed: people read MemAvailable as 9.2G)."""
+    out = []
+    for part in text.split(","):
+        p = part.strip().upper().removesuffix("B").removesuffix("I")
+        mult = 1
+        if p and p[-1] in "KMGT":
+            mult, p = 1024 ** ("KMGT".index(p[-1]) + 1), p[:-1]
+        try:
+            v = float(p) * mult
+        except ValueError:
+            raise InputError(f"{what}: {part!r} is not a size; give e.g. 9G or 6G,9.2G,13G") from None
+        if not v >= 1:
+            raise InputError(f"{what}: {part!r} must be a positive size")
+        out.append(int(v))
+    return out
 
 
 def _notes(df: pd.DataFrame) -> list[str]:

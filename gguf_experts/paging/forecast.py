@@ -30,6 +30,10 @@ from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model
 
 MODES = {"stock": 0, "random": 1, "prefetch": 2}
 WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
+#: Bytes per MADV_WILLNEED call of a step-wise prefetch whose calls are longer than the kernel reads (it reads at most
+#: max(io_pages, ra_pages) pages of each call). 0: `run --paging prefetch` as it is, whose calls are cut to that cap
+#: (trace/preload/ggexp_paging.c g_step), so every selected byte is read.
+PREFETCH_STEP = 0
 WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS (and EOS) with every expert selected
 MEASURED_COLUMNS = ("phase", "n_tokens", "read_bytes", "majflt", "wall_ns")
 
@@ -124,7 +128,7 @@ class PageSim:
     """One simulated page cache (budget, read-ahead, disk) with the layout's replay state."""
 
     def __init__(self, layout: PageLayout, budget_pages: int, mode: str, ra_pages: int, io_pages: int,
-                 disk: DiskModel, whole_frac: float = WHOLE_FRAC) -> None:
+                 disk: DiskModel, whole_frac: float = WHOLE_FRAC, prefetch_step: int = PREFETCH_STEP) -> None:
         self.lib = native.lib()
         self.layout = layout
         self.mode = mode
@@ -135,7 +139,7 @@ class PageSim:
         lo = layout
         self._keep = [lo.ne_idx, lo.ne_a, lo.ne_b, lo.ex_idx, lo.ex_base, lo.ex_slice]
         self.replay = native.Replay(lo.n_block, lo.n_expert, *(_ptr(a) for a in self._keep), lo.embd_off,
-                                    lo.embd_row, MODES[mode], whole_frac, -1, -1)
+                                    lo.embd_row, MODES[mode], whole_frac, -1, -1, prefetch_step // PAGE)
         if mode != "stock":  # MADV_RANDOM on the *_exps tensors only
             for a, b in lo.expert_ranges:
                 self.lib.sim_set_rand(self.handle, a, b, 1)
@@ -223,11 +227,11 @@ class SimResult:
 
 def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int, mode: str, ra_pages: int,
              io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool = True,
-             whole_frac: float = WHOLE_FRAC, log_ops: int = 0) -> SimResult:
+             whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP) -> SimResult:
     """Replay ``chunks`` (streamed: bounded memory) through one page cache."""
     grouper = _Grouper(layout.n_expert, layout.n_block)
     rows, meta, measured = [], [], []
-    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac) as sim:
+    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step) as sim:
         if log_ops:
             sim.log_ops(log_ops)
         load = sim.load(populate, warmup)
@@ -309,7 +313,8 @@ def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
 def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Sequence[str] = ADVICE,
              readahead_kb: int | str = "auto", ctx_size: int = 4096, disk: DiskModel | None = None,
              measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool = True,
-             whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False) -> pd.DataFrame:
+             whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False,
+             prefetch_step: int = PREFETCH_STEP) -> pd.DataFrame:
     """One row per (budget, advice): disk bytes, major faults, hit ratio and tokens/s per token by phase.
 
     ``budgets``: bytes of RAM available to llama.cpp's process and the page cache; the KV cache, compute
@@ -350,7 +355,7 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
         for mode in advice:
             populate = mode == "stock" or layout.file_bytes <= pc_bytes
             res = simulate(source(), layout, pc_bytes // PAGE, mode, ra_pages, iop, disk, populate=populate,
-                           warmup=warmup, whole_frac=whole_frac)
+                           warmup=warmup, whole_frac=whole_frac, prefetch_step=prefetch_step)
             if meas is None and res.measured is not None:
                 meas = res.measured
             rows.append(_row(ram, pc_bytes, mode, res))

@@ -68,7 +68,7 @@ class Replay(ctypes.Structure):
     _fields_ = [("n_block", ctypes.c_int32), ("n_expert", ctypes.c_int32),
                 ("ne_idx", P), ("ne_a", P), ("ne_b", P), ("ex_idx", P), ("ex_base", P), ("ex_slice", P),
                 ("embd_off", I64), ("embd_row", I64), ("mode", ctypes.c_int32), ("whole_frac", F64),
-                ("cur_layer", ctypes.c_int32), ("cur_ub", I64)]
+                ("cur_layer", ctypes.c_int32), ("cur_ub", I64), ("willneed_step", I64)]
 
 
 def lib() -> ctypes.CDLL:

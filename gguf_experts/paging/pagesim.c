@@ -306,9 +306,12 @@ static void ra_read(sim_t *s, int64_t start, int64_t size, int64_t async) {
     if (order > s->max_order) order = (int)s->max_order;
     if (order > ilog2_64(size)) order = ilog2_64(size);
     s->ra_order = order;
+    /* the folio holding the mark: folios are allocated from start, each of `order` pages unless start's own
+     * alignment is smaller (order = __ffs(index)), so the first folio's order is min(order, ctz(start)) */
     int mo = order;
+    if (start > 0 && (start & (((int64_t)1 << mo) - 1))) mo = __builtin_ctzll((unsigned long long)start);
     int64_t m0 = mark & ~(((int64_t)1 << mo) - 1);
-    if (m0 < start || (start & (((int64_t)1 << mo) - 1))) { mo = 0; m0 = mark; }
+    if (m0 < start) { mo = 0; m0 = mark; }
     int whole = mark >= 0 && mark < s->npages && all_missing(s, m0, m0 + ((int64_t)1 << mo));
     int page_missing = mark >= 0 && mark < s->npages && all_missing(s, mark, mark + 1);
     read_range(s, start, start + size);
@@ -465,7 +468,15 @@ typedef struct {
     double whole_frac;
     int32_t cur_layer;                 /* state across chunks: last block done in the current ubatch */
     int64_t cur_ub;
+    int64_t willneed_step;             /* pages per MADV_WILLNEED call of a prefetch (0: whole tensors read
+                                          exactly, runs in one call each) */
 } replay_t;
+
+/* MADV_WILLNEED over [a, b) in calls of `step` pages (each capped by the kernel). */
+static void willneed_steps(sim_t *s, int64_t a, int64_t b, int64_t step) {
+    if (step <= 0) { sim_willneed(s, a, b); return; }
+    for (int64_t x = a; x < b; x += step) sim_willneed(s, x, x + step < b ? x + step : b);
+}
 
 #define PG(x) ((x) >> 12)
 #define PGUP(x) (((x) + 4095) >> 12)
@@ -494,12 +505,16 @@ static void experts(sim_t *s, replay_t *r, int32_t l, const uint8_t *sel) {
     if (r->mode == 2) { /* at ffn_moe_topk-L: WILLNEED the selected slices of every expert tensor */
         for (int64_t t = r->ex_idx[l]; t < r->ex_idx[l + 1]; t++) {
             int64_t base = r->ex_base[t], sl = r->ex_slice[t];
-            if (whole) { sim_read_seq(s, PG(base), PGUP(base + sl * ne)); continue; }
+            if (whole) {
+                if (r->willneed_step > 0) willneed_steps(s, PG(base), PGUP(base + sl * ne), r->willneed_step);
+                else sim_read_seq(s, PG(base), PGUP(base + sl * ne));
+                continue;
+            }
             for (int32_t e = 0; e < ne;) {
                 if (!sel[e]) { e++; continue; }
                 int32_t f = e;
                 while (f < ne && sel[f]) f++;
-                sim_willneed(s, PG(base + sl * e), PGUP(base + sl * f));
+                willneed_steps(s, PG(base + sl * e), PGUP(base + sl * f), r->willneed_step);
                 e = f;
             }
         }
