@@ -517,7 +517,10 @@ out = []
 for path in sys.argv[1:]:
     llm = llama_cpp.Llama(path, n_ctx=128, n_threads=2, verbose=False, logits_all=False)
     llm.eval(llm.tokenize(b"Once upon a time"))
-    out.append(np.asarray(llm.scores[llm.n_tokens - 1]).tolist())
+    # the context's own last logits (llm.scores is only filled for every row with logits_all=True: reading a row
+    # of it here read stale memory, which differed between runs of one mode)
+    last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    out.append(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),)).tolist())
     llm.close()
 print(repr(out))
 """
