@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
@@ -23,7 +24,7 @@ from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.preload.run import build_preload
 
-from run_support import capture_requests, compare, rows_of, sequence_tokens
+from run_support import capture_requests, compare, flip_margin, rows_of, sequence_tokens
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,19 +131,39 @@ def serve(cmd: list[str], port: int) -> tuple[int, list[list[int]], str]:
     return rc, prompts, proc.stderr.read() if proc.stderr else ""
 
 
-def differing_rows(d: TraceData, model: Path) -> tuple[int, int]:
-    """Replay each slot's requests in order in-process; (rows differing from the capture, rows compared)."""
+#: A near-tie: where the program chose another expert than the replay (or another slot order), the replay's
+#: router gave the two experts probabilities closer than this (run_support.flip_margin; at the k-th/(k+1)-th
+#: boundary that is the router margin). The server's ubatch packing (two clients' requests in one ubatch)
+#: changes the CPU kernels' accumulation order against the one-sequence replay; float32 rounding moves the
+#: router's softmax outputs (~0.06 each for 16 experts) by about 1e-7, so 1e-4 is a thousand times that and
+#: still far below a real routing difference. A row that differs by more is a wrongly routed or
+#: mis-attributed token, and fails the test. (Flips are rare: 1 row of 931 in 1 of 10 test runs here.)
+NEAR_TIE_EPS = 1e-4
+
+
+Flip = tuple[int, int, int, float, tuple[int, ...], tuple[int, ...]]  # seq, pos, layer, margin, ran, replayed
+
+
+def differing_rows(d: TraceData, model: Path) -> tuple[list[Flip], int]:
+    """Replay each slot's requests in order in-process; (rows differing from the capture as (seq, pos, layer,
+    margin of the flip in the replay's router (run_support.flip_margin), the program's experts, the replay's),
+    rows compared)."""
     seqs = sequence_tokens(d)
     by_slot: dict[tuple[int, int], list[int]] = {}
     for row in d.header.meta["sequences"]:
         by_slot.setdefault((row[1], row[2]), []).append(row[0])
-    differ = total = 0
+    differ: list[Flip] = []
+    total = 0
     for order in by_slot.values():
-        caps = capture_requests(model, [seqs[s] for s in order], n_ctx=512)
-        for s, cap in zip(order, caps):
-            res = compare(rows_of(d, s), cap)
+        probs: list[dict[tuple[int, int], np.ndarray]] = []
+        caps = capture_requests(model, [seqs[s] for s in order], n_ctx=512, probs=probs)
+        for s, cap, prob in zip(order, caps, probs):
+            ran = rows_of(d, s)
+            res = compare(ran, cap)
             assert not res["missing"], (s, res)
-            differ += len(res["differ"])
+            assert set(prob) >= set(cap), f"sequence {s}: no router probabilities for some rows"
+            differ += [(s, *key, flip_margin(prob[key], ran[key][1], cap[key][1]), ran[key][1], cap[key][1])
+                       for key in res["differ"]]
             total += res["rows"]
     return differ, total
 
@@ -170,9 +191,11 @@ def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_
     for toks, n_prompt, _ in seqs.values():
         assert len(toks) - n_prompt == N_PREDICT - 1  # N generated, the last one not decoded
     differ, total = differing_rows(d, model)
-    # How the two clients' requests were packed into ubatches changes the CPU kernels' rounding against the
-    # one-sequence replay: a near-tie may flip (0 or 1 of 931 rows over repeated runs, in both modes).
-    assert total == len(d) and differ <= total // 200, f"{differ} of {total} rows differ from the in-process capture"
+    assert total == len(d)
+    # Equality, except near-ties proven by their router margin (NEAR_TIE_EPS)
+    print(f"rows differing from the in-process replay (seq, pos, layer, margin, ran, replayed): {differ}")
+    far = [row for row in differ if row[3] >= NEAR_TIE_EPS]
+    assert not far, f"{len(far)} of {total} rows differ with a router margin >= {NEAR_TIE_EPS}: {far}"
     assert (d.phase == 1).sum() == 4 * (N_PREDICT - 1) * d.header.fingerprint.n_layer
     for cmd in (["stats", trace], ["join-trace", trace, "--model", model],
                 ["report", trace, "--model", model, "-o", tmp_path / "r.html"]):
@@ -229,4 +252,4 @@ def test_llama_cli_single_turn(tmp_path: Path, model: Path, llama_bin: Path, mod
     toks, n_prompt, first = seqs[0]
     assert first == 0 and len(toks) - n_prompt == 7
     differ, total = differing_rows(d, model)
-    assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
+    assert total == len(d) and not differ, f"{len(differ)} of {total} rows differ from the in-process capture: {differ}"
