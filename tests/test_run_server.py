@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -58,19 +57,38 @@ def post(port: int, path: str, body: dict[str, Any]) -> Any:
         return json.loads(r.read())
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"llama-server exited early: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("llama-server did not become healthy")
+class ServerLog:
+    """llama-server's stderr, read by a thread: the readiness signal is its own log line "listening on
+    http://127.0.0.1:PORT", which it prints after the model is loaded and /health answers 200 (server.cpp)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.proc = proc
+        self.lines: list[str] = []
+        self.ready, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if "listening on http://" in line:
+                self.ready.set()
+        self.done.set()
+        self.ready.set()  # the program ended: wake the waiter
+
+    def wait_ready(self, port: int, timeout: float = 120) -> None:
+        """Block until the log line (or the program's end), at most ``timeout`` seconds; then /health, once."""
+        assert self.ready.wait(timeout), f"llama-server said nothing like 'listening on' in {timeout} s"
+        if self.done.is_set() and not any("listening on http://" in x for x in self.lines):
+            raise AssertionError(f"llama-server exited early: {self.text()[-3000:]}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+
+    def text(self, timeout: float = 60) -> str:
+        """All of stderr, once the program has closed it (bounded wait)."""
+        self.thread.join(timeout)
+        return "".join(self.lines)
 
 
 #: two clients, run at the same time; each sends its requests one after the other
@@ -112,6 +130,7 @@ def two_clients(port: int) -> list[list[int]]:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a client did not finish in 300 s"
     assert not errors, errors
     return prompts
 
@@ -119,16 +138,17 @@ def two_clients(port: int) -> list[list[int]]:
 def serve(cmd: list[str], port: int) -> tuple[int, list[list[int]], str]:
     """Run the server under `gguf-experts run`, query it, stop it with SIGTERM: (exit status, prompts, stderr)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = ServerLog(proc)
     try:
-        wait_healthy(port, proc)
+        log.wait_ready(port)
         prompts = two_clients(port)
         proc.send_signal(signal.SIGTERM)  # to `gguf-experts run`, which forwards it
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    return rc, prompts, proc.stderr.read() if proc.stderr else ""
+            proc.wait(timeout=60)
+    return rc, prompts, log.text()
 
 
 #: A near-tie: where the program chose another expert than the replay (or another slot order), the replay's
@@ -215,8 +235,9 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
                              "-md", str(draft), "--spec-draft-n-max", "4", "--spec-draft-n-min", "1",
                              "--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = ServerLog(proc)
     try:
-        wait_healthy(port, proc)
+        log.wait_ready(port)
         r = post(port, "/v1/completions", {"prompt": COMPLETIONS[1], "max_tokens": N_PREDICT, "temperature": 0})
         assert r["usage"]["completion_tokens"] == N_PREDICT
         proc.send_signal(signal.SIGTERM)
@@ -224,8 +245,8 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    stderr = proc.stderr.read() if proc.stderr else ""
+            proc.wait(timeout=60)
+    stderr = log.text()
     assert rc == 0, stderr[-3000:]
     assert f"not tracing a second model, {draft.resolve()}" in stderr
     d = read_trace(trace)
