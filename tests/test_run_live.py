@@ -18,7 +18,8 @@ from gguf_experts.demo import tinymodel
 from gguf_experts.trace.reader import read_trace, read_trace_header
 from gguf_experts.trace.preload.run import build_preload, sequences_path
 
-from run_support import capture_requests, compare, read_until, rows_of, sequence_tokens, wait_pid
+from run_support import capture_requests, compare, rows_of, sequence_tokens
+from waits import read_until, wait_pid
 
 pytestmark = pytest.mark.live
 GGE = [sys.executable, "-m", "gguf_experts"]
@@ -65,7 +66,7 @@ def test_print_preload_builds_once_into_the_cache(lib: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == lib and lib.is_file()
     # plain C: no C++ runtime, no libpython
-    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, timeout=60).stdout
     assert "libstdc++" not in needed and "libpython" not in needed
 
 

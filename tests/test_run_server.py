@@ -33,7 +33,8 @@ GGE = [sys.executable, "-m", "gguf_experts"]
 @pytest.fixture(scope="session")
 def llama_bin() -> Path:
     """llama.cpp's own programs, built from the llama.cpp llama-cpp-python vendors (cached per version)."""
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True)
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True,
+                       timeout=3600)
     if r.returncode != 0:
         pytest.fail(f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}")
     return Path(r.stdout.strip().splitlines()[-1])
