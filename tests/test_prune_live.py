@@ -161,16 +161,18 @@ def test_dry_run_numbers_from_the_trace(tmp_path: Path, run_cli: Callable[..., C
     assert doc["model_bytes_after"] < doc["model_bytes_before"] and doc["experts_after"] == 8
 
 
-def _llama_tools() -> Path | None:
-    """llama.cpp's own programs as scripts/build_llama_tools.sh caches them (not built here: ~10 minutes)."""
-    import importlib.metadata
-    import os
+def _llama_tools() -> Path:
+    """llama.cpp's own programs, from scripts/build_llama_tools.sh (it returns at once when they are cached under
+    their version-and-flags key, and builds them otherwise). A computed cache path went stale when the key
+    gained the flags' hash, and the test skipped in silence: ask the script."""
+    import subprocess
+    import sys
 
-    version = importlib.metadata.version("llama-cpp-python")
-    root = os.environ.get("GGUF_EXPERTS_TOOLS") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gguf-experts" / f"llama.cpp-{version}")
-    b = Path(root) / "build" / "bin"
-    return b if (b / "llama-bench").exists() else None
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["bash", str(root / "scripts" / "build_llama_tools.sh")], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PY": sys.executable}, timeout=3600)
+    assert r.returncode == 0, f"scripts/build_llama_tools.sh failed: {r.stderr[-2000:]}"
+    return Path(r.stdout.strip().splitlines()[-1])
 
 
 def test_llama_bench_runs_the_pruned_model(tmp_path: Path, run_cli: Callable[..., CliResult]) -> None:
@@ -179,8 +181,6 @@ def test_llama_bench_runs_the_pruned_model(tmp_path: Path, run_cli: Callable[...
     import subprocess
 
     tools = _llama_tools()
-    if tools is None:
-        pytest.skip("llama.cpp's programs are not built: bash scripts/build_llama_tools.sh")
     src = tinymodel.make_tiny_model(tmp_path / "src.gguf", arch="gpt-oss", seed=6, quant="MXFP4_MOE")
     (tmp_path / "drop.csv").write_text("".join(f"{la},{e}\n" for la in range(4) for e in range(0, 16, 2)))
     assert run_cli("prune", src, "--plan", tmp_path / "drop.csv", "-o", tmp_path / "p.gguf").rc == 0
