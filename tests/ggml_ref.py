@@ -6,24 +6,65 @@ installed include/ggml.h and include/gguf.h (llama-cpp-python 0.3.36).
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from gguf_experts.trace.live.ggml_ctypes import bind
 
 
-def lib_path() -> Path | None:
-    """libggml-base.so of the installed llama_cpp package, or None when llama_cpp is not importable."""
+class OracleMissing(RuntimeError):
+    """llama_cpp is installed but its libggml-base cannot be found or loaded: the oracle must not go quiet."""
+
+
+def _mapped(name: str) -> list[Path]:
+    """The files named lib<name>.so* mapped into this process (Linux), as the dynamic loader resolved them."""
     try:
-        import llama_cpp
-    except (ImportError, OSError, RuntimeError):  # not installed, or its libraries do not load
-        return None
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        if (libdir / name).exists():
-            return libdir / name
-    return None
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    return sorted({Path(p) for line in lines if (p := line.split(maxsplit=5)[-1]).startswith("/")
+                   and Path(p).name.startswith(f"lib{name}.so")})
+
+
+@functools.lru_cache(maxsize=1)
+def lib_path() -> Path:
+    """libggml-base of the installed llama_cpp, found where llama-cpp-python itself loads its libraries from:
+    ``llama_cpp.llama_cpp._base_path`` ($LLAMA_CPP_LIB_PATH or the package's lib/), through its own
+    ``_ctypes_extensions.load_shared_library``; on Linux it must be the very file libllama pulled in.
+    Raises OracleMissing (never returns None): a missing oracle is a failure, not a skip."""
+    try:
+        import llama_cpp.llama_cpp as llama_lib
+        from llama_cpp._ctypes_extensions import load_shared_library
+    except (ImportError, OSError, RuntimeError) as e:
+        raise OracleMissing(f"llama_cpp does not import ({e}); install the [live] extra "
+                            "(python gguf_experts/native_build.py install)") from e
+    base = Path(llama_lib._base_path)
+    try:
+        handle = load_shared_library("ggml-base", base)
+    except (OSError, RuntimeError) as e:  # FileNotFoundError is an OSError
+        raise OracleMissing(f"libggml-base not found or not loadable in {base}, where llama_cpp loads libllama "
+                            f"from: {e}") from e
+    path = Path(handle._name).resolve()
+    mapped = _mapped("ggml-base")
+    if sys.platform.startswith("linux") and not any(path.samefile(m) for m in mapped):
+        raise OracleMissing(f"{path} is not the libggml-base libllama loaded ({[str(m) for m in mapped]})")
+    return path
+
+
+def installed() -> bool:
+    """Whether the oracle applies: llama_cpp is installed (then lib_path() must succeed, or it raises). Without
+    llama_cpp the oracle is off, except under GGUF_EXPERTS_REQUIRE_ALL=1 (CI), where that raises too."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("GGUF_EXPERTS_REQUIRE_ALL", "") not in ("", "0"):
+            raise OracleMissing("llama_cpp is not installed, and GGUF_EXPERTS_REQUIRE_ALL=1 requires the libggml "
+                                "oracle")
+        return False
+    lib_path()
+    return True
 
 
 class GGUFInitParams(ctypes.Structure):
@@ -57,10 +98,7 @@ def lib() -> ctypes.CDLL:
     global _LIB
     if _LIB is not None:
         return _LIB
-    path = lib_path()
-    if path is None:
-        raise RuntimeError("llama_cpp is not installed")
-    L = bind(ctypes.CDLL(str(path)), SIGNATURES)
+    L = bind(ctypes.CDLL(str(lib_path())), SIGNATURES)
     _LIB = L
     return L
 

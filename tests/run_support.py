@@ -53,22 +53,47 @@ def sequence_tokens(d: TraceData) -> dict[int, tuple[list[int], int, int]]:
     return out
 
 
+def router_probs(extras_log: list[dict[str, Any]]) -> dict[tuple[int, int], np.ndarray]:
+    """(pos, layer) -> the router's ``ffn_moe_probs`` row at that position (the scores the top-k is taken of)."""
+    out: dict[tuple[int, int], np.ndarray] = {}
+    for ub in extras_log:
+        pos, sel = np.asarray(ub["pos"]), np.asarray(ub["out"], dtype=bool)
+        for layer, probs in ub.get("ffn_moe_probs", {}).items():
+            rows_pos = pos if probs.shape[0] == len(pos) else pos[sel]
+            out.update(((int(p), int(layer)), row.copy()) for p, row in zip(rows_pos, probs))
+    return out
+
+
+def flip_margin(probs: np.ndarray, ran: tuple[int, ...], replayed: tuple[int, ...]) -> float:
+    """How far from a tie the replay's router was where the program chose differently: the largest gap, over the
+    slots that differ, between the probability of the expert the replay put there and of the one the program
+    put there. A boundary swap (the k-th for the (k+1)-th expert) gives the gap between the k-th and (k+1)-th
+    probabilities, the router margin; a swap of two slots inside the top-k gives their gap. Under a small
+    epsilon, the difference is a near-tie that rounding decided, not a mis-routed token."""
+    gaps = [abs(float(probs[a]) - float(probs[b])) for a, b in zip(ran, replayed) if a != b]
+    return max(gaps, default=0.0)
+
+
 def capture_requests(model: Path, requests: list[tuple[list[int], int, int]], weights: bool = False,
-                     n_ctx: int = 512) -> list[Rows]:
+                     n_ctx: int = 512, probs: list[dict[tuple[int, int], np.ndarray]] | None = None) -> list[Rows]:
     """The in-process capture of the same tokens, request by request, on one llama sequence: each request
     keeps the first ``first_pos`` tokens of the KV state (as the program did when it reused a prefix),
     prefills the rest of its prompt in one ubatch, then decodes one token at a time. Replaying the history
     matters: a ubatch's shape can flip near-tied routing choices, so the reused prefix must come from the
-    same ubatch as in the program."""
+    same ubatch as in the program. With ``probs`` (a list), the router's probabilities of every row of each
+    request are appended to it (router_probs), from the same evaluation."""
     sink = MemorySink()
     out: list[Rows] = []
-    with TracedLlama(model, sink, model_fingerprint(model), weights=weights, n_ctx=n_ctx, n_threads=2) as llm:
+    fp = model_fingerprint(model)
+    with TracedLlama(model, sink, fp, weights=weights, n_ctx=n_ctx, n_threads=2,
+                     observe_extra=probs is not None) as llm:
         llm.new_sequence()
         lc = llm.lc
         for tokens, n_prompt, first in requests:
             lc.llama_memory_seq_rm(lc.llama_get_memory(llm._ctx), 0, first, -1)
             llm.n_past = first
             start = len(sink.records)
+            start_extra = len(llm.extras_log)
             llm.eval(tokens[first:n_prompt], PHASE_PREFILL)
             for t in tokens[n_prompt:]:
                 llm.eval([t], PHASE_DECODE)
@@ -79,6 +104,8 @@ def capture_requests(model: Path, requests: list[tuple[list[int], int, int]], we
                     rows[(int(p), r["layer"])] = (r["phase"], tuple(int(x) for x in r["experts"][i]),
                                                   None if w is None else tuple(float(x) for x in w[i]))
             out.append(rows)
+            if probs is not None:
+                probs.append(router_probs(llm.extras_log[start_extra:]))
     return out
 
 
@@ -87,3 +114,4 @@ def compare(run: Rows, cap: Rows) -> dict[str, Any]:
     missing = [k for k in run if k not in cap]
     differ = [k for k in run if k in cap and run[k][:2] != cap[k][:2]]
     return {"rows": len(run), "missing": missing, "differ": differ}
+

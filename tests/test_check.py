@@ -14,7 +14,7 @@ from gguf_experts.gguf.check import check, check_paths, load_ranges
 from gguf_experts.gguf.writer import TensorSpec, write_gguf
 from shapes import SHAPES
 
-HAVE_GGML = ggml_ref.lib_path() is not None
+HAVE_GGML = ggml_ref.installed()
 
 
 def ggml_accepts(p: Path) -> bool:

@@ -32,10 +32,11 @@ def sigill_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("no C compiler: install gcc (the `run` tracer needs one too)")
     d = tmp_path_factory.mktemp("sigill")
     (d / "die.c").write_text(SIGILL_C)
-    subprocess.run([cc, "-O0", "-o", str(d / "die-by-sigill"), str(d / "die.c")], check=True)
+    subprocess.run([cc, "-O0", "-o", str(d / "die-by-sigill"), str(d / "die.c")], check=True, timeout=120)
     return d / "die-by-sigill"
 
 
+@pytest.mark.live  # compiles C, runs the preload tracer
 def test_run_names_sigill_and_what_to_do(sigill_program: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PATH=f"{sigill_program.parent}{os.pathsep}{os.environ['PATH']}")
     r = subprocess.run([sys.executable, "-m", "gguf_experts", "run", "-o", str(tmp_path / "t.bin"), "--",

@@ -1,13 +1,16 @@
 """The ggml type table against libggml (ground truth) and gguf-py (with its known differences listed)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import ggml_ref
 import pytest
 
 from gguf_experts.errors import GGUFExpertsError, UnsupportedTypeError
 from gguf_experts.gguf.types import REMOVED, TYPE_COUNT, TYPES, by_name, ggml_type
 
-needs_ggml = pytest.mark.skipif(ggml_ref.lib_path() is None, reason="llama_cpp (libggml-base) is not importable")
+needs_ggml = pytest.mark.skipif(not ggml_ref.installed(), reason="llama_cpp (libggml-base) is not importable")
 
 
 def test_table_covers_every_id_once() -> None:
@@ -92,3 +95,26 @@ def test_against_gguf_py_with_known_differences() -> None:
     # gguf-py also dropped the removed ids from its enum, as ggml did
     assert not set(REMOVED) & set(py_ids)
     assert gguf is not None
+
+
+def test_the_oracle_is_the_library_llama_cpp_loads() -> None:
+    """ggml_ref finds libggml-base where llama-cpp-python loads libllama from (its _base_path), and it is the
+    very file mapped into this process."""
+    import llama_cpp.llama_cpp as llama_lib
+
+    path = ggml_ref.lib_path()
+    assert path.parent.samefile(llama_lib._base_path) and path.name.startswith("libggml-base.so")
+    assert any(path.samefile(m) for m in ggml_ref._mapped("ggml-base"))
+
+
+def test_the_oracle_fails_loudly_when_the_library_is_elsewhere(tmp_path: Path) -> None:
+    """LLAMA_CPP_LIB_PATH pointing at a directory without the libraries: an OracleMissing error, not a None
+    that would turn the cross-checks off."""
+    import subprocess
+    import sys
+
+    code = ("import ggml_ref\ntry:\n    ggml_ref.lib_path()\nexcept ggml_ref.OracleMissing as e:\n"
+            "    print('missing:', e)\nelse:\n    print('found')\n")
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("missing:"), (r.stdout, r.stderr)

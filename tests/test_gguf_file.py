@@ -20,7 +20,7 @@ from gguf_experts.gguf.writer import TensorSpec, write_gguf, write_split
 from gguf_experts.gguf.layout import byte_map
 from shapes import SHAPES
 
-HAVE_GGML = ggml_ref.lib_path() is not None
+HAVE_GGML = ggml_ref.installed()
 V = ValueType
 
 

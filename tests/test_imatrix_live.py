@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 
+import pytest
+
 from gguf_experts.demo import tinymodel
 
+pytestmark = pytest.mark.live  # runs llama-imatrix and llama-cpp-python
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX, N_CHUNKS = 64, 3
 TEXT = ("def add(a, b):\n    return a + b\n\nQ: What is 12 * 7? A: 84. Once upon a time, a small robot "

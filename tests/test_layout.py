@@ -22,7 +22,7 @@ from shapes import SHAPES
 
 def cross_check(model: Model) -> None:
     """libggml reads the same offsets and sizes (little-endian files, where llama_cpp is installed)."""
-    if ggml_ref.lib_path() is not None:
+    if ggml_ref.installed():
         for h in model.shards:
             if h.byteorder == "<":
                 ggml_ref.assert_matches_ggml(h)

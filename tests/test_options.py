@@ -185,6 +185,7 @@ def test_report_labels_both_traces_and_png_draws_both(tmp_path: Path, model: Pat
             assert grey == (s == 0), (layer, e, s)
 
 
+@pytest.mark.live
 def test_eog_stop_is_said(tmp_path: Path, run_cli) -> None:
     """A model whose greedy token is always end-of-generation (final norm zeroed: all logits 0, argmax 0;
     eos set to token 0): -n 16 stops at once, and capture says so."""
@@ -213,6 +214,7 @@ def test_eog_stop_is_said(tmp_path: Path, run_cli) -> None:
     assert json.loads(r.out)["decode_tokens"] == 3 and r.err == ""
 
 
+@pytest.mark.live
 def test_make_model_reports_the_types_it_wrote(tmp_path: Path, run_cli) -> None:
     pytest.importorskip("llama_cpp")
     out = tmp_path / "q.gguf"
@@ -231,6 +233,7 @@ def test_make_model_reports_the_types_it_wrote(tmp_path: Path, run_cli) -> None:
     assert "Q4_K" in doc["expert_types"] or "Q6_K" in doc["expert_types"]
 
 
+@pytest.mark.live
 def test_tokenize_accepts_bytes(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     from gguf_experts.demo import tinymodel

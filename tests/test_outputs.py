@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waits import read_until
 
 from gguf_experts.gguf.reader import open_model
 from gguf_experts.gguf.fingerprint import fingerprint
@@ -166,10 +167,11 @@ def test_kill_9_leftover_is_cleaned_live_writer_kept(tmp_path: Path, model: Path
                for _ in range(2)]
     try:
         for w in writers:
-            assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+            assert w.stdout is not None
+            read_until(w.stdout.fileno(), lambda out: b"ready\n" in out, timeout=60)
         assert len(temps(tmp_path)) == 2
         writers[0].kill()  # kill -9: no cleanup runs in that process
-        writers[0].wait()
+        writers[0].wait(timeout=60)
         assert len(temps(tmp_path)) == 2
         r = gx("dump", model, "-o", out)
         assert r.returncode == 0, r.stderr
@@ -179,7 +181,7 @@ def test_kill_9_leftover_is_cleaned_live_writer_kept(tmp_path: Path, model: Path
     finally:
         for w in writers:
             w.kill()
-            w.wait()
+            w.wait(timeout=60)
 
 
 def test_outputs_never_replace_a_model(tmp_path: Path, model: Path, trace: Path, run_cli) -> None:

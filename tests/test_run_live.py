@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from gguf_experts.trace.reader import read_trace, read_trace_header
 from gguf_experts.trace.preload.run import build_preload, sequences_path
 
 from run_support import capture_requests, compare, rows_of, sequence_tokens
+from waits import read_until, wait_pid
 
 pytestmark = pytest.mark.live
 GGE = [sys.executable, "-m", "gguf_experts"]
@@ -66,7 +66,7 @@ def test_print_preload_builds_once_into_the_cache(lib: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == lib and lib.is_file()
     # plain C: no C++ runtime, no libpython
-    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+    needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, timeout=60).stdout
     assert "libstdc++" not in needed and "libpython" not in needed
 
 
@@ -245,17 +245,33 @@ def test_env_form_reader_fills_the_fingerprint_and_finalize(tmp_path: Path, mode
     assert j2.returncode == 2 and "architecture" in j2.stderr
 
 
-def test_kill_9_keeps_every_complete_ubatch(tmp_path: Path, models: dict[str, Path], script: Path,
-                                            lib: Path) -> None:
+#: the same program, streaming: one line per generated token, flushed (the readiness signal of the kill test)
+STREAM_SCRIPT = textwrap.dedent("""
+    import sys
+    from llama_cpp import Llama
+    llm = Llama(sys.argv[1], n_ctx=512, verbose=False, seed=1, n_threads=2, flash_attn=True)
+    bias = {i: -100.0 for i in range(3 + 0x80, 3 + 0x100)}
+    for part in llm.create_completion(sys.argv[3], max_tokens=int(sys.argv[2]), temperature=0.0,
+                                      logit_bias=bias, stream=True):
+        print("token", flush=True)
+""")
+
+
+def test_kill_9_keeps_every_complete_ubatch(tmp_path: Path, models: dict[str, Path], lib: Path) -> None:
+    """kill -9 once the program has streamed 40 tokens (each one's ubatch was written before it was sampled):
+    the trace holds whole ubatches only."""
     t = tmp_path / "k.bin"
+    s = tmp_path / "stream.py"
+    s.write_text(STREAM_SCRIPT)
     env = {**os.environ, "GGUF_EXPERTS_TRACE": str(t), "LD_PRELOAD": str(lib)}
-    p = subprocess.Popen([sys.executable, script, models["qwen3moe"], "400", PROMPT], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not t.exists() or t.stat().st_size < 60_000):
-        time.sleep(0.05)
-    p.kill()
-    p.wait()
+    p = subprocess.Popen([sys.executable, s, models["qwen3moe"], "400", PROMPT], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None
+        read_until(p.stdout.fileno(), lambda out: out.count(b"token\n") >= 40, timeout=120)
+    finally:
+        p.kill()
+        p.wait(timeout=60)
     d = read_trace(t)
     n_layer = d.header.fingerprint.n_layer
     per_layer = np.bincount(d.layer, minlength=n_layer)
@@ -266,15 +282,19 @@ def test_kill_9_keeps_every_complete_ubatch(tmp_path: Path, models: dict[str, Pa
 
 
 SIGNAL_SCRIPT = textwrap.dedent("""
-    import signal, sys, time
-    got = []
-    signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
-    signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    import os, select, signal, sys
+    # each delivered SIGTERM/SIGINT writes one byte into the wakeup pipe: count deliveries without polling
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: None)
     print("ready", flush=True)
-    t0 = time.time()
-    while len(got) < 1 and time.time() - t0 < 60:
-        time.sleep(0.01)
-    time.sleep(0.3)  # a duplicate would arrive now
+    got = b""
+    if select.select([r], [], [], 60)[0]:
+        got += os.read(r, 16)
+        if select.select([r], [], [], 0.3)[0]:  # a duplicate would arrive now
+            got += os.read(r, 16)
     sys.exit(10 + len(got))
 """)
 
@@ -286,7 +306,8 @@ def test_exit_status_and_sigterm_pass_through(tmp_path: Path, lib: Path) -> None
     s.write_text(SIGNAL_SCRIPT)
     p = subprocess.Popen([*GGE, "run", "-o", tmp_path / "t.bin", "--", sys.executable, s],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    assert p.stdout is not None
+    read_until(p.stdout.fileno(), lambda out: b"ready\n" in out, timeout=60)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 11  # exactly one signal reached the program
     # a program killed by a signal: 128 + N, as a shell reports it
@@ -304,11 +325,8 @@ def test_ctrl_c_in_a_terminal_reaches_the_program_once(tmp_path: Path, lib: Path
     pid, fd = pty.fork()
     if pid == 0:  # the child: a new session whose controlling terminal is the pty
         os.execv(sys.executable, [*GGE, "run", "-o", str(tmp_path / "t.bin"), "--", sys.executable, str(s)])
-    out = b""
-    deadline = time.time() + 60
-    while b"ready" not in out and time.time() < deadline:
-        out += os.read(fd, 1024)
+    read_until(fd, lambda out: b"ready" in out, timeout=60)
     os.write(fd, b"\x03")  # Ctrl-C, through the terminal's line discipline
-    _, status = os.waitpid(pid, 0)
+    status = wait_pid(pid, timeout=60)
     os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 11

@@ -9,11 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
@@ -23,7 +23,7 @@ from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.preload.run import build_preload
 
-from run_support import capture_requests, compare, rows_of, sequence_tokens
+from run_support import capture_requests, compare, flip_margin, rows_of, sequence_tokens
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,19 +48,38 @@ def post(port: int, path: str, body: dict[str, Any]) -> Any:
         return json.loads(r.read())
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"llama-server exited early: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("llama-server did not become healthy")
+class ServerLog:
+    """llama-server's stderr, read by a thread: the readiness signal is its own log line "listening on
+    http://127.0.0.1:PORT", which it prints after the model is loaded and /health answers 200 (server.cpp)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.proc = proc
+        self.lines: list[str] = []
+        self.ready, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if "listening on http://" in line:
+                self.ready.set()
+        self.done.set()
+        self.ready.set()  # the program ended: wake the waiter
+
+    def wait_ready(self, port: int, timeout: float = 120) -> None:
+        """Block until the log line (or the program's end), at most ``timeout`` seconds; then /health, once."""
+        assert self.ready.wait(timeout), f"llama-server said nothing like 'listening on' in {timeout} s"
+        if self.done.is_set() and not any("listening on http://" in x for x in self.lines):
+            raise AssertionError(f"llama-server exited early: {self.text()[-3000:]}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+
+    def text(self, timeout: float = 60) -> str:
+        """All of stderr, once the program has closed it (bounded wait)."""
+        self.thread.join(timeout)
+        return "".join(self.lines)
 
 
 #: two clients, run at the same time; each sends its requests one after the other
@@ -102,6 +121,7 @@ def two_clients(port: int) -> list[list[int]]:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a client did not finish in 300 s"
     assert not errors, errors
     return prompts
 
@@ -109,32 +129,63 @@ def two_clients(port: int) -> list[list[int]]:
 def serve(cmd: list[str], port: int) -> tuple[int, list[list[int]], str]:
     """Run the server under `gguf-experts run`, query it, stop it with SIGTERM: (exit status, prompts, stderr)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = ServerLog(proc)
     try:
-        wait_healthy(port, proc)
+        log.wait_ready(port)
         prompts = two_clients(port)
         proc.send_signal(signal.SIGTERM)  # to `gguf-experts run`, which forwards it
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    return rc, prompts, proc.stderr.read() if proc.stderr else ""
+            proc.wait(timeout=60)
+    return rc, prompts, log.text()
 
 
-def differing_rows(d: TraceData, model: Path) -> tuple[int, int]:
-    """Replay each slot's requests in order in-process; (rows differing from the capture, rows compared)."""
+#: A near-tie: where the program chose another expert than the replay (or another slot order), the replay's
+#: router gave the two experts probabilities closer than this (run_support.flip_margin; at the k-th/(k+1)-th
+#: boundary that is the router margin). The server packs two clients' requests into one ubatch, so its matmuls
+#: run other kernel paths (batch shapes, activation conversion for the F16/quantized weights) than the
+#: one-sequence replay, and the router's probabilities (~0.06 each for 16 experts) move by ~1e-5 to 1e-4.
+#: Measured: the one flip seen (2 of 16 runs, both modes alike) is slots 3 and 4 swapped, (.., 6, 8) against
+#: (.., 8, 6), at position 42 of layer 2, with the two probabilities 8.8e-5 apart. EPS is about twice that;
+#: 42 of the 931 rows have two adjacent top-5 probabilities that close (3 under 1e-5, 24 under 1e-4, 136 under
+#: 1e-3: printed by differing_rows), and only those two experts may swap. A row that differs by more is a
+#: wrongly routed or mis-attributed token, and fails the test.
+NEAR_TIE_EPS = 2e-4
+
+
+Flip = tuple[int, int, int, float, tuple[int, ...], tuple[int, ...]]  # seq, pos, layer, margin, ran, replayed
+
+
+def differing_rows(d: TraceData, model: Path) -> tuple[list[Flip], int]:
+    """Replay each slot's requests in order in-process; (rows differing from the capture as (seq, pos, layer,
+    margin of the flip in the replay's router (run_support.flip_margin), the program's experts, the replay's),
+    rows compared)."""
     seqs = sequence_tokens(d)
     by_slot: dict[tuple[int, int], list[int]] = {}
     for row in d.header.meta["sequences"]:
         by_slot.setdefault((row[1], row[2]), []).append(row[0])
-    differ = total = 0
+    differ: list[Flip] = []
+    total = 0
+    gaps_all: list[np.ndarray] = []
+    k = d.header.fingerprint.n_expert_used
     for order in by_slot.values():
-        caps = capture_requests(model, [seqs[s] for s in order], n_ctx=512)
-        for s, cap in zip(order, caps):
-            res = compare(rows_of(d, s), cap)
+        probs: list[dict[tuple[int, int], np.ndarray]] = []
+        caps = capture_requests(model, [seqs[s] for s in order], n_ctx=512, probs=probs)
+        for s, cap, prob in zip(order, caps, probs):
+            ran = rows_of(d, s)
+            res = compare(ran, cap)
             assert not res["missing"], (s, res)
-            differ += len(res["differ"])
+            assert set(prob) >= set(cap), f"sequence {s}: no router probabilities for some rows"
+            differ += [(s, *key, flip_margin(prob[key], ran[key][1], cap[key][1]), ran[key][1], cap[key][1])
+                       for key in res["differ"]]
+            top = -np.sort(-np.stack([prob[key] for key in cap]), axis=1)[:, :k + 1]
+            gaps_all.append(np.diff(-top, axis=1).min(axis=1))
             total += res["rows"]
+    gaps = np.concatenate(gaps_all)
+    print(f"rows whose top-{k + 1} router probabilities hold a near-tie: "
+          + ", ".join(f"{int((gaps < e).sum())} under {e}" for e in (1e-5, 1e-4, NEAR_TIE_EPS, 1e-3)) + f" of {total}")
     return differ, total
 
 
@@ -161,9 +212,11 @@ def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_
     for toks, n_prompt, _ in seqs.values():
         assert len(toks) - n_prompt == N_PREDICT - 1  # N generated, the last one not decoded
     differ, total = differing_rows(d, model)
-    # How the two clients' requests were packed into ubatches changes the CPU kernels' rounding against the
-    # one-sequence replay: a near-tie may flip (0 or 1 of 931 rows over repeated runs, in both modes).
-    assert total == len(d) and differ <= total // 200, f"{differ} of {total} rows differ from the in-process capture"
+    assert total == len(d)
+    # Equality, except near-ties proven by their router margin (NEAR_TIE_EPS)
+    print(f"rows differing from the in-process replay (seq, pos, layer, margin, ran, replayed): {differ}")
+    far = [row for row in differ if row[3] >= NEAR_TIE_EPS]
+    assert not far, f"{len(far)} of {total} rows differ with a router margin >= {NEAR_TIE_EPS}: {far}"
     assert (d.phase == 1).sum() == 4 * (N_PREDICT - 1) * d.header.fingerprint.n_layer
     for cmd in (["stats", trace], ["join-trace", trace, "--model", model],
                 ["report", trace, "--model", model, "-o", tmp_path / "r.html"]):
@@ -183,8 +236,9 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
                              "-md", str(draft), "--spec-draft-n-max", "4", "--spec-draft-n-min", "1",
                              "--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "2", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = ServerLog(proc)
     try:
-        wait_healthy(port, proc)
+        log.wait_ready(port)
         r = post(port, "/v1/completions", {"prompt": COMPLETIONS[1], "max_tokens": N_PREDICT, "temperature": 0})
         assert r["usage"]["completion_tokens"] == N_PREDICT
         proc.send_signal(signal.SIGTERM)
@@ -192,8 +246,8 @@ def test_a_speculative_draft_model_is_skipped_not_mixed(tmp_path: Path, model: P
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    stderr = proc.stderr.read() if proc.stderr else ""
+            proc.wait(timeout=60)
+    stderr = log.text()
     assert rc == 0, stderr[-3000:]
     assert f"not tracing a second model, {draft.resolve()}" in stderr
     d = read_trace(trace)
@@ -220,4 +274,4 @@ def test_llama_cli_single_turn(tmp_path: Path, model: Path, llama_bin: Path, mod
     toks, n_prompt, first = seqs[0]
     assert first == 0 and len(toks) - n_prompt == 7
     differ, total = differing_rows(d, model)
-    assert total == len(d) and differ == 0, f"{differ} of {total} rows differ from the in-process capture"
+    assert total == len(d) and not differ, f"{len(differ)} of {total} rows differ from the in-process capture: {differ}"

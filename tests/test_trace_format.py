@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from waits import read_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -241,9 +242,10 @@ def test_killed_writer_loses_at_most_the_record_being_written(tmp_path: Path) ->
         "    if i == 200: print('ready', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    assert proc.stdout is not None
+    read_until(proc.stdout.fileno(), lambda out: b"ready\n" in out, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     d, _ = _read_warned(path)
     assert d.n_records >= 200 and len(d) == 64 * d.n_records
     rec = record_length(64, 8, False)

@@ -61,6 +61,7 @@ def damaged(model: Path, tmp: Path) -> list[tuple[str, Path, str]]:
     return out
 
 
+@pytest.mark.live  # runs llama.cpp
 def test_bad_metadata_is_refused_by_every_command(model: Path, tmp_path: Path, run_cli) -> None:
     trace = tmp_path / "t.bin"
     assert run_cli("capture", model, "-p", "hello", "-n", "2", "-o", trace, "--no-progress", "-t", "1").rc == 0
@@ -126,6 +127,7 @@ def test_lone_surrogate_in_a_prompt_argument(model: Path, tmp_path: Path, run_cl
     assert r.rc == 2 and "lone surrogate" in r.err and r.err.count("\n") == 1
 
 
+@pytest.mark.live  # runs llama.cpp
 def test_a_trace_given_as_resume_is_one_line(model: Path, tmp_path: Path, run_cli) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
@@ -141,6 +143,7 @@ def test_a_trace_given_as_resume_is_one_line(model: Path, tmp_path: Path, run_cl
     assert r.rc == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err
 
 
+@pytest.mark.live  # runs llama.cpp
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenising(model: Path, tmp_path: Path, run_cli) -> None:
     """4 MB on one line: refused from its length in bytes (the tiny vocabulary's longest piece is 1 byte, so
     it needs >= 4M tokens), in well under the seconds llama_tokenize would take."""
@@ -165,6 +168,7 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenising(model: Path, tmp_
     assert json.loads((tmp_path / "s.json").read_text())["meta"]["truncated_records"] == 1
 
 
+@pytest.mark.live  # runs llama.cpp
 def test_a_key_llama_cpp_checks_itself_gives_its_reason(model: Path, tmp_path: Path) -> None:
     """embedding_length is not ours to range-check (0 is a sound u32); llama.cpp refuses the shapes, and the
     one line carries its reason, not a metadata dump line that happens to contain 'unknown'."""

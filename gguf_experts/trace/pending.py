@@ -36,6 +36,18 @@ def read_sequences(path: Path) -> list[dict[str, int]]:
     return rows
 
 
+def read_dropped(path: Path) -> int:
+    """Rows the C tracer could not record (out of memory), from the sidecar's ``dropped\tN`` line written at
+    exit; 0 when there is none (a program killed before its exit reports nothing: see docs/run.md)."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return 0
+    counts = [int(p[1]) for p in (line.split("\t") for line in text.splitlines())
+              if len(p) == 2 and p[0] == "dropped" and p[1].isdigit()]
+    return sum(counts)
+
+
 def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> TraceHeader:
     """A header written by the C tracer with the digests still pending: filled from the model file it names
     (and its sequence map from the sidecar), in memory. Unchanged when the model is gone (join then refuses)."""
@@ -55,4 +67,5 @@ def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> Trace
         seqs = read_sequences(Path(trace).with_name(str(meta.get("sequences_file", ""))))
         meta["sequences"] = [[r[c] for c in SEQ_COLUMNS] for r in seqs]
         meta["sequence_columns"] = list(SEQ_COLUMNS)
+        meta["dropped_rows"] = read_dropped(Path(trace).with_name(str(meta.get("sequences_file", ""))))
     return TraceHeader(version=header.version, fingerprint=fp, meta=meta, size=header.size)

@@ -194,6 +194,12 @@ extern pthread_mutex_t g_lock;
 extern int g_fd, g_seq_fd, g_header_done, g_failed;
 extern int32_t g_next_seq;
 extern long g_unmatched, g_warmup;
+/* rows (token x MoE layer) not recorded because an allocation failed: reported at exit, on stderr and in the
+ * .seqs sidecar ("dropped\tN"), which the Python side puts into the header's meta.dropped_rows */
+extern long g_dropped;
+/* fault injection for the test of that count (GGUF_EXPERTS_TEST_NOMEM=records): the record buffer never grows */
+extern int g_test_nomem;
+#define DROP(n) __atomic_add_fetch(&g_dropped, (long)(n), __ATOMIC_RELAXED)
 #define MAX_MODELS 16
 extern struct model_ent g_models[MAX_MODELS];
 extern int g_n_models, g_main;

@@ -5,8 +5,11 @@
 typedef void *(*dlsym_t)(void *, const char *);
 static dlsym_t real_dlsym_fn;
 static __thread int in_dlsym;
+/* The dlsym hook runs inside a sanitizer runtime's own start-up (its interceptors look themselves up with
+ * dlsym), before the shadow memory exists: in a sanitized build (the tests') it must not be instrumented. */
+#define NO_SANITIZE __attribute__((no_sanitize("address", "undefined")))
 
-dlsym_t rdlsym(void) {
+NO_SANITIZE dlsym_t rdlsym(void) {
     if (!real_dlsym_fn) {
         static const char *versions[] = {"GLIBC_2.34", "GLIBC_2.2.5", "GLIBC_2.17", "GLIBC_2.0", NULL};
         for (int i = 0; versions[i] && !real_dlsym_fn; i++)
@@ -61,7 +64,8 @@ int g_enabled, g_weights, g_keepalive, g_cost_probe;
 pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 int g_fd = -1, g_seq_fd = -1, g_header_done, g_failed;
 int32_t g_next_seq;
-long g_unmatched, g_warmup;
+long g_unmatched, g_warmup, g_dropped;
+int g_test_nomem;
 
 void say(const char *fmt, const char *a, const char *b) {
     char buf[1024];
@@ -90,6 +94,8 @@ __attribute__((constructor)) static void ggexp_init(void) {
         say("gguf-experts: GGUF_EXPERTS_MODE=%s is not callback or keepalive; using keepalive\n", m, NULL);
     const char *c = getenv("GGUF_EXPERTS_COST");
     g_cost_probe = !c || !*c ? 0 : strcmp(c, "noop") == 0 ? COST_NOOP : strcmp(c, "flags") == 0 ? COST_FLAGS : 0;
+    const char *t = getenv("GGUF_EXPERTS_TEST_NOMEM");
+    g_test_nomem = t && strcmp(t, "records") == 0;
     rdlsym();
     g_enabled = 1;
 }
@@ -238,7 +244,7 @@ struct ctx_st *ctx_of(void *ctx) {
 
 /* Python (ctypes) resolves llama_decode with dlsym on libllama's own handle, which a preload does not
  * intercept: hand back our wrapper for that one name. Everything else is the real dlsym's answer. */
-EXPORT void *dlsym(void *handle, const char *name) {
+EXPORT NO_SANITIZE void *dlsym(void *handle, const char *name) {
     dlsym_t ds = rdlsym();
     if (!ds) return NULL;
     void *r = ds(handle, name);
@@ -260,6 +266,19 @@ __attribute__((destructor)) static void ggexp_fini(void) {
         snprintf(n, sizeof n, "%ld", g_unmatched);
         say("gguf-experts: %s rows did not match a llama_decode batch row; they were recorded as sequence 0%s\n",
             n, " (see docs/run.md)");
+    }
+    long dropped = __atomic_load_n(&g_dropped, __ATOMIC_RELAXED);
+    if (dropped) {
+        char n[32];
+        snprintf(n, sizeof n, "%ld", dropped);
+        say("gguf-experts: out of memory: %s rows (token x layer) were not recorded%s\n", n,
+            " (the trace's meta.dropped_rows says so too)");
+        if (g_seq_fd >= 0) {
+            char line[64];
+            int ln = snprintf(line, sizeof line, "dropped\t%ld\n", dropped);
+            ssize_t wr = write(g_seq_fd, line, (size_t)ln);
+            (void)wr;
+        }
     }
     if (g_fd >= 0) {
         fsync(g_fd);

@@ -102,7 +102,10 @@ void take(struct sched_st *s, const struct gt *t, int what, int layer, const uin
     }
     if (layer >= (int)m->n_layer) return;
     struct layer_buf *lb = layer_buf(s, layer);
-    if (!lb) return;
+    if (!lb) {
+        if (what == 0) DROP(s->n_tok);
+        return;
+    }
     if (what == 0) {
         int rows = read_rows(s, t, k, lb->ids, s->n_tok, span);
         if (rows < 0) return;
@@ -183,6 +186,7 @@ void prepare(struct sched_st *s, void *gf) {
         s->row_phase = grow(s->row_phase, &c5, need, 2);
         if (!s->tok || !s->pos || !s->out_ids || !s->row_seq || !s->row_phase) {
             s->cap_tok = 0;
+            DROP((long)n * c->m->n_layer);
             return;
         }
         s->cap_tok = (int)c1;
@@ -222,7 +226,10 @@ void prepare(struct sched_st *s, void *gf) {
             unmatched++;
         }
         struct seq_st *q = seq_of(c, sid);
-        if (!q) return;
+        if (!q) {
+            DROP((long)n * c->m->n_layer);
+            return;
+        }
         int32_t p = s->pos[r];
         /* generated: the next position after a token whose output was read, in a run of rows that all ask
          * for outputs (one decode step, or a speculative draft being verified); a prompt asks for its last */
@@ -333,6 +340,7 @@ static int write_header(struct model_ent *m, const struct io_snap *first) {
 
 static uint8_t *out_reserve(struct sched_st *s, size_t add) {
     size_t cap = s->cap_outbuf;
+    if (g_test_nomem) return NULL;
     uint8_t *b = grow(s->out, &cap, s->n_outbuf + add, 1);
     if (!b) return NULL;
     s->out = b;
@@ -344,7 +352,10 @@ static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, co
                        const struct layer_buf *lb, int k, bool with_w) {
     size_t len = ggexp_record_length((size_t)n, (size_t)k, with_w);
     uint8_t *p = out_reserve(s, len);
-    if (!p) return;
+    if (!p) {
+        DROP(n);
+        return;
+    }
     struct ggexp_record_fixed hdr = {.marker = GGEXP_REC_MARKER, .rec_len = (uint32_t)len, .seq = seq,
                                      .phase = (uint8_t)phase, .flags = with_w ? GGEXP_FLAG_WEIGHTS : 0u,
                                      .reserved = 0, .layer = layer, .n_tokens = (uint32_t)n,
@@ -398,7 +409,11 @@ void emit(struct sched_st *s) {
     pthread_mutex_unlock(&g_lock);
     if (!ok) return;
     int *rows = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
-    if (!rows) return;
+    if (!rows) {
+        for (int l = 0; l < s->n_layers; l++)
+            if (s->layers[l].have) DROP(s->layers[l].rows);
+        return;
+    }
     s->n_outbuf = 0;
     int32_t m_seq = 0;
     int m_phase = -1;

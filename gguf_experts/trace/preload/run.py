@@ -27,6 +27,8 @@ from ..pending import sequences_path
 PRELOAD_DIR = Path(__file__).parent  # ggexp*.h and the ggexp_*.c they declare, next to this module
 LIB_NAME = "libggexp_preload.so"
 ENV_TRACE, ENV_WEIGHTS, ENV_MODE = "GGUF_EXPERTS_TRACE", "GGUF_EXPERTS_WEIGHTS", "GGUF_EXPERTS_MODE"
+#: a prebuilt preload library to use instead of the cached build (e.g. the sanitized one the tests build)
+ENV_PRELOAD = "GGUF_EXPERTS_PRELOAD"
 MODES = ("callback", "keepalive")
 CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu11")
 
@@ -54,10 +56,16 @@ def preload_path() -> Path:
 
 
 def build_preload(cc: str | None = None) -> Path:
-    """The preload library, compiled on first use (a second call finds it). Raises PreloadBuildError."""
+    """The preload library, compiled on first use (a second call finds it), or $GGUF_EXPERTS_PRELOAD when set.
+    Raises PreloadBuildError."""
     if sys.platform != "linux":
         raise PreloadBuildError(f"`gguf-experts run` needs Linux (LD_PRELOAD); this is {sys.platform}. "
                                 "Use `gguf-experts capture` instead")
+    override = os.environ.get(ENV_PRELOAD)
+    if override:
+        if not os.path.isfile(override):
+            raise PreloadBuildError(f"{ENV_PRELOAD}={override}: no such library; unset it to build the tracer")
+        return Path(override).absolute()
     out = preload_path()
     if out.exists():
         return out
