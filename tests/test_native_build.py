@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,35 @@ def test_the_flags_silence_ggml_amx_guard() -> None:
 def test_cmake_args_and_key_follow_the_flags() -> None:
     args = native_build.cmake_args()
     assert args[0] == "-DGGML_NATIVE=ON"
-    off = native_build.amx_off_flags()
-    assert (len(args) == 3) == bool(off)
+    assert len(args) == (3 if native_build.amx_off_flags() and not native_build.amx_wanted() else 1)
     assert native_build.build_key().startswith(native_build.LLAMA_CPP_PYTHON_VERSION + "-")
     assert native_build.build_key("0.3.35") != native_build.build_key()
+
+
+def test_amx_kept_until_a_crash_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision: native (AMX where the CPU has it) until the probe saw it die on this host; then without AMX,
+    under another key (wheelhouse and tools directory), so neither build is mistaken for the other."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("GGUF_EXPERTS_AMX", raising=False)
+    off = native_build.amx_off_flags()
+    assert native_build.amx_wanted() and native_build.cmake_args() == ["-DGGML_NATIVE=ON"]
+    key = native_build.build_key()
+    marker = native_build.amx_crash_marker()
+    marker.parent.mkdir(parents=True)
+    marker.write_text("signal 4\n")
+    assert not native_build.amx_wanted()
+    assert (native_build.build_key() != key) == bool(off)
+    assert native_build.cmake_args() == ["-DGGML_NATIVE=ON", *([f"-DCMAKE_C_FLAGS={' '.join(off)}",
+                                                                 f"-DCMAKE_CXX_FLAGS={' '.join(off)}"] if off else [])]
+    monkeypatch.setenv("GGUF_EXPERTS_AMX", "1")
+    assert native_build.amx_wanted() and native_build.build_key() == key
+    monkeypatch.setenv("GGUF_EXPERTS_AMX", "0")
+    assert not native_build.amx_wanted()
+
+
+@pytest.mark.live
+def test_the_probe_runs_the_installed_llama_cpp() -> None:
+    """The install's probe (a tiny Q8_0 model in a child, from this source tree) finds the installed build
+    running on this CPU: no signal."""
+    pytest.importorskip("llama_cpp")
+    assert native_build.probe_signal() is None
