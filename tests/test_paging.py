@@ -330,8 +330,8 @@ def test_choose_mode(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_mode(None, 10 << 30).mode == "stock"
     fits = choose_mode(tiny, size + (1 << 30), reserve=1 << 30)
     assert fits.mode == "stock" and fits.load == "keep" and "fits in MemAvailable" in fits.reason
-    big = choose_mode(tiny, size + (1 << 30) - 1, reserve=1 << 30)
-    assert big.mode == "prefetch" and big.load == "skip" and "does not fit" in big.reason
+    big = choose_mode(tiny, size + (1 << 30) - 1, reserve=1 << 30)  # the mode: forecast's (tested below)
+    assert big.load == "skip" and "does not fit" in big.reason and "forecast recommends" in big.reason
     monkeypatch.delenv("GGUF_EXPERTS_PAGING_LOAD", raising=False)
     assert resolve("random", tiny, available=1, reserve=0).load == "skip"
     assert resolve("random", tiny, available=10 << 30, reserve=0).load == "keep"
@@ -555,3 +555,20 @@ def test_auto_without_a_model_on_the_command_line(tmp_path: Path, tiny: Path) ->
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.startswith("gguf-experts: paging")]
     assert lines == ["gguf-experts: paging stock (GGUF_EXPERTS_PAGING=auto: the model fits in memory)"], r.stderr
+
+
+def test_auto_takes_the_mode_forecast_recommends(big: Path) -> None:
+    """auto on a model that does not fit: the forecast (a synthetic request of the model's shape, or a trace of
+    the workload) picks the mode with the best forecast decode speed; with no possible forecast (a budget below
+    what llama.cpp itself needs) it says so and takes prefetch."""
+    from gguf_experts.paging.forecast import forecast, synthetic_trace
+    from gguf_experts.paging.modes import choose_mode
+
+    size = big.stat().st_size
+    avail = size - (8 << 20)
+    choice = choose_mode(big, avail, reserve=0)
+    table = forecast(synthetic_trace(big), str(big), [avail])
+    best = table.sort_values("decode_tok_s", ascending=False).iloc[0]["advice"]
+    assert choice.mode == best and "forecast recommends" in choice.reason and choice.load == "skip"
+    low = choose_mode(big, 100 << 20, reserve=0)
+    assert low.mode == "prefetch" and "no forecast" in low.reason

@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from ..crash import describe_signal
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..trace.preload.run import RunResult
 
 NAME = "run"
 HELP = "run an unchanged llama.cpp program with the C tracer preloaded and record its expert routing"
@@ -31,8 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the model's pages are read (docs/paging.md): stock (llama.cpp unchanged), random "
                         "(MADV_RANDOM on the expert tensors), prefetch (random, plus reading exactly the experts "
                         "each layer selected as soon as its router has run), or auto (default: stock when the "
-                        "model fits in MemAvailable minus a reserve, else the recommended mode); never changes "
-                        "results")
+                        "model fits in MemAvailable minus a reserve, else the mode `forecast` recommends for this "
+                        "model, RAM and device); never changes results")
+    p.add_argument("--paging-trace", metavar="TRACE.bin",
+                   help="auto: forecast on this trace of your workload (default: a synthetic request whose "
+                        "routing is uniform over every expert, the hard case)")
     p.add_argument("--no-trace", action="store_true",
                    help="write no trace: only the paging mode applies (-o is ignored)")
     p.add_argument("--print-preload", action="store_true",
@@ -40,6 +47,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finalize", metavar="TRACE.bin",
                    help="write the model fingerprint and sequence map into a trace written in the env form")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...: the program to trace")
+
+
+def _report(res: RunResult, program: str, no_trace: bool) -> None:
+    """The run's one closing line: a death by signal named, the trace written, or why there is none."""
+    if res.signal is not None:
+        lost = "" if res.written or no_trace else "; no trace written"
+        sys.stderr.write(f"gguf-experts: {describe_signal(res.signal, program)}{lost}; exit status {res.returncode}\n")
+    if no_trace:
+        return
+    if res.written and res.header is not None:
+        seqs = len(res.header.meta.get("sequences") or [])
+        sys.stderr.write(f"gguf-experts: trace {res.trace} ({seqs} sequences, model "
+                         f"{res.header.meta.get('model')}); program exit status {res.returncode}\n")
+    elif res.signal is None:
+        sys.stderr.write(f"gguf-experts: no trace written: {program} decoded no Mixture-of-Experts model through "
+                         "a shared libllama (a static build, or not a llama.cpp program? see docs/run.md); "
+                         f"program exit status {res.returncode}\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     paging.check_mode(args.paging)  # before anything runs: an unknown mode is one line and exit 2
-    choice = paging.resolve(args.paging, paging.model_in_argv(argv))
+    if args.paging_trace and not os.path.isfile(args.paging_trace):
+        raise InputError(f"--paging-trace {args.paging_trace}: no such trace; check the path")
+    choice = paging.resolve(args.paging, paging.model_in_argv(argv), trace=args.paging_trace)
 
     def say_mode() -> None:  # once every check has passed: an error stays one line
         if choice.fallback:
@@ -71,11 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     res = tracer.launch(argv, None if args.no_trace else args.output, weights=args.weights, mode=args.mode,
                         env=paging.paging_env(choice), extra_meta={"paging": choice.mode}, on_start=say_mode)
-    if res.signal is not None:
-        lost = "" if res.written or args.no_trace else "; no trace written"
-        sys.stderr.write(f"gguf-experts: {describe_signal(res.signal, argv[0])}{lost}; exit status {res.returncode}\n")
-    if args.no_trace:
-        return res.returncode
+    _report(res, argv[0], args.no_trace)
+    return res.returncode
     if res.written and res.header is not None:
         seqs = len(res.header.meta.get("sequences") or [])
         sys.stderr.write(f"gguf-experts: trace {res.trace} ({seqs} sequences, model "

@@ -14,6 +14,7 @@ wall_ns (-1 = unknown), as the trace's IoTable carries them; chunks with an ``io
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..gguf.reader import Model, open_model
-from ..trace.format import TraceData
+from ..trace.format import VERSION, TraceData, TraceHeader
 from . import ADVICE, native
 from .disk import DEFAULT_IOPS, DEFAULT_SEQ_MBPS, DiskModel
 from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model
@@ -414,6 +415,27 @@ def _row(ram: int, pc_bytes: int, mode: str, res: SimResult) -> dict[str, Any]:
     row["load_read_bytes"] = res.load["read_pages"] * PAGE
     row["load_majflt"] = res.load["majflt"]
     return row
+
+
+def synthetic_trace(model: str | os.PathLike[str] | Model, prompt: int = 128, gen: int = 16, seed: int = 0
+                    ) -> TraceData:
+    """One request of ``prompt`` tokens (one ubatch) then ``gen`` decode tokens, each row's top-k drawn uniformly
+    from all of a layer's experts: what `run --paging auto` forecasts with when it has no trace of the workload."""
+    from ..gguf.fingerprint import fingerprint
+    from ..gguf.names import layer_of
+
+    m = model if isinstance(model, Model) else open_model(model)
+    fp = fingerprint(m)
+    moe = np.array(sorted({la for t in m.tensors if "_exps" in t.name and (la := layer_of(t.name)) is not None}),
+                   np.int32)
+    ubatches = [np.arange(prompt)] + [np.array([prompt + i]) for i in range(gen)]
+    pos = np.concatenate([np.tile(t, len(moe)) for t in ubatches]).astype(np.int32)
+    layer = np.concatenate([np.repeat(moe, len(t)) for t in ubatches]).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    experts = np.argsort(rng.random((len(layer), fp.n_expert)), axis=1)[:, :fp.n_expert_used].astype(np.int32)
+    return TraceData(seq=np.zeros(len(layer), np.int32), phase=(pos >= prompt).astype(np.uint8), pos=pos,
+                     token=(3 + pos % 250).astype(np.int32), layer=layer, experts=experts, weights=None,
+                     header=TraceHeader(VERSION, fp, {"synthetic": "uniform routing"}))
 
 
 def recommend(df: pd.DataFrame) -> pd.DataFrame:

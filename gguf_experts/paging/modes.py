@@ -93,13 +93,28 @@ def model_in_argv(argv: Sequence[str]) -> Path | None:
     return None
 
 
-def forecast_mode(model: Path, budget: int) -> tuple[str, str] | None:
-    """The mode `forecast` recommends for this model at this page-cache budget, with its reason; None while
-    no forecast is possible. (The lead wires gguf_experts' forecast library here; until then: None.)"""
-    return None
+def forecast_mode(model: Path, budget: int, trace: str | os.PathLike[str] | None = None) -> tuple[str, str] | None:
+    """The mode `forecast` recommends for this model at this RAM budget, with its reason: replayed on ``trace``
+    (the user's workload, ``run --paging-trace``), else on a synthetic request of the model's shape whose routing
+    is uniform over every expert (the hard case: trained models route by token); None when no forecast can be
+    made here (e.g. the device's read-ahead is unreadable), and ``auto`` then uses its rule."""
+    from ..errors import GGUFExpertsError
+    from .forecast import forecast, recommend, synthetic_trace
+
+    try:
+        workload = trace if trace is not None else synthetic_trace(model)
+        rec = recommend(forecast(workload, str(model), [budget]))
+    except GGUFExpertsError:
+        return None
+    if rec.empty:
+        return None
+    row = rec.iloc[0]
+    what = "this trace's routing" if trace is not None else "uniform routing, 128 prompt + 16 generated tokens"
+    return str(row["advice"]), f"{what}: {float(row['decode_tok_s']):.3g} decode tok/s forecast"
 
 
-def choose_mode(model: Path | None, available: int | None, reserve: int = DEFAULT_RESERVE) -> PagingChoice:
+def choose_mode(model: Path | None, available: int | None, reserve: int = DEFAULT_RESERVE,
+                trace: str | os.PathLike[str] | None = None) -> PagingChoice:
     """``auto``: stock when the model fits in MemAvailable minus ``reserve``, else forecast's recommendation,
     else prefetch (the documented rule: the probe measured it best at ~9 GiB for both routing shapes' decode)."""
     if model is None:
@@ -112,17 +127,18 @@ def choose_mode(model: Path | None, available: int | None, reserve: int = DEFAUL
     if size <= budget:
         return PagingChoice("stock", f"auto: the model ({size / gib:.1f} GiB) fits in MemAvailable "
                             f"({available / gib:.1f} GiB) minus a {reserve / gib:.1f} GiB reserve", "keep")
-    rec = forecast_mode(model, budget)
+    rec = forecast_mode(model, available, trace)
     if rec is not None:
-        return PagingChoice(rec[0], f"auto: the model ({size / gib:.1f} GiB) does not fit in {budget / gib:.1f} "
-                            f"GiB; forecast recommends {rec[0]} ({rec[1]})", "skip")
+        return PagingChoice(rec[0], f"auto: the model ({size / gib:.1f} GiB) does not fit in MemAvailable "
+                            f"({available / gib:.1f} GiB) minus a {reserve / gib:.1f} GiB reserve; forecast "
+                            f"recommends {rec[0]} ({rec[1]})", "skip")
     return PagingChoice("prefetch", f"auto: the model ({size / gib:.1f} GiB) does not fit in MemAvailable "
                         f"({available / gib:.1f} GiB) minus a {reserve / gib:.1f} GiB reserve; no forecast, "
                         "so prefetch", "skip")
 
 
 def resolve(mode: str, model: Path | None, available: int | None = None,
-            reserve: int | None = None) -> PagingChoice:
+            reserve: int | None = None, trace: str | os.PathLike[str] | None = None) -> PagingChoice:
     """The mode to run with: ``auto`` chosen by :func:`choose_mode`; a mode that cannot apply (the model on
     tmpfs/ramfs: already in memory) falls back to stock with ``fallback`` set. The C side checks what only
     the running program knows (it does not map the model; the experts are repacked or offloaded) and says so."""
@@ -141,7 +157,7 @@ def resolve(mode: str, model: Path | None, available: int | None = None,
         return PagingChoice("auto", "no model file on the command line: the preload decides when the program maps "
                             "it (stock if it fits, else prefetch)", "auto")
     if mode == "auto":
-        return choose_mode(model, available, reserve)
+        return choose_mode(model, available, reserve, trace)
     if mode == "stock":
         return PagingChoice("stock", "asked", "keep")
     fits = model is not None and available is not None and sum(
