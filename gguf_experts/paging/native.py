@@ -5,11 +5,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
+from ..cbuild import compile_shared
 from ..errors import GGUFExpertsError
 
 SOURCE = Path(__file__).with_name("pagesim.c")
@@ -35,27 +33,8 @@ def library_path() -> Path:
 
 def build(cc: str | None = None) -> Path:
     """The compiled simulator (built once per source; concurrent first uses each build, one wins)."""
-    out = library_path()
-    if out.exists():
-        return out
-    compiler = cc or os.environ.get("CC") or "cc"
-    exe = shutil.which(compiler)
-    if exe is None:
-        raise SimBuildError(f"no C compiler ({compiler!r} not found) to build the page-cache simulator of "
-                            "`forecast`; install one (e.g. apt-get install gcc) or set CC")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run([exe, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if res.returncode != 0:
-            last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise SimBuildError(f"{compiler} could not build {SOURCE}: {last}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return compile_shared(library_path(), [*CFLAGS, str(SOURCE)], SimBuildError,
+                          f"the page-cache simulator of `forecast` ({SOURCE})", "", cc)
 
 
 _LIB: ctypes.CDLL | None = None

@@ -11,15 +11,14 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...cbuild import compile_shared
 from ...errors import GGUFExpertsError, InputError
 from ..format import HeaderSpaceError, TraceHeader, encode_header
 from ..pending import sequences_path
@@ -66,29 +65,9 @@ def build_preload(cc: str | None = None) -> Path:
         if not os.path.isfile(override):
             raise PreloadBuildError(f"{ENV_PRELOAD}={override}: no such library; unset it to build the tracer")
         return Path(override).absolute()
-    out = preload_path()
-    if out.exists():
-        return out
-    compiler = cc or os.environ.get("CC") or "cc"
-    exe = shutil.which(compiler)
-    if exe is None:
-        raise PreloadBuildError(f"no C compiler ({compiler!r} not found) to build the tracer for `run`; install "
-                                "one (e.g. apt-get install gcc) or set CC; `gguf-experts capture` works without one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run([exe, *CFLAGS, "-o", tmp, *map(str, preload_sources()), "-ldl", "-lpthread"],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise PreloadBuildError(f"{compiler} could not build the tracer from {PRELOAD_DIR}: {last}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # atomic: concurrent first uses each build, one wins
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return compile_shared(preload_path(), [*CFLAGS, *map(str, preload_sources()), "-ldl", "-lpthread"],
+                          PreloadBuildError, f"the tracer for `run` (from {PRELOAD_DIR})",
+                          "; `gguf-experts capture` works without one", cc)
 
 
 # -- finalising the trace ----------------------------------------------------------------------------------
