@@ -139,23 +139,11 @@ def run(args: argparse.Namespace) -> int:
     fp = header.fingerprint
     L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used
     eb = expert_bytes(args.model, header, source)
-    budgets = parse_int_list(args.budget, "--budget")
-    if budgets and len(budgets) > 1:
-        raise InputError(f"--budget {args.budget}: give one byte budget (run pins once per budget)")
-    budget = budgets[0] if budgets else None
-    if budget is not None and eb is None:
-        raise InputError("--budget needs --model (experts are weighed by their bytes in the model)")
+    budget = _budget(args, eb)
     train = counts_of(split.train_layer, split.train_experts, L, M)
     pins = pick_per_layer(train, args.capacity) if budget is None or eb is None else pick_budget(train, eb, budget)
     score = score_pins(split, L, M, k, pins, args.capacity, budget, eb, args.order)
-    if args.list_csv:
-        with atomic_write(args.list_csv) as fh:
-            fh.write(frame_to_csv(pins_frame(pins, train)))
-        say_wrote(args.list_csv, "csv, the pinned experts")
-    if args.pin_list:
-        with atomic_write(args.pin_list) as fh:
-            fh.write(fitz_pin_list(pins, train, source, k))
-        say_wrote(args.pin_list, "EXPERT_CACHE_PIN_LIST v1")
+    _write_lists(args, pins, train, source, k)
     emit(Output(score, document=lambda: {"source": source, "order": args.order, "verdict": verdict(score),
                                          "rows": frame_records(score)},
                 text=lambda: _text(score, args)), args.format, args.output)
