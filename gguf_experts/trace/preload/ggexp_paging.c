@@ -31,6 +31,11 @@ static int g_load = 0; /* 0 auto, 1 keep, 2 skip */
 static double g_whole = 0.5;
 static int g_async = 1;
 static int g_ahead; /* GGUF_EXPERTS_PREFETCH_AHEAD=1: a whole layer also reads the next layer whole */
+/* GGUF_EXPERTS_PREFETCH_SEQ=1: while a layer is read whole, its expert tensors are MADV_SEQUENTIAL instead of
+ * MADV_RANDOM, so the matmul's own faults on pages the read has not reached yet read ahead in large pieces
+ * instead of 4 KiB; the next ubatch that selects few experts puts MADV_RANDOM back. */
+static int g_seq;
+static unsigned char g_seq_on[4096]; /* per layer: its tensors are MADV_SEQUENTIAL now */
 static unsigned g_ubatch;           /* graphs computed (paging_graph), to read a tensor whole once per ubatch */
 static unsigned g_whole_at[4096];   /* per layer: 1 + the ubatch whose whole read was submitted */
 static long long g_reserve = 1LL << 30;
@@ -86,6 +91,8 @@ __attribute__((constructor)) static void paging_init(void) {
     g_async = !(a && strcmp(a, "0") == 0);
     const char *ah = getenv("GGUF_EXPERTS_PREFETCH_AHEAD");
     g_ahead = ah && strcmp(ah, "1") == 0;
+    const char *sq = getenv("GGUF_EXPERTS_PREFETCH_SEQ");
+    g_seq = sq && strcmp(sq, "1") == 0;
     const char *r = getenv("GGUF_EXPERTS_PAGING_RESERVE");
     if (r && *r) g_reserve = atoll(r);
 }
@@ -365,10 +372,22 @@ bool paging_observes(void) {
     return g_observe;
 }
 
+/* The fault-path advice of every *_exps tensor of `layer` (GGUF_EXPERTS_PREFETCH_SEQ): sequential while it is read
+ * whole, random otherwise. Changed only on a transition, in the thread that computes (before the matmul). */
+static void layer_advice(int layer, int sequential) {
+    if (!g_seq || layer < 0 || layer >= 4096 || g_seq_on[layer] == sequential) return;
+    g_seq_on[layer] = (unsigned char)sequential;
+    for (int i = 0; i < g_n_exps; i++)
+        if (g_exps[i].layer == layer)
+            advise(g_exps[i].data, g_exps[i].stride * (size_t)g_exps[i].n_exp,
+                   sequential ? MADV_SEQUENTIAL : MADV_RANDOM);
+}
+
 /* Every *_exps tensor of `layer`, whole (the read-ahead of a next layer; marked so its own top-k skips it). */
 static void submit_whole(int layer) {
     if (layer < 0) return;
     if (layer < 4096) g_whole_at[layer] = g_ubatch + 1;
+    layer_advice(layer, 1);
     for (int i = 0; i < g_n_exps; i++)
         if (g_exps[i].layer == layer) submit(g_exps[i].data, g_exps[i].stride * (size_t)g_exps[i].n_exp);
 }
@@ -413,6 +432,7 @@ void paging_topk(const struct gt *t) {
         if (g_ahead) submit_whole(layer + 1);
         return;
     }
+    layer_advice(layer, 0);
     for (int i = 0; i < g_n_exps; i++) {
         struct exps *x = &g_exps[i];
         if (x->layer != layer) continue;
