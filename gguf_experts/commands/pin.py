@@ -18,7 +18,9 @@ HELP = "hold the hot experts' byte ranges of a model resident (mlock) for every 
 DESCRIPTION = (HELP + ". The experts are those `pins --budget` picks from --trace (most requests per byte), or a "
                "`pins --list-csv` file in its order, up to --budget bytes. Runs until SIGTERM/SIGINT, then "
                "unlocks. A budget above RLIMIT_MEMLOCK (`ulimit -l`) or MemAvailable is refused. "
-               "Example: gguf-experts pin MODEL.gguf --budget 4G --trace t.bin & llama-server -m MODEL.gguf ...")
+               "Example: gguf-experts pin MODEL.gguf --budget 4G --trace t.bin & llama-server -m MODEL.gguf ... "
+               "Experimental: not yet measured against the paging modes alone on a model bigger than RAM (peers "
+               "found the page cache beat pinning); measure with scripts/bench_paging.py before relying on it.")
 ORDER = 33
 
 
