@@ -22,6 +22,9 @@ What it does, per configuration (routing shape x budget x mode), one after the o
   own /proc/PID/io read_bytes and /proc/PID/stat majflt (its pid: the wrapper's child, not the wrapper), sampled
   before the request, at the first streamed token (end of prefill) and at the end; the server's timings
   (prompt_n, prompt_ms, predicted_n, predicted_per_token_ms).
+- routing check, from the trace: experts never selected per layer within a request (the concentrated shape leaves
+  most unused: 82-108 of 128 in a 145-token request of a 48-layer model; token-dependent a handful: median 6),
+  and whether the trace equals stock's (paging must not change results).
 - forecast: `gguf_experts.forecast` (issue 18), imported lazily, on the configuration's trace at the budget and
   mode; without it the forecast columns stay empty and the output says so.
 
@@ -32,7 +35,8 @@ paging.csv and paging.md (one row per configuration, measured and forecast side 
 re-forecasts) from results.jsonl without measuring.
 
     python scripts/bench_paging.py [--shape concentrated,token-dependent] [--budgets 6,9,13,none]
-        [--modes stock,random,prefetch] [--requests 3] [--n-predict 8] [--seed 42] [--out DIR]
+        [--modes stock,random,prefetch] [--configs SHAPE:BUDGET:MODE,...] [--requests 3] [--n-predict 8]
+        [--seed 42] [--out DIR] [--gguf-experts "PYTHON -m gguf_experts"]
         [--results-md docs/paging-results.md] [--report-only] [--layers 48] [--model-dir DIR]
     # quick check on a small model that does not fit a small budget:
     python scripts/bench_paging.py --layers 8 --budgets 2.5 --floor 2 --modes stock --requests 1 --n-predict 4
@@ -304,7 +308,7 @@ class Server:
         self.wrapper = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         preexec_fn=lambda: set_pdeathsig(signal.SIGTERM))
         logf.close()
-        self.pid = child_pid(self.wrapper.pid, "llama-server")
+        self.pid = child_pid(self.wrapper.pid, "llama-server", timeout=300)  # run may compile its preload first
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.wrapper.poll() is not None:
@@ -564,6 +568,9 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
     reqs = rec.get("requests") or []
     row: dict[str, Any] = {"shape": rec["shape"], "budget": rec["budget"], "mode": rec["mode"],
                            "mem_avail_GiB": round(rec.get("mem_available_at_start", 0) / GiB, 2),
+                           "mem_avail_range_GiB": (f"{rec['mem_available_min'] / GiB:.1f}-"
+                                                   f"{rec['mem_available_max'] / GiB:.1f}"
+                                                   if rec.get("mem_available_min") else None),
                            "requests": len(reqs), "drifted": rec.get("drifted", False)}
     if not reqs:
         row["error"] = rec.get("error", "no requests")
@@ -605,6 +612,7 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_avail_GiB", "MemAvail GiB"),
+           ("mem_avail_range_GiB", "during run"),
            ("prefill_MB_per_token", "prefill MB/tok"), ("fc_prefill_MB_per_token", "fc"),
            ("ratio_prefill_MB_per_token", "fc/meas"),
            ("decode_MB_per_token", "decode MB/tok"), ("fc_decode_MB_per_token", "fc"),
@@ -757,6 +765,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def configs(a: argparse.Namespace) -> Iterator[Config]:
+    """The matrix in order (shape, then budget, then mode), or --configs as given."""
+    if a.configs:
+        for item in a.configs.split(","):
+            shape, budget, mode = item.strip().split(":")
+            yield Config(shape, parse_budgets(budget)[0], mode)
+        return
     for s in a.shape:
         for b in a.budgets:
             for m in a.modes:
@@ -805,8 +819,8 @@ def measure(a: argparse.Namespace, results: Path) -> None:
             t0 = time.monotonic()
             try:
                 rec = run_config(cfg, a, model, server_bin, prompts, outdir)
-            except (RuntimeError, OSError, urllib.error.URLError, ValueError) as e:
-                log(f"  failed: {e}")
+            except Exception as e:  # one failed configuration (a crash, a timeout) must not stop the matrix
+                log(f"  failed: {type(e).__name__}: {e}")
                 rec = {"shape": cfg.shape, "budget": budget_label(cfg.budget), "mode": cfg.mode, "error": str(e)}
             durations.append(time.monotonic() - t0)
             with open(results, "a") as f:
@@ -822,11 +836,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="6,9,13,none",
                     help="GiB of MemAvailable to leave, comma-separated; none: no balloon")
     ap.add_argument("--modes", default="stock,random,prefetch", help=f"paging modes of {', '.join(MODES)}")
+    ap.add_argument("--configs", default=None,
+                    help="an explicit ordered list instead of the matrix: SHAPE:BUDGET:MODE,... "
+                         "(e.g. concentrated:9:stock,concentrated:9:prefetch,token-dependent:none:stock)")
     ap.add_argument("--requests", type=int, default=3, help="requests per configuration (prompts in file order)")
     ap.add_argument("--n-predict", type=int, default=8, help="tokens generated per request")
     ap.add_argument("--seed", type=int, default=42, help="sampling seed of the first request (+1 per request)")
     ap.add_argument("--layers", type=int, default=48, help="layers of the big models (48: 29.6 GiB)")
-    ap.add_argument("--fits-layers", type=int, default=16, help="layers of the `fits` model (16: about 10 GiB)")
+    ap.add_argument("--fits-layers", type=int, default=8, help="layers of the `fits` model (8: 4.9 GiB)")
     ap.add_argument("--model-dir", default=str(Path.home() / ".cache" / "gguf-experts" / "big"))
     ap.add_argument("--out", default=str(Path.home() / ".cache" / "gguf-experts" / "bench-paging"))
     ap.add_argument("--results-md", default=None, help="also write the markdown here (docs/paging-results.md)")
@@ -848,15 +865,17 @@ def main(argv: list[str] | None = None) -> int:
     a.modes = [m.strip() for m in a.modes.split(",")]
     a.budgets = parse_budgets(a.budgets)
     a.gx = a.gguf_experts.split()
-    for s in a.shape:
-        if s not in SHAPES:
-            ap.error(f"--shape {s}: use {', '.join(SHAPES)}")
-    for m in a.modes:
-        if m not in MODES:
-            ap.error(f"--modes {m}: use {', '.join(MODES)}")
-    for b in a.budgets:
-        if b is not None and b < a.floor + 1:
-            ap.error(f"--budgets {b:g}: below the safety floor ({a.floor:g} GiB) plus 1 GiB for the server")
+    try:
+        todo = list(configs(a))
+    except ValueError:
+        ap.error(f"--configs {a.configs}: give SHAPE:BUDGET:MODE items, e.g. concentrated:9:stock")
+    for c in todo:
+        if c.shape not in SHAPES:
+            ap.error(f"shape {c.shape}: use {', '.join(SHAPES)}")
+        if c.mode not in MODES:
+            ap.error(f"mode {c.mode}: use {', '.join(MODES)}")
+        if c.budget is not None and c.budget < a.floor + 1:
+            ap.error(f"budget {c.budget:g}: below the safety floor ({a.floor:g} GiB) plus 1 GiB for the server")
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
     results = outdir / "results.jsonl"
