@@ -97,6 +97,19 @@ def proc_io(pid: int) -> tuple[int, int]:
     return rb, int(rest[9])  # rest[0] is field 3 (state): field 12 is rest[9]
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used: with wall time, whether a step waited on the disk or
+    on other processes (the machine is shared: -t 2 threads on 2 cores compete with everything else)."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def model_resident(path: Path) -> int:
     """Bytes of the file resident in the page cache (mincore over a fresh read-only mapping)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -351,10 +364,10 @@ class Server:
                 "ignore_eos": True, "stream": True}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        io0 = proc_io(self.pid)
+        io0, c0 = proc_io(self.pid), proc_cpu(self.pid)
         t0 = time.perf_counter()
         io1: tuple[int, int] | None = None
-        t1 = 0.0
+        t1 = c1 = 0.0
         stamps: list[float] = []
         text: list[str] = []
         final: dict[str, Any] = {}
@@ -366,13 +379,13 @@ class Server:
                 msg = json.loads(line[5:])
                 now = time.perf_counter()
                 if io1 is None:
-                    io1, t1 = proc_io(self.pid), now
+                    io1, t1, c1 = proc_io(self.pid), now, proc_cpu(self.pid)
                 stamps.append(now)
                 text.append(msg.get("content", ""))
                 if msg.get("stop"):
                     final = msg
                     break
-        io2 = proc_io(self.pid)
+        io2, c2 = proc_io(self.pid), proc_cpu(self.pid)
         t2 = time.perf_counter()
         if io1 is None:
             raise RuntimeError("the server streamed nothing")
@@ -383,7 +396,8 @@ class Server:
                 "predicted_per_token_ms": tm.get("predicted_per_token_ms"),
                 "prefill_read": io1[0] - io0[0], "prefill_majflt": io1[1] - io0[1],
                 "decode_read": io2[0] - io1[0], "decode_majflt": io2[1] - io1[1],
-                "wall_first_token_s": t1 - t0, "wall_total_s": t2 - t0,
+                "wall_first_token_s": t1 - t0, "wall_total_s": t2 - t0, "prefill_cpu_s": c1 - c0,
+                "decode_cpu_s": c2 - c1, "loadavg": loadavg(),
                 "stream_gap_median_ms": 1000 * statistics.median(gaps) if gaps else None,
                 "text": "".join(text)}
 
@@ -590,6 +604,9 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
         "decode_tok_s": round(1000 * dn / d_ms, 3) if d_ms else None,
         "GB_per_request": round(sum(r["prefill_read"] + r["decode_read"] for r in reqs) / len(reqs) / 1e9, 2),
         "majflt_per_request": round(sum(r["prefill_majflt"] + r["decode_majflt"] for r in reqs) / len(reqs)),
+        "cpu_per_wall": round(sum(r["prefill_cpu_s"] + r["decode_cpu_s"] for r in reqs)
+                              / max(sum(r["wall_total_s"] for r in reqs), 1e-9), 2),
+        "loadavg": round(statistics.mean(r["loadavg"] for r in reqs), 1),
         "prefill_s": "/".join(f"{r['prompt_ms'] / 1000:.1f}" for r in reqs),
         "decode_s_per_token": "/".join(f"{r['predicted_per_token_ms'] / 1000:.3f}" for r in reqs),
     })
@@ -622,7 +639,8 @@ COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_ava
            ("prefill_s", "prefill s (per request)"), ("decode_s_per_token", "decode s/tok (per request)"),
            ("GB_per_request", "GB/request"), ("majflt_per_request", "majflt/request"), ("load_s", "load s"),
            ("load_GB", "load GB"), ("unused_experts", "unused experts/layer/request"),
-           ("trace_eq_stock", "trace = stock's"), ("drifted", "drifted")]
+           ("trace_eq_stock", "trace = stock's"), ("cpu_per_wall", "server CPU s / wall s"),
+           ("loadavg", "load avg"), ("drifted", "drifted")]
 
 
 def fmt(v: Any) -> str:
@@ -724,7 +742,8 @@ def render(records: list[dict[str, Any]], outdir: Path, results_md: Path | None,
     (outdir / "paging.csv").write_text(buf.getvalue())
     rkeys = ["shape", "budget", "mode", "request", "prompt_id", "kind", "prompt_n", "prompt_ms", "predicted_n",
              "predicted_per_token_ms", "prefill_read", "prefill_majflt", "decode_read", "decode_majflt",
-             "wall_first_token_s", "wall_total_s", "stream_gap_median_ms", "mem_available"]
+             "wall_first_token_s", "wall_total_s", "prefill_cpu_s", "decode_cpu_s", "loadavg",
+             "stream_gap_median_ms", "mem_available"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=rkeys, extrasaction="ignore")
     w.writeheader()
