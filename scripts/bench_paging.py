@@ -51,6 +51,7 @@ import io
 import json
 import mmap
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -72,6 +73,7 @@ SHAPES = ("concentrated", "token-dependent", "fits")
 MODES = ("stock", "random", "prefetch")
 PR_SET_PDEATHSIG = 1
 CHUNK = 256 << 20  # the balloon grows and shrinks in 256 MiB mappings
+TRACK_SLACK = 384 << 20  # how far MemAvailable may wander from the held level before the balloon moves
 
 
 # ---------------------------------------------------------------------------------------------- system readings
@@ -167,18 +169,29 @@ def set_pdeathsig(sig: int) -> None:
 def balloon_child(target: int, floor: int, parent: int) -> int:
     """The balloon process: grow in CHUNK mappings (one byte written per page) while MemAvailable stays at or
     above target after the next chunk, then sleep, giving memory back whenever MemAvailable < floor.
-    Reports on stdout, one line each: `ready BYTES AVAIL`, `released BYTES AVAIL`."""
+    On SIGUSR1 (sent once the server has loaded) it starts to hold MemAvailable at its level of that moment:
+    it gives memory back when others take some, and takes it again when they give it back (steps of CHUNK,
+    TRACK_SLACK of slack), so the server's page cache stays the same while other processes come and go.
+    Reports on stdout, one line each: `ready BYTES AVAIL`, `released BYTES AVAIL` (below the floor: the budget
+    drifted), `track BYTES AVAIL` (hold level set), `adjust SIGNED_BYTES AVAIL` (tracking)."""
     set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl
         return 1
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    hold: list[int] = []  # the MemAvailable level to hold, once asked
+    signal.signal(signal.SIGUSR1, lambda *_: hold.append(mem_available()))
     held: list[mmap.mmap] = []
     ones = b"\x01" * (CHUNK // PAGE)
-    while mem_available() - CHUNK >= max(target, floor):
+
+    def grow() -> None:
         m = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         m[::PAGE] = ones  # touch one byte per page: the kernel must back every page
         held.append(m)
+
+    while mem_available() - CHUNK >= max(target, floor):
+        grow()
     print(f"ready {len(held) * CHUNK} {mem_available()}", flush=True)
+    reported = 0
     while True:
         time.sleep(0.25)
         avail = mem_available()
@@ -189,6 +202,22 @@ def balloon_child(target: int, floor: int, parent: int) -> int:
                 held.pop().close()
                 freed += CHUNK
             print(f"released {freed} {mem_available()}", flush=True)
+            hold.clear()  # no tracking after a drift: the floor wins
+            continue
+        if not hold:
+            continue
+        level = max(hold[-1], floor + GiB)
+        if reported != level:
+            reported = level
+            print(f"track {len(held) * CHUNK} {level}", flush=True)
+        if avail < level - TRACK_SLACK and held:
+            n = min(len(held), -(-(level - avail) // CHUNK))
+            for _ in range(n):
+                held.pop().close()
+            print(f"adjust {-n * CHUNK} {mem_available()}", flush=True)
+        elif avail > level + TRACK_SLACK and avail - CHUNK >= floor + GiB:
+            grow()
+            print(f"adjust {CHUNK} {mem_available()}", flush=True)
 
 
 class Balloon:
@@ -201,6 +230,13 @@ class Balloon:
         self.released = 0
         self.ready = threading.Event()
         self.avail_ready = 0
+        self.hold_level = 0
+        self.adjusted: list[int] = []
+
+    def track(self) -> None:
+        """Hold MemAvailable at its present level from now on (the server has loaded: its own memory is in)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
 
     def start(self, timeout: float = 300) -> None:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--balloon-child",
@@ -220,6 +256,10 @@ class Balloon:
             if word == "ready":
                 self.size, self.avail_ready = int(n), int(avail)
                 self.ready.set()
+            elif word == "track":
+                self.hold_level = int(avail)
+            elif word == "adjust":
+                self.adjusted.append(int(n))
             elif word == "released":
                 self.released += int(n)
                 log(f"  balloon released {int(n) / GiB:.2f} GiB: MemAvailable fell below the floor "
@@ -306,11 +346,13 @@ class Server:
     threads: int = 2
     ctx: int = 2048
     port: int = field(default_factory=free_port)
+    paging_flag: bool = True
     wrapper: subprocess.Popen[bytes] | None = None
     pid: int = 0
 
     def argv(self) -> list[str]:
-        paging = [] if self.mode == "stock" else ["--paging", self.mode]
+        # run's own default is `auto` once --paging exists: stock must be asked for by name
+        paging = ["--paging", self.mode] if self.paging_flag else []
         return [*self.gx, "run", "-o", str(self.trace), *paging, "--", str(self.llama_server), "-m", str(self.model),
                 "-t", str(self.threads), "-c", str(self.ctx), "--parallel", "1", "--host", "127.0.0.1",
                 "--port", str(self.port)]
@@ -318,8 +360,9 @@ class Server:
     def start(self, timeout: float) -> None:
         logf = open(self.log_path, "wb")
         # the wrapper gets SIGTERM if we die (it forwards it to the server, which stops cleanly)
+        # cwd: not a checkout, so that `python -m gguf_experts` imports the tree that --gguf-experts names
         self.wrapper = subprocess.Popen(self.argv(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        preexec_fn=lambda: set_pdeathsig(signal.SIGTERM))
+                                        preexec_fn=lambda: set_pdeathsig(signal.SIGTERM), cwd=self.log_path.parent)
         logf.close()
         self.pid = child_pid(self.wrapper.pid, "llama-server", timeout=300)  # run may compile its preload first
         end = time.monotonic() + timeout
@@ -437,9 +480,16 @@ def llama_server_path(given: str | None) -> Path:
     return Path(out.stdout.strip().splitlines()[-1]) / "llama-server"
 
 
-def run_supports_paging(gx: list[str]) -> bool:
-    out = subprocess.run([*gx, "run", "--help"], capture_output=True, text=True)
+def run_supports_paging(gx: list[str], cwd: Path) -> bool:
+    out = subprocess.run([*gx, "run", "--help"], capture_output=True, text=True, cwd=cwd)
     return "--paging" in out.stdout
+
+
+def gx_tree(gx: list[str], cwd: Path) -> str:
+    """Which gguf_experts package the wrapper imports (a checkout given with PYTHONPATH, or this one)."""
+    out = subprocess.run([*gx[:-2], "-c", "import gguf_experts; print(gguf_experts.__file__)"]
+                         if gx[-2:] == ["-m", "gguf_experts"] else ["true"], capture_output=True, text=True, cwd=cwd)
+    return out.stdout.strip()
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -478,7 +528,9 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
     rec["mem_available_before_balloon"] = mem_available()
     balloon = None
     server = Server(server_bin, model, outdir / f"{cfg.key}.trace.bin", cfg.mode, a.gx,
-                    outdir / f"{cfg.key}.server.log", a.threads, a.ctx)
+                    outdir / f"{cfg.key}.server.log", a.threads, a.ctx, paging_flag=a.paging_flag)
+    rec["command"] = server.argv()
+    rec["gguf_experts"] = a.gx_tree
     with MemSampler() as mem:
         try:
             if cfg.budget is not None:
@@ -493,6 +545,8 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             t0 = time.perf_counter()
             server.start(a.load_timeout)
             rec["load_s"] = time.perf_counter() - t0
+            if balloon is not None and a.track:
+                balloon.track()
             rec["load_read"], rec["load_majflt"] = proc_io(server.pid)
             log(f"  loaded in {rec['load_s']:.1f} s, read {rec['load_read'] / 1e9:.1f} GB, "
                 f"{rec['load_majflt']} major faults")
@@ -514,6 +568,9 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             rec["server_status"] = server.stop()
             if balloon is not None:
                 rec["balloon_released"] = balloon.released
+                rec["balloon_hold_level"] = balloon.hold_level
+                rec["balloon_adjust_up"] = sum(x for x in balloon.adjusted if x > 0)
+                rec["balloon_adjust_down"] = -sum(x for x in balloon.adjusted if x < 0)
                 balloon.stop()
     rec["drifted"] = bool(rec.get("balloon_released"))
     rec["trace"] = str(server.trace)
@@ -615,6 +672,9 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
                                  f"{rec['unused_experts_max']})")
         row["trace_digest"] = rec.get("trace_digest")
     row["n_predict"] = rec.get("n_predict")
+    if rec.get("balloon_hold_level"):
+        row["balloon_moved_GiB"] = (f"+{rec.get('balloon_adjust_up', 0) / GiB:.1f}/"
+                                    f"-{rec.get('balloon_adjust_down', 0) / GiB:.1f}")
     fc = rec.get("forecast") or {}
     for k, m in (("prefill_bytes_per_token", "prefill_MB_per_token"),
                  ("decode_bytes_per_token", "decode_MB_per_token")):
@@ -640,7 +700,7 @@ COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_ava
            ("GB_per_request", "GB/request"), ("majflt_per_request", "majflt/request"), ("load_s", "load s"),
            ("load_GB", "load GB"), ("unused_experts", "unused experts/layer/request"),
            ("trace_eq_stock", "trace = stock's"), ("cpu_per_wall", "server CPU s / wall s"),
-           ("loadavg", "load avg"), ("drifted", "drifted")]
+           ("loadavg", "load avg"), ("balloon_moved_GiB", "balloon moved GiB"), ("drifted", "drifted")]
 
 
 def fmt(v: Any) -> str:
@@ -820,7 +880,9 @@ def measure(a: argparse.Namespace, results: Path) -> None:
     outdir = results.parent
     prompts = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
     server_bin = llama_server_path(a.llama_server)
-    paging_ok = run_supports_paging(a.gx)
+    paging_ok = a.paging_flag = run_supports_paging(a.gx, outdir)
+    a.gx_tree = gx_tree(a.gx, outdir)
+    log(f"gguf-experts: {a.gx_tree}" + ("" if paging_ok else " (no run --paging)"))
     todo = list(configs(a))
     if not paging_ok and any(c.mode != "stock" for c in todo):
         log("this `gguf-experts run` has no --paging yet: only stock runs (give --gguf-experts of a checkout with it)")
@@ -867,6 +929,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path.home() / ".cache" / "gguf-experts" / "bench-paging"))
     ap.add_argument("--results-md", default=None, help="also write the markdown here (docs/paging-results.md)")
     ap.add_argument("--floor", type=float, default=3.0, help="GiB of MemAvailable the balloon never goes below")
+    ap.add_argument("--no-track", dest="track", action="store_false",
+                    help="keep the balloon's size fixed after the load (default: hold MemAvailable at its level "
+                         "after the load, giving memory back when other processes take some and taking it again)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: build_llama_tools.sh's)")
@@ -895,10 +960,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"mode {c.mode}: use {', '.join(MODES)}")
         if c.budget is not None and c.budget < a.floor + 1:
             ap.error(f"budget {c.budget:g}: below the safety floor ({a.floor:g} GiB) plus 1 GiB for the server")
-    outdir = Path(a.out)
+    outdir = Path(a.out).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     results = outdir / "results.jsonl"
-    command = "python scripts/bench_paging.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python scripts/bench_paging.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     results_md = Path(a.results_md) if a.results_md else None
     if a.report_only:
         records = read_records(results)
