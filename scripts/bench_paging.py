@@ -347,6 +347,7 @@ class Server:
     ctx: int = 2048
     port: int = field(default_factory=free_port)
     paging_flag: bool = True
+    extra: list[str] = field(default_factory=list)
     wrapper: subprocess.Popen[bytes] | None = None
     pid: int = 0
 
@@ -355,7 +356,7 @@ class Server:
         paging = ["--paging", self.mode] if self.paging_flag else []
         return [*self.gx, "run", "-o", str(self.trace), *paging, "--", str(self.llama_server), "-m", str(self.model),
                 "-t", str(self.threads), "-c", str(self.ctx), "--parallel", "1", "--host", "127.0.0.1",
-                "--port", str(self.port)]
+                "--port", str(self.port), *self.extra]
 
     def start(self, timeout: float) -> None:
         logf = open(self.log_path, "wb")
@@ -528,7 +529,8 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
     rec["mem_available_before_balloon"] = mem_available()
     balloon = None
     server = Server(server_bin, model, outdir / f"{cfg.key}.trace.bin", cfg.mode, a.gx,
-                    outdir / f"{cfg.key}.server.log", a.threads, a.ctx, paging_flag=a.paging_flag)
+                    outdir / f"{cfg.key}.server.log", a.threads, a.ctx, paging_flag=a.paging_flag,
+                    extra=shlex.split(a.server_args))
     rec["command"] = server.argv()
     rec["gguf_experts"] = a.gx_tree
     with MemSampler() as mem:
@@ -607,30 +609,95 @@ def trace_summary(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- forecast
-def load_forecast() -> tuple[Callable[..., Any] | None, str]:
-    """`gguf_experts.forecast` (issue 18), or None and why: imported lazily, so the harness runs before it lands."""
+def load_forecast() -> tuple[Any, str]:
+    """`gguf_experts.paging.forecast` (issue 18), or None and why: imported lazily, so the harness measures
+    before it lands (then `--report-only` fills the forecast columns in)."""
+    import importlib
     try:
-        import gguf_experts
-        fn = getattr(gguf_experts, "forecast", None)
-        if fn is None:
-            import importlib
-            fn = getattr(importlib.import_module("gguf_experts.forecast"), "forecast", None)
-        if fn is None or not callable(fn):
-            return None, "gguf_experts.forecast is not a function here"
-        return fn, ""
+        return importlib.import_module("gguf_experts.paging.forecast"), ""
     except ImportError as e:
-        return None, f"gguf_experts.forecast is not importable yet ({e})"
+        return None, f"gguf_experts.paging.forecast is not importable here ({e})"
 
 
-def forecast_config(fn: Callable[..., Any], rec: dict[str, Any]) -> dict[str, Any]:
-    """Forecast bytes per token and tokens/s for one measured configuration: its trace, its model, the RAM it
-    ran with (MemAvailable at start, after the balloon), its mode. Adapter over forecast()'s result."""
-    ram = int(rec.get("mem_available_at_start") or 0)
-    res = fn(rec["trace"], model=rec["model"], ram=ram, advice=rec["mode"],
-             readahead_kb=rec.get("read_ahead_kb"))
-    d = res if isinstance(res, dict) else getattr(res, "__dict__", {})
-    return {k: d.get(k) for k in ("prefill_bytes_per_token", "decode_bytes_per_token", "prefill_tokens_per_s",
-                                  "decode_tokens_per_s")}
+def measured_frame(rec: dict[str, Any]) -> Any:
+    """The requests of one configuration as forecast()'s measured table (one prefill and one decode row per
+    request: phase, n_tokens, read_bytes, majflt, wall_ns), from which it takes the compute time per token."""
+    import pandas as pd
+    rows = []
+    for r in rec.get("requests") or []:
+        rows.append((0, r["prompt_n"], r["prefill_read"], r["prefill_majflt"], int(r["prompt_ms"] * 1e6)))
+        rows.append((1, max(r["predicted_n"] - 1, 0), r["decode_read"], r["decode_majflt"],
+                     int(r["predicted_ms"] * 1e6)))
+    return pd.DataFrame(rows, columns=["phase", "n_tokens", "read_bytes", "majflt", "wall_ns"])
+
+
+def compute_reference(records: list[dict[str, Any]], rec: dict[str, Any]) -> dict[str, Any]:
+    """The configuration whose timings give the compute time per token for rec's forecast: the same shape's
+    with the fewest bytes read per token (no balloon, ideally): its wall time is compute, not disk."""
+    same = [r for r in records if r["shape"] == rec["shape"] and r.get("requests")]
+
+    def read_per_token(r: dict[str, Any]) -> float:
+        q = r["requests"]
+        return sum(x["prefill_read"] + x["decode_read"] for x in q) / max(sum(x["prompt_n"] + x["predicted_n"]
+                                                                             for x in q), 1)
+    return min(same, key=read_per_token) if same else rec
+
+
+def disk_model(fc: Any, records: list[dict[str, Any]], given: str | None) -> Any:
+    """The disk model for every forecast: --disk MBPS,IOPS, or measured once (O_DIRECT reads of a model)."""
+    import importlib
+    disk = importlib.import_module("gguf_experts.paging.disk")
+    if given:
+        mbps, iops = (float(x) for x in given.split(","))
+        return disk.DiskModel(mbps, iops, "given")
+    return disk.measure_disk(records[0]["model"])
+
+
+def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) -> str:
+    """Forecast every measured configuration at its own RAM (MemAvailable at its start, after the balloon) and
+    mode, and per (shape, budget) the mode forecast recommends; a note says what was done or why not."""
+    fc, why = load_forecast()
+    done = [r for r in records if r.get("requests")]
+    if fc is None or not done:
+        return f"Forecast columns empty: {why or 'nothing measured'}."
+    disk = disk_model(fc, done, disk_given)
+    notes = []
+    for rec in done:
+        ref = compute_reference(done, rec)
+        rec["compute_from"] = f"{ref['shape']} {ref['budget']} {ref['mode']}"
+        try:
+            df = fc.forecast(rec["trace"], rec["model"], budgets=[int(rec["mem_available_at_start"])],
+                             advice=(rec["mode"],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
+                             ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref))
+            row = df.iloc[0]
+            rec["forecast"] = {"prefill_bytes_per_token": float(row["prefill_read_per_token"]),
+                               "decode_bytes_per_token": float(row["decode_read_per_token"]),
+                               "prefill_tokens_per_s": float(row["prefill_tok_s"]),
+                               "decode_tokens_per_s": float(row["decode_tok_s"]),
+                               "load_read_bytes": float(row["load_read_bytes"])}
+        except Exception as e:  # an API change must not lose the measurements
+            notes.append(f"{rec['shape']} {rec['budget']} {rec['mode']}: {type(e).__name__}: {e}")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in done:
+        groups.setdefault((rec["shape"], rec["budget"]), []).append(rec)
+    for (shape, budget), recs in groups.items():
+        if len(recs) < 2:
+            continue
+        try:
+            ram = int(statistics.median(r["mem_available_at_start"] for r in recs))
+            df = fc.forecast(recs[0]["trace"], recs[0]["model"], budgets=[ram], advice=tuple(MODES),
+                             readahead_kb=int(recs[0].get("read_ahead_kb") or 8192),
+                             ctx_size=int(recs[0].get("ctx") or 2048), disk=disk,
+                             measured=measured_frame(compute_reference(done, recs[0])))
+            best = str(fc.recommend(df)["advice"].iloc[0])
+            for r in recs:
+                r["forecast_recommends"] = best
+        except Exception as e:
+            notes.append(f"{shape} {budget} recommendation: {type(e).__name__}: {e}")
+    return (f"Forecast: gguf_experts.paging.forecast at each configuration's MemAvailable and mode; disk "
+            f"{disk.seq_mbps:.0f} MB/s sequential, {disk.iops:.0f} IOPS at 4 KiB ({disk.source}); compute time per "
+            "token from the same shape's configuration that read the least (column `compute from`)."
+            + ("" if not notes else " Failed: " + "; ".join(notes)))
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -672,6 +739,8 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
                                  f"{rec['unused_experts_max']})")
         row["trace_digest"] = rec.get("trace_digest")
     row["n_predict"] = rec.get("n_predict")
+    row["compute_from"] = rec.get("compute_from")
+    row["fc_recommends"] = rec.get("forecast_recommends")
     if rec.get("balloon_hold_level"):
         row["balloon_moved_GiB"] = (f"+{rec.get('balloon_adjust_up', 0) / GiB:.1f}/"
                                     f"-{rec.get('balloon_adjust_down', 0) / GiB:.1f}")
@@ -699,7 +768,8 @@ COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_ava
            ("prefill_s", "prefill s (per request)"), ("decode_s_per_token", "decode s/tok (per request)"),
            ("GB_per_request", "GB/request"), ("majflt_per_request", "majflt/request"), ("load_s", "load s"),
            ("load_GB", "load GB"), ("unused_experts", "unused experts/layer/request"),
-           ("trace_eq_stock", "trace = stock's"), ("cpu_per_wall", "server CPU s / wall s"),
+           ("trace_eq_stock", "trace = stock's"), ("fc_recommends", "fc recommends"),
+           ("compute_from", "compute from"), ("cpu_per_wall", "server CPU s / wall s"),
            ("loadavg", "load avg"), ("balloon_moved_GiB", "balloon moved GiB"), ("drifted", "drifted")]
 
 
@@ -860,21 +930,6 @@ def parse_budgets(text: str) -> list[float | None]:
     return [None if t.strip() in ("none", "") else float(t.rstrip("Gg")) for t in text.split(",")]
 
 
-def fill_forecast(records: list[dict[str, Any]]) -> str:
-    fn, why = load_forecast()
-    if fn is None:
-        return f"Forecast columns empty: {why}."
-    notes = []
-    for rec in records:
-        if not rec.get("requests"):
-            continue
-        try:
-            rec["forecast"] = forecast_config(fn, rec)
-        except Exception as e:  # an adapter mismatch must not lose the measurements
-            notes.append(f"{rec['shape']} {rec['budget']} {rec['mode']}: {type(e).__name__}: {e}")
-    return "Forecast: gguf_experts.forecast." + ("" if not notes else " Failed for: " + "; ".join(notes))
-
-
 def measure(a: argparse.Namespace, results: Path) -> None:
     """Measure the chosen configurations in order, appending each record to results as it finishes."""
     outdir = results.parent
@@ -932,6 +987,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-track", dest="track", action="store_false",
                     help="keep the balloon's size fixed after the load (default: hold MemAvailable at its level "
                          "after the load, giving memory back when other processes take some and taking it again)")
+    ap.add_argument("--disk", default=None, metavar="MBPS,IOPS",
+                    help="the forecast's disk model (default: measured once with O_DIRECT reads of the model)")
+    ap.add_argument("--server-args", default="", help="more llama-server arguments (default: none, stock)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: build_llama_tools.sh's)")
@@ -967,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     results_md = Path(a.results_md) if a.results_md else None
     if a.report_only:
         records = read_records(results)
-        note = fill_forecast(records)
+        note = fill_forecast(records, a.disk)
         print(render(records, outdir, results_md, command, note))
         return 0
     if a.fresh:
@@ -980,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     measure(a, results)
     records = read_records(results)
-    note = fill_forecast(records)
+    note = fill_forecast(records, a.disk)
     print(render(records, outdir, results_md, command, note))
     return 0
 
