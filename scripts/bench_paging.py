@@ -844,6 +844,14 @@ def goals(rows: list[dict[str, Any]], budget: str = "9G", low: str = "6G") -> li
         for k in ("prefill_tok_s", "decode_tok_s"):
             add(f"fits in RAM: {m} {k.replace('_', ' ')} / stock's", ratio(r, st, k), "0.98-1.02 (or faster)",
                 within(0.98, float('inf')))
+    for shape, budget in dict.fromkeys((r["shape"], r["budget"]) for r in rows if "error" not in r):
+        group = [r for r in rows if r["shape"] == shape and r["budget"] == budget and "error" not in r
+                 and r.get("decode_tok_s")]
+        rec = next((r["fc_recommends"] for r in group if r.get("fc_recommends")), None)
+        if len(group) > 1 and rec:
+            best = max(group, key=lambda r: (r["decode_tok_s"], r.get("prefill_tok_s") or 0))
+            out.append(f"| {shape} {budget}: forecast recommends the mode that measured fastest (decode) | "
+                       f"{rec} (measured best: {best['mode']}) | same | {'yes' if rec == best['mode'] else 'NO'} |")
     for r in rows:
         if "error" in r:
             continue
