@@ -73,6 +73,7 @@ SHAPES = ("concentrated", "token-dependent", "fits")
 MODES = ("stock", "random", "prefetch")
 PR_SET_PDEATHSIG = 1
 CHUNK = 256 << 20  # the balloon grows and shrinks in 256 MiB mappings
+DISK_RESERVE = 4_000_000_000  # a model is not made when it would leave less free disk than this
 TRACK_SLACK = 384 << 20  # how far MemAvailable may wander from the held level before the balloon moves
 
 
@@ -458,6 +459,12 @@ def ensure_model(path: Path, shape: str, layers: int) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    need = layers * 663_000_000 + 100_000_000  # 48 layers: 31.8 GB
+    free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+    if free < need + DISK_RESERVE:
+        raise RuntimeError(f"making {path.name} needs {need / 1e9:.1f} GB and {free / 1e9:.1f} GB are free "
+                           f"(keeping {DISK_RESERVE / 1e9:.0f} GB for others); remove a cached model from "
+                           f"{path.parent}")
     part = path.with_name(path.name + ".part")
     argv = ["nice", "-n", "10", "ionice", "-c3", sys.executable, str(ROOT / "scripts" / "make_big_model.py"),
             str(part), "--layers", str(layers)] + (["--token-dependent"] if shape == "token-dependent" else [])
@@ -958,10 +965,10 @@ def measure(a: argparse.Namespace, results: Path) -> None:
             eta = (statistics.mean(durations) if durations else a.requests * 60 + 180) * (len(todo) - i)
             log(f"[{i + 1}/{len(todo)}] {cfg.label}: elapsed {(time.monotonic() - t_start) / 60:.1f} min, "
                 f"ETA {eta / 60:.0f} min for the rest")
-            model = ensure_model(model_path(Path(a.model_dir), cfg.shape, a.layers, a.fits_layers), cfg.shape,
-                                 a.fits_layers if cfg.shape == "fits" else a.layers)
             t0 = time.monotonic()
             try:
+                model = ensure_model(model_path(Path(a.model_dir), cfg.shape, a.layers, a.fits_layers), cfg.shape,
+                                     a.fits_layers if cfg.shape == "fits" else a.layers)
                 rec = run_config(cfg, a, model, server_bin, prompts, outdir)
             except Exception as e:  # one failed configuration (a crash, a timeout) must not stop the matrix
                 log(f"  failed: {type(e).__name__}: {e}")
@@ -987,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-predict", type=int, default=8, help="tokens generated per request")
     ap.add_argument("--seed", type=int, default=42, help="sampling seed of the first request (+1 per request)")
     ap.add_argument("--layers", type=int, default=48, help="layers of the big models (48: 29.6 GiB)")
-    ap.add_argument("--fits-layers", type=int, default=8, help="layers of the `fits` model (8: 4.9 GiB)")
+    ap.add_argument("--fits-layers", type=int, default=4, help="layers of the `fits` model (4: 2.5 GiB)")
     ap.add_argument("--model-dir", default=str(Path.home() / ".cache" / "gguf-experts" / "big"))
     ap.add_argument("--out", default=str(Path.home() / ".cache" / "gguf-experts" / "bench-paging"))
     ap.add_argument("--results-md", default=None, help="also write the markdown here (docs/paging-results.md)")
