@@ -14,8 +14,10 @@ What it does, per configuration (routing shape x budget x mode), one after the o
   MemAvailable is down to the budget (there is no swap: the kernel cannot take it back). It dies with this process
   (PR_SET_PDEATHSIG), is stopped after each configuration (try/finally, SIGINT/SIGTERM handlers) and keeps a safety
   floor: when MemAvailable falls below --floor (3 GiB; other processes run on this machine) it releases memory,
-  and the configuration is marked "drifted". MemAvailable is sampled every second; its range is recorded.
-  No cgroups, no drop_caches, no sysfs writes.
+  and the configuration is marked "drifted". Once the server has loaded, it holds MemAvailable at that level
+  (gives memory back when other processes take some, takes it again when they free it; --no-track: fixed size),
+  so the server's page cache stays put on a shared machine. MemAvailable is sampled every second; its range
+  is recorded. No cgroups, no drop_caches, no sysfs writes.
 - server: `gguf-experts run -o trace.bin [--paging MODE] -- llama-server -m M -t 2 -c 2048 --parallel 1`; the
   prompts of scripts/data/paging_prompts.jsonl (code and prose, about 120 tokens each) go to /completion with
   temperature 1, a fixed seed, cache_prompt false, ignore_eos, streamed. Per request: the llama-server process's
@@ -25,8 +27,13 @@ What it does, per configuration (routing shape x budget x mode), one after the o
 - routing check, from the trace: experts never selected per layer within a request (the concentrated shape leaves
   most unused: 82-108 of 128 in a 145-token request of a 48-layer model; token-dependent a handful: median 6),
   and whether the trace equals stock's (paging must not change results).
-- forecast: `gguf_experts.forecast` (issue 18), imported lazily, on the configuration's trace at the budget and
-  mode; without it the forecast columns stay empty and the output says so.
+- forecast: `gguf_experts.paging.forecast.forecast` (issue 18), imported lazily, on the configuration's trace at
+  its MemAvailable and mode, with the disk measured once (O_DIRECT, or --disk) and the compute time per token of
+  the same shape's least-reading configuration; `recommend` per shape and budget. Without it the forecast columns
+  stay empty and the output says so.
+- timing caveat: llama.cpp's threads spin at barriers; on a busy 2-core machine -t 2 collapses (a cached 8-layer
+  model decoded at 1.7 s/token with -t 2 and 0.23 s/token with -t 1 at load average 8). The load average and
+  the server's CPU seconds per wall second are recorded per configuration; bytes do not depend on it.
 
 Outputs (in --out DIR, default ~/.cache/gguf-experts/bench-paging): results.jsonl (one raw record per configuration,
 appended as each finishes: an interrupted matrix keeps what it measured), requests.csv (one row per request),
@@ -38,8 +45,13 @@ re-forecasts) from results.jsonl without measuring.
         [--modes stock,random,prefetch] [--configs SHAPE:BUDGET:MODE,...] [--requests 3] [--n-predict 8]
         [--seed 42] [--out DIR] [--gguf-experts "PYTHON -m gguf_experts"]
         [--results-md docs/paging-results.md] [--report-only] [--layers 48] [--model-dir DIR]
+    # with another checkout's gguf-experts (e.g. a branch with `run --paging`; cwd must not be a checkout):
+    python scripts/bench_paging.py --gguf-experts "env PYTHONPATH=/path/to/tree /path/to/python -m gguf_experts"
+    # forecast columns from a tree that has gguf_experts.paging.forecast, without measuring again:
+    cd /tmp && PYTHONPATH=/path/to/tree python /path/to/scripts/bench_paging.py --report-only [--out DIR]
     # quick check on a small model that does not fit a small budget:
-    python scripts/bench_paging.py --layers 8 --budgets 2.5 --floor 2 --modes stock --requests 1 --n-predict 4
+    python scripts/bench_paging.py --layers 8 --configs concentrated:4:stock,concentrated:4:prefetch --requests 2 \
+        --n-predict 4 --out /tmp/bp-small
 """
 from __future__ import annotations
 
@@ -757,6 +769,8 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
         v = fc.get(k)
         row["fc_" + m] = round(v / 1e6, 2) if v is not None else None
         row["ratio_" + m] = round(v / 1e6 / row[m], 2) if v is not None and row[m] else None
+    if fc.get("load_read_bytes") is not None:
+        row["fc_load_GB"] = round(fc["load_read_bytes"] / 1e9, 2)
     for k in ("prefill_tok_s", "decode_tok_s"):
         v = fc.get(k.replace("tok_s", "tokens_per_s"))
         row["fc_" + k] = round(v, 3) if v is not None else None
@@ -774,7 +788,7 @@ COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_ava
            ("decode_tok_s", "decode tok/s"), ("fc_decode_tok_s", "fc"), ("ratio_decode_tok_s", "fc/meas"),
            ("prefill_s", "prefill s (per request)"), ("decode_s_per_token", "decode s/tok (per request)"),
            ("GB_per_request", "GB/request"), ("majflt_per_request", "majflt/request"), ("load_s", "load s"),
-           ("load_GB", "load GB"), ("unused_experts", "unused experts/layer/request"),
+           ("load_GB", "load GB"), ("fc_load_GB", "fc"), ("unused_experts", "unused experts/layer/request"),
            ("trace_eq_stock", "trace = stock's"), ("fc_recommends", "fc recommends"),
            ("compute_from", "compute from"), ("cpu_per_wall", "server CPU s / wall s"),
            ("loadavg", "load avg"), ("balloon_moved_GiB", "balloon moved GiB"), ("drifted", "drifted")]
