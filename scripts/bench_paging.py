@@ -623,8 +623,17 @@ def trace_summary(path: Path) -> dict[str, Any]:
     layers_seen = np.bincount(seq_idx * n_layer + t.layer, minlength=len(seqs) * n_layer).reshape(len(seqs), -1) > 0
     unused = (n_exp - used.sum(axis=2))[layers_seen]
     digest = hashlib.sha1(t.token.tobytes() + t.experts.tobytes()).hexdigest()[:12]
-    return {"trace_rows": len(t), "unused_experts_median": float(np.median(unused)),
-            "unused_experts_min": int(unused.min()), "unused_experts_max": int(unused.max()), "trace_digest": digest}
+    out: dict[str, Any] = {"trace_rows": len(t), "unused_experts_median": float(np.median(unused)),
+                           "unused_experts_min": int(unused.min()), "unused_experts_max": int(unused.max()),
+                           "trace_digest": digest}
+    io = getattr(t, "io", None)  # trace version 2 (issue 18 item 1): the tracer's own per-ubatch measurements
+    if io is not None and len(io):
+        for ph, name in ((0, "prefill"), (1, "decode")):
+            m = (np.asarray(io.phase) == ph) & (np.asarray(io.read_bytes) >= 0)
+            out[f"trace_{name}_read"] = int(np.asarray(io.read_bytes)[m].sum())
+            out[f"trace_{name}_tokens"] = int(np.asarray(io.n_tokens)[m].sum())
+            out[f"trace_{name}_wall_s"] = float(np.asarray(io.wall_ns)[m].clip(min=0).sum()) / 1e9
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- forecast
@@ -670,6 +679,18 @@ def disk_model(fc: Any, records: list[dict[str, Any]], given: str | None) -> Any
         mbps, iops = (float(x) for x in given.split(","))
         return disk.DiskModel(mbps, iops, "given")
     return disk.measure_disk(records[0]["model"])
+
+
+def fill_traces(records: list[dict[str, Any]]) -> None:
+    """Read again the traces that this process could not read when they were written (a newer trace version
+    written by another tree's `run`): --report-only under that tree fills the routing and trace columns in."""
+    for rec in records:
+        if rec.get("trace") and ("trace_rows" not in rec or rec.get("trace_error")) and Path(rec["trace"]).exists():
+            try:
+                rec.update(trace_summary(Path(rec["trace"])))
+                rec.pop("trace_error", None)
+            except Exception as e:
+                rec["trace_error"] = f"{type(e).__name__}: {e}"
 
 
 def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) -> str:
@@ -769,6 +790,9 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
         v = fc.get(k)
         row["fc_" + m] = round(v / 1e6, 2) if v is not None else None
         row["ratio_" + m] = round(v / 1e6 / row[m], 2) if v is not None and row[m] else None
+    for name in ("prefill", "decode"):  # the tracer's per-ubatch measurement, where the trace carries it
+        if rec.get(f"trace_{name}_tokens"):
+            row[f"trace_{name}_MB_per_token"] = round(rec[f"trace_{name}_read"] / rec[f"trace_{name}_tokens"] / 1e6, 2)
     if fc.get("load_read_bytes") is not None:
         row["fc_load_GB"] = round(fc["load_read_bytes"] / 1e9, 2)
     for k in ("prefill_tok_s", "decode_tok_s"):
@@ -781,9 +805,9 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
 COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_avail_GiB", "MemAvail GiB"),
            ("mem_avail_range_GiB", "during run"),
            ("prefill_MB_per_token", "prefill MB/tok"), ("fc_prefill_MB_per_token", "fc"),
-           ("ratio_prefill_MB_per_token", "fc/meas"),
+           ("ratio_prefill_MB_per_token", "fc/meas"), ("trace_prefill_MB_per_token", "trace's"),
            ("decode_MB_per_token", "decode MB/tok"), ("fc_decode_MB_per_token", "fc"),
-           ("ratio_decode_MB_per_token", "fc/meas"),
+           ("ratio_decode_MB_per_token", "fc/meas"), ("trace_decode_MB_per_token", "trace's"),
            ("prefill_tok_s", "prefill tok/s"), ("fc_prefill_tok_s", "fc"), ("ratio_prefill_tok_s", "fc/meas"),
            ("decode_tok_s", "decode tok/s"), ("fc_decode_tok_s", "fc"), ("ratio_decode_tok_s", "fc/meas"),
            ("prefill_s", "prefill s (per request)"), ("decode_s_per_token", "decode s/tok (per request)"),
@@ -1054,6 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     results_md = Path(a.results_md) if a.results_md else None
     if a.report_only:
         records = read_records(results)
+        fill_traces(records)
         note = fill_forecast(records, a.disk)
         print(render(records, outdir, results_md, command, note))
         return 0
