@@ -536,6 +536,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def stop_balloon(balloon: Balloon, rec: dict[str, Any]) -> None:
+    """Stop the balloon, first noting what it did (drift below the floor, tracking moves)."""
+    try:
+        rec["balloon_released"] = balloon.released
+        rec["balloon_hold_level"] = balloon.hold_level
+        rec["balloon_adjust_up"] = sum(x for x in balloon.adjusted if x > 0)
+        rec["balloon_adjust_down"] = -sum(x for x in balloon.adjusted if x < 0)
+    finally:
+        balloon.stop()
+
+
 def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path, prompts: list[dict[str, Any]],
                outdir: Path) -> dict[str, Any]:
     """Measure one configuration from a cold start; the balloon and the server are always stopped."""
@@ -571,28 +582,33 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             rec["load_read"], rec["load_majflt"] = proc_io(server.pid)
             log(f"  loaded in {rec['load_s']:.1f} s, read {rec['load_read'] / 1e9:.1f} GB, "
                 f"{rec['load_majflt']} major faults")
-            reqs = []
+            reqs: list[dict[str, Any]] = []
+            rec["requests"] = reqs
             for i in range(a.requests):
                 p = prompts[i % len(prompts)]
-                r = server.complete(p["prompt"], a.n_predict, a.seed + i, a.request_timeout)
+                try:
+                    r = server.complete(p["prompt"], a.n_predict, a.seed + i, a.request_timeout)
+                except Exception as e:  # keep the requests measured so far
+                    if not reqs:
+                        raise
+                    rec["partial_error"] = f"request {i}: {type(e).__name__}: {e}"
+                    log(f"  request {i} failed ({rec['partial_error']}); keeping {len(reqs)}")
+                    break
                 r.update({"request": i, "prompt_id": p["id"], "kind": p["kind"],
                           "mem_available": mem.samples[-1] if mem.samples else None})
                 reqs.append(r)
                 log(f"  request {i}: prefill {r['prompt_n']} tokens {r['prompt_ms'] / 1000:.1f} s, "
                     f"{r['prefill_read'] / 1e9:.2f} GB; decode {r['predicted_per_token_ms'] / 1000:.3f} s/token, "
                     f"{r['decode_read'] / 1e9:.2f} GB; {r['prefill_majflt'] + r['decode_majflt']} major faults")
-            rec["requests"] = reqs
             run_samples = mem.samples[n_samples0:] or mem.samples
             rec["mem_available_min"], rec["mem_available_max"] = min(run_samples), max(run_samples)
             rec["mem_available_median"] = int(statistics.median(run_samples))
         finally:
-            rec["server_status"] = server.stop()
-            if balloon is not None:
-                rec["balloon_released"] = balloon.released
-                rec["balloon_hold_level"] = balloon.hold_level
-                rec["balloon_adjust_up"] = sum(x for x in balloon.adjusted if x > 0)
-                rec["balloon_adjust_down"] = -sum(x for x in balloon.adjusted if x < 0)
-                balloon.stop()
+            try:
+                rec["server_status"] = server.stop()
+            finally:
+                if balloon is not None:
+                    stop_balloon(balloon, rec)
     rec["drifted"] = bool(rec.get("balloon_released"))
     rec["trace"] = str(server.trace)
     try:
@@ -745,6 +761,7 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
     """One table row: totals over the requests (bytes per token = bytes / tokens; tokens/s = tokens / time)."""
     reqs = rec.get("requests") or []
     row: dict[str, Any] = {"shape": rec["shape"], "budget": rec["budget"], "mode": rec["mode"],
+                           "partial": rec.get("partial_error"),
                            "mem_avail_GiB": round(rec.get("mem_available_at_start", 0) / GiB, 2),
                            "mem_avail_range_GiB": (f"{rec['mem_available_min'] / GiB:.1f}-"
                                                    f"{rec['mem_available_max'] / GiB:.1f}"
