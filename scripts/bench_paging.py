@@ -83,6 +83,12 @@ GiB = 1 << 30
 PAGE = mmap.PAGESIZE
 SHAPES = ("concentrated", "token-dependent", "fits")
 MODES = ("stock", "random", "prefetch")
+#: variants of a mode: (the --paging mode, extra environment of the server); the forecast models the base mode
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    **{m: (m, {}) for m in MODES},
+    "prefetch-ahead": ("prefetch", {"GGUF_EXPERTS_PREFETCH_AHEAD": "1"}),  # next layer whole after a whole layer
+    "prefetch-nowhole": ("prefetch", {"GGUF_EXPERTS_PREFETCH_WHOLE": "2"}),  # never whole tensors
+}
 PR_SET_PDEATHSIG = 1
 CHUNK = 256 << 20  # the balloon grows and shrinks in 256 MiB mappings
 DISK_RESERVE = 4_000_000_000  # a model is not made when it would leave less free disk than this
@@ -366,10 +372,12 @@ class Server:
 
     def argv(self) -> list[str]:
         # run's own default is `auto` once --paging exists: stock must be asked for by name
-        paging = ["--paging", self.mode] if self.paging_flag else []
-        return [*self.gx, "run", "-o", str(self.trace), *paging, "--", str(self.llama_server), "-m", str(self.model),
-                "-t", str(self.threads), "-c", str(self.ctx), "--parallel", "1", "--host", "127.0.0.1",
-                "--port", str(self.port), *self.extra]
+        base, env = VARIANTS[self.mode]
+        paging = ["--paging", base] if self.paging_flag else []
+        envs = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+        return [*envs, *self.gx, "run", "-o", str(self.trace), *paging, "--", str(self.llama_server),
+                "-m", str(self.model), "-t", str(self.threads), "-c", str(self.ctx), "--parallel", "1",
+                "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
 
     def start(self, timeout: float) -> None:
         logf = open(self.log_path, "wb")
@@ -723,7 +731,7 @@ def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) 
         rec["compute_from"] = f"{ref['shape']} {ref['budget']} {ref['mode']}"
         try:
             df = fc.forecast(rec["trace"], rec["model"], budgets=[int(rec["mem_available_at_start"])],
-                             advice=(rec["mode"],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
+                             advice=(VARIANTS[rec["mode"]][0],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
                              ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref))
             row = df.iloc[0]
             rec["forecast"] = {"prefill_bytes_per_token": float(row["prefill_read_per_token"]),
@@ -908,7 +916,7 @@ def goals(rows: list[dict[str, Any]], budget: str = "9G", low: str = "6G") -> li
                 within(0.98, float('inf')))
     for shape, budget in dict.fromkeys((r["shape"], r["budget"]) for r in rows if "error" not in r):
         group = [r for r in rows if r["shape"] == shape and r["budget"] == budget and "error" not in r
-                 and r.get("decode_tok_s")]
+                 and r.get("decode_tok_s") and r["mode"] in MODES]
         rec = next((r["fc_recommends"] for r in group if r.get("fc_recommends")), None)
         if len(group) > 1 and rec:
             best = max(group, key=lambda r: (r["decode_tok_s"], r.get("prefill_tok_s") or 0))
@@ -1009,9 +1017,9 @@ def measure(a: argparse.Namespace, results: Path) -> None:
     a.gx_tree = gx_tree(a.gx, outdir)
     log(f"gguf-experts: {a.gx_tree}" + ("" if paging_ok else " (no run --paging)"))
     todo = list(configs(a))
-    if not paging_ok and any(c.mode != "stock" for c in todo):
+    if not paging_ok and any(VARIANTS[c.mode][0] != "stock" for c in todo):
         log("this `gguf-experts run` has no --paging yet: only stock runs (give --gguf-experts of a checkout with it)")
-        todo = [c for c in todo if c.mode == "stock"]
+        todo = [c for c in todo if VARIANTS[c.mode][0] == "stock"]
     log(f"{len(todo)} configurations: " + ", ".join(c.label for c in todo))
     durations: list[float] = []
     t_start = time.monotonic()
@@ -1041,7 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"routing shapes, comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--budgets", default="6,9,13,none",
                     help="GiB of MemAvailable to leave, comma-separated; none: no balloon")
-    ap.add_argument("--modes", default="stock,random,prefetch", help=f"paging modes of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="stock,random,prefetch",
+                    help=f"paging modes of {', '.join(VARIANTS)} (variants: the base mode with an environment "
+                         "variable of the preload set)")
     ap.add_argument("--configs", default=None,
                     help="an explicit ordered list instead of the matrix: SHAPE:BUDGET:MODE,... "
                          "(e.g. concentrated:9:stock,concentrated:9:prefetch,token-dependent:none:stock)")
@@ -1084,8 +1094,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in todo:
         if c.shape not in SHAPES:
             ap.error(f"shape {c.shape}: use {', '.join(SHAPES)}")
-        if c.mode not in MODES:
-            ap.error(f"mode {c.mode}: use {', '.join(MODES)}")
+        if c.mode not in VARIANTS:
+            ap.error(f"mode {c.mode}: use {', '.join(VARIANTS)}")
         if c.budget is not None and c.budget < a.floor + 1:
             ap.error(f"budget {c.budget:g}: below the safety floor ({a.floor:g} GiB) plus 1 GiB for the server")
     outdir = Path(a.out).resolve()
