@@ -809,15 +809,22 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
     if rec.get("balloon_hold_level"):
         row["balloon_moved_GiB"] = (f"+{rec.get('balloon_adjust_up', 0) / GiB:.1f}/"
                                     f"-{rec.get('balloon_adjust_down', 0) / GiB:.1f}")
+    # the measured bytes per token: the tracer's per-ubatch /proc/self/io deltas where the trace carries them
+    # (exact per phase); else the server's /proc/PID/io sampled at the first streamed token, which arrives late on
+    # a busy machine (part of the first decode step's reads land in prefill; per request totals agree)
+    for name in ("prefill", "decode"):
+        row[f"proc_{name}_MB_per_token"] = row[f"{name}_MB_per_token"]
+        if rec.get(f"trace_{name}_tokens"):
+            row[f"{name}_MB_per_token"] = round(rec[f"trace_{name}_read"] / rec[f"trace_{name}_tokens"] / 1e6, 2)
+            row["bytes_from"] = "trace"
+        else:
+            row["bytes_from"] = "/proc split"
     fc = rec.get("forecast") or {}
     for k, m in (("prefill_bytes_per_token", "prefill_MB_per_token"),
                  ("decode_bytes_per_token", "decode_MB_per_token")):
         v = fc.get(k)
         row["fc_" + m] = round(v / 1e6, 2) if v is not None else None
         row["ratio_" + m] = round(v / 1e6 / row[m], 2) if v is not None and row[m] else None
-    for name in ("prefill", "decode"):  # the tracer's per-ubatch measurement, where the trace carries it
-        if rec.get(f"trace_{name}_tokens"):
-            row[f"trace_{name}_MB_per_token"] = round(rec[f"trace_{name}_read"] / rec[f"trace_{name}_tokens"] / 1e6, 2)
     if fc.get("load_read_bytes") is not None:
         row["fc_load_GB"] = round(fc["load_read_bytes"] / 1e9, 2)
     for k in ("prefill_tok_s", "decode_tok_s"):
@@ -830,9 +837,9 @@ def summarise(rec: dict[str, Any]) -> dict[str, Any]:
 COLUMNS = [("shape", "shape"), ("budget", "budget"), ("mode", "mode"), ("mem_avail_GiB", "MemAvail GiB"),
            ("mem_avail_range_GiB", "during run"),
            ("prefill_MB_per_token", "prefill MB/tok"), ("fc_prefill_MB_per_token", "fc"),
-           ("ratio_prefill_MB_per_token", "fc/meas"), ("trace_prefill_MB_per_token", "trace's"),
+           ("ratio_prefill_MB_per_token", "fc/meas"), ("proc_prefill_MB_per_token", "/proc split"),
            ("decode_MB_per_token", "decode MB/tok"), ("fc_decode_MB_per_token", "fc"),
-           ("ratio_decode_MB_per_token", "fc/meas"), ("trace_decode_MB_per_token", "trace's"),
+           ("ratio_decode_MB_per_token", "fc/meas"), ("proc_decode_MB_per_token", "/proc split"),
            ("prefill_tok_s", "prefill tok/s"), ("fc_prefill_tok_s", "fc"), ("ratio_prefill_tok_s", "fc/meas"),
            ("decode_tok_s", "decode tok/s"), ("fc_decode_tok_s", "fc"), ("ratio_decode_tok_s", "fc/meas"),
            ("prefill_s", "prefill s (per request)"), ("decode_s_per_token", "decode s/tok (per request)"),
@@ -967,9 +974,12 @@ def render(records: list[dict[str, Any]], outdir: Path, results_md: Path | None,
         f"{first.get('read_ahead_kb')}; llama-server -t {first.get('threads')} -c {first.get('ctx')} --parallel 1, "
         f"n_predict {first.get('n_predict')}, temperature 1, seed {first.get('seed')}, cache_prompt false. "
         "Budget: MemAvailable left by the balloon at the start of the configuration (MemAvail column). "
-        "Bytes: read_bytes of the llama-server process, prefill = request start to first streamed token; "
-        "decode per decode step (generated tokens - 1). tok/s: the server's timings. fc: forecast; "
-        "fc/meas: forecast / measured.", "",
+        "Bytes per token: the tracer's per-ubatch read_bytes deltas (/proc/self/io of the llama-server process, "
+        "trace version 2), summed by phase over the requests and divided by the phase's tokens (decode: one "
+        "token per step, generated tokens - 1 per request); the `/proc split` columns are the harness's own "
+        "reading of /proc/PID/io at the first streamed token, which arrives late on a busy machine. "
+        "GB/request and load GB: /proc/PID/io. tok/s: the server's timings. fc: forecast; fc/meas: forecast / "
+        "measured.", "",
         note, "",
         markdown_table(rows), "",
         "## Goals (issue 19, item 3; forecast bounds of issue 18)", "",
@@ -1078,6 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-timeout", type=float, default=1200)
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--report-only", action="store_true", help="render (and forecast) results.jsonl; measure nothing")
+    ap.add_argument("--rerun", default=None, help="the command to print as the one that reruns the measurements "
+                                                  "(with --report-only: the measuring command)")
     ap.add_argument("--fresh", action="store_true", help="start a new results.jsonl instead of appending")
     ap.add_argument("--balloon-child", nargs=3, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -1101,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     outdir = Path(a.out).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     results = outdir / "results.jsonl"
-    command = "python scripts/bench_paging.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = a.rerun or ("python scripts/bench_paging.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     results_md = Path(a.results_md) if a.results_md else None
     if a.report_only:
         records = read_records(results)
