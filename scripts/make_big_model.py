@@ -8,8 +8,16 @@ written directly from a pool of random blocks (each tensor starts at another pla
 random with its own scale (a few experts have large-variance logits), so routing is skewed toward some
 experts and the top-k margins are wide, not the coin toss of a flat random router.
 
+Routing shape. In a random deep model attention collapses every position onto nearly one hidden state, so the
+default model routes in a concentrated way whatever its router (in 138 tokens, 60-106 of 128 experts per layer
+were never selected). `--token-dependent` keeps the token in the hidden state: token embeddings sqrt(n_embd)
+times larger, attention-output and expert down-projection weights 20x smaller, and a flat router (every row
+drawn alike); then only a few experts per layer go unused and the hot set is the whole model, as with the
+token-dependent routing of trained models (the hardest case for paging). Same tensors, sizes and offsets.
+
     python scripts/make_big_model.py OUT.gguf [--quant Q8_0|Q4_K] [--layers 48] [--experts 128] [--top-k 8]
         [--embd 2048] [--ff 768] [--heads 32] [--heads-kv 4] [--head-dim 128] [--seed 0]
+        [--token-dependent] [--router peaked|flat]
 """
 from __future__ import annotations
 
@@ -42,6 +50,28 @@ def block_pool(quant: str, rng: np.random.Generator, n_in: int) -> np.ndarray:
     return raw.reshape(-1)
 
 
+def rescale_pool(pool: np.ndarray, quant: str, factor: float) -> np.ndarray:
+    """A copy of a block pool with every block's scale (and Q4_K's min scale) multiplied by factor: the same
+    random quants, a weight matrix factor times larger (no random draw, so the other tensors stay as they were)."""
+    blck, size = BLOCKS[quant]
+    raw = pool.reshape(-1, size).copy()
+    for lo in ((0, 2) if quant == "Q4_K" else (0,)):  # byte offsets of the f16 d (and Q4_K's dmin)
+        d = raw[:, lo:lo + 2].copy().view(np.float16).astype(np.float32) * factor
+        raw[:, lo:lo + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(-1)
+
+
+def make_pools(quant: str, rng: np.random.Generator, fan_ins: set[int],
+               keys: list[tuple[int, float]]) -> dict[tuple[int, float], np.ndarray]:
+    """Block pools keyed (fan-in, scale factor): one random pool per fan-in (drawn in the set's order, as
+    always), and rescaled copies of it for the factors the plan asks for."""
+    pools = {(n_in, 1.0): block_pool(quant, rng, n_in) for n_in in fan_ins}
+    for key in keys:
+        if key not in pools:
+            pools[key] = rescale_pool(pools[(key[0], 1.0)], quant, key[1])
+    return pools
+
+
 def pool_bytes(pool: np.ndarray, need: int, bsize: int, rng: np.random.Generator) -> np.ndarray:
     """need bytes of whole blocks from the pool, starting at a random block, wrapping around."""
     start = int(rng.integers(0, len(pool) // bsize)) * bsize
@@ -68,7 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads-kv", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-dependent", action="store_true",
+                    help="keep the token in the hidden state (token embeddings sqrt(n_embd) times larger, "
+                         "attn_output and ffn_down_exps 20x smaller) and use a flat router: routing varies per token")
+    ap.add_argument("--router", choices=("peaked", "flat"), default=None,
+                    help="router rows: each expert with its own scale (peaked, the default) or all drawn alike "
+                         "(flat, the default with --token-dependent)")
     a = ap.parse_args(argv)
+    flat = (a.router or ("flat" if a.token_dependent else "peaked")) == "flat"
+    # weight scale per tensor kind: token embeddings, attention output, expert down projection
+    embd_x, small_x = (float(np.sqrt(a.embd)), 1 / 20) if a.token_dependent else (1.0, 1.0)
     from gguf import GGMLQuantizationType, GGUFWriter
 
     t0 = time.perf_counter()
@@ -82,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     n_vocab = 259
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     wr = GGUFWriter(a.out, arch)
-    wr.add_name(f"big-{arch}-{a.layers}x{a.experts}top{a.top_k}-{q}")
+    shape = "-tokdep" if a.token_dependent else ""
+    wr.add_name(f"big-{arch}-{a.layers}x{a.experts}top{a.top_k}-{q}{shape}{'-flat' if flat else ''}")
     wr.add_file_type({"Q8_0": 7, "Q4_K": 15}[q])
     for key, val in [("context_length", 4096), ("embedding_length", a.embd), ("block_count", a.layers),
                      ("feed_forward_length", a.ff * 8), ("expert_feed_forward_length", a.ff),
@@ -102,17 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     wr.add_add_bos_token(True)
 
     # (name, ne in ggml order, type, producer of the bytes)
-    plan: list[tuple[str, tuple[int, ...], str, object]] = []
+    plan: list[tuple[str, tuple[int, ...], str, np.ndarray | tuple[int, float]]] = []
     qd, kvd = a.heads * a.head_dim, a.heads_kv * a.head_dim
 
-    def quant(name: str, *ne: int) -> None:
-        plan.append((name, ne, q, ne[0]))
+    def quant(name: str, *ne: int, x: float = 1.0) -> None:
+        plan.append((name, ne, q, (ne[0], x)))
 
     def f32(name: str, arr: np.ndarray) -> None:
         plan.append((name, tuple(reversed(arr.shape)), "F32", arr.astype(np.float32)))
 
     ones = np.ones(a.embd, dtype=np.float32)
-    quant("token_embd.weight", a.embd, n_vocab)
+    quant("token_embd.weight", a.embd, n_vocab, x=embd_x)
     f32("output_norm.weight", ones)
     quant("output.weight", a.embd, n_vocab)
     for i in range(a.layers):
@@ -121,18 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         quant(p + "attn_q.weight", a.embd, qd)
         quant(p + "attn_k.weight", a.embd, kvd)
         quant(p + "attn_v.weight", a.embd, kvd)
-        quant(p + "attn_output.weight", qd, a.embd)
+        quant(p + "attn_output.weight", qd, a.embd, x=small_x)
         f32(p + "attn_q_norm.weight", np.ones(a.head_dim, dtype=np.float32))
         f32(p + "attn_k_norm.weight", np.ones(a.head_dim, dtype=np.float32))
         f32(p + "ffn_norm.weight", ones)
         # peaked router: logit_e ~ N(0, scale_e^2) for a normalised input; a few experts have large scales
         scale = 0.5 + 5.0 * (np.arange(a.experts) / max(a.experts - 1, 1)) ** 4
         scale = rng.permutation(scale)
+        if flat:  # every row drawn alike (the permutation is still drawn: other tensors keep their bytes)
+            scale = np.ones(a.experts)
         router = rng.standard_normal((a.experts, a.embd)) * (scale[:, None] / np.sqrt(a.embd))
         f32(p + "ffn_gate_inp.weight", router)
         quant(p + "ffn_gate_exps.weight", a.embd, a.ff, a.experts)
         quant(p + "ffn_up_exps.weight", a.embd, a.ff, a.experts)
-        quant(p + "ffn_down_exps.weight", a.ff, a.embd, a.experts)
+        quant(p + "ffn_down_exps.weight", a.ff, a.embd, a.experts, x=small_x)
 
     def nbytes(ne: tuple[int, ...], typ: str) -> int:
         n = int(np.prod(ne))
@@ -148,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_ti_data_to_file()
-    pools = {n_in: block_pool(q, rng, n_in) for n_in in {a.embd, a.ff, qd}}
+    pools = make_pools(q, rng, {a.embd, a.ff, qd}, [src for _, _, _, src in plan if isinstance(src, tuple)])
     total = 0
     for _, ne, typ, src in plan:
-        data = src if typ == "F32" else pool_bytes(pools[int(src)], nbytes(ne, typ), bsize, rng)  # type: ignore
+        data = pool_bytes(pools[src], nbytes(ne, typ), bsize, rng) if isinstance(src, tuple) else src
         wr.write_tensor_data(data)
         total += data.nbytes
     wr.close()
