@@ -162,7 +162,7 @@ def server(llama_bin: Path) -> Path:
 
 def test_llama_server_requests_are_measured(tmp_path: Path, model: Path, server: Path) -> None:
     """Under llama-server: every ubatch measured (prompt and generated tokens), per request."""
-    from test_run_server import free_port, post, wait_healthy
+    from test_run_server import ServerLog, free_port, post
 
     port = free_port()
     t = tmp_path / "server.bin"
@@ -170,7 +170,7 @@ def test_llama_server_requests_are_measured(tmp_path: Path, model: Path, server:
                              "--port", str(port), "-c", "512", "-ub", "16", "-t", "2", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_healthy(port, proc)
+        ServerLog(proc).wait_ready(port)  # reads stderr until the program ends (no full pipe)
         for prompt in PROMPTS:
             out = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0})
             assert out["usage"]["completion_tokens"] == 6
@@ -237,7 +237,7 @@ def test_llama_server_concurrent_requests_share_ubatches(tmp_path: Path, model: 
     (phase 2 when they hold prompt and generated rows); the token sums still hold."""
     import threading
 
-    from test_run_server import free_port, post, wait_healthy
+    from test_run_server import ServerLog, free_port, post
 
     port = free_port()
     t = tmp_path / "par.bin"
@@ -246,7 +246,7 @@ def test_llama_server_concurrent_requests_share_ubatches(tmp_path: Path, model: 
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     errors: list[BaseException] = []
     try:
-        wait_healthy(port, proc)
+        ServerLog(proc).wait_ready(port)  # reads stderr until the program ends (no full pipe)
         barrier = threading.Barrier(2)
 
         def client(prompt: str) -> None:
