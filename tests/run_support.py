@@ -2,6 +2,9 @@
 same tokens (gguf_experts.trace.live.capture.TracedLlama), to compare row by row."""
 from __future__ import annotations
 
+import json
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,17 @@ def compare(run: Rows, cap: Rows) -> dict[str, Any]:
     differ = [k for k in run if k in cap and run[k][:2] != cap[k][:2]]
     return {"rows": len(run), "missing": missing, "differ": differ}
 
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a llama-server under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(port: int, path: str, body: dict[str, Any]) -> Any:
+    """POST JSON to a llama-server on the loopback and return its JSON answer."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())

@@ -162,7 +162,8 @@ def server(llama_bin: Path) -> Path:
 
 def test_llama_server_requests_are_measured(tmp_path: Path, model: Path, server: Path) -> None:
     """Under llama-server: every ubatch measured (prompt and generated tokens), per request."""
-    from test_run_server import ServerLog, free_port, post
+    from run_support import free_port, post
+    from test_run_server import ServerLog
 
     port = free_port()
     t = tmp_path / "server.bin"
@@ -237,7 +238,8 @@ def test_llama_server_concurrent_requests_share_ubatches(tmp_path: Path, model: 
     (phase 2 when they hold prompt and generated rows); the token sums still hold."""
     import threading
 
-    from test_run_server import ServerLog, free_port, post
+    from run_support import free_port, post
+    from test_run_server import ServerLog
 
     port = free_port()
     t = tmp_path / "par.bin"

@@ -39,6 +39,7 @@ from gguf_experts.gguf.layout import expert_slices
 from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.preload.run import build_preload
+from run_support import free_port, post
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,20 +103,6 @@ def slice_residency(model: Path, component: str) -> dict[tuple[int, int], float]
         out[(int(layer), int(e))] = float(r[a:b].mean())
     return out
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def post(port: int, path: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
 
 
 def child_pid(pid: int) -> int | None:

@@ -3,9 +3,7 @@ HTTP (/v1/completions and /v1/chat/completions) with --parallel 2, stopped with 
 must equal an in-process capture of the same tokens, replayed request by request on its slot."""
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +21,7 @@ from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.preload.run import build_preload
 
-from run_support import capture_requests, compare, flip_margin, rows_of, sequence_tokens
+from run_support import capture_requests, compare, flip_margin, free_port, post, rows_of, sequence_tokens
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,18 +32,6 @@ GGE = [sys.executable, "-m", "gguf_experts"]
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=3)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def post(port: int, path: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
 
 
 class ServerLog:
