@@ -99,12 +99,3 @@ def run(args: argparse.Namespace) -> int:
                         env=paging.paging_env(choice), extra_meta={"paging": choice.mode}, on_start=say_mode)
     _report(res, argv[0], args.no_trace)
     return res.returncode
-    if res.written and res.header is not None:
-        seqs = len(res.header.meta.get("sequences") or [])
-        sys.stderr.write(f"gguf-experts: trace {res.trace} ({seqs} sequences, model "
-                         f"{res.header.meta.get('model')}); program exit status {res.returncode}\n")
-    elif res.signal is None:
-        sys.stderr.write(f"gguf-experts: no trace written: {argv[0]} decoded no Mixture-of-Experts model through "
-                         "a shared libllama (a static build, or not a llama.cpp program? see docs/run.md); "
-                         f"program exit status {res.returncode}\n")
-    return res.returncode
