@@ -200,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     what = args[0] if args else "install"
     if what == "install":
-        print(f"llama-cpp-python installed from {install()}", file=sys.stderr)
+        try:
+            print(f"llama-cpp-python installed from {install()}", file=sys.stderr)
+        except subprocess.CalledProcessError as e:
+            cmd = " ".join(map(str, e.cmd[2:5])) if isinstance(e.cmd, list) else str(e.cmd)
+            print(f"native_build: `{cmd} ...` failed (exit {e.returncode}); its messages are above", file=sys.stderr)
+            return 1
     elif what == "cmake-args":
         print(shlex.join(cmake_args()))
     elif what == "key":
