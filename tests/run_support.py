@@ -3,6 +3,7 @@ same tokens (gguf_experts.trace.live.capture.TracedLlama), to compare row by row
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -132,3 +133,13 @@ def post(port: int, path: str, body: dict[str, Any]) -> Any:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (clean pages only: fsync first), for a cold start."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

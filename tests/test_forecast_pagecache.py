@@ -11,13 +11,13 @@ the WILLNEED cap, not eviction.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from run_support import evict
 
 from gguf_experts.gguf.fingerprint import fingerprint
 from gguf_experts.gguf.reader import open_model
@@ -111,14 +111,6 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     yield out
     out.unlink(missing_ok=True)
 
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def resident_pages(path: Path) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_support import evict as drop_from_cache
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
 
@@ -46,12 +47,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def evict(path: Path) -> None:
     """Drop the file from the page cache (clean pages only: fsync first); skip where the file system keeps files
     in memory whatever we advise (tmpfs)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_from_cache(path)
     got = file_resident(path)
     assert got is not None
     if got[0] > got[1] // 10:

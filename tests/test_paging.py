@@ -39,7 +39,7 @@ from gguf_experts.gguf.layout import expert_slices
 from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.preload.run import build_preload
-from run_support import free_port, post
+from run_support import evict, free_port, post
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,13 +83,6 @@ def resident(path: Path) -> np.ndarray:
         _libc.munmap(addr, size)
     return v & 1
 
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def slice_residency(model: Path, component: str) -> dict[tuple[int, int], float]:
