@@ -89,6 +89,16 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "prefetch-ahead": ("prefetch", {"GGUF_EXPERTS_PREFETCH_AHEAD": "1"}),  # next layer whole after a whole layer
     "prefetch-nowhole": ("prefetch", {"GGUF_EXPERTS_PREFETCH_WHOLE": "2"}),  # never whole tensors
 }
+
+
+def variant(mode: str) -> tuple[str, dict[str, str], float | None]:
+    """A mode's base paging mode, the preload's environment, and the GiB that `gguf-experts pin` holds locked
+    (`MODE+pinN`: pin N GiB of the hottest experts before the server starts, inside the same budget)."""
+    name, _, pin = mode.partition("+pin")
+    base, env = VARIANTS[name]
+    return base, env, float(pin) if pin else None
+
+
 PR_SET_PDEATHSIG = 1
 CHUNK = 256 << 20  # the balloon grows and shrinks in 256 MiB mappings
 DISK_RESERVE = 4_000_000_000  # a model is not made when it would leave less free disk than this
@@ -372,7 +382,7 @@ class Server:
 
     def argv(self) -> list[str]:
         # run's own default is `auto` once --paging exists: stock must be asked for by name
-        base, env = VARIANTS[self.mode]
+        base, env, _ = variant(self.mode)
         paging = ["--paging", base] if self.paging_flag else []
         envs = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
         return [*envs, *self.gx, "run", "-o", str(self.trace), *paging, "--", str(self.llama_server),
@@ -566,6 +576,7 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
     rec["resident_at_start"] = model_resident(model)
     rec["mem_available_before_balloon"] = mem_available()
     balloon = None
+    pin: subprocess.Popen[bytes] | None = None
     server = Server(server_bin, model, outdir / f"{cfg.key}.trace.bin", cfg.mode, a.gx,
                     outdir / f"{cfg.key}.server.log", a.threads, a.ctx, paging_flag=a.paging_flag,
                     extra=shlex.split(a.server_args))
@@ -577,6 +588,9 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
                 balloon = Balloon(int(cfg.budget * GiB), int(a.floor * GiB))
                 balloon.start()
                 rec["balloon_bytes"] = balloon.size
+            pin_gib = variant(cfg.mode)[2]
+            if pin_gib is not None:
+                pin = start_pin(a, cfg, model, pin_gib, outdir, rec)
             rec["mem_available_at_start"] = mem_available()
             log(f"  MemAvailable {rec['mem_available_at_start'] / GiB:.2f} GiB"
                 + (f" (balloon {balloon.size / GiB:.2f} GiB)" if balloon else " (no balloon)")
@@ -615,8 +629,12 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             try:
                 rec["server_status"] = server.stop()
             finally:
-                if balloon is not None:
-                    stop_balloon(balloon, rec)
+                try:
+                    if pin is not None:
+                        rec["pin_status"] = stop_process(pin)
+                finally:
+                    if balloon is not None:
+                        stop_balloon(balloon, rec)
     rec["drifted"] = bool(rec.get("balloon_released"))
     rec["trace"] = str(server.trace)
     try:
@@ -625,6 +643,62 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
         rec["trace_error"] = f"{type(e).__name__}: {e}"
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return rec
+
+
+def pin_trace(a: argparse.Namespace, shape: str, outdir: Path) -> Path:
+    """The trace that a shape's pins are learnt from: --pin-trace's, else this output's first stock trace."""
+    given = dict(item.split("=", 1) for item in (a.pin_trace or "").split(",") if "=" in item)
+    if shape in given:
+        return Path(given[shape])
+    found = sorted(outdir.glob(f"{shape}-*-stock.trace.bin"))
+    if not found:
+        raise RuntimeError(f"no trace to learn {shape}'s pins from: measure {shape}:...:stock first or give "
+                           f"--pin-trace {shape}=TRACE")
+    return found[0]
+
+
+def start_pin(a: argparse.Namespace, cfg: Config, model: Path, gib: float, outdir: Path,
+              rec: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Start `gguf-experts pin` (after the balloon, so the budget holds pinned and cached pages alike) and wait
+    until it has locked everything; what it locked goes to the record."""
+    trace = pin_trace(a, cfg.shape, outdir)
+    ready = outdir / f"{cfg.key}.pin.ready"
+    ready.unlink(missing_ok=True)
+    out = outdir / f"{cfg.key}.pin.json"
+    argv = [*a.gx, "pin", str(model), "--budget", f"{gib:g}G", "--trace", str(trace), "--ready-file", str(ready),
+            "--format", "json"]
+    rec["pin_command"] = argv
+    rec["pin_trace"] = str(trace)
+    t0 = time.perf_counter()
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=lambda: set_pdeathsig(signal.SIGTERM), cwd=outdir)
+    end = time.monotonic() + 600
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"pin exited with status {proc.returncode} before locking; output: {out}")
+        if time.monotonic() > end:
+            stop_process(proc)
+            raise RuntimeError(f"pin not ready after 600 s; output: {out}")
+        time.sleep(0.2)
+    rec["pin_s"] = time.perf_counter() - t0
+    rec["pin_locked_bytes"] = int(Path("/proc/" + str(proc.pid) + "/status").read_text().split("VmLck:")[1]
+                                  .split()[0]) * 1024
+    log(f"  pin: {rec['pin_locked_bytes'] / GiB:.2f} GiB locked in {rec['pin_s']:.1f} s (learnt from {trace.name}); "
+        f"MemAvailable now {mem_available() / GiB:.2f} GiB")
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM, then SIGKILL after 60 s; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def trace_summary(path: Path) -> dict[str, Any]:
@@ -731,7 +805,7 @@ def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) 
         rec["compute_from"] = f"{ref['shape']} {ref['budget']} {ref['mode']}"
         try:
             df = fc.forecast(rec["trace"], rec["model"], budgets=[int(rec["mem_available_at_start"])],
-                             advice=(VARIANTS[rec["mode"]][0],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
+                             advice=(variant(rec["mode"])[0],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
                              ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref))
             row = df.iloc[0]
             rec["forecast"] = {"prefill_bytes_per_token": float(row["prefill_read_per_token"]),
@@ -1027,9 +1101,9 @@ def measure(a: argparse.Namespace, results: Path) -> None:
     a.gx_tree = gx_tree(a.gx, outdir)
     log(f"gguf-experts: {a.gx_tree}" + ("" if paging_ok else " (no run --paging)"))
     todo = list(configs(a))
-    if not paging_ok and any(VARIANTS[c.mode][0] != "stock" for c in todo):
+    if not paging_ok and any(variant(c.mode)[0] != "stock" for c in todo):
         log("this `gguf-experts run` has no --paging yet: only stock runs (give --gguf-experts of a checkout with it)")
-        todo = [c for c in todo if VARIANTS[c.mode][0] == "stock"]
+        todo = [c for c in todo if variant(c.mode)[0] == "stock"]
     log(f"{len(todo)} configurations: " + ", ".join(c.label for c in todo))
     durations: list[float] = []
     t_start = time.monotonic()
@@ -1061,7 +1135,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="GiB of MemAvailable to leave, comma-separated; none: no balloon")
     ap.add_argument("--modes", default="stock,random,prefetch",
                     help=f"paging modes of {', '.join(VARIANTS)} (variants: the base mode with an environment "
-                         "variable of the preload set)")
+                         "variable of the preload set); MODE+pinN also runs `gguf-experts pin MODEL --budget NG` "
+                         "inside the same budget, before the server starts")
+    ap.add_argument("--pin-trace", default=None, metavar="SHAPE=TRACE,...",
+                    help="the trace each shape's pins are learnt from (default: the first SHAPE-*-stock.trace.bin "
+                         "in --out)")
     ap.add_argument("--configs", default=None,
                     help="an explicit ordered list instead of the matrix: SHAPE:BUDGET:MODE,... "
                          "(e.g. concentrated:9:stock,concentrated:9:prefetch,token-dependent:none:stock)")
@@ -1106,8 +1184,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in todo:
         if c.shape not in SHAPES:
             ap.error(f"shape {c.shape}: use {', '.join(SHAPES)}")
-        if c.mode not in VARIANTS:
-            ap.error(f"mode {c.mode}: use {', '.join(VARIANTS)}")
+        try:
+            variant(c.mode)
+        except (KeyError, ValueError):
+            ap.error(f"mode {c.mode}: use {', '.join(VARIANTS)}, optionally with +pinN (N GiB locked by `pin`)")
         if c.budget is not None and c.budget < a.floor + 1:
             ap.error(f"budget {c.budget:g}: below the safety floor ({a.floor:g} GiB) plus 1 GiB for the server")
     outdir = Path(a.out).resolve()
