@@ -14,6 +14,7 @@ wall_ns (-1 = unknown), as the trace's IoTable carries them; chunks with an ``io
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
 #: max(io_pages, ra_pages) pages of each call). 0: `run --paging prefetch` as it is, whose calls are cut to that cap
 #: (trace/preload/ggexp_paging.c g_step), so every selected byte is read.
 PREFETCH_STEP = 0
-WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS (and EOS) with every expert selected
+WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS and EOS (token_embd rows; routing: startup_selections)
+SEQ_RM_TOKENS = (0, 0)  # llama-server's partial-removal check (common_context_can_seq_rm)
 MEASURED_COLUMNS = ("phase", "n_tokens", "read_bytes", "majflt", "wall_ns")
 
 
@@ -174,21 +176,26 @@ class PageSim:
         self.lib.sim_counters(self.handle, _ptr(out), int(reset))
         return dict(zip(native.COUNTERS, out.tolist()))
 
-    def load(self, populate: bool, warmup: bool) -> dict[str, float]:
+    def load(self, populate: bool, warmup: bool, starts: list[np.ndarray] | None = None) -> dict[str, float]:
         """llama.cpp's load: MAP_POPULATE (every page, in order) and posix_madvise(WILLNEED) over the file when
-        ``populate``; the warm-up decode with every expert selected when ``warmup``. Returns its counters."""
+        ``populate``; then, when ``warmup``, the start-up decodes: one two-token ubatch per entry of ``starts``
+        ([n_block, n_expert] selections, see ``startup_selections``; None: one warm-up with every expert, as
+        llama.cpp versions that call ``llama_set_warmup`` route it). Returns its counters."""
         lo = self.layout
         if populate:
             self.lib.sim_touch(self.handle, 0, lo.n_pages)
             self.lib.sim_willneed(self.handle, 0, lo.n_pages)
         if warmup and lo.moe_blocks:
             n = len(lo.moe_blocks)
-            rec = Records(ub=np.full(n, -2, np.int64), layer=np.array(lo.moe_blocks, np.int32),
-                          sel=np.ones((n, lo.n_expert), np.uint8),
-                          tok_off=np.array([0] + [len(WARMUP_TOKENS)] * n, np.int64),
-                          tok=np.array(WARMUP_TOKENS, np.int32), ub_new=np.zeros(n, bool),
-                          phase=np.zeros(n, np.uint8), seq=np.zeros(n, np.int32), n_rows=np.ones(n, np.int64))
-            self.run(rec, flush=True)
+            blocks = np.array(lo.moe_blocks, np.int32)
+            sels = [np.ones((lo.n_block, lo.n_expert), np.uint8)] if starts is None else starts
+            for i, (sel, toks) in enumerate(zip(sels, (WARMUP_TOKENS, SEQ_RM_TOKENS))):
+                rec = Records(ub=np.full(n, -2 - i, np.int64), layer=blocks,
+                              sel=np.ascontiguousarray(sel[blocks], np.uint8),
+                              tok_off=np.array([0] + [len(toks)] * n, np.int64), tok=np.array(toks, np.int32),
+                              ub_new=np.zeros(n, bool), phase=np.zeros(n, np.uint8), seq=np.zeros(n, np.int32),
+                              n_rows=np.ones(n, np.int64))
+                self.run(rec, flush=True)
         return self.counters(reset=True)
 
     def run(self, rec: Records, flush: bool) -> np.ndarray:
@@ -226,16 +233,66 @@ class SimResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def startup_selections(chunk: TraceData | None, n_block: int, n_expert: int,
+                        seed: int = 0) -> list[np.ndarray] | None:
+    """[n_block, n_expert] uint8 selections of llama-server's two start-up decodes, in order: the warm-up (BOS, EOS
+    at positions 0 and 1; common/common.cpp common_init_from_params) and the partial-removal check (tokens 0, 0 at
+    positions 0 and 1; common_context_can_seq_rm, from server_context's load_model). Both are routed like any
+    other ubatch: the pinned llama.cpp never calls ``llama_set_warmup``, so ``n_expert_used`` stays top-k. The
+    last block runs only the row that asks for logits (llama.cpp's ``inp_out_ids``), so it selects the second
+    row's experts only. The tracer leaves these decodes out; BOS at position 0 routes exactly as the trace's first
+    row of its first sequence when the prompt starts with BOS (llama-server adds it: same token, same position,
+    causal attention). The check's two rows route alike: the same token at positions 0 and 1, and RoPE rotates
+    only queries and keys, so position 1 attends over two equal values and every layer's hidden state equals
+    position 0's. EOS and token 0 are unknown: each is drawn (seeded) from the trace's own routing frequencies
+    per block, top-k distinct experts. (Checked against the measured load of the paging harness's random mode, whose
+    4 KiB faults count the start-up's expert bytes: 15.5 / 21.5 distinct experts per block measured for its two
+    routing shapes, 16.1 / 22.2 expected from these draws.) None (every expert selected) without rows."""
+    if chunk is None or not len(chunk) or getattr(chunk, "pos", None) is None:
+        return None
+    seq, pos = np.asarray(chunk.seq), np.asarray(chunk.pos)
+    lay = np.clip(np.asarray(chunk.layer), 0, n_block - 1)
+    ex = np.asarray(chunk.experts)
+    k = ex.shape[1]
+    ok = (ex >= 0) & (ex < n_expert)
+    freq = np.zeros((n_block, n_expert))
+    np.add.at(freq, (np.broadcast_to(lay[:, None], ex.shape)[ok], ex[ok]), 1.0)
+    bos = np.zeros((n_block, n_expert), np.uint8)
+    m = (seq == seq[0]) & (pos == 0)
+    bos[np.broadcast_to(lay[m][:, None], ex[m].shape)[ok[m]], ex[m][ok[m]]] = 1
+    rng = np.random.default_rng(seed)
+    blocks = np.flatnonzero(freq.sum(1) > 0)
+    last = int(blocks[-1]) if len(blocks) else n_block - 1
+
+    def draw() -> np.ndarray:
+        out = np.zeros((n_block, n_expert), np.uint8)
+        for b in blocks:  # n_block draws per start-up row: not per token
+            p = freq[b] / freq[b].sum()
+            out[b, rng.choice(n_expert, min(k, int((p > 0).sum())), replace=False, p=p)] = 1
+        return out
+
+    eos, probe = draw(), draw()
+    warm = bos | eos
+    warm[last] = eos[last]
+    return [warm, probe]
+
+
 def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int, mode: str, ra_pages: int,
-             io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool = True,
+             io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool | str = True,
              whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP) -> SimResult:
-    """Replay ``chunks`` (streamed: bounded memory) through one page cache."""
+    """Replay ``chunks`` (streamed: bounded memory) through one page cache. ``warmup``: True: llama-server's two
+    start-up decodes routed as ``startup_selections`` takes them from the first chunk; "all": one warm-up with every
+    expert selected (llama.cpp versions that call ``llama_set_warmup``); False: none (``--no-warmup``)."""
     grouper = _Grouper(layout.n_expert, layout.n_block)
     rows, meta, measured = [], [], []
+    it = iter(chunks)
+    first = next(it, None)
+    starts = None if warmup == "all" else startup_selections(first, layout.n_block, layout.n_expert)
+    chunks = it if first is None else itertools.chain([first], it)
     with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step) as sim:
         if log_ops:
             sim.log_ops(log_ops)
-        load = sim.load(populate, warmup)
+        load = sim.load(populate, bool(warmup), starts)
         for chunk in _with_end(chunks):
             io = getattr(chunk, "io", None)  # trace version 2: one measurement per ubatch (IoTable)
             if io is not None:
@@ -313,9 +370,9 @@ def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
 
 def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Sequence[str] = ADVICE,
              readahead_kb: int | str = "auto", ctx_size: int = 4096, disk: DiskModel | None = None,
-             measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool = True,
+             measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool | str = True,
              whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False,
-             prefetch_step: int = PREFETCH_STEP) -> pd.DataFrame:
+             prefetch_step: int = PREFETCH_STEP, fadvise_sequential: bool = True) -> pd.DataFrame:
     """One row per (budget, advice): disk bytes, major faults, hit ratio and tokens/s per token by phase.
 
     ``budgets``: bytes of RAM available to llama.cpp's process and the page cache; the KV cache, compute
@@ -337,7 +394,7 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
     layout = page_layout(m)
     rm = ram_model(m, ctx_size)
     check_budgets(rm, list(budgets))
-    ra_pages = readahead_kb // 4
+    ra_pages = readahead_kb // 4 * (2 if fadvise_sequential else 1)
     iop = io_pages if io_pages is not None else device_io_pages(m.path, ra_pages)
     header, chunks = iter_chunks(trace, str(m.path))
     reopen = isinstance(trace, str) or hasattr(trace, "__fspath__")
