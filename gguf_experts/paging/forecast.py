@@ -28,7 +28,7 @@ from ..gguf.reader import Model, open_model
 from ..trace.format import VERSION, TraceData, TraceHeader
 from . import ADVICE, native
 from .disk import DEFAULT_IOPS, DEFAULT_SEQ_MBPS, DiskModel
-from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model
+from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model, reclaim_batch_pages
 
 MODES = {"stock": 0, "random": 1, "prefetch": 2}
 WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
@@ -131,7 +131,8 @@ class PageSim:
     """One simulated page cache (budget, read-ahead, disk) with the layout's replay state."""
 
     def __init__(self, layout: PageLayout, budget_pages: int, mode: str, ra_pages: int, io_pages: int,
-                 disk: DiskModel, whole_frac: float = WHOLE_FRAC, prefetch_step: int = PREFETCH_STEP) -> None:
+                 disk: DiskModel, whole_frac: float = WHOLE_FRAC, prefetch_step: int = PREFETCH_STEP,
+                 reclaim_batch: int = 0) -> None:
         self.lib = native.lib()
         self.layout = layout
         self.mode = mode
@@ -139,6 +140,7 @@ class PageSim:
                                        disk.sec_per_page)
         if not self.handle:
             raise MemoryError("pagesim: out of memory")
+        self.lib.sim_set_reclaim_batch(self.handle, reclaim_batch)
         lo = layout
         self._keep = [lo.ne_idx, lo.ne_a, lo.ne_b, lo.ex_idx, lo.ex_base, lo.ex_slice]
         self.replay = native.Replay(lo.n_block, lo.n_expert, *(_ptr(a) for a in self._keep), lo.embd_off,
@@ -279,7 +281,8 @@ def startup_selections(chunk: TraceData | None, n_block: int, n_expert: int,
 
 def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int, mode: str, ra_pages: int,
              io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool | str = True,
-             whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP) -> SimResult:
+             whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP,
+             reclaim_batch: int = 0) -> SimResult:
     """Replay ``chunks`` (streamed: bounded memory) through one page cache. ``warmup``: True: llama-server's two
     start-up decodes routed as ``startup_selections`` takes them from the first chunk; "all": one warm-up with every
     expert selected (llama.cpp versions that call ``llama_set_warmup``); False: none (``--no-warmup``)."""
@@ -289,7 +292,8 @@ def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int,
     first = next(it, None)
     starts = None if warmup == "all" else startup_selections(first, layout.n_block, layout.n_expert)
     chunks = it if first is None else itertools.chain([first], it)
-    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step) as sim:
+    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step,
+                 reclaim_batch) as sim:
         if log_ops:
             sim.log_ops(log_ops)
         load = sim.load(populate, bool(warmup), starts)
@@ -372,7 +376,8 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
              readahead_kb: int | str = "auto", ctx_size: int = 4096, disk: DiskModel | None = None,
              measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool | str = True,
              whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False,
-             prefetch_step: int = PREFETCH_STEP, fadvise_sequential: bool = True) -> pd.DataFrame:
+             prefetch_step: int = PREFETCH_STEP, fadvise_sequential: bool = True,
+             reclaim_batch: int | None = None) -> pd.DataFrame:
     """One row per (budget, advice): disk bytes, major faults, hit ratio and tokens/s per token by phase.
 
     ``budgets``: bytes of RAM available to llama.cpp's process and the page cache; the KV cache, compute
@@ -394,7 +399,11 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
     layout = page_layout(m)
     rm = ram_model(m, ctx_size)
     check_budgets(rm, list(budgets))
+    # llama.cpp's mmap (llama-mmap.cpp) first calls posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL), which sets the
+    # file's ra_pages to twice the device's (mm/fadvise.c generic_fadvise): read-around, async windows and the
+    # WILLNEED cap on that mapping are all twice read_ahead_kb
     ra_pages = readahead_kb // 4 * (2 if fadvise_sequential else 1)
+    batch = reclaim_batch_pages() if reclaim_batch is None else reclaim_batch
     iop = io_pages if io_pages is not None else device_io_pages(m.path, ra_pages)
     header, chunks = iter_chunks(trace, str(m.path))
     reopen = isinstance(trace, str) or hasattr(trace, "__fspath__")
@@ -413,7 +422,8 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
         for mode in advice:
             populate = mode == "stock" or layout.file_bytes <= pc_bytes
             res = simulate(source(), layout, pc_bytes // PAGE, mode, ra_pages, iop, disk, populate=populate,
-                           warmup=warmup, whole_frac=whole_frac, prefetch_step=prefetch_step)
+                           warmup=warmup, whole_frac=whole_frac, prefetch_step=prefetch_step,
+                           reclaim_batch=batch)
             if meas is None and res.measured is not None:
                 meas = res.measured
             rows.append(_row(ram, pc_bytes, mode, res))
@@ -428,7 +438,8 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
             df[k] = v
     df.attrs.update({"ram_model": rm.as_dict(), "disk": {"seq_mbps": disk.seq_mbps, "iops": disk.iops,
                                                          "source": disk.source},
-                     "readahead_kb": readahead_kb, "io_pages": iop, "ctx_size": ctx_size,
+                     "readahead_kb": readahead_kb, "ra_pages": ra_pages, "io_pages": iop, "ctx_size": ctx_size,
+                     "reclaim_batch_pages": batch,
                      "compute_s_per_token": {"prefill": comp[0], "decode": comp[1]},
                      "measured": meas is not None, "model_bytes": layout.file_bytes,
                      "nonexpert_bytes": layout.nonexpert_bytes})
