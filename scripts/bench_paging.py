@@ -105,6 +105,22 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+MEMINFO_FIELDS = ("MemFree", "Active(file)", "Inactive(file)", "Mapped", "SReclaimable")
+
+
+def meminfo() -> dict[str, int]:
+    """The /proc/meminfo fields that say how much of MemAvailable is other processes' page cache (bytes):
+    MemAvailable counts every file page as available, but pages that other processes keep using stay resident
+    and share the LRU with the model (the forecast's budget is only what the model's pages can take)."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in MEMINFO_FIELDS:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
 def proc_io(pid: int) -> tuple[int, int]:
     """(read_bytes, majflt) of one process: bytes it made the block layer read (readahead included), and its
     major faults (field 12 of /proc/PID/stat, counted after the command name, which may hold spaces)."""
@@ -578,6 +594,7 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
                 balloon.start()
                 rec["balloon_bytes"] = balloon.size
             rec["mem_available_at_start"] = mem_available()
+            rec["meminfo_at_start"] = meminfo()  # other files' page cache beside the (evicted) model
             log(f"  MemAvailable {rec['mem_available_at_start'] / GiB:.2f} GiB"
                 + (f" (balloon {balloon.size / GiB:.2f} GiB)" if balloon else " (no balloon)")
                 + f"; model resident {rec['resident_at_start'] / GiB:.2f} GiB; starting the server")
@@ -587,6 +604,7 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             rec["load_s"] = time.perf_counter() - t0
             if balloon is not None and a.track:
                 balloon.track()
+            rec["meminfo_after_load"] = meminfo()
             rec["load_read"], rec["load_majflt"] = proc_io(server.pid)
             log(f"  loaded in {rec['load_s']:.1f} s, read {rec['load_read'] / 1e9:.1f} GB, "
                 f"{rec['load_majflt']} major faults")

@@ -37,6 +37,7 @@ WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
 #: (trace/preload/ggexp_paging.c g_step), so every selected byte is read.
 PREFETCH_STEP = 0
 WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS and EOS (token_embd rows; routing: startup_selections)
+STARTUP_ROWS = 1 << 16  # trace rows whose routing frequencies stand in for the start-up's unknown rows
 SEQ_RM_TOKENS = (0, 0)  # llama-server's partial-removal check (common_context_can_seq_rm)
 MEASURED_COLUMNS = ("phase", "n_tokens", "read_bytes", "majflt", "wall_ns")
 
@@ -235,8 +236,8 @@ class SimResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def startup_selections(chunk: TraceData | None, n_block: int, n_expert: int,
-                        seed: int = 0) -> list[np.ndarray] | None:
+def startup_selections(head: Sequence[TraceData], n_block: int, n_expert: int, seed: int = 0,
+                        max_rows: int = STARTUP_ROWS) -> list[np.ndarray] | None:
     """[n_block, n_expert] uint8 selections of llama-server's two start-up decodes, in order: the warm-up (BOS, EOS
     at positions 0 and 1; common/common.cpp common_init_from_params) and the partial-removal check (tokens 0, 0 at
     positions 0 and 1; common_context_can_seq_rm, from server_context's load_model). Both are routed like any
@@ -249,12 +250,17 @@ def startup_selections(chunk: TraceData | None, n_block: int, n_expert: int,
     position 0's. EOS and token 0 are unknown: each is drawn (seeded) from the trace's own routing frequencies
     per block, top-k distinct experts. (Checked against the measured load of the paging harness's random mode, whose
     4 KiB faults count the start-up's expert bytes: 15.5 / 21.5 distinct experts per block measured for its two
-    routing shapes, 16.1 / 22.2 expected from these draws.) None (every expert selected) without rows."""
-    if chunk is None or not len(chunk) or getattr(chunk, "pos", None) is None:
+    routing shapes, 16.1 / 22.2 expected from these draws.) ``head``: the trace's first chunks; the frequencies
+    come from its first ``max_rows`` rows whatever the chunking. None (every expert selected) without rows."""
+    head = [c for c in head if len(c) and getattr(c, "pos", None) is not None]
+    if not head:
         return None
-    seq, pos = np.asarray(chunk.seq), np.asarray(chunk.pos)
-    lay = np.clip(np.asarray(chunk.layer), 0, n_block - 1)
-    ex = np.asarray(chunk.experts)
+
+    def col(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(c, name)) for c in head])[:max_rows]
+
+    seq, pos, ex = col("seq"), col("pos"), col("experts")
+    lay = np.clip(col("layer"), 0, n_block - 1)
     k = ex.shape[1]
     ok = (ex >= 0) & (ex < n_expert)
     freq = np.zeros((n_block, n_expert))
@@ -289,9 +295,11 @@ def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int,
     grouper = _Grouper(layout.n_expert, layout.n_block)
     rows, meta, measured = [], [], []
     it = iter(chunks)
-    first = next(it, None)
-    starts = None if warmup == "all" else startup_selections(first, layout.n_block, layout.n_expert)
-    chunks = it if first is None else itertools.chain([first], it)
+    head: list[TraceData] = []
+    while sum(len(c) for c in head) < STARTUP_ROWS and (c := next(it, None)) is not None:
+        head.append(c)
+    starts = None if warmup == "all" else startup_selections(head, layout.n_block, layout.n_expert)
+    chunks = itertools.chain(head, it)
     with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step,
                  reclaim_batch) as sim:
         if log_ops:
