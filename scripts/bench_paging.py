@@ -735,6 +735,11 @@ def fill_traces(records: list[dict[str, Any]]) -> None:
                 rec["trace_error"] = f"{type(e).__name__}: {e}"
 
 
+def startup_of(rec: dict[str, Any]) -> bool | str:
+    """The start-up decodes the server ran: with --no-warmup only llama-server's partial-removal check."""
+    return "check" if "--no-warmup" in (rec.get("command") or []) else True
+
+
 def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) -> str:
     """Forecast every measured configuration at its own RAM (MemAvailable at its start, after the balloon) and
     mode, and per (shape, budget) the mode forecast recommends; a note says what was done or why not."""
@@ -750,7 +755,8 @@ def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) 
         try:
             df = fc.forecast(rec["trace"], rec["model"], budgets=[int(rec["mem_available_at_start"])],
                              advice=(VARIANTS[rec["mode"]][0],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
-                             ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref))
+                             ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref),
+                             warmup=startup_of(rec))
             row = df.iloc[0]
             rec["forecast"] = {"prefill_bytes_per_token": float(row["prefill_read_per_token"]),
                                "decode_bytes_per_token": float(row["decode_read_per_token"]),
@@ -770,7 +776,7 @@ def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) 
             df = fc.forecast(recs[0]["trace"], recs[0]["model"], budgets=[ram], advice=tuple(MODES),
                              readahead_kb=int(recs[0].get("read_ahead_kb") or 8192),
                              ctx_size=int(recs[0].get("ctx") or 2048), disk=disk,
-                             measured=measured_frame(compute_reference(done, recs[0])))
+                             measured=measured_frame(compute_reference(done, recs[0])), warmup=startup_of(recs[0]))
             best = str(fc.recommend(df)["advice"].iloc[0])
             for r in recs:
                 r["forecast_recommends"] = best

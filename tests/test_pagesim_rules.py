@@ -134,3 +134,23 @@ def test_llama_cpp_fadvise_sequential_doubles_read_around(model: Path) -> None:
     off = forecast(tr, m, ram, ("stock",), readahead_kb=128, ctx_size=256, disk=DISK, fadvise_sequential=False)
     assert on.attrs["ra_pages"] == 64 and off.attrs["ra_pages"] == 32
     assert on.attrs["reclaim_batch_pages"] == 0
+
+
+def test_startup_variants_read_what_their_decodes_touch(model: Path) -> None:
+    """None, the partial-removal check alone (--no-warmup), both start-up decodes, one warm-up of every expert:
+    each reads at least what the previous one did, from a cold cache and no MAP_POPULATE."""
+    from gguf_experts.paging.forecast import simulate
+    from gguf_experts.paging.model import PAGE, page_layout
+
+    m = open_model(model)
+    lay = page_layout(m)
+    n = 4 * m.block_count
+    tr = TraceData(seq=np.zeros(n, np.int32), phase=np.zeros(n, np.uint8),
+                   pos=np.repeat(np.arange(4), m.block_count).astype(np.int32), token=np.full(n, 5, np.int32),
+                   layer=np.tile(np.arange(m.block_count), 4).astype(np.int32),
+                   experts=np.tile(np.array([[0, 1], [2, 3], [4, 5], [0, 1]], np.int32), (m.block_count, 1)),
+                   weights=None, header=TraceHeader(2, fingerprint(m), {}))
+    loads = [simulate([tr], lay, lay.n_pages * 2, "random", 32, 32, DISK, populate=False, warmup=w).load["read_pages"]
+             for w in (False, "check", True, "all")]
+    assert loads[0] == 0 and 0 < loads[1] <= loads[2] < loads[3], loads
+    assert loads[3] * PAGE >= lay.expert_bytes

@@ -179,20 +179,18 @@ class PageSim:
         self.lib.sim_counters(self.handle, _ptr(out), int(reset))
         return dict(zip(native.COUNTERS, out.tolist()))
 
-    def load(self, populate: bool, warmup: bool, starts: list[np.ndarray] | None = None) -> dict[str, float]:
+    def load(self, populate: bool, startup: Sequence[tuple[np.ndarray, Sequence[int]]] = ()) -> dict[str, float]:
         """llama.cpp's load: MAP_POPULATE (every page, in order) and posix_madvise(WILLNEED) over the file when
-        ``populate``; then, when ``warmup``, the start-up decodes: one two-token ubatch per entry of ``starts``
-        ([n_block, n_expert] selections, see ``startup_selections``; None: one warm-up with every expert, as
-        llama.cpp versions that call ``llama_set_warmup`` route it). Returns its counters."""
+        ``populate``; then the start-up decodes: one ubatch per (selection [n_block, n_expert], tokens) of
+        ``startup`` (see ``startup_selections``). Returns its counters."""
         lo = self.layout
         if populate:
             self.lib.sim_touch(self.handle, 0, lo.n_pages)
             self.lib.sim_willneed(self.handle, 0, lo.n_pages)
-        if warmup and lo.moe_blocks:
+        if lo.moe_blocks:
             n = len(lo.moe_blocks)
             blocks = np.array(lo.moe_blocks, np.int32)
-            sels = [np.ones((lo.n_block, lo.n_expert), np.uint8)] if starts is None else starts
-            for i, (sel, toks) in enumerate(zip(sels, (WARMUP_TOKENS, SEQ_RM_TOKENS))):
+            for i, (sel, toks) in enumerate(startup):
                 rec = Records(ub=np.full(n, -2 - i, np.int64), layer=blocks,
                               sel=np.ascontiguousarray(sel[blocks], np.uint8),
                               tok_off=np.array([0] + [len(toks)] * n, np.int64), tok=np.array(toks, np.int32),
@@ -290,21 +288,29 @@ def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int,
              whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP,
              reclaim_batch: int = 0) -> SimResult:
     """Replay ``chunks`` (streamed: bounded memory) through one page cache. ``warmup``: True: llama-server's two
-    start-up decodes routed as ``startup_selections`` takes them from the first chunk; "all": one warm-up with every
-    expert selected (llama.cpp versions that call ``llama_set_warmup``); False: none (``--no-warmup``)."""
+    start-up decodes routed as ``startup_selections`` takes them from the trace's first rows; "check": only the
+    partial-removal check (llama-server started with ``--no-warmup``); "all": one warm-up with every expert
+    selected (llama.cpp versions that call ``llama_set_warmup``); False: none (the trace alone)."""
     grouper = _Grouper(layout.n_expert, layout.n_block)
     rows, meta, measured = [], [], []
     it = iter(chunks)
     head: list[TraceData] = []
     while sum(len(c) for c in head) < STARTUP_ROWS and (c := next(it, None)) is not None:
         head.append(c)
-    starts = None if warmup == "all" else startup_selections(head, layout.n_block, layout.n_expert)
+    sels = startup_selections(head, layout.n_block, layout.n_expert) if warmup not in (False, "all") else None
+    startup: list[tuple[np.ndarray, Sequence[int]]] = []
+    if warmup == "all" or (warmup and sels is None):
+        startup.append((np.ones((layout.n_block, layout.n_expert), np.uint8), WARMUP_TOKENS))
+    elif warmup and sels is not None:
+        if warmup != "check":
+            startup.append((sels[0], WARMUP_TOKENS))
+        startup.append((sels[1], SEQ_RM_TOKENS))
     chunks = itertools.chain(head, it)
     with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step,
                  reclaim_batch) as sim:
         if log_ops:
             sim.log_ops(log_ops)
-        load = sim.load(populate, bool(warmup), starts)
+        load = sim.load(populate, startup)
         for chunk in _with_end(chunks):
             io = getattr(chunk, "io", None)  # trace version 2: one measurement per ubatch (IoTable)
             if io is not None:
