@@ -371,6 +371,30 @@ def compute_per_token(measured: pd.DataFrame | None, disk: DiskModel) -> dict[in
     return out
 
 
+def compute_source(measured: pd.DataFrame | None, disk: DiskModel) -> dict[int, str]:
+    """Where ``compute_per_token`` took each phase's compute time from, and how much to trust it: quiet ubatches
+    (nothing read) give it directly; otherwise it is wall time minus the disk model's time, and when the disk
+    model accounts for most of the wall time (a thrashing trace) it is the small difference of two large
+    numbers, with the kernel's overlap of I/O and compute on top."""
+    out: dict[int, str] = {}
+    if measured is None or not len(measured):
+        return out
+    m = measured[(measured["wall_ns"] > 0) & (measured["n_tokens"] > 0)]
+    for ph in (0, 1):
+        d = m[m["phase"] == ph]
+        if not len(d):
+            continue
+        rb = d["read_bytes"].clip(lower=0)
+        if (rb == 0).any():
+            out[ph] = "ubatches that read nothing"
+            continue
+        io = float((rb / PAGE * disk.sec_per_page + d["majflt"].clip(lower=0) * disk.latency).sum())
+        share = io / max(float(d["wall_ns"].sum()) / 1e9, 1e-12)
+        out[ph] = (f"wall minus the disk model's time ({share:.0%} of it)"
+                   + ("; unreliable: a trace with cached ubatches gives it directly" if share > 0.5 else ""))
+    return out
+
+
 def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
     """Measured bytes, faults and tokens/s per token by phase (None where unknown)."""
     out: dict[str, float | None] = {}
@@ -455,6 +479,7 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
                      "readahead_kb": readahead_kb, "ra_pages": ra_pages, "io_pages": iop, "ctx_size": ctx_size,
                      "reclaim_batch_pages": batch,
                      "compute_s_per_token": {"prefill": comp[0], "decode": comp[1]},
+                     "compute_source": {("prefill", "decode")[k]: v for k, v in compute_source(meas, disk).items()},
                      "measured": meas is not None, "model_bytes": layout.file_bytes,
                      "nonexpert_bytes": layout.nonexpert_bytes})
     if keep_ubatches:
