@@ -20,7 +20,9 @@
  *   reclaim()       mm/vmscan.c shrink_lruvec: inactive_is_low (inactive * int_sqrt(10 * GiB) < active),
  *                   shrink_active_list (file pages deactivated, young cleared, PG_workingset set),
  *                   shrink_folio_list + folio_check_references (young PTE: PG_referenced -> activate, else
- *                   set PG_referenced and keep; not young -> evict), mm/workingset.c workingset_eviction
+ *                   set PG_referenced and keep; not young -> evict; a PTE in a VMA without recency, i.e.
+ *                   MADV_RANDOM, does not count: mm/rmap.c invalid_folio_referenced_vma), kswapd's batch
+ *                   (balance_pgdat: high - low watermark, one refault snapshot per run), mm/workingset.c workingset_eviction
  *                   (shadow = nonresident age) and workingset_refault (activate when the refault distance
  *                   <= active file pages; no swap, so anon does not count)
  * The retry after I/O (FAULT_FLAG_RETRY_NOWAIT) runs fault-around again and is one major fault.
