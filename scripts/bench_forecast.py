@@ -21,11 +21,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gguf_experts.analysis.cache.cache.cachesim import CacheSimRequest, cache_sim  # noqa: E402
+from gguf_experts.analysis.cache.cachesim import CacheSimRequest, cache_sim  # noqa: E402
 from gguf_experts.gguf.fingerprint import ModelFingerprint  # noqa: E402
 from gguf_experts.paging.disk import DiskModel  # noqa: E402
 from gguf_experts.paging.forecast import simulate  # noqa: E402
-from gguf_experts.paging.model import PAGE, PageLayout  # noqa: E402
+from gguf_experts.paging.model import PAGE, PageLayout, reclaim_batch_pages  # noqa: E402
 from gguf_experts.trace.format import TraceData, TraceHeader  # noqa: E402
 
 
@@ -109,7 +109,9 @@ def main() -> int:
     disk = DiskModel(1900, 19300, "assumed")
     for mode in a.modes.split(","):
         t0 = time.process_time()
-        res = simulate(chunks, lay, int(a.budget_gib * 2**30) // PAGE, mode, 2048, 1024, disk, populate=True)
+        # as forecast() runs it for llama.cpp: read_ahead_kb 8192 doubled by its POSIX_FADV_SEQUENTIAL, kswapd batches
+        res = simulate(chunks, lay, int(a.budget_gib * 2**30) // PAGE, mode, 4096, 1024, disk, populate=True,
+                       reclaim_batch=reclaim_batch_pages())
         dt = time.process_time() - t0
         dec = res.ubatches[res.ubatches["phase"] == 1]
         print(f"forecast {mode:8s}: {sel / dt:,.0f} selections/s ({dt:.1f} s; {sel / dt / peer:.2f}x cache-sim); "

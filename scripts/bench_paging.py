@@ -115,6 +115,22 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+MEMINFO_FIELDS = ("MemFree", "Active(file)", "Inactive(file)", "Mapped", "SReclaimable")
+
+
+def meminfo() -> dict[str, int]:
+    """The /proc/meminfo fields that say how much of MemAvailable is other processes' page cache (bytes):
+    MemAvailable counts every file page as available, but pages that other processes keep using stay resident
+    and share the LRU with the model (the forecast's budget is only what the model's pages can take)."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in MEMINFO_FIELDS:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
 def proc_io(pid: int) -> tuple[int, int]:
     """(read_bytes, majflt) of one process: bytes it made the block layer read (readahead included), and its
     major faults (field 12 of /proc/PID/stat, counted after the command name, which may hold spaces)."""
@@ -592,6 +608,7 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             if pin_gib is not None:
                 pin = start_pin(a, cfg, model, pin_gib, outdir, rec)
             rec["mem_available_at_start"] = mem_available()
+            rec["meminfo_at_start"] = meminfo()  # other files' page cache beside the (evicted) model
             log(f"  MemAvailable {rec['mem_available_at_start'] / GiB:.2f} GiB"
                 + (f" (balloon {balloon.size / GiB:.2f} GiB)" if balloon else " (no balloon)")
                 + f"; model resident {rec['resident_at_start'] / GiB:.2f} GiB; starting the server")
@@ -601,6 +618,7 @@ def run_config(cfg: Config, a: argparse.Namespace, model: Path, server_bin: Path
             rec["load_s"] = time.perf_counter() - t0
             if balloon is not None and a.track:
                 balloon.track()
+            rec["meminfo_after_load"] = meminfo()
             rec["load_read"], rec["load_majflt"] = proc_io(server.pid)
             log(f"  loaded in {rec['load_s']:.1f} s, read {rec['load_read'] / 1e9:.1f} GB, "
                 f"{rec['load_majflt']} major faults")
@@ -791,6 +809,11 @@ def fill_traces(records: list[dict[str, Any]]) -> None:
                 rec["trace_error"] = f"{type(e).__name__}: {e}"
 
 
+def startup_of(rec: dict[str, Any]) -> bool | str:
+    """The start-up decodes the server ran: with --no-warmup only llama-server's partial-removal check."""
+    return "check" if "--no-warmup" in (rec.get("command") or []) else True
+
+
 def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) -> str:
     """Forecast every measured configuration at its own RAM (MemAvailable at its start, after the balloon) and
     mode, and per (shape, budget) the mode forecast recommends; a note says what was done or why not."""
@@ -806,7 +829,8 @@ def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) 
         try:
             df = fc.forecast(rec["trace"], rec["model"], budgets=[int(rec["mem_available_at_start"])],
                              advice=(variant(rec["mode"])[0],), readahead_kb=int(rec.get("read_ahead_kb") or 8192),
-                             ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref))
+                             ctx_size=int(rec.get("ctx") or 2048), disk=disk, measured=measured_frame(ref),
+                             warmup=startup_of(rec))
             row = df.iloc[0]
             rec["forecast"] = {"prefill_bytes_per_token": float(row["prefill_read_per_token"]),
                                "decode_bytes_per_token": float(row["decode_read_per_token"]),
@@ -826,7 +850,7 @@ def fill_forecast(records: list[dict[str, Any]], disk_given: str | None = None) 
             df = fc.forecast(recs[0]["trace"], recs[0]["model"], budgets=[ram], advice=tuple(MODES),
                              readahead_kb=int(recs[0].get("read_ahead_kb") or 8192),
                              ctx_size=int(recs[0].get("ctx") or 2048), disk=disk,
-                             measured=measured_frame(compute_reference(done, recs[0])))
+                             measured=measured_frame(compute_reference(done, recs[0])), warmup=startup_of(recs[0]))
             best = str(fc.recommend(df)["advice"].iloc[0])
             for r in recs:
                 r["forecast_recommends"] = best

@@ -122,10 +122,12 @@ def _notes(df: pd.DataFrame) -> list[str]:
            f"compute buffers ~{rm['compute_bytes'] / 2**30:.2f} GiB, process ~{rm['overhead_bytes'] / 2**20:.0f} "
            f"MiB; model {a['model_bytes'] / 2**30:.2f} GiB, non-expert weights {a['nonexpert_bytes'] / 2**30:.2f} GiB",
            f"disk ({disk['source']}): {disk['seq_mbps']:.0f} MB/s sequential, {disk['iops']:.0f} IOPS at 4 KiB; "
-           f"read_ahead_kb {a['readahead_kb']}"]
+           f"read_ahead_kb {a['readahead_kb']} (read-around {a.get('ra_pages', 0) * 4} KiB: llama.cpp's "
+           "POSIX_FADV_SEQUENTIAL doubles it)"]
     if a["measured"]:
         out.append(f"compute per token from the trace's measured wall times: prefill {comp['prefill']}, decode "
                    f"{comp['decode']} s; measured_* columns: what the traced run read at its own RAM")
+        out += [f"{ph} compute from {src}" for ph, src in a.get("compute_source", {}).items()]
     else:
         out.append("the trace carries no measurements (read_bytes, majflt, wall_ns): no measured column, and "
                    "tok/s is the disk-only ceiling (compute time not included)")

@@ -14,6 +14,7 @@ wall_ns (-1 = unknown), as the trace's IoTable carries them; chunks with an ``io
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ..gguf.reader import Model, open_model
 from ..trace.format import VERSION, TraceData, TraceHeader
 from . import ADVICE, native
 from .disk import DEFAULT_IOPS, DEFAULT_SEQ_MBPS, DiskModel
-from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model
+from .model import PAGE, PageLayout, check_budgets, page_layout, ram_model, reclaim_batch_pages
 
 MODES = {"stock": 0, "random": 1, "prefetch": 2}
 WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
@@ -35,7 +36,9 @@ WHOLE_FRAC = 0.5  # GGUF_EXPERTS_PREFETCH_WHOLE's default (PAGING_SPEC.md)
 #: max(io_pages, ra_pages) pages of each call). 0: `run --paging prefetch` as it is, whose calls are cut to that cap
 #: (trace/preload/ggexp_paging.c g_step), so every selected byte is read.
 PREFETCH_STEP = 0
-WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS (and EOS) with every expert selected
+WARMUP_TOKENS = (1, 2)  # llama.cpp's warm-up decodes BOS and EOS (token_embd rows; routing: startup_selections)
+STARTUP_ROWS = 1 << 16  # trace rows whose routing frequencies stand in for the start-up's unknown rows
+SEQ_RM_TOKENS = (0, 0)  # llama-server's partial-removal check (common_context_can_seq_rm)
 MEASURED_COLUMNS = ("phase", "n_tokens", "read_bytes", "majflt", "wall_ns")
 
 
@@ -129,7 +132,8 @@ class PageSim:
     """One simulated page cache (budget, read-ahead, disk) with the layout's replay state."""
 
     def __init__(self, layout: PageLayout, budget_pages: int, mode: str, ra_pages: int, io_pages: int,
-                 disk: DiskModel, whole_frac: float = WHOLE_FRAC, prefetch_step: int = PREFETCH_STEP) -> None:
+                 disk: DiskModel, whole_frac: float = WHOLE_FRAC, prefetch_step: int = PREFETCH_STEP,
+                 reclaim_batch: int = 0) -> None:
         self.lib = native.lib()
         self.layout = layout
         self.mode = mode
@@ -137,6 +141,7 @@ class PageSim:
                                        disk.sec_per_page)
         if not self.handle:
             raise MemoryError("pagesim: out of memory")
+        self.lib.sim_set_reclaim_batch(self.handle, reclaim_batch)
         lo = layout
         self._keep = [lo.ne_idx, lo.ne_a, lo.ne_b, lo.ex_idx, lo.ex_base, lo.ex_slice]
         self.replay = native.Replay(lo.n_block, lo.n_expert, *(_ptr(a) for a in self._keep), lo.embd_off,
@@ -174,21 +179,24 @@ class PageSim:
         self.lib.sim_counters(self.handle, _ptr(out), int(reset))
         return dict(zip(native.COUNTERS, out.tolist()))
 
-    def load(self, populate: bool, warmup: bool) -> dict[str, float]:
+    def load(self, populate: bool, startup: Sequence[tuple[np.ndarray, Sequence[int]]] = ()) -> dict[str, float]:
         """llama.cpp's load: MAP_POPULATE (every page, in order) and posix_madvise(WILLNEED) over the file when
-        ``populate``; the warm-up decode with every expert selected when ``warmup``. Returns its counters."""
+        ``populate``; then the start-up decodes: one ubatch per (selection [n_block, n_expert], tokens) of
+        ``startup`` (see ``startup_selections``). Returns its counters."""
         lo = self.layout
         if populate:
             self.lib.sim_touch(self.handle, 0, lo.n_pages)
             self.lib.sim_willneed(self.handle, 0, lo.n_pages)
-        if warmup and lo.moe_blocks:
+        if lo.moe_blocks:
             n = len(lo.moe_blocks)
-            rec = Records(ub=np.full(n, -2, np.int64), layer=np.array(lo.moe_blocks, np.int32),
-                          sel=np.ones((n, lo.n_expert), np.uint8),
-                          tok_off=np.array([0] + [len(WARMUP_TOKENS)] * n, np.int64),
-                          tok=np.array(WARMUP_TOKENS, np.int32), ub_new=np.zeros(n, bool),
-                          phase=np.zeros(n, np.uint8), seq=np.zeros(n, np.int32), n_rows=np.ones(n, np.int64))
-            self.run(rec, flush=True)
+            blocks = np.array(lo.moe_blocks, np.int32)
+            for i, (sel, toks) in enumerate(startup):
+                rec = Records(ub=np.full(n, -2 - i, np.int64), layer=blocks,
+                              sel=np.ascontiguousarray(sel[blocks], np.uint8),
+                              tok_off=np.array([0] + [len(toks)] * n, np.int64), tok=np.array(toks, np.int32),
+                              ub_new=np.zeros(n, bool), phase=np.zeros(n, np.uint8), seq=np.zeros(n, np.int32),
+                              n_rows=np.ones(n, np.int64))
+                self.run(rec, flush=True)
         return self.counters(reset=True)
 
     def run(self, rec: Records, flush: bool) -> np.ndarray:
@@ -226,16 +234,83 @@ class SimResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def startup_selections(head: Sequence[TraceData], n_block: int, n_expert: int, seed: int = 0,
+                        max_rows: int = STARTUP_ROWS) -> list[np.ndarray] | None:
+    """[n_block, n_expert] uint8 selections of llama-server's two start-up decodes, in order: the warm-up (BOS, EOS
+    at positions 0 and 1; common/common.cpp common_init_from_params) and the partial-removal check (tokens 0, 0 at
+    positions 0 and 1; common_context_can_seq_rm, from server_context's load_model). Both are routed like any
+    other ubatch: the pinned llama.cpp never calls ``llama_set_warmup``, so ``n_expert_used`` stays top-k. The
+    last block runs only the row that asks for logits (llama.cpp's ``inp_out_ids``), so it selects the second
+    row's experts only. The tracer leaves these decodes out; BOS at position 0 routes exactly as the trace's first
+    row of its first sequence when the prompt starts with BOS (llama-server adds it: same token, same position,
+    causal attention). The check's two rows route alike: the same token at positions 0 and 1, and RoPE rotates
+    only queries and keys, so position 1 attends over two equal values and every layer's hidden state equals
+    position 0's. EOS and token 0 are unknown: each is drawn (seeded) from the trace's own routing frequencies
+    per block, top-k distinct experts. (Checked against the measured load of the paging harness's random mode, whose
+    4 KiB faults count the start-up's expert bytes: 15.5 / 21.5 distinct experts per block measured for its two
+    routing shapes, 16.1 / 22.2 expected from these draws.) ``head``: the trace's first chunks; the frequencies
+    come from its first ``max_rows`` rows whatever the chunking. None (every expert selected) without rows."""
+    head = [c for c in head if len(c) and getattr(c, "pos", None) is not None]
+    if not head:
+        return None
+
+    def col(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(c, name)) for c in head])[:max_rows]
+
+    seq, pos, ex = col("seq"), col("pos"), col("experts")
+    lay = np.clip(col("layer"), 0, n_block - 1)
+    k = ex.shape[1]
+    ok = (ex >= 0) & (ex < n_expert)
+    freq = np.zeros((n_block, n_expert))
+    np.add.at(freq, (np.broadcast_to(lay[:, None], ex.shape)[ok], ex[ok]), 1.0)
+    bos = np.zeros((n_block, n_expert), np.uint8)
+    m = (seq == seq[0]) & (pos == 0)
+    bos[np.broadcast_to(lay[m][:, None], ex[m].shape)[ok[m]], ex[m][ok[m]]] = 1
+    rng = np.random.default_rng(seed)
+    blocks = np.flatnonzero(freq.sum(1) > 0)
+    last = int(blocks[-1]) if len(blocks) else n_block - 1
+
+    def draw() -> np.ndarray:
+        out = np.zeros((n_block, n_expert), np.uint8)
+        for b in blocks:  # n_block draws per start-up row: not per token
+            p = freq[b] / freq[b].sum()
+            out[b, rng.choice(n_expert, min(k, int((p > 0).sum())), replace=False, p=p)] = 1
+        return out
+
+    eos, probe = draw(), draw()
+    warm = bos | eos
+    warm[last] = eos[last]
+    return [warm, probe]
+
+
 def simulate(chunks: Iterable[TraceData], layout: PageLayout, budget_pages: int, mode: str, ra_pages: int,
-             io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool = True,
-             whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP) -> SimResult:
-    """Replay ``chunks`` (streamed: bounded memory) through one page cache."""
+             io_pages: int, disk: DiskModel, populate: bool = True, warmup: bool | str = True,
+             whole_frac: float = WHOLE_FRAC, log_ops: int = 0, prefetch_step: int = PREFETCH_STEP,
+             reclaim_batch: int = 0) -> SimResult:
+    """Replay ``chunks`` (streamed: bounded memory) through one page cache. ``warmup``: True: llama-server's two
+    start-up decodes routed as ``startup_selections`` takes them from the trace's first rows; "check": only the
+    partial-removal check (llama-server started with ``--no-warmup``); "all": one warm-up with every expert
+    selected (llama.cpp versions that call ``llama_set_warmup``); False: none (the trace alone)."""
     grouper = _Grouper(layout.n_expert, layout.n_block)
     rows, meta, measured = [], [], []
-    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step) as sim:
+    it = iter(chunks)
+    head: list[TraceData] = []
+    while sum(len(c) for c in head) < STARTUP_ROWS and (c := next(it, None)) is not None:
+        head.append(c)
+    sels = startup_selections(head, layout.n_block, layout.n_expert) if warmup not in (False, "all") else None
+    startup: list[tuple[np.ndarray, Sequence[int]]] = []
+    if warmup == "all" or (warmup and sels is None):
+        startup.append((np.ones((layout.n_block, layout.n_expert), np.uint8), WARMUP_TOKENS))
+    elif warmup and sels is not None:
+        if warmup != "check":
+            startup.append((sels[0], WARMUP_TOKENS))
+        startup.append((sels[1], SEQ_RM_TOKENS))
+    chunks = itertools.chain(head, it)
+    with PageSim(layout, budget_pages, mode, ra_pages, io_pages, disk, whole_frac, prefetch_step,
+                 reclaim_batch) as sim:
         if log_ops:
             sim.log_ops(log_ops)
-        load = sim.load(populate, warmup)
+        load = sim.load(populate, startup)
         for chunk in _with_end(chunks):
             io = getattr(chunk, "io", None)  # trace version 2: one measurement per ubatch (IoTable)
             if io is not None:
@@ -296,6 +371,30 @@ def compute_per_token(measured: pd.DataFrame | None, disk: DiskModel) -> dict[in
     return out
 
 
+def compute_source(measured: pd.DataFrame | None, disk: DiskModel) -> dict[int, str]:
+    """Where ``compute_per_token`` took each phase's compute time from, and how much to trust it: quiet ubatches
+    (nothing read) give it directly; otherwise it is wall time minus the disk model's time, and when the disk
+    model accounts for most of the wall time (a thrashing trace) it is the small difference of two large
+    numbers, with the kernel's overlap of I/O and compute on top."""
+    out: dict[int, str] = {}
+    if measured is None or not len(measured):
+        return out
+    m = measured[(measured["wall_ns"] > 0) & (measured["n_tokens"] > 0)]
+    for ph in (0, 1):
+        d = m[m["phase"] == ph]
+        if not len(d):
+            continue
+        rb = d["read_bytes"].clip(lower=0)
+        if (rb == 0).any():
+            out[ph] = "ubatches that read nothing"
+            continue
+        io = float((rb / PAGE * disk.sec_per_page + d["majflt"].clip(lower=0) * disk.latency).sum())
+        share = io / max(float(d["wall_ns"].sum()) / 1e9, 1e-12)
+        out[ph] = (f"wall minus the disk model's time ({share:.0%} of it)"
+                   + ("; unreliable: a trace with cached ubatches gives it directly" if share > 0.5 else ""))
+    return out
+
+
 def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
     """Measured bytes, faults and tokens/s per token by phase (None where unknown)."""
     out: dict[str, float | None] = {}
@@ -313,9 +412,10 @@ def measured_summary(measured: pd.DataFrame | None) -> dict[str, float | None]:
 
 def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Sequence[str] = ADVICE,
              readahead_kb: int | str = "auto", ctx_size: int = 4096, disk: DiskModel | None = None,
-             measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool = True,
+             measured: pd.DataFrame | None = None, io_pages: int | None = None, warmup: bool | str = True,
              whole_frac: float = WHOLE_FRAC, keep_ubatches: bool = False,
-             prefetch_step: int = PREFETCH_STEP) -> pd.DataFrame:
+             prefetch_step: int = PREFETCH_STEP, fadvise_sequential: bool = True,
+             reclaim_batch: int | None = None) -> pd.DataFrame:
     """One row per (budget, advice): disk bytes, major faults, hit ratio and tokens/s per token by phase.
 
     ``budgets``: bytes of RAM available to llama.cpp's process and the page cache; the KV cache, compute
@@ -337,7 +437,11 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
     layout = page_layout(m)
     rm = ram_model(m, ctx_size)
     check_budgets(rm, list(budgets))
-    ra_pages = readahead_kb // 4
+    # llama.cpp's mmap (llama-mmap.cpp) first calls posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL), which sets the
+    # file's ra_pages to twice the device's (mm/fadvise.c generic_fadvise): read-around, async windows and the
+    # WILLNEED cap on that mapping are all twice read_ahead_kb
+    ra_pages = readahead_kb // 4 * (2 if fadvise_sequential else 1)
+    batch = reclaim_batch_pages() if reclaim_batch is None else reclaim_batch
     iop = io_pages if io_pages is not None else device_io_pages(m.path, ra_pages)
     header, chunks = iter_chunks(trace, str(m.path))
     reopen = isinstance(trace, str) or hasattr(trace, "__fspath__")
@@ -356,7 +460,8 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
         for mode in advice:
             populate = mode == "stock" or layout.file_bytes <= pc_bytes
             res = simulate(source(), layout, pc_bytes // PAGE, mode, ra_pages, iop, disk, populate=populate,
-                           warmup=warmup, whole_frac=whole_frac, prefetch_step=prefetch_step)
+                           warmup=warmup, whole_frac=whole_frac, prefetch_step=prefetch_step,
+                           reclaim_batch=batch)
             if meas is None and res.measured is not None:
                 meas = res.measured
             rows.append(_row(ram, pc_bytes, mode, res))
@@ -371,8 +476,10 @@ def forecast(trace: Any, model: str | Model, budgets: Sequence[int], advice: Seq
             df[k] = v
     df.attrs.update({"ram_model": rm.as_dict(), "disk": {"seq_mbps": disk.seq_mbps, "iops": disk.iops,
                                                          "source": disk.source},
-                     "readahead_kb": readahead_kb, "io_pages": iop, "ctx_size": ctx_size,
+                     "readahead_kb": readahead_kb, "ra_pages": ra_pages, "io_pages": iop, "ctx_size": ctx_size,
+                     "reclaim_batch_pages": batch,
                      "compute_s_per_token": {"prefill": comp[0], "decode": comp[1]},
+                     "compute_source": {("prefill", "decode")[k]: v for k, v in compute_source(meas, disk).items()},
                      "measured": meas is not None, "model_bytes": layout.file_bytes,
                      "nonexpert_bytes": layout.nonexpert_bytes})
     if keep_ubatches:

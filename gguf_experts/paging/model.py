@@ -148,6 +148,26 @@ def ram_model(model: Model, ctx_size: int, n_ubatch: int = DEFAULT_UBATCH) -> Ra
     return RamModel(kv_bytes, compute, PROCESS_OVERHEAD, nonexpert)
 
 
+def reclaim_batch_pages(zoneinfo: str = "/proc/zoneinfo") -> int:
+    """Pages kswapd frees per run: woken below the low watermark, it reclaims until free memory is above the high
+    one (mm/vmscan.c balance_pgdat), summed over zones from /proc/zoneinfo (read only); 0 when unreadable. Its
+    refault snapshot (snapshot_refaults) is taken once per run, which is what decides whether the active list is
+    aged (prepare_scan_control's may_deactivate): the simulator counts refaults over the same batch."""
+    low = high = 0
+    try:
+        with open(zoneinfo) as f:
+            for line in f:
+                w = line.split()
+                if len(w) == 2 and w[1].isdigit():
+                    if w[0] == "low":
+                        low += int(w[1])
+                    elif w[0] == "high":
+                        high += int(w[1])
+    except OSError:
+        return 0
+    return max(high - low, 0)
+
+
 def check_budgets(rm: RamModel, budgets: list[int]) -> None:
     """A budget below the non-expert weights plus the KV cache (and the rest of llama.cpp's own memory) is
     refused; the message names that amount and its parts."""

@@ -68,6 +68,7 @@ def lib() -> ctypes.CDLL:
         so.sim_log_n.restype = I64
         so.sim_log_n.argtypes = [P]
         so.sim_set_rand.argtypes = [P, I64, I64, ctypes.c_int]
+        so.sim_set_reclaim_batch.argtypes = [P, I64]
         so.sim_replay.restype = I64
         so.sim_replay.argtypes = [P, ctypes.POINTER(Replay), I64, P, P, P, P, P, ctypes.c_int, P]
         if so.sim_ncount() != NCOUNT:

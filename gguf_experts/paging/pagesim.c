@@ -11,7 +11,8 @@
  *                   MMAP_LOTSAMISS (100) cut-off; read-around of ra_pages starting at pgoff - ra_pages/2,
  *                   async_size ra_pages/4 (PG_readahead mark at start + size - async_size)
  *   async_ra()      mm/filemap.c do_async_mmap_readahead (mmap_miss--) + mm/readahead.c page_cache_async_ra
- *                   (expected-index window advance, page_cache_next_miss fallback, get_next_ra_size)
+ *                   (expected-index window advance, page_cache_next_miss fallback, get_next_ra_size, the
+ *                   window's end aligned down to 1 << min(ra->order, ffs(max_pages) - 1))
  *   read_range()    mm/readahead.c page_cache_ra_unbounded: only pages not cached are read; the mark goes on
  *                   a newly allocated folio only
  *   willneed()      mm/madvise.c madvise_willneed -> mm/fadvise.c generic_fadvise -> force_page_cache_ra:
@@ -19,7 +20,9 @@
  *   reclaim()       mm/vmscan.c shrink_lruvec: inactive_is_low (inactive * int_sqrt(10 * GiB) < active),
  *                   shrink_active_list (file pages deactivated, young cleared, PG_workingset set),
  *                   shrink_folio_list + folio_check_references (young PTE: PG_referenced -> activate, else
- *                   set PG_referenced and keep; not young -> evict), mm/workingset.c workingset_eviction
+ *                   set PG_referenced and keep; not young -> evict; a PTE in a VMA without recency, i.e.
+ *                   MADV_RANDOM, does not count: mm/rmap.c invalid_folio_referenced_vma), kswapd's batch
+ *                   (balance_pgdat: high - low watermark, one refault snapshot per run), mm/workingset.c workingset_eviction
  *                   (shadow = nonresident age) and workingset_refault (activate when the refault distance
  *                   <= active file pages; no swap, so anon does not count)
  * The retry after I/O (FAULT_FLAG_RETRY_NOWAIT) runs fault-around again and is one major fault.
@@ -50,6 +53,7 @@ typedef struct {
     int32_t head[3], tail[3];
     int64_t npg[3];
     int64_t resident, budget;
+    int64_t batch;             /* pages reclaimed below the budget per reclaim run (kswapd: high - low watermark) */
     uint64_t age;
     int64_t mmap_miss, lotsamiss;
     int64_t refaults;          /* refault activations since the last reclaim (sc->may_deactivate) */
@@ -134,6 +138,11 @@ void sim_counters(sim_t *s, double *out, int reset) {
 }
 
 int64_t sim_resident(sim_t *s) { return s->resident; }
+
+/* kswapd's hysteresis: woken when free memory falls below the low watermark, it reclaims until it is above the
+ * high one (mm/vmscan.c balance_pgdat), and the refaults that decide may_deactivate are counted from one such run
+ * to the next (snapshot_refaults at its end). So each reclaim run frees `pages` below the budget. */
+void sim_set_reclaim_batch(sim_t *s, int64_t pages) { s->batch = pages > 0 ? pages : 0; }
 int64_t sim_mmap_miss(sim_t *s) { return s->mmap_miss; }
 
 /* VM_RAND_READ (MADV_RANDOM) on pages [a, b). */
@@ -179,11 +188,15 @@ static void shrink_active(sim_t *s, int64_t nr) {
     }
 }
 
-static void shrink_inactive(sim_t *s, int64_t nr) {
-    while (nr > 0 && s->tail[L_INACT] != NIL && s->resident > s->budget) {
+static void shrink_inactive(sim_t *s, int64_t nr, int64_t target) {
+    while (nr > 0 && s->tail[L_INACT] != NIL && s->resident > target) {
         int32_t b = s->tail[L_INACT];
         nr -= pc16(s->res[b]);
-        if ((s->fl[b] & F_YOUNG) && s->map[b]) {
+        /* folio_referenced skips a VMA without recency (mm/rmap.c invalid_folio_referenced_vma: vma_has_recency
+         * is false under VM_RAND_READ or VM_SEQ_READ): a page mapped only through MADV_RANDOM is never referenced
+         * for reclaim, so it is evicted at the tail however often it is used (FIFO), and only a refault can
+         * activate it. */
+        if ((s->fl[b] & F_YOUNG) && (s->map[b] & (uint16_t)~s->rnd[b])) {
             s->fl[b] &= (uint8_t)~F_YOUNG;
             list_del(s, b);
             if (s->fl[b] & F_REF) { /* PG_referenced stays set: a deactivated block used once more returns */
@@ -206,8 +219,9 @@ static void shrink_inactive(sim_t *s, int64_t nr) {
 static void reclaim(sim_t *s) {
     int guard = 0;
     int may_deactivate = s->refaults > 0;
+    int64_t target = s->budget - s->batch;
     s->refaults = 0;
-    while (s->resident > s->budget && guard++ < (1 << 30)) {
+    while (s->resident > target && guard++ < (1 << 30)) {
         if (s->tail[L_INACT] == NIL) shrink_active(s, 32);
         else if (may_deactivate || inactive_is_low(s)) {
             int64_t nr = s->npg[L_INACT] > 0 ? 32 * s->npg[L_ACT] / s->npg[L_INACT] : 32;
@@ -215,7 +229,7 @@ static void reclaim(sim_t *s) {
             shrink_active(s, nr);
         }
         if (s->tail[L_INACT] == NIL && s->tail[L_ACT] == NIL) break;
-        shrink_inactive(s, 32);
+        shrink_inactive(s, 32, target);
     }
 }
 
@@ -342,7 +356,16 @@ static void async_ra(sim_t *s, int64_t pg, int forder) {
         s->ra_size = next_size(start - pg + s->ra_pages, max);
         s->ra_async = s->ra_size;
     }
+    /* readit: the order grows by 2, and the window's end is rounded down to 1 << min(order, ffs(max) - 1) pages
+     * (when that leaves something), so windows from an unaligned start end a few pages short */
     s->ra_order += 2;
+    if (max > 0) {
+        int sh = __builtin_ctzll((unsigned long long)max);
+        if (s->ra_order < sh) sh = (int)s->ra_order;
+        int64_t end = s->ra_start + s->ra_size, aligned_end = end & ~(((int64_t)1 << sh) - 1);
+        if (aligned_end > s->ra_start) s->ra_size -= end - aligned_end;
+        s->ra_async = s->ra_size;
+    }
     ra_read(s, s->ra_start, s->ra_size, s->ra_async);
 }
 
