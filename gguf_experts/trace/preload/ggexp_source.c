@@ -22,6 +22,15 @@ struct sched_st *sched_of(void *sched, int create) {
     return s;
 }
 
+/* A new in-process trace (ggexp_inproc.c): schedulers still alive start from a clean state (no pending ubatch). */
+void sched_reset_all(void) {
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < g_n_scheds; i++) {
+        g_scheds[i]->active = g_scheds[i]->keep_pending = g_scheds[i]->copy_state = 0;
+        g_scheds[i]->ctx = NULL;
+    }
+    pthread_mutex_unlock(&g_lock);
+}
 
 /* ---- the callback source ------------------------------------------------------------------------------------ */
 static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
@@ -35,7 +44,7 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
     paging_topk(t); /* prefetch mode: this layer's selected experts are known (ggexp_paging.c) */
     if (s->my_need) {
         int layer, what = classify(t->name, &layer);
-        if (what >= 0) take(s, t, what, layer, NULL);
+        if (what >= 0) take(s, t, what, layer, NULL, false);
     }
     if (s->their_need) return s->prog_cb(t, false, s->prog_ud);
     return true;
@@ -104,6 +113,8 @@ static void flag_graph(struct sched_st *s, void *gf) {
 /* Read every kept layer of the ubatch computed last, once the scheduler has synchronised. */
 typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
 typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
+typedef void (*tensor_get_2d_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size,
+                                      size_t n_copies, size_t stride_tensor, size_t stride_data);
 typedef void (*backend_sync_t)(void *backend);
 
 typedef void *(*get_device_t)(void *backend);
@@ -133,57 +144,88 @@ static uint8_t *pinned_buffer(struct sched_st *s, void *backend, size_t need) {
     return s->pinned_base;
 }
 
-/* Read every kept layer of the ubatch computed last: one async copy per layer on the tensor's backend into
- * one host buffer, then one synchronisation per backend (a sync copy per layer costs a round trip each on a
- * GPU). Backends without async copies copy synchronously (ggml's fallback), as the CPU does. */
+/* How a kept tensor is copied to the host: `dense` rows of ne[0] values (a strided view such as ffn_moe_topk, the
+ * first k columns of the argsort: only those k ids per row, one 2-D copy), or its whole contiguous span. */
+static size_t kept_bytes(const struct gt *t, bool *dense) {
+    *dense = t->nb[0] == 4 && t->ne[2] == 1 && t->ne[3] == 1 && t->ne[1] > 1 && t->nb[1] != 4 * (size_t)t->ne[0];
+    return *dense ? (size_t)(t->ne[0] * t->ne[1]) * 4 : span_bytes(t);
+}
+#define ALIGN16(n) (((n) + 15) & ~(size_t)15)
+
+/* Queue the copies of every kept layer of the ubatch just computed, right after the scheduler queued the graph:
+ * one async copy per layer on the tensor's backend (a 2-D copy of the k selected ids per row for the top-k view;
+ * the weights are contiguous) into one pinned host buffer. They run on the device's stream after the graph, so the
+ * scheduler's next synchronisation finds them done: no extra round trip. Backends without async copies (the CPU)
+ * copy at once, which is right here: a CPU split has finished when compute_async returns. */
+void issue_kept(struct sched_st *s) {
+    s->copy_state = 0;
+    if (!s->active || g_cost_probe == COST_FLAGS) return;
+    REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
+    REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
+    REAL(tensor_get_2d_async_t, get_2d_async, "ggml_backend_tensor_get_2d_async");
+    REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
+    if (!backend_of || !get_async || !bsync || !s->sched) return;
+    size_t total = 0;
+    bool dense;
+    for (int i = 0; i < s->n_keep; i++) total += ALIGN16(kept_bytes(s->keep[i], &dense));
+    if (!total || s->n_keep == 0) return;
+    uint8_t *buf = NULL;
+    void *be0 = backend_of(s->sched, s->keep[0]);
+    if (be0) buf = pinned_buffer(s, be0, total); /* pinned memory where the kept tensors' device offers it */
+    if (!buf) {
+        size_t cap = s->cap_kbuf;
+        buf = grow(s->kbuf, &cap, total, 1);
+        if (!buf) return;
+        s->kbuf = buf;
+        s->cap_kbuf = cap;
+    }
+    s->n_copy_backends = 0;
+    size_t off = 0;
+    for (int i = 0; i < s->n_keep; i++) {
+        const struct gt *t = s->keep[i];
+        size_t n = kept_bytes(t, &dense);
+        void *be = n ? backend_of(s->sched, t) : NULL;
+        if (n && !be) return; /* not the scheduler's: read synchronously at the flush */
+        if (be) {
+            if (dense && get_2d_async)
+                get_2d_async(be, t, buf + off, 0, 4 * (size_t)t->ne[0], (size_t)t->ne[1], t->nb[1], 4 * (size_t)t->ne[0]);
+            else if (dense) /* an older ggml without 2-D copies: the whole span, gathered on the host */
+                return;
+            else
+                get_async(be, t, buf + off, 0, n);
+            int seen = 0;
+            for (int j = 0; j < s->n_copy_backends; j++) seen |= s->copy_backends[j] == be;
+            if (!seen && s->n_copy_backends < 16) s->copy_backends[s->n_copy_backends++] = be;
+        }
+        off += ALIGN16(n);
+    }
+    s->copy_buf = buf;
+    s->copy_state = 1;
+}
+
+/* Read every kept layer of the ubatch computed last, once the scheduler has synchronised: the copies queued by
+ * issue_kept (one synchronisation per backend, normally already done), or, where they could not be queued, one
+ * synchronous copy per layer (ggml_backend_tensor_get, honouring the view's strides). */
 void read_kept(struct sched_st *s) {
     s->keep_pending = 0;
     if (!s->active) return;
     if (g_cost_probe == COST_FLAGS) { /* measurement: the flags' cost alone */
         for (int l = 0; l < s->n_layers; l++) s->layers[l].have = 0;
+        s->active = 0;
         return;
     }
-    REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
-    REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
     REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
-    size_t total = 0;
-    for (int i = 0; i < s->n_keep; i++) total += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
-    size_t cap = s->cap_kbuf;
-    uint8_t *buf = grow(s->kbuf, &cap, total ? total : 1, 1);
-    bool async = buf && backend_of && get_async && bsync && s->sched;
-    if (buf) {
-        s->kbuf = buf;
-        s->cap_kbuf = cap;
-    }
-    if (async && s->n_keep > 0 && total) { /* pinned memory where the kept tensors' device offers it */
-        void *be0 = backend_of(s->sched, s->keep[0]);
-        uint8_t *pinned = be0 ? pinned_buffer(s, be0, total) : NULL;
-        if (pinned) buf = pinned;
-    }
-    void *backends[16];
-    int n_backends = 0;
-    if (async) {
-        size_t off = 0;
-        for (int i = 0; i < s->n_keep && async; i++) {
-            const struct gt *t = s->keep[i];
-            size_t n = span_bytes(t);
-            void *be = n ? backend_of(s->sched, t) : NULL;
-            if (n && !be) async = false;
-            if (be) {
-                get_async(be, t, buf + off, 0, n);
-                int seen = 0;
-                for (int j = 0; j < n_backends; j++) seen |= backends[j] == be;
-                if (!seen && n_backends < 16) backends[n_backends++] = be;
-            }
-            off += (n + 15) & ~(size_t)15;
-        }
-        for (int j = 0; j < n_backends; j++) bsync(backends[j]);
-    }
+    bool copied = s->copy_state == 1 && bsync;
+    if (copied)
+        for (int j = 0; j < s->n_copy_backends; j++) bsync(s->copy_backends[j]);
+    s->copy_state = 0;
     size_t off = 0;
     for (int i = 0; i < s->n_keep; i++) {
+        bool dense;
+        size_t n = kept_bytes(s->keep[i], &dense);
         int layer, what = classify(s->keep[i]->name, &layer);
-        if (what >= 0) take(s, s->keep[i], what, layer, async ? buf + off : NULL);
-        off += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
+        if (what >= 0) take(s, s->keep[i], what, layer, copied ? s->copy_buf + off : NULL, copied && dense);
+        off += ALIGN16(n);
     }
     emit(s);
 }
@@ -264,8 +306,12 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     if (s->active) io_snap(&s->io1); /* synchronous on the CPU; a GPU backend may return before it finished */
     if (s->active) {
         if (st != 0) s->active = 0;
-        else if (g_keepalive) s->keep_pending = 1;
-        else emit(s);
+        else if (g_keepalive) {
+            s->keep_pending = 1;
+            issue_kept(s);
+        } else {
+            emit(s);
+        }
     }
     return st;
 }
