@@ -71,8 +71,8 @@ class TracedLlama:
         self.lc = load_llama_cpp()
         # native: a NativeTrace (native.py): the C tracer records (keep-alive), not the callback and the sink
         self.native = native
-        if native is not None:
-            trace = False
+        if native is not None:  # the callback only for observe_extra (a self-check: the same run's probabilities)
+            trace = observe_extra
             measure = False
         # measured I/O per ubatch (trace version 2), to sinks that take it (write_measurement)
         self.io: IoCounters | None = IoCounters() if measure else None
@@ -221,7 +221,7 @@ class TracedLlama:
             col.check_complete()
         self.n_past += n
         self.tokens_done += n
-        if self.native is not None:  # the C tracer writes the records (after the next synchronisation)
+        if self.native is not None and not self.collector.extra:  # the C tracer writes the records
             return
         self._flush(pos, chunk, out.astype(bool), phase)
         put = getattr(self.sink, "write_measurement", None)

@@ -203,6 +203,9 @@ extern long g_unmatched, g_warmup;
  * (-1: inferred, as under `run`); see ggexp_inproc.c */
 extern long g_records;
 extern int g_hint_phase;
+/* in-process (ggexp_inproc.c): only contexts decoded through our llama_decode wrapper are traced, so an untraced
+ * context of the same process (a benchmark's plain peer) runs unflagged and unread */
+extern int g_inproc;
 /* rows (token x MoE layer) not recorded because an allocation failed: reported at exit, on stderr and in the
  * .seqs sidecar ("dropped\tN"), which the Python side puts into the header's meta.dropped_rows */
 extern long g_dropped;

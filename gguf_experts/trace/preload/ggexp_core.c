@@ -65,7 +65,7 @@ pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 int g_fd = -1, g_seq_fd = -1, g_header_done, g_failed;
 int32_t g_next_seq;
 long g_unmatched, g_warmup, g_dropped, g_records;
-int g_hint_phase = -1;
+int g_hint_phase = -1, g_inproc;
 int g_test_nomem;
 
 void say(const char *fmt, const char *a, const char *b) {

@@ -150,6 +150,7 @@ EXPORT int ggexp_inproc_begin(const char *path, int weights, int keepalive) {
     memset(&g_noctx, 0, sizeof g_noctx);
     g_records_base = __atomic_load_n(&g_records, __ATOMIC_RELAXED);
     g_hint_phase = -1;
+    g_inproc = 1;
     pthread_mutex_unlock(&g_lock);
     ctx_reset_all();
     sched_reset_all();

@@ -165,7 +165,7 @@ void prepare(struct sched_st *s, void *gf) {
     s->active = 0;
     s->touched_any = 0;
     struct decode_st *d = tl_decode;
-    if (d && d->skip) return;
+    if ((d && d->skip) || (g_inproc && !d)) return;
     pthread_mutex_lock(&g_lock);
     struct ctx_st *c = d ? ctx_of(d->ctx) : &g_noctx;
     if (c == &g_noctx && !c->m && g_n_models > 0) { /* a llama_decode we did not see: the first MoE model */

@@ -253,7 +253,7 @@ EXPORT bool ggml_backend_sched_alloc_graph(void *sched, void *graph) {
     if (g_enabled && g_keepalive) {
         struct sched_st *s = sched_of(sched, 1);
         flush_pending(s, sched);
-        if (s) flag_graph(s, graph);
+        if (s && (!g_inproc || tl_decode)) flag_graph(s, graph);
     }
     return real(sched, graph);
 }
