@@ -37,7 +37,7 @@ class Recorder:
         from .native import MODES, traced_by_run
 
         if mode is None:
-            mode = "keepalive" if sink is None and not traced_by_run() else "callback"
+            mode = "keepalive" if sink is None and not traced_by_run() and _tracer_builds() else "callback"
         if mode not in MODES:
             raise InputError(f"--mode {mode}: use one of {', '.join(MODES)}")
         if mode == "keepalive" and sink is not None:
@@ -170,6 +170,17 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tracer_builds() -> bool:
+    """Whether the C tracer is there or can be built (no C compiler: capture falls back to the callback)."""
+    from ..preload.run import PreloadBuildError, build_preload
+
+    try:
+        build_preload()
+    except PreloadBuildError:
+        return False
+    return True
 
 
 @dataclass
