@@ -94,6 +94,7 @@ def test_gpu_layers_without_gpu_offload_is_one_line(tmp_path: Path, models: dict
 
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python build offloads to a GPU")
-    r = gge("capture", models["qwen3moe"], "-p", "hi", "-n", "2", "-ngl", "8", "-o", tmp_path / "t.bin", "--no-progress")
+    r = gge("capture", models["qwen3moe"], "-p", "hi", "-n", "2", "-ngl", "8", "-o", tmp_path / "t.bin",
+            "--no-progress")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no GPU offload" in r.stderr and not (tmp_path / "t.bin").exists()
