@@ -180,6 +180,10 @@ struct sched_st {
     uint8_t *copy_buf;
     void *copy_backends[16];
     int n_copy_backends;
+    size_t *koff; /* where kept tensor i lands in copy_buf */
+    int cap_koff;
+    struct kspan *spans; /* scratch of issue_kept */
+    int cap_spans;
     uint8_t *out;
     size_t n_outbuf, cap_outbuf;
     /* measured I/O of this ubatch: before the graph compute, and when the compute returned */

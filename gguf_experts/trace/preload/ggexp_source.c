@@ -152,53 +152,123 @@ static size_t kept_bytes(const struct gt *t, bool *dense) {
 }
 #define ALIGN16(n) (((n) + 15) & ~(size_t)15)
 
-/* Queue the copies of every kept layer of the ubatch just computed, right after the scheduler queued the graph:
- * one async copy per layer on the tensor's backend (a 2-D copy of the k selected ids per row for the top-k view;
- * the weights are contiguous) into one pinned host buffer. They run on the device's stream after the graph, so the
- * scheduler's next synchronisation finds them done: no extra round trip. Backends without async copies (the CPU)
- * copy at once, which is right here: a CPU split has finished when compute_async returns. */
+/* Contiguous kept tensors (decode's one-row top-k, the weights) closer than this in one device buffer are copied as
+ * one range: a small device-to-host copy costs ~2 us of the stream whatever its size, 16 KB of gap less than that. */
+#define COALESCE_GAP 16384
+
+struct kspan { uintptr_t start; size_t n; void *be, *buf; int i; };
+
+static int kspan_cmp(const void *a, const void *b) {
+    const struct kspan *x = a, *y = b;
+    if (x->be != y->be) return (uintptr_t)x->be < (uintptr_t)y->be ? -1 : 1;
+    if (x->buf != y->buf) return (uintptr_t)x->buf < (uintptr_t)y->buf ? -1 : 1;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* Queue the copies of every kept layer of the ubatch just computed, right after the scheduler queued the graph,
+ * into one pinned host buffer: a strided top-k view (prefill) as one 2-D copy of its k ids per row; contiguous ones
+ * (decode's top-k, the weights) sorted by address and copied as few ranges as their layout allows. They run on the
+ * device's stream after the graph, so the scheduler's next synchronisation finds them done: no extra round trip.
+ * Backends without async copies (the CPU) copy at once, which is right: a CPU split is done when compute_async
+ * returns. s->koff[i]: where kept tensor i lands in the host buffer. */
 void issue_kept(struct sched_st *s) {
     s->copy_state = 0;
-    if (!s->active || g_cost_probe == COST_FLAGS) return;
+    if (!s->active || g_cost_probe == COST_FLAGS || s->n_keep == 0) return;
     REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
     REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
     REAL(tensor_get_2d_async_t, get_2d_async, "ggml_backend_tensor_get_2d_async");
     REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
     if (!backend_of || !get_async || !bsync || !s->sched) return;
+    size_t cap = (size_t)s->cap_koff;
+    size_t *koff = grow(s->koff, &cap, (size_t)s->n_keep, sizeof *koff);
+    if (!koff) return;
+    s->koff = koff;
+    s->cap_koff = (int)cap;
+    cap = (size_t)s->cap_spans;
+    struct kspan *sp = grow(s->spans, &cap, (size_t)s->n_keep, sizeof *sp);
+    if (!sp) return;
+    s->spans = sp;
+    s->cap_spans = (int)cap;
+    /* the layout: dense copies first, then the contiguous tensors as merged ranges */
     size_t total = 0;
-    bool dense;
-    for (int i = 0; i < s->n_keep; i++) total += ALIGN16(kept_bytes(s->keep[i], &dense));
-    if (!total || s->n_keep == 0) return;
+    int n_sp = 0;
+    for (int i = 0; i < s->n_keep; i++) {
+        const struct gt *t = s->keep[i];
+        bool dense;
+        size_t n = kept_bytes(t, &dense);
+        void *be = n ? backend_of(s->sched, t) : NULL;
+        if (n && !be) return; /* not the scheduler's: read synchronously at the flush */
+        if (dense && !get_2d_async) return; /* an older ggml: synchronous strided reads at the flush */
+        if (dense || !n) {
+            koff[i] = total;
+            total += ALIGN16(n);
+        } else {
+            sp[n_sp++] = (struct kspan){(uintptr_t)t->data, n, be, t->view_src ? t->view_src->buffer : t->buffer, i};
+        }
+    }
+    qsort(sp, (size_t)n_sp, sizeof *sp, kspan_cmp);
+    size_t range_total = 0;
+    for (int a = 0, b; a < n_sp; a = b) { /* ranges [a, b): one backend and buffer, gaps within COALESCE_GAP */
+        uintptr_t end = sp[a].start + sp[a].n;
+        for (b = a + 1; b < n_sp && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= end + COALESCE_GAP; b++)
+            if (sp[b].start + sp[b].n > end) end = sp[b].start + sp[b].n;
+        for (int j = a; j < b; j++) koff[sp[j].i] = total + range_total + (sp[j].start - sp[a].start);
+        range_total += ALIGN16(end - sp[a].start);
+    }
+    size_t dense_total = total;
+    total += range_total;
+    if (!total) return;
     uint8_t *buf = NULL;
     void *be0 = backend_of(s->sched, s->keep[0]);
     if (be0) buf = pinned_buffer(s, be0, total); /* pinned memory where the kept tensors' device offers it */
     if (!buf) {
-        size_t cap = s->cap_kbuf;
-        buf = grow(s->kbuf, &cap, total, 1);
+        size_t c2 = s->cap_kbuf;
+        buf = grow(s->kbuf, &c2, total, 1);
         if (!buf) return;
         s->kbuf = buf;
-        s->cap_kbuf = cap;
+        s->cap_kbuf = c2;
     }
     s->n_copy_backends = 0;
-    size_t off = 0;
+#define NOTE_BACKEND(be) do { \
+        int seen_ = 0; \
+        for (int j_ = 0; j_ < s->n_copy_backends; j_++) seen_ |= s->copy_backends[j_] == (be); \
+        if (!seen_ && s->n_copy_backends < 16) s->copy_backends[s->n_copy_backends++] = (be); \
+    } while (0)
     for (int i = 0; i < s->n_keep; i++) {
         const struct gt *t = s->keep[i];
+        bool dense;
         size_t n = kept_bytes(t, &dense);
-        void *be = n ? backend_of(s->sched, t) : NULL;
-        if (n && !be) return; /* not the scheduler's: read synchronously at the flush */
-        if (be) {
-            if (dense && get_2d_async)
-                get_2d_async(be, t, buf + off, 0, 4 * (size_t)t->ne[0], (size_t)t->ne[1], t->nb[1], 4 * (size_t)t->ne[0]);
-            else if (dense) /* an older ggml without 2-D copies: the whole span, gathered on the host */
-                return;
-            else
-                get_async(be, t, buf + off, 0, n);
-            int seen = 0;
-            for (int j = 0; j < s->n_copy_backends; j++) seen |= s->copy_backends[j] == be;
-            if (!seen && s->n_copy_backends < 16) s->copy_backends[s->n_copy_backends++] = be;
-        }
-        off += ALIGN16(n);
+        if (!dense || !n) continue;
+        void *be = backend_of(s->sched, t);
+        get_2d_async(be, t, buf + koff[i], 0, 4 * (size_t)t->ne[0], (size_t)t->ne[1], t->nb[1], 4 * (size_t)t->ne[0]);
+        NOTE_BACKEND(be);
     }
+    size_t off = dense_total;
+    for (int a = 0, b; a < n_sp; a = b) {
+        uintptr_t end = sp[a].start + sp[a].n;
+        for (b = a + 1; b < n_sp && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= end + COALESCE_GAP; b++)
+            if (sp[b].start + sp[b].n > end) end = sp[b].start + sp[b].n;
+        size_t len = end - sp[a].start;
+        if (b == a + 1) {
+            get_async(sp[a].be, s->keep[sp[a].i], buf + off, 0, len);
+        } else { /* a tensor that describes the range: the first one's buffer, 1-D, 4-byte elements */
+            struct gt r;
+            memcpy(&r, s->keep[sp[a].i], sizeof r);
+            r.type = GGML_TYPE_I32;
+            r.ne[0] = (int64_t)(len / 4);
+            r.ne[1] = r.ne[2] = r.ne[3] = 1;
+            r.nb[0] = 4;
+            r.nb[1] = r.nb[2] = r.nb[3] = len;
+            r.buffer = sp[a].buf;
+            r.view_src = NULL;
+            r.view_offs = 0;
+            r.data = (void *)sp[a].start;
+            get_async(sp[a].be, &r, buf + off, 0, len);
+        }
+        NOTE_BACKEND(sp[a].be);
+        off += ALIGN16(len);
+    }
+#undef NOTE_BACKEND
     s->copy_buf = buf;
     s->copy_state = 1;
 }
@@ -219,13 +289,11 @@ void read_kept(struct sched_st *s) {
     if (copied)
         for (int j = 0; j < s->n_copy_backends; j++) bsync(s->copy_backends[j]);
     s->copy_state = 0;
-    size_t off = 0;
     for (int i = 0; i < s->n_keep; i++) {
         bool dense;
-        size_t n = kept_bytes(s->keep[i], &dense);
+        kept_bytes(s->keep[i], &dense);
         int layer, what = classify(s->keep[i]->name, &layer);
-        if (what >= 0) take(s, s->keep[i], what, layer, copied ? s->copy_buf + off : NULL, copied && dense);
-        off += ALIGN16(n);
+        if (what >= 0) take(s, s->keep[i], what, layer, copied ? s->copy_buf + s->koff[i] : NULL, copied && dense);
     }
     emit(s);
 }
