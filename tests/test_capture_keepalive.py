@@ -70,6 +70,48 @@ def test_capture_keepalive_equals_callback_and_run(tmp_path: Path, models: dict[
         assert a.weights is not None and np.isfinite(a.weights).all()
 
 
+def test_llama_server_trace_equals_keepalive_capture(tmp_path: Path, models: dict[str, Path], llama_bin: Path) -> None:
+    """An unchanged llama-server under `run` (keep-alive), one client, two completions: every row equals `capture`'s
+    keep-alive replay of the same tokens (prefix reuse included), experts and weights."""
+    from run_support import capture_requests, free_port, post, rows_of, sequence_tokens
+
+    port, trace = free_port(), tmp_path / "server.bin"
+    proc = subprocess.Popen([*GGE, "run", "--weights", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m",
+                             str(models["qwen3moe"]), "--host", "127.0.0.1", "--port", str(port), "--parallel", "1",
+                             "-c", "512", "-t", "2", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "llama-server did not come up"
+            time.sleep(0.2)
+        for prompt in (PROMPT, PROMPT + " and found"):
+            r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+            assert r["usage"]["completion_tokens"] == 8
+        proc.terminate()
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    d = read_trace(trace)
+    seqs = sequence_tokens(d)
+    assert len(seqs) == 2 and d.weights is not None
+    caps = capture_requests(models["qwen3moe"], [seqs[s] for s in sorted(seqs)], weights=True, native=True)
+    for s, cap in zip(sorted(seqs), caps):
+        ran = rows_of(d, s)
+        assert ran and ran == cap, s
+
+
 def test_selfcheck_mxfp4_gpt_oss_both_paths(tmp_path: Path, models: dict[str, Path]) -> None:
     """ids = the top-k of the same run's router output, for the callback and the keep-alive path, 0 violations."""
     p = tmp_path / "p.txt"
