@@ -100,7 +100,7 @@ class Recorder:
     def _native_llama(self, model_path: str | os.PathLike[str], n_ctx: int, n_ubatch: int, n_threads: int | None,
                       n_gpu_layers: int, observe_extra: bool) -> TracedLlama:
         """rec.llama in keep-alive mode: the C tracer writes the trace (one implementation with `run`)."""
-        from ..iostat import IoCounters, io_start
+        from ..iostat import IoCounters, io_load, io_start
         from .ggml_ctypes import load_llama_cpp
         from .native import NativeTrace
 
@@ -108,26 +108,30 @@ class Recorder:
             raise InputError("observe_extra reads intermediate tensors per layer: use mode='callback'")
         counters = IoCounters()
         try:
-            started = io_start(model_path, counters)  # before anything reads the model (read-ahead)
+            start = counters.snapshot()
+            # io_start and io_load as the callback path measures them: from before anything reads the model (our
+            # own header reads included, whose read-ahead can bring in a small model whole) to the loaded context
+            started = io_start(model_path, counters)
+            fp = model_fingerprint(model_path)
+            if self.fingerprint is not None and fp != self.fingerprint:
+                raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
+            lc = load_llama_cpp()
+            fresh = self._native is None
+            if fresh:
+                self._native = NativeTrace(self.path, self.weights, lc)
+            try:
+                llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx,
+                                  n_ubatch=n_ubatch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                  seq_counter=self._seqs, native=self._native)
+            except BaseException:
+                if fresh:  # a model llama.cpp refuses leaves no trace file behind
+                    self._native.abandon()
+                    self._native = None
+                    self.path.unlink(missing_ok=True)
+                raise
+            loaded = io_load(start, counters.snapshot())
         finally:
             counters.close()
-        fp = model_fingerprint(model_path)
-        if self.fingerprint is not None and fp != self.fingerprint:
-            raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
-        lc = load_llama_cpp()
-        fresh = self._native is None
-        if fresh:
-            self._native = NativeTrace(self.path, self.weights, lc)
-        try:
-            llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx, n_ubatch=n_ubatch,
-                              n_threads=n_threads, n_gpu_layers=n_gpu_layers, seq_counter=self._seqs,
-                              native=self._native)
-        except BaseException:
-            if fresh:  # a model llama.cpp refuses leaves no trace file behind
-                self._native.abandon()
-                self._native = None
-                self.path.unlink(missing_ok=True)
-            raise
         if fresh:
             from ...gguf.reader import open_model
             from ...gguf.expert_ids import META_KEY, mapping_of
@@ -135,7 +139,7 @@ class Recorder:
             self._native_meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
                                  "n_ubatch": n_ubatch, "weights": self.weights,
                                  "llama_cpp_python": getattr(lc, "__version__", "?"), "io_start": started,
-                                 **self.meta}
+                                 "io_load": loaded, **self.meta}
             pruned = mapping_of(open_model(model_path).kv)
             if pruned is not None:  # analyses read this trace in the original model's expert ids
                 self._native_meta[META_KEY] = pruned.to_dict()
