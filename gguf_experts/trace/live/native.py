@@ -28,7 +28,7 @@ _BEGIN_ERRORS = {
     -1: "this process is already traced by `gguf-experts run` (GGUF_EXPERTS_TRACE is set)",
     -2: "this platform's loader cannot be hooked in-process (x86-64 and aarch64 Linux only)",
     -3: "no loaded library calls llama.cpp's scheduler through its PLT (a static llama.cpp build?)",
-    -4: "the trace path is too long",
+    -4: "the trace path is too long, or llama-cpp-python's library directory cannot be resolved",
 }
 
 
@@ -42,7 +42,7 @@ def _library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         lib = ctypes.CDLL(str(build_preload()), mode=os.RTLD_LAZY | os.RTLD_LOCAL)
-        lib.ggexp_inproc_begin.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+        lib.ggexp_inproc_begin.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
         lib.ggexp_inproc_begin.restype = ctypes.c_int
         lib.ggexp_inproc_end.restype = ctypes.c_long
         lib.ggexp_inproc_records.restype = ctypes.c_long
@@ -50,6 +50,15 @@ def _library() -> ctypes.CDLL:
         lib.ggexp_inproc_phase.restype = None
         _lib = lib
     return _lib
+
+
+def _libdir(lc: Any) -> bytes:
+    """The directory of llama-cpp-python's libllama: only its libraries are hooked (another ggml copy in the
+    process, from another binding, keeps its own calls). Empty (hook every library) when it cannot be told."""
+    try:
+        return os.path.dirname(os.path.realpath(lc.llama_cpp._lib._name)).encode()
+    except (AttributeError, TypeError, OSError):
+        return b""
 
 
 class NativeTrace:
@@ -74,7 +83,7 @@ class NativeTrace:
             from ..pending import sequences_path
 
             sequences_path(self.path).unlink(missing_ok=True)
-            rc = self.lib.ggexp_inproc_begin(str(self.path).encode(), int(weights), 1)
+            rc = self.lib.ggexp_inproc_begin(str(self.path).encode(), int(weights), 1, _libdir(lc))
             if rc != 0:
                 raise CaptureError(f"the in-process tracer could not start: {_BEGIN_ERRORS.get(rc, rc)}; "
                                    "use capture --mode callback")

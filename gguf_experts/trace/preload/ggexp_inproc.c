@@ -26,6 +26,7 @@ static const char *const HOOKED[] = {
 
 struct patch_ctx {
     void *self;            /* our load base: never patched */
+    char dir[PATH_MAX];    /* only objects under this directory (llama-cpp-python's libraries), "" for all */
     void *ours[16];        /* our definition of HOOKED[i] */
     int patched;
 };
@@ -73,6 +74,11 @@ static int patch_object(struct dl_phdr_info *info, size_t size, void *data) {
     struct patch_ctx *pc = data;
     if ((void *)info->dlpi_addr == pc->self || !info->dlpi_name || !info->dlpi_name[0]) return 0;
     if (strstr(info->dlpi_name, "linux-vdso") || strstr(info->dlpi_name, "ld-linux")) return 0;
+    if (pc->dir[0]) { /* another copy of ggml in the process (another binding) keeps its own calls */
+        char rp[PATH_MAX];
+        size_t n = strlen(pc->dir);
+        if (!realpath(info->dlpi_name, rp) || strncmp(rp, pc->dir, n) != 0 || (rp[n] != '/' && rp[n] != 0)) return 0;
+    }
     const ElfW(Dyn) *dyn = NULL;
     for (int p = 0; p < info->dlpi_phnum; p++)
         if (info->dlpi_phdr[p].p_type == PT_DYNAMIC)
@@ -108,10 +114,11 @@ void io_reset(void);
 
 static long g_records_base;
 
-/* Start tracing into `path`. keepalive: 1 keep-alive, 0 callback. Returns 0, or -1 when this process is already
- * traced by `gguf-experts run` (the environment's GGUF_EXPERTS_TRACE), -2 when this platform cannot be hooked,
- * -3 when no loaded library calls the scheduler (llama.cpp not loaded yet, or linked statically), -4 bad path. */
-EXPORT int ggexp_inproc_begin(const char *path, int weights, int keepalive) {
+/* Start tracing into `path`. keepalive: 1 keep-alive, 0 callback. libdir: the directory of the llama.cpp libraries
+ * to hook (NULL or "": every loaded object). Returns 0, or -1 when this process is already traced by
+ * `gguf-experts run` (the environment's GGUF_EXPERTS_TRACE), -2 when this platform cannot be hooked, -3 when no
+ * library there calls the scheduler (llama.cpp not loaded yet, or linked statically), -4 bad path. */
+EXPORT int ggexp_inproc_begin(const char *path, int weights, int keepalive, const char *libdir) {
     static int hooked;
     const char *env = getenv("GGUF_EXPERTS_TRACE");
     if (env && *env && g_enabled) return -1;
@@ -120,10 +127,13 @@ EXPORT int ggexp_inproc_begin(const char *path, int weights, int keepalive) {
     (void)weights;
     (void)keepalive;
     (void)hooked;
+    (void)libdir;
     return -2;
 #else
     if (!hooked) {
-        struct patch_ctx pc = {.patched = 0};
+        static struct patch_ctx pc;
+        memset(&pc, 0, sizeof pc);
+        if (libdir && *libdir && !realpath(libdir, pc.dir)) return -4;
         Dl_info di;
         if (!dladdr((void *)ggexp_inproc_begin, &di)) return -2;
         pc.self = di.dli_fbase;
