@@ -4,7 +4,9 @@
 Variants (each its own TracedLlama on the same model, rounds alternating so that clock and load changes
 hit all alike; medians reported):
 - plain: no eval callback (what llama.cpp runs untraced);
-- python: the Python recorder (`capture`), ids only; python-weights: ids and applied gate weights.
+- python: the callback recorder (`capture --mode callback`), ids only; python-weights: ids and applied gate weights;
+- capture / capture-weights: `capture`'s default, the C keep-alive tracer loaded in-process (one per process: pair
+  each with plain, `--variants plain,capture`); only its own context is traced, plain runs untouched.
 `--variants plain` alone is the harness for the C recorder: run it under `gguf-experts run` (the preload
 hooks this process) and compare with a plain process of the same call.
 `--n-cpu-moe N` keeps the expert tensors of the first N layers in host memory (llama.cpp's --n-cpu-moe:
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from gguf_experts.trace.live.capture import Recorder
 from gguf_experts.trace.live.llama import MemorySink, TracedLlama
 from gguf_experts.gguf.fingerprint import model_fingerprint
 from gguf_experts.trace.live.ggml_ctypes import load_llama_cpp
@@ -99,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         "python-weights": lambda: TracedLlama(a.model, TraceWriter(tmp / "w.bin", fp), fp, n_ctx=n_ctx,
                                               n_threads=a.threads, weights=True, n_gpu_layers=a.ngl),
     }
+    recs: list[Recorder] = []
+
+    def native(weights: bool) -> TracedLlama:
+        rec = Recorder(tmp / f"c{int(weights)}.bin", weights=weights, mode="keepalive")
+        recs.append(rec)
+        return rec.llama(a.model, n_ctx=n_ctx, n_threads=a.threads, n_gpu_layers=a.ngl)
+    make["capture"] = lambda: native(False)
+    make["capture-weights"] = lambda: native(True)
     names = [v for v in a.variants.split(",") if v]
     llms = {k: make[k]() for k in names}
     rng = np.random.default_rng(0)
@@ -114,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             dec[k].append(d)
     for llm in llms.values():
         llm.close()
-        if hasattr(llm.sink, "close"):
+        if llm.native is None and hasattr(llm.sink, "close"):
             llm.sink.close()
+    for rec in recs:
+        rec.close()
     res = {k: {"prefill": statistics.median(pre[k]), "decode": statistics.median(dec[k])} for k in llms}
     base = res.get("plain")
     print(f"{a.label or Path(a.model).name}: -ngl {a.ngl}, --n-cpu-moe {a.n_cpu_moe}, {a.prompt_tokens}-token prompt "

@@ -20,6 +20,7 @@ W=${WORK:-/tmp/gpu-big}
 REPO=$PWD
 STEPS=${STEPS:-build model python llamabench run agree}
 QUANT=${QUANT:-Q8_0}
+ARCH=${ARCH:-qwen3moe}  # gpt-oss: gpt-oss-20b's shapes (make_big_model.py --arch gpt-oss), e.g. with QUANT=MXFP4
 LAYERS=${LAYERS:-48}
 NCMOE=${NCMOE:-$((LAYERS / 2))}
 ROUNDS=${ROUNDS:-5}
@@ -57,18 +58,23 @@ ln -sfn "$BIN" /tmp/site/llama_cpp/lib
 python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'GPU offload:', bool(llama_cpp.llama_supports_gpu_offload()))" \
   || { el "llama_cpp does not load"; exit 4; }
 
-M=$W/big-$QUANT.gguf
+M=$W/big-$ARCH-$QUANT-$LAYERS.gguf
 if has model && [ ! -f "$M" ]; then
   el "writing the model"
-  python3 scripts/make_big_model.py "$M" --quant "$QUANT" --layers "$LAYERS" || exit 5
+  python3 scripts/make_big_model.py "$M" --arch "$ARCH" --quant "$QUANT" --layers "$LAYERS" || exit 5
 fi
 ge() { (cd /tmp && python3 -m gguf_experts "$@"); }  # not from the repo root: PYSRC must win
 J=$OUT/bench.jsonl
+# PYVARIANTS: sets of bench_gpu_big.py variants, one process each ("plain,capture": capture's in-process keep-alive
+# tracer is one per process, against plain in the same process)
+PYVARIANTS=${PYVARIANTS:-plain,python,python-weights}
 if has python; then
   for nc in 0 "$NCMOE"; do
-    el "Python harness, -ngl 99, --n-cpu-moe $nc: plain vs Python recorder"
-    python3 scripts/bench_gpu_big.py "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" --json "$J" --label "python-harness" 2>&1 \
-      | grep -v "^llama\|^load\|^print_info" | tail -5
+    for vs in $PYVARIANTS; do
+      el "Python harness, -ngl 99, --n-cpu-moe $nc: $vs"
+      python3 scripts/bench_gpu_big.py "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" --variants "$vs" --json "$J" \
+        --label "python-harness" 2>&1 | grep -v "^llama\|^load\|^print_info" | tail -3
+    done
   done
 fi
 # C-recorder variants: MODE[:w][:COST] (w = --weights; COST = noop|flags, the measurement knobs of docs/capture.md)
@@ -80,7 +86,7 @@ traced() {  # traced VARIANT CMD...: CMD under `gguf-experts run` as VARIANT say
   case ":$v:" in *:noop:*) cost=noop;; *:flags:*) cost=flags;; esac
   GGUF_EXPERTS_MODE=$mode GGUF_EXPERTS_COST=$cost ge run $w -o "$W/t-${v//:/-}.bin" -- "$@"
 }
-if has run && ge run --help >/dev/null 2>&1; then
+if has run && [ "${CHARNESS:-1}" = 1 ] && ge run --help >/dev/null 2>&1; then  # CHARNESS=0: llama-bench only
   for nc in 0 "$NCMOE"; do
     vs=$VARIANTS0; [ "$nc" = 0 ] || vs=$VARIANTSN
     python3 scripts/bench_gpu_big.py "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" --variants plain --json "$J" --label "plain-process" 2>&1 | tail -2
@@ -117,6 +123,13 @@ if has llamabench; then
       lb -ncmoe "$nc" | tag plain-again "$nc"
     fi
   done
+fi
+if has selfcheck; then  # ids = top-k of the same run's router output, callback and keep-alive, on the GPU
+  printf '%s\n' "Once upon a time, in a land far away, there lived a" \
+    "$(python3 -c "print(' '.join(f'def f{i}(x): return x * {i} + {i % 7}' for i in range(30)))")" >"$W/prompts.txt"
+  el "self-check, -ngl 99"
+  python3 scripts/gpu_selfcheck.py "$M" --prompts "$W/prompts.txt" -n 16 --ngl 99 99 --modes callback keepalive 2>&1 \
+    | grep -v "^llama\|^load" | tail -6 | tee -a "$OUT/selfcheck.txt"
 fi
 if has agree; then
   el "agreement: CPU (-ngl 0) vs GPU (-ngl 99) on the same prompts; self-check on each backend"

@@ -9,8 +9,9 @@
 set -euo pipefail
 PY=${PY:-python3}
 VER=${LLAMA_CPP_PYTHON_VERSION:-$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')}
-mkdir -p .git/info
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file
+mkdir -p "$(dirname "$EXCLUDE")"
+grep -qx '/.gpu/' "$EXCLUDE" 2>/dev/null || echo '/.gpu/' >>"$EXCLUDE"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 $PY -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$tmp"
@@ -23,5 +24,5 @@ rm -rf .gpu/site/llama_cpp/lib
 (cd .gpu/llama.cpp && rm -rf models docs media tests examples benches conversion gguf-py pocs app ui .github .devops \
   skills tools/ui && cd ggml/src && rm -rf ggml-opencl ggml-sycl ggml-vulkan ggml-hexagon ggml-metal ggml-et \
   ggml-webgpu ggml-openvino ggml-cann ggml-virtgpu ggml-zdnn ggml-zendnn ggml-musa ggml-hip)
-for w in "$tmp"/whl/*.whl; do (cd .gpu/site && $PY -m zipfile -e "$w" .); done
+for w in "$tmp"/whl/*.whl; do (cd .gpu/site && python3 -m zipfile -e "$w" .); done
 du -sh .gpu/llama.cpp .gpu/site

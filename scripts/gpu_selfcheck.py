@@ -8,13 +8,17 @@ row mapping or stale buffer would break this). Then, for the rows whose ids diff
 the second -ngl, it prints the CPU run's probability gap between the two experts that changed places:
 tiny gaps mean the backends' rounding decided a near-tie, not that capture misread anything.
 
-    python scripts/gpu_selfcheck.py MODEL [MODEL ...] --prompts FILE [-n 16] [--ngl 0 99]
+    python scripts/gpu_selfcheck.py MODEL [MODEL ...] --prompts FILE [-n 16] [--ngl 0 99] [--modes callback keepalive]
+`--modes ... keepalive` also checks `capture`'s keep-alive path: the ids are those the in-process C tracer wrote to
+its trace, the probabilities those the callback observed in the same run (the C tracer wraps a program's callback).
 Exit code 0 when every row of every run is self-consistent.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -22,23 +26,47 @@ from gguf_experts.trace.live.llama import MemorySink, TracedLlama
 from gguf_experts.gguf.fingerprint import model_fingerprint
 
 
-def run(model: str, prompts: list[str], n: int, ngl: int) -> dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]]:
+def run(model: str, prompts: list[str], n: int, ngl: int,
+        mode: str = "callback") -> dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]]:
     """(seq, pos, layer) -> (ids [k], probs [n_expert]) for every routed row."""
     fp = model_fingerprint(model)
-    llm = TracedLlama(model, MemorySink(), fp, n_ctx=2048, n_threads=8, n_gpu_layers=ngl, observe_extra=True)
+    native = None
+    if mode == "keepalive":
+        from gguf_experts.trace.live.ggml_ctypes import load_llama_cpp
+        from gguf_experts.trace.live.native import NativeTrace
+
+        tpath = Path(tempfile.mkdtemp()) / "keepalive.bin"
+        native = NativeTrace(tpath, False, load_llama_cpp())
+    llm = TracedLlama(model, MemorySink(), fp, n_ctx=2048, n_threads=8, n_gpu_layers=ngl, observe_extra=True,
+                      native=native)
     try:
         for p in prompts:
             llm.generate(p, n, ignore_eos=True)
-        rows: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
-        for e in llm.extras_log:
-            for layer, ids in e["topk"].items():
-                probs = e["ffn_moe_probs"][layer]
-                pos = e["pos"] if len(ids) == len(e["pos"]) else e["pos"][e["out"]]
-                for i, ps in enumerate(pos):
-                    rows[(e["seq"], int(ps), layer)] = (ids[i], probs[i])
-        return rows
     finally:
         llm.close()
+        if native is not None:
+            native.finish()
+    probs_of: dict[tuple[int, int, int], np.ndarray] = {}
+    rows: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for e in llm.extras_log:
+        for layer, ids in e["topk"].items():
+            probs = e["ffn_moe_probs"][layer]
+            pos = e["pos"] if len(ids) == len(e["pos"]) else e["pos"][e["out"]]
+            for i, ps in enumerate(pos):
+                rows[(e["seq"], int(ps), layer)] = (ids[i], probs[i])
+                probs_of[(e["seq"], int(ps), layer)] = probs[i]
+    if native is None:
+        return rows
+    from gguf_experts.trace.reader import read_trace
+
+    d = read_trace(tpath)
+    out = {}
+    for i in range(len(d)):
+        key = (int(d.seq[i]), int(d.pos[i]), int(d.layer[i]))
+        out[key] = (d.experts[i], probs_of[key])
+    if len(out) != len(rows):
+        raise SystemExit(f"keep-alive trace has {len(out)} rows, the callback saw {len(rows)}")
+    return out
 
 
 def self_consistent(rows: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]]) -> tuple[int, float]:
@@ -61,17 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", required=True)
     ap.add_argument("-n", type=int, default=16)
     ap.add_argument("--ngl", type=int, nargs=2, default=[0, 99])
+    ap.add_argument("--modes", nargs="+", default=["callback"], choices=("callback", "keepalive"),
+                    help="check each; the CPU/GPU comparison uses the first")
     a = ap.parse_args(argv)
     with open(a.prompts, encoding="utf-8") as f:
         prompts = [ln for ln in f.read().splitlines() if ln.strip()]
     ok = True
     for m in a.models:
-        runs = {g: run(m, prompts, a.n, g) for g in a.ngl}
+        for mode in a.modes[1:]:
+            for g in dict.fromkeys(a.ngl):
+                nbad, worst = self_consistent(rows := run(m, prompts, a.n, g, mode))
+                ok &= nbad == 0
+                print(f"{m} -ngl {g} {mode}: {len(rows)} rows; ids not the top-k of the same run's probabilities: "
+                      f"{nbad} (worst excess {worst:.3g})")
+        runs = {g: run(m, prompts, a.n, g, a.modes[0]) for g in dict.fromkeys(a.ngl)}
         for g, rows in runs.items():
             nbad, worst = self_consistent(rows)
             ok &= nbad == 0
-            print(f"{m} -ngl {g}: {len(rows)} rows; ids not the top-k of the same run's probabilities: {nbad} "
-                  f"(worst excess {worst:.3g})")
+            print(f"{m} -ngl {g} {a.modes[0]}: {len(rows)} rows; ids not the top-k of the same run's probabilities: "
+                  f"{nbad} (worst excess {worst:.3g})")
         ra, rb = runs[a.ngl[0]], runs[a.ngl[1]]
         keys = [k for k in ra if k in rb and not np.array_equal(ra[k][0], rb[k][0])]
         gaps = []

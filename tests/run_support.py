@@ -79,7 +79,8 @@ def flip_margin(probs: np.ndarray, ran: tuple[int, ...], replayed: tuple[int, ..
 
 
 def capture_requests(model: Path, requests: list[tuple[list[int], int, int]], weights: bool = False,
-                     n_ctx: int = 512, probs: list[dict[tuple[int, int], np.ndarray]] | None = None) -> list[Rows]:
+                     n_ctx: int = 512, probs: list[dict[tuple[int, int], np.ndarray]] | None = None,
+                     native: bool = False) -> list[Rows]:
     """The in-process capture of the same tokens, request by request, on one llama sequence: each request
     keeps the first ``first_pos`` tokens of the KV state (as the program did when it reused a prefix),
     prefills the rest of its prompt in one ubatch, then decodes one token at a time. Replaying the history
@@ -111,6 +112,33 @@ def capture_requests(model: Path, requests: list[tuple[list[int], int, int]], we
             if probs is not None:
                 probs.append(router_probs(llm.extras_log[start_extra:]))
     return out
+
+
+def _capture_requests_native(model: Path, requests: list[tuple[list[int], int, int]], weights: bool,
+                             n_ctx: int) -> list[Rows]:
+    import tempfile
+
+    from gguf_experts.trace.live.ggml_ctypes import load_llama_cpp
+    from gguf_experts.trace.live.native import NativeTrace
+    from gguf_experts.trace.reader import read_trace
+
+    path = Path(tempfile.mkdtemp()) / "replay.bin"
+    nt = NativeTrace(path, weights, load_llama_cpp())
+    try:
+        with TracedLlama(model, MemorySink(), model_fingerprint(model), weights=weights, n_ctx=n_ctx, n_threads=2,
+                         native=nt) as llm:
+            llm.new_sequence()
+            lc = llm.lc
+            for tokens, n_prompt, first in requests:
+                lc.llama_memory_seq_rm(lc.llama_get_memory(llm._ctx), 0, first, -1)
+                llm.n_past = first
+                llm.eval(tokens[first:n_prompt], PHASE_PREFILL)
+                for t in tokens[n_prompt:]:
+                    llm.eval([t], PHASE_DECODE)
+    finally:
+        nt.finish()
+    d = read_trace(path)
+    return [rows_of(d, i) for i in range(len(requests))]
 
 
 def compare(run: Rows, cap: Rows) -> dict[str, Any]:

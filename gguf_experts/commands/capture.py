@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="request logits for every prompt token, so the last layer routes every token "
                         "(as a perplexity run does); default: only the last, as in generation")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    p.add_argument("--mode", choices=("keepalive", "callback"), default=None,
+                   help="keepalive (default): the C tracer of `gguf-experts run`, loaded in-process, keeps each "
+                        "layer's top-k alive and reads it once per ubatch (no graph splits: capture costs what run "
+                        "costs); callback: llama.cpp's eval callback observes each layer (one graph split and "
+                        "sync per layer; the default under `gguf-experts run`, which chains it)")
     p.add_argument("-o", "--output", required=True, metavar="TRACE.bin", help="the trace file to write")
     p.add_argument("--paging", default="stock", metavar="MODE",
                    help="stock (default), random, prefetch or auto, as in `run --paging` (docs/paging.md): the "
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         res = capture(args.model, texts, args.output, n_predict=n_predict, weights=args.weights,
                       n_ctx=args.ctx_size, n_ubatch=args.ubatch_size, n_threads=args.threads,
                       n_gpu_layers=args.n_gpu_layers, ignore_eos=args.ignore_eos,
-                      logits="all" if args.all_outputs else "last", progress=update)
+                      logits="all" if args.all_outputs else "last", progress=update, mode=args.mode)
     row = {"trace": str(res.path), "model": Path(args.model).name, "sequences": res.sequences,
            "tokens": res.tokens, "prefill_tokens": res.prefill_tokens, "decode_tokens": res.decode_tokens,
            "records": res.records, "seconds": round(res.seconds, 3), "tokens_per_s": round(res.tokens_per_s, 1),

@@ -25,7 +25,9 @@ DESCRIPTION = (
     "tokens of gate x norm, gates renormalised over the top-k), max_activations and never_activated. "
     "-o is written atomically every --save-every records and at the end; --resume continues from it. "
     "--compat expert-profile does what llama.cpp's llama-expert-profile (PR #20454) does, so that its numbers "
-    "and ours can be compared (see --compat).")
+    "and ours can be compared (see --compat). Unlike capture (keep-alive by default), profile reads through "
+    "llama.cpp's eval callback: the expert outputs' norms are intermediate tensors of every layer, which only "
+    "the callback observes (one graph split and sync per layer, so it runs slower than capture).")
 COMPAT_HELP = (
     "expert-profile: tokenise prompt + '\\n' + response (BOS as the vocabulary says), cut to the context, and ask "
     "for the logits of the last token only, as llama-expert-profile does: llama.cpp then routes only that output "

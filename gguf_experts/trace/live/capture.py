@@ -26,12 +26,26 @@ __all__ = ["CaptureResult", "Recorder", "capture"]
 class Recorder:
     """``with Recorder("t.bin", weights=True) as rec: llm = rec.llama(path, n_ctx=...)``; drive ``llm``.
 
-    The trace file is opened when the first model is attached (its header holds the model fingerprint);
-    every record is written as soon as its ubatch is decoded, and ``close`` leaves a complete file.
+    ``mode`` "keepalive" (the default for a trace file): the C tracer of `gguf-experts run`, loaded in-process
+    (native.py), records; "callback": the eval callback observes each layer's nodes and hands them to a sink
+    (the default with ``sink``, under `gguf-experts run`, and needed for ``observe_extra``). The trace file is
+    complete after ``close``.
     """
 
     def __init__(self, path: str | os.PathLike[str], weights: bool = False, meta: dict[str, Any] | None = None,
-                 sink: Sink | None = None) -> None:
+                 sink: Sink | None = None, mode: str | None = None) -> None:
+        from .native import MODES, traced_by_run
+
+        if mode is None:
+            mode = "keepalive" if sink is None and not traced_by_run() and _tracer_builds() else "callback"
+        if mode not in MODES:
+            raise InputError(f"--mode {mode}: use one of {', '.join(MODES)}")
+        if mode == "keepalive" and sink is not None:
+            raise InputError("a Recorder with a sink records through the callback: pass mode='callback'")
+        self.mode = mode
+        self._native: Any = None
+        self._native_meta: dict[str, Any] = {}
+        self._records = 0
         self.path = Path(path)
         self.weights = weights
         self.meta = dict(meta or {})
@@ -45,6 +59,8 @@ class Recorder:
               n_threads: int | None = None, n_gpu_layers: int = 0, observe_extra: bool = False) -> TracedLlama:
         from ..iostat import IoCounters, io_load, io_start
 
+        if self.mode == "keepalive":
+            return self._native_llama(model_path, n_ctx, n_ubatch, n_threads, n_gpu_layers, observe_extra)
         counters = IoCounters()
         start = counters.snapshot()
         # before anything reads the model (even its header: read-ahead brings in megabytes): cold or warm
@@ -81,11 +97,75 @@ class Recorder:
         self._llms.append(llm)
         return llm
 
+    def _native_llama(self, model_path: str | os.PathLike[str], n_ctx: int, n_ubatch: int, n_threads: int | None,
+                      n_gpu_layers: int, observe_extra: bool) -> TracedLlama:
+        """rec.llama in keep-alive mode: the C tracer writes the trace (one implementation with `run`)."""
+        from ..iostat import IoCounters, io_load, io_start
+        from .ggml_ctypes import load_llama_cpp
+        from .native import NativeTrace
+
+        if observe_extra:
+            raise InputError("observe_extra reads intermediate tensors per layer: use mode='callback'")
+        counters = IoCounters()
+        try:
+            start = counters.snapshot()
+            # io_start and io_load as the callback path measures them: from before anything reads the model (our
+            # own header reads included, whose read-ahead can bring in a small model whole) to the loaded context
+            started = io_start(model_path, counters)
+            fp = model_fingerprint(model_path)
+            if self.fingerprint is not None and fp != self.fingerprint:
+                raise InputError(f"{model_path}: a Recorder traces one model; {self.path} already holds another")
+            lc = load_llama_cpp()
+            fresh = self._native is None
+            if fresh:
+                self._native = NativeTrace(self.path, self.weights, lc)
+            try:
+                llm = TracedLlama(model_path, MemorySink(), fp, weights=self.weights, n_ctx=n_ctx,
+                                  n_ubatch=n_ubatch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                  seq_counter=self._seqs, native=self._native)
+            except BaseException:
+                if fresh:  # a model llama.cpp refuses leaves no trace file behind
+                    self._native.abandon()
+                    self._native = None
+                    self.path.unlink(missing_ok=True)
+                raise
+            loaded = io_load(start, counters.snapshot())
+        finally:
+            counters.close()
+        if fresh:
+            from ...gguf.reader import open_model
+            from ...gguf.expert_ids import META_KEY, mapping_of
+
+            self._native_meta = {"tool": "gguf-experts capture", "model": Path(model_path).name, "n_ctx": n_ctx,
+                                 "n_ubatch": n_ubatch, "weights": self.weights,
+                                 "llama_cpp_python": getattr(lc, "__version__", "?"), "io_start": started,
+                                 "io_load": loaded, **self.meta}
+            pruned = mapping_of(open_model(model_path).kv)
+            if pruned is not None:  # analyses read this trace in the original model's expert ids
+                self._native_meta[META_KEY] = pruned.to_dict()
+        self.fingerprint = fp
+        self._llms.append(llm)
+        return llm
+
+    @property
+    def records(self) -> int:
+        """Records written so far (keep-alive: counted by the C tracer)."""
+        if self._native is not None:
+            return self._native.records()
+        return self._records if self.mode == "keepalive" else int(getattr(self.sink, "records_written", 0))
+
     def close(self) -> None:
         try:
             for llm in self._llms:
                 llm.close()
         finally:
+            if self._native is not None:
+                native, self._native = self._native, None
+                self._records = native.records()
+                if not native.finish(self._native_meta) and self.fingerprint is not None:
+                    from ..writer import TraceWriter  # nothing traced: a valid trace with no records
+
+                    TraceWriter(self.path, self.fingerprint, self._native_meta).close()
             if self._owns_sink and self.sink is not None and hasattr(self.sink, "close"):
                 self.sink.close()
 
@@ -94,6 +174,17 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tracer_builds() -> bool:
+    """Whether the C tracer is there or can be built (no C compiler: capture falls back to the callback)."""
+    from ..preload.run import PreloadBuildError, build_preload
+
+    try:
+        build_preload()
+    except PreloadBuildError:
+        return False
+    return True
 
 
 @dataclass
@@ -138,18 +229,20 @@ class _StopOnSigint:
 def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str | os.PathLike[str],
             n_predict: int = 32, weights: bool = False, n_ctx: int = 2048, n_ubatch: int = 512,
             n_threads: int | None = None, n_gpu_layers: int = 0, ignore_eos: bool = False, logits: str = "last",
-            progress: Callable[[int], None] | None = None, meta: dict[str, Any] | None = None) -> CaptureResult:
+            progress: Callable[[int], None] | None = None, meta: dict[str, Any] | None = None,
+            mode: str | None = None) -> CaptureResult:
     """Run every prompt as its own sequence (prefill, then greedy decode) and write the trace to ``out``.
 
     ``seconds``/``tokens_per_s`` of the result cover prefill and decode, not the model load. The first
-    Ctrl-C stops after the current token with the trace complete (``interrupted`` is set).
+    Ctrl-C stops after the current token with the trace complete (``interrupted`` is set). ``mode``: see Recorder.
     """
     texts = list(prompts)
     if not texts:
         raise InputError("no prompts given: pass at least one non-empty prompt")
     seqs = prefill = decode = eog = 0
     interrupted = False
-    rec = Recorder(out, weights=weights, meta={"n_predict": n_predict, "prompts": len(texts), **(meta or {})})
+    rec = Recorder(out, weights=weights, meta={"n_predict": n_predict, "prompts": len(texts), **(meta or {})},
+                   mode=mode)
     with _StopOnSigint() as stop, rec:
         llm = rec.llama(model_path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
         longest = llm.max_token_bytes()
@@ -186,6 +279,6 @@ def capture(model_path: str | os.PathLike[str], prompts: Iterable[str], out: str
             interrupted = stop.stop
         except KeyboardInterrupt:
             interrupted = True
-    records = getattr(rec.sink, "records_written", 0)
+    records = rec.records
     return CaptureResult(Path(out), seqs, prefill + decode, prefill, decode, records, time.perf_counter() - t0,
                          interrupted, eog)

@@ -67,8 +67,13 @@ class TracedLlama:
                  weights: bool = False, n_ctx: int = 2048, n_ubatch: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int = 0, observe_extra: bool = False, trace: bool = True,
                  observe_down_norms: bool = False, seq_counter: Iterator[int] | None = None,
-                 measure: bool = True) -> None:
+                 measure: bool = True, native: Any = None) -> None:
         self.lc = load_llama_cpp()
+        # native: a NativeTrace (native.py): the C tracer records (keep-alive), not the callback and the sink
+        self.native = native
+        if native is not None:  # the callback only for observe_extra (a self-check: the same run's probabilities)
+            trace = observe_extra
+            measure = False
         # measured I/O per ubatch (trace version 2), to sinks that take it (write_measurement)
         self.io: IoCounters | None = IoCounters() if measure else None
         lc = self.lc
@@ -82,6 +87,9 @@ class TracedLlama:
         from ...gguf.reader import open_model
 
         open_model(model_path)  # the metadata checks first: llama.cpp aborts the process on some bad values
+        if int(n_gpu_layers) > 0 and not lc.llama_supports_gpu_offload():
+            raise InputError(f"--n-gpu-layers {n_gpu_layers}: this llama-cpp-python build has no GPU offload (it "
+                             "would run on the CPU); use -ngl 0, or install a GPU build (docs/capture.md, GPU check)")
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = int(n_gpu_layers)
         with LlamaLog() as log:
@@ -116,7 +124,8 @@ class TracedLlama:
         if hasattr(lc, "llama_set_warmup"):
             lc.llama_set_warmup(self._ctx, False)
         self._pool = ThreadPool(lc, self._ctx, threads)
-        self._llama_decode = _gil_holding_decode(lc) if trace else lc.llama_decode
+        self._llama_decode = (native.decode if native is not None else _gil_holding_decode(lc) if trace
+                              else lc.llama_decode)
         self._batch = lc.llama_batch_init(self.n_ubatch, 0, 1)
         b = self._batch
         self._tok = np.ctypeslib.as_array(b.token, shape=(self.n_ubatch,))
@@ -199,6 +208,8 @@ class TracedLlama:
         col.error = None
         io = self.io
         before = io.snapshot() if io is not None else None
+        if self.native is not None:
+            self.native.phase(phase)
         rc = self._llama_decode(self._ctx, self._batch)
         after = io.snapshot() if io is not None else None
         if col.error is not None:
@@ -210,6 +221,8 @@ class TracedLlama:
             col.check_complete()
         self.n_past += n
         self.tokens_done += n
+        if self.native is not None and not self.collector.extra:  # the C tracer writes the records
+            return
         self._flush(pos, chunk, out.astype(bool), phase)
         put = getattr(self.sink, "write_measurement", None)
         if after is not None and before is not None and put is not None:

@@ -175,6 +175,15 @@ struct sched_st {
     void *pinned; /* ggml_backend_buffer_t */
     uint8_t *pinned_base;
     size_t cap_pinned;
+    /* keepalive: the copies queued right after the compute (issue_kept), read at the next flush (read_kept) */
+    int copy_state; /* 1: queued into copy_buf */
+    uint8_t *copy_buf;
+    void *copy_backends[16];
+    int n_copy_backends;
+    size_t *koff; /* where kept tensor i lands in copy_buf */
+    int cap_koff;
+    struct kspan *spans; /* scratch of issue_kept */
+    int cap_spans;
     uint8_t *out;
     size_t n_outbuf, cap_outbuf;
     /* measured I/O of this ubatch: before the graph compute, and when the compute returned */
@@ -194,6 +203,13 @@ extern pthread_mutex_t g_lock;
 extern int g_fd, g_seq_fd, g_header_done, g_failed;
 extern int32_t g_next_seq;
 extern long g_unmatched, g_warmup;
+/* records written (in-process capture reports the count) and the in-process caller's phase for the next decode
+ * (-1: inferred, as under `run`); see ggexp_inproc.c */
+extern long g_records;
+extern int g_hint_phase;
+/* in-process (ggexp_inproc.c): only contexts decoded through our llama_decode wrapper are traced, so an untraced
+ * context of the same process (a benchmark's plain peer) runs unflagged and unread */
+extern int g_inproc;
 /* rows (token x MoE layer) not recorded because an allocation failed: reported at exit, on stderr and in the
  * .seqs sidecar ("dropped\tN"), which the Python side puts into the header's meta.dropped_rows */
 extern long g_dropped;
@@ -217,10 +233,10 @@ struct ctx_st *ctx_of(void *ctx);
 int32_t llama_decode(void *ctx, llama_batch batch);
 struct sched_st *sched_of(void *sched, int create);
 size_t span_bytes(const struct gt *t);
-int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows, const uint8_t *span);
+int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows, const uint8_t *span, bool dense);
 int classify(const char *name, int *layer);
 struct layer_buf *layer_buf(struct sched_st *s, int layer);
-void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span);
+void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span, bool dense);
 void prepare(struct sched_st *s, void *gf);
 void emit(struct sched_st *s);
 /* ggexp_io.c */

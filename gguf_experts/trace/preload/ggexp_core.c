@@ -64,7 +64,8 @@ int g_enabled, g_weights, g_keepalive, g_cost_probe;
 pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 int g_fd = -1, g_seq_fd = -1, g_header_done, g_failed;
 int32_t g_next_seq;
-long g_unmatched, g_warmup, g_dropped;
+long g_unmatched, g_warmup, g_dropped, g_records;
+int g_hint_phase = -1, g_inproc;
 int g_test_nomem;
 
 void say(const char *fmt, const char *a, const char *b) {
@@ -214,6 +215,15 @@ void *grow(void *p, size_t *cap, size_t need, size_t elem) {
 static struct ctx_st g_ctxs[MAX_CTX];
 static int g_n_ctxs;
 struct ctx_st g_noctx; /* rows decoded through a llama_decode we did not see */
+
+/* A new in-process trace (ggexp_inproc.c): forget the contexts of the previous one (all freed by then). */
+void ctx_reset_all(void) {
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < g_n_ctxs; i++) free(g_ctxs[i].seqs);
+    memset(g_ctxs, 0, sizeof g_ctxs);
+    g_n_ctxs = 0;
+    pthread_mutex_unlock(&g_lock);
+}
 
 struct seq_st *seq_of(struct ctx_st *c, int32_t seq) {
     if (seq < 0) seq = 0;

@@ -159,6 +159,9 @@ void io_start_capture(const char *path) {
 
 void io_start_freeze(void) { g_start.frozen = g_start.taken; }
 
+/* A new in-process trace (ggexp_inproc.c): its own io_start, taken when its model is opened. */
+void io_reset(void) { memset(&g_start, 0, sizeof g_start); }
+
 static void num(char *dst, size_t cap, int64_t v) {
     if (v < 0) snprintf(dst, cap, "null");
     else snprintf(dst, cap, "%lld", (long long)v);

@@ -9,8 +9,9 @@ size_t span_bytes(const struct gt *t) {
 }
 
 /* Copy a graph tensor (any backend) as [rows, k], honouring its own ne/nb (ffn_moe_topk is a strided view).
- * ``span``: the tensor's bytes already copied to the host (keep-alive's async copies), or NULL to copy here. */
-int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows, const uint8_t *span) {
+ * ``span``: the tensor's bytes already copied to the host (keep-alive's async copies), or NULL to copy here;
+ * ``dense``: ``span`` holds the rows packed (a 2-D copy of the view), not the tensor's strided span. */
+int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_rows, const uint8_t *span, bool dense) {
     REAL(tensor_get_t, tget, "ggml_backend_tensor_get");
     if ((!tget && !span) || (t->type != GGML_TYPE_I32 && t->type != GGML_TYPE_F32) || k <= 0) return -1;
     int64_t total = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
@@ -19,6 +20,10 @@ int read_rows(struct sched_st *s, const struct gt *t, int k, void *dst, int max_
     size_t nbytes = span_bytes(t);
     bool contiguous = t->nb[0] == 4 && t->nb[1] == 4 * (size_t)t->ne[0] && t->nb[2] == t->nb[1] * (size_t)t->ne[1]
                       && t->nb[3] == t->nb[2] * (size_t)t->ne[2];
+    if (span && dense) {
+        memcpy(dst, span, (size_t)total * 4);
+        return (int)(total / k);
+    }
     if (contiguous) {
         if (span) memcpy(dst, span, nbytes);
         else tget(t, dst, 0, nbytes);
@@ -93,7 +98,7 @@ struct layer_buf *layer_buf(struct sched_st *s, int layer) {
 }
 
 /* The data of one observed node (top-k or a weight stage) of this ubatch. */
-void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span) {
+void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span, bool dense) {
     struct model_ent *m = s->ctx->m;
     int k = (int)m->k;
     if (what == 0 && t->ne[0] != k) { /* warm-up graph: n_expert_used = n_expert */
@@ -107,14 +112,14 @@ void take(struct sched_st *s, const struct gt *t, int what, int layer, const uin
         return;
     }
     if (what == 0) {
-        int rows = read_rows(s, t, k, lb->ids, s->n_tok, span);
+        int rows = read_rows(s, t, k, lb->ids, s->n_tok, span, dense);
         if (rows < 0) return;
         lb->rows = rows;
         lb->have = 1;
         s->touched_any = 1;
     } else if (what - 1 >= lb->wstage) { /* the last stage the graph builds is the one the model applies */
         if (t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] % k) return;
-        int rows = read_rows(s, t, k, lb->w, s->n_tok, span);
+        int rows = read_rows(s, t, k, lb->w, s->n_tok, span, dense);
         if (rows < 0) return;
         lb->wrows = rows;
         lb->wstage = what - 1;
@@ -160,7 +165,7 @@ void prepare(struct sched_st *s, void *gf) {
     s->active = 0;
     s->touched_any = 0;
     struct decode_st *d = tl_decode;
-    if (d && d->skip) return;
+    if ((d && d->skip) || (g_inproc && !d)) return;
     pthread_mutex_lock(&g_lock);
     struct ctx_st *c = d ? ctx_of(d->ctx) : &g_noctx;
     if (c == &g_noctx && !c->m && g_n_models > 0) { /* a llama_decode we did not see: the first MoE model */
@@ -236,6 +241,11 @@ void prepare(struct sched_st *s, void *gf) {
         bool gen = q->seen && p == q->last_pos + 1 && q->last_out && allout;
         bool new_req = !q->seen || p <= q->last_pos || (q->last_phase == 1 && !gen);
         uint8_t ph = (!new_req && gen) ? 1 : 0;
+        int hint = g_hint_phase;
+        if (hint >= 0) { /* the in-process caller says which phase; a sequence restarts only where positions do */
+            new_req = !q->seen || p <= q->last_pos;
+            ph = (uint8_t)hint;
+        }
         if (new_req) {
             q->trace_seq = -1;
             q->requests++;
@@ -256,18 +266,33 @@ void prepare(struct sched_st *s, void *gf) {
 }
 
 /* ---- records (ggexp_format.h; byte-identical to gguf_experts.trace.writer) --------------------------------- */
-static uint32_t crc_table[256];
+/* CRC-32 (zlib's) by slicing-by-8: a prefill ubatch writes ~1 MB of records (48 layers x 512 rows), which a
+ * byte-at-a-time table takes milliseconds over, on the thread that launches the next ubatch. */
+static uint32_t crc_table[8][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
 static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t c = i;
         for (int j = 0; j < 8; j++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[i] = c;
+        crc_table[0][i] = c;
     }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
 }
 static uint32_t crc32_of(const uint8_t *p, size_t n) {
-    if (!crc_table[1]) crc_init();
+    pthread_once(&crc_once, crc_init);
     uint32_t c = 0xFFFFFFFFu;
-    while (n--) c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    while (n >= 8) {
+        uint32_t a, b;
+        memcpy(&a, p, 4);
+        memcpy(&b, p + 4, 4);
+        a ^= c;
+        c = crc_table[7][a & 0xFF] ^ crc_table[6][(a >> 8) & 0xFF] ^ crc_table[5][(a >> 16) & 0xFF] ^ crc_table[4][a >> 24]
+            ^ crc_table[3][b & 0xFF] ^ crc_table[2][(b >> 8) & 0xFF] ^ crc_table[1][(b >> 16) & 0xFF] ^ crc_table[0][b >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
     return c ^ 0xFFFFFFFFu;
 }
 
@@ -374,6 +399,7 @@ static void put_record(struct sched_st *s, int32_t seq, int phase, int layer, co
     uint32_t crc = crc32_of(p, len - GGEXP_CRC_BYTES);
     memcpy(p + len - GGEXP_CRC_BYTES, &crc, GGEXP_CRC_BYTES);
     s->n_outbuf += len;
+    __atomic_add_fetch(&g_records, 1, __ATOMIC_RELAXED);
 }
 
 /* The ubatch's measurement (docs/trace-format.md): deltas from before the compute to its return; a counter that

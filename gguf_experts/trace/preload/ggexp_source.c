@@ -22,6 +22,15 @@ struct sched_st *sched_of(void *sched, int create) {
     return s;
 }
 
+/* A new in-process trace (ggexp_inproc.c): schedulers still alive start from a clean state (no pending ubatch). */
+void sched_reset_all(void) {
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < g_n_scheds; i++) {
+        g_scheds[i]->active = g_scheds[i]->keep_pending = g_scheds[i]->copy_state = 0;
+        g_scheds[i]->ctx = NULL;
+    }
+    pthread_mutex_unlock(&g_lock);
+}
 
 /* ---- the callback source ------------------------------------------------------------------------------------ */
 static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
@@ -35,7 +44,7 @@ static bool ggexp_cb(struct gt *t, bool ask, void *ud) {
     paging_topk(t); /* prefetch mode: this layer's selected experts are known (ggexp_paging.c) */
     if (s->my_need) {
         int layer, what = classify(t->name, &layer);
-        if (what >= 0) take(s, t, what, layer, NULL);
+        if (what >= 0) take(s, t, what, layer, NULL, false);
     }
     if (s->their_need) return s->prog_cb(t, false, s->prog_ud);
     return true;
@@ -104,6 +113,8 @@ static void flag_graph(struct sched_st *s, void *gf) {
 /* Read every kept layer of the ubatch computed last, once the scheduler has synchronised. */
 typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
 typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
+typedef void (*tensor_get_2d_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size,
+                                      size_t n_copies, size_t stride_tensor, size_t stride_data);
 typedef void (*backend_sync_t)(void *backend);
 
 typedef void *(*get_device_t)(void *backend);
@@ -133,57 +144,156 @@ static uint8_t *pinned_buffer(struct sched_st *s, void *backend, size_t need) {
     return s->pinned_base;
 }
 
-/* Read every kept layer of the ubatch computed last: one async copy per layer on the tensor's backend into
- * one host buffer, then one synchronisation per backend (a sync copy per layer costs a round trip each on a
- * GPU). Backends without async copies copy synchronously (ggml's fallback), as the CPU does. */
+/* How a kept tensor is copied to the host: `dense` rows of ne[0] values (a strided view such as ffn_moe_topk, the
+ * first k columns of the argsort: only those k ids per row, one 2-D copy), or its whole contiguous span. */
+static size_t kept_bytes(const struct gt *t, bool *dense) {
+    *dense = t->nb[0] == 4 && t->ne[2] == 1 && t->ne[3] == 1 && t->ne[1] > 1 && t->nb[1] != 4 * (size_t)t->ne[0];
+    return *dense ? (size_t)(t->ne[0] * t->ne[1]) * 4 : span_bytes(t);
+}
+#define ALIGN16(n) (((n) + 15) & ~(size_t)15)
+
+/* Contiguous kept tensors (decode's one-row top-k, the weights) closer than this in one device buffer are copied as
+ * one range: a small device-to-host copy costs ~2 us of the stream whatever its size, 16 KB of gap less than that. */
+#define COALESCE_GAP 16384
+
+struct kspan { uintptr_t start; size_t n; void *be, *buf; int i; };
+
+static int kspan_cmp(const void *a, const void *b) {
+    const struct kspan *x = a, *y = b;
+    if (x->be != y->be) return (uintptr_t)x->be < (uintptr_t)y->be ? -1 : 1;
+    if (x->buf != y->buf) return (uintptr_t)x->buf < (uintptr_t)y->buf ? -1 : 1;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* Queue the copies of every kept layer of the ubatch just computed, right after the scheduler queued the graph,
+ * into one pinned host buffer: a strided top-k view (prefill) as one 2-D copy of its k ids per row; contiguous ones
+ * (decode's top-k, the weights) sorted by address and copied as few ranges as their layout allows. They run on the
+ * device's stream after the graph, so the scheduler's next synchronisation finds them done: no extra round trip.
+ * Backends without async copies (the CPU) copy at once, which is right: a CPU split is done when compute_async
+ * returns. s->koff[i]: where kept tensor i lands in the host buffer. */
+void issue_kept(struct sched_st *s) {
+    s->copy_state = 0;
+    if (!s->active || g_cost_probe == COST_FLAGS || s->n_keep == 0) return;
+    REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
+    REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
+    REAL(tensor_get_2d_async_t, get_2d_async, "ggml_backend_tensor_get_2d_async");
+    REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
+    if (!backend_of || !get_async || !bsync || !s->sched) return;
+    size_t cap = (size_t)s->cap_koff;
+    size_t *koff = grow(s->koff, &cap, (size_t)s->n_keep, sizeof *koff);
+    if (!koff) return;
+    s->koff = koff;
+    s->cap_koff = (int)cap;
+    cap = (size_t)s->cap_spans;
+    struct kspan *sp = grow(s->spans, &cap, (size_t)s->n_keep, sizeof *sp);
+    if (!sp) return;
+    s->spans = sp;
+    s->cap_spans = (int)cap;
+    /* the layout: dense copies first, then the contiguous tensors as merged ranges */
+    size_t total = 0;
+    int n_sp = 0;
+    for (int i = 0; i < s->n_keep; i++) {
+        const struct gt *t = s->keep[i];
+        bool dense;
+        size_t n = kept_bytes(t, &dense);
+        void *be = n ? backend_of(s->sched, t) : NULL;
+        if (n && !be) return; /* not the scheduler's: read synchronously at the flush */
+        if (dense && !get_2d_async) return; /* an older ggml: synchronous strided reads at the flush */
+        if (dense || !n) {
+            koff[i] = total;
+            total += ALIGN16(n);
+        } else {
+            sp[n_sp++] = (struct kspan){(uintptr_t)t->data, n, be, t->view_src ? t->view_src->buffer : t->buffer, i};
+        }
+    }
+    qsort(sp, (size_t)n_sp, sizeof *sp, kspan_cmp);
+    size_t range_total = 0;
+    for (int a = 0, b; a < n_sp; a = b) { /* ranges [a, b): one backend and buffer, gaps within COALESCE_GAP */
+        uintptr_t end = sp[a].start + sp[a].n;
+        for (b = a + 1; b < n_sp && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= end + COALESCE_GAP; b++)
+            if (sp[b].start + sp[b].n > end) end = sp[b].start + sp[b].n;
+        for (int j = a; j < b; j++) koff[sp[j].i] = total + range_total + (sp[j].start - sp[a].start);
+        range_total += ALIGN16(end - sp[a].start);
+    }
+    size_t dense_total = total;
+    total += range_total;
+    if (!total) return;
+    uint8_t *buf = NULL;
+    void *be0 = backend_of(s->sched, s->keep[0]);
+    if (be0) buf = pinned_buffer(s, be0, total); /* pinned memory where the kept tensors' device offers it */
+    if (!buf) {
+        size_t c2 = s->cap_kbuf;
+        buf = grow(s->kbuf, &c2, total, 1);
+        if (!buf) return;
+        s->kbuf = buf;
+        s->cap_kbuf = c2;
+    }
+    s->n_copy_backends = 0;
+#define NOTE_BACKEND(be) do { \
+        int seen_ = 0; \
+        for (int j_ = 0; j_ < s->n_copy_backends; j_++) seen_ |= s->copy_backends[j_] == (be); \
+        if (!seen_ && s->n_copy_backends < 16) s->copy_backends[s->n_copy_backends++] = (be); \
+    } while (0)
+    for (int i = 0; i < s->n_keep; i++) {
+        const struct gt *t = s->keep[i];
+        bool dense;
+        size_t n = kept_bytes(t, &dense);
+        if (!dense || !n) continue;
+        void *be = backend_of(s->sched, t);
+        get_2d_async(be, t, buf + koff[i], 0, 4 * (size_t)t->ne[0], (size_t)t->ne[1], t->nb[1], 4 * (size_t)t->ne[0]);
+        NOTE_BACKEND(be);
+    }
+    size_t off = dense_total;
+    for (int a = 0, b; a < n_sp; a = b) {
+        uintptr_t end = sp[a].start + sp[a].n;
+        for (b = a + 1; b < n_sp && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= end + COALESCE_GAP; b++)
+            if (sp[b].start + sp[b].n > end) end = sp[b].start + sp[b].n;
+        size_t len = end - sp[a].start;
+        if (b == a + 1) {
+            get_async(sp[a].be, s->keep[sp[a].i], buf + off, 0, len);
+        } else { /* a tensor that describes the range: the first one's buffer, 1-D, 4-byte elements */
+            struct gt r;
+            memcpy(&r, s->keep[sp[a].i], sizeof r);
+            r.type = GGML_TYPE_I32;
+            r.ne[0] = (int64_t)(len / 4);
+            r.ne[1] = r.ne[2] = r.ne[3] = 1;
+            r.nb[0] = 4;
+            r.nb[1] = r.nb[2] = r.nb[3] = len;
+            r.buffer = sp[a].buf;
+            r.view_src = NULL;
+            r.view_offs = 0;
+            r.data = (void *)sp[a].start;
+            get_async(sp[a].be, &r, buf + off, 0, len);
+        }
+        NOTE_BACKEND(sp[a].be);
+        off += ALIGN16(len);
+    }
+#undef NOTE_BACKEND
+    s->copy_buf = buf;
+    s->copy_state = 1;
+}
+
+/* Read every kept layer of the ubatch computed last, once the scheduler has synchronised: the copies queued by
+ * issue_kept (one synchronisation per backend, normally already done), or, where they could not be queued, one
+ * synchronous copy per layer (ggml_backend_tensor_get, honouring the view's strides). */
 void read_kept(struct sched_st *s) {
     s->keep_pending = 0;
     if (!s->active) return;
     if (g_cost_probe == COST_FLAGS) { /* measurement: the flags' cost alone */
         for (int l = 0; l < s->n_layers; l++) s->layers[l].have = 0;
+        s->active = 0;
         return;
     }
-    REAL(tensor_backend_t, backend_of, "ggml_backend_sched_get_tensor_backend");
-    REAL(tensor_get_async_t, get_async, "ggml_backend_tensor_get_async");
     REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
-    size_t total = 0;
-    for (int i = 0; i < s->n_keep; i++) total += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
-    size_t cap = s->cap_kbuf;
-    uint8_t *buf = grow(s->kbuf, &cap, total ? total : 1, 1);
-    bool async = buf && backend_of && get_async && bsync && s->sched;
-    if (buf) {
-        s->kbuf = buf;
-        s->cap_kbuf = cap;
-    }
-    if (async && s->n_keep > 0 && total) { /* pinned memory where the kept tensors' device offers it */
-        void *be0 = backend_of(s->sched, s->keep[0]);
-        uint8_t *pinned = be0 ? pinned_buffer(s, be0, total) : NULL;
-        if (pinned) buf = pinned;
-    }
-    void *backends[16];
-    int n_backends = 0;
-    if (async) {
-        size_t off = 0;
-        for (int i = 0; i < s->n_keep && async; i++) {
-            const struct gt *t = s->keep[i];
-            size_t n = span_bytes(t);
-            void *be = n ? backend_of(s->sched, t) : NULL;
-            if (n && !be) async = false;
-            if (be) {
-                get_async(be, t, buf + off, 0, n);
-                int seen = 0;
-                for (int j = 0; j < n_backends; j++) seen |= backends[j] == be;
-                if (!seen && n_backends < 16) backends[n_backends++] = be;
-            }
-            off += (n + 15) & ~(size_t)15;
-        }
-        for (int j = 0; j < n_backends; j++) bsync(backends[j]);
-    }
-    size_t off = 0;
+    bool copied = s->copy_state == 1 && bsync;
+    if (copied)
+        for (int j = 0; j < s->n_copy_backends; j++) bsync(s->copy_backends[j]);
+    s->copy_state = 0;
     for (int i = 0; i < s->n_keep; i++) {
+        bool dense;
+        kept_bytes(s->keep[i], &dense);
         int layer, what = classify(s->keep[i]->name, &layer);
-        if (what >= 0) take(s, s->keep[i], what, layer, async ? buf + off : NULL);
-        off += (span_bytes(s->keep[i]) + 15) & ~(size_t)15;
+        if (what >= 0) take(s, s->keep[i], what, layer, copied ? s->copy_buf + s->koff[i] : NULL, copied && dense);
     }
     emit(s);
 }
@@ -211,7 +321,7 @@ EXPORT bool ggml_backend_sched_alloc_graph(void *sched, void *graph) {
     if (g_enabled && g_keepalive) {
         struct sched_st *s = sched_of(sched, 1);
         flush_pending(s, sched);
-        if (s) flag_graph(s, graph);
+        if (s && (!g_inproc || tl_decode)) flag_graph(s, graph);
     }
     return real(sched, graph);
 }
@@ -264,8 +374,12 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     if (s->active) io_snap(&s->io1); /* synchronous on the CPU; a GPU backend may return before it finished */
     if (s->active) {
         if (st != 0) s->active = 0;
-        else if (g_keepalive) s->keep_pending = 1;
-        else emit(s);
+        else if (g_keepalive) {
+            s->keep_pending = 1;
+            issue_kept(s);
+        } else {
+            emit(s);
+        }
     }
     return st;
 }
