@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # imported where used: a command imports this module for its 
     from .heat import Counts, HeatResult
 
 DEFAULT_PART_BYTES = 64 << 20  # a part of a big trace.bin: seconds of counting, small next to a task's overhead
-CONNECT_TIMEOUT_S = 5  # --scheduler: how long to wait for a scheduler to answer
+CONNECT_TIMEOUT_S = 3  # --scheduler: how long to wait for a scheduler to answer
 INSTALL_HINT = "pip install 'gguf-experts[dask]'"
 
 
@@ -156,9 +156,27 @@ def runner_for(settings: DaskSettings | None) -> Iterator[Runner]:
     distributed = _import_distributed()
     import logging
 
+    quiet = logging.getLogger("distributed")  # a failed task is our one line on stderr, not Dask's log of it
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with _cluster(settings, distributed) as runner:
+            yield runner
+    finally:
+        quiet.setLevel(level)
+
+
+@contextmanager
+def _cluster(settings: DaskSettings, distributed: Any) -> Iterator[Runner]:
+    import logging
+
     if settings.workers is not None:
-        cluster = distributed.LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+        try:
+            cluster = distributed.LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None, silence_logs=logging.CRITICAL)
+        except (OSError, TimeoutError, RuntimeError) as e:
+            raise DaskError(f"--workers {settings.workers}: the local Dask cluster did not start ({e}); try fewer "
+                            "workers, or run without --workers") from None
         try:
             with distributed.Client(cluster) as client:
                 yield DaskRunner(client, settings.part_bytes)
@@ -220,7 +238,7 @@ def count_part(path: str, start: int | None, stop: int | None, fp: ModelFingerpr
     if start is None:
         inp = original_input(open_input(path, model))
         inp.require_order()
-        chunks: Iterator[Any] = inp.chunks  # type: ignore[assignment]
+        chunks: Iterator[Any] = inp.chunks
     else:
         chunks = to_original(iter_trace_chunks(path, weights=False, start=start, stop=stop))
     seqs: list[np.ndarray] = []
