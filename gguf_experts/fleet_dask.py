@@ -209,10 +209,8 @@ def trace_parts(path: str, part_bytes: int) -> list[tuple[int, int]]:
     size = os.path.getsize(path)
     head = read_trace_header(path).size
     cuts = [head]
-    for approx in range(head + part_bytes, size, part_bytes):
-        at = record_start(path, approx)
-        if at > cuts[-1]:
-            cuts.append(at)
+    while cuts[-1] + part_bytes < size:
+        cuts.append(record_start(path, cuts[-1] + part_bytes))
     if cuts[-1] < size:
         cuts.append(size)
     return list(zip(cuts[:-1], cuts[1:])) or [(head, size)]

@@ -391,11 +391,11 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
             yield TraceData.empty(header)
 
 
-def record_start(path: str | os.PathLike[str], offset: int, window: int = 1 << 20) -> int:
+def record_start(path: str | os.PathLike[str], offset: int, window: int = 1 << 18) -> int:
     """The file offset of the first record at or after ``offset`` (the end of the file if none): a 4-byte
-    aligned marker from which the records check (fixed fields and CRC) to the end of the window read. Used to
-    cut a big trace into parts at record boundaries; a false start inside a record would need a marker, a
-    length and a CRC-32 to match by chance, and damage is still reported by the part that contains it."""
+    aligned marker from which the records check (fixed fields and CRC) over the next MAX_RECORD_SCAN bytes.
+    Used to cut a big trace into parts at record boundaries; a false start inside a record would need a marker,
+    a length and a CRC-32 to match by chance, and damage is still reported by the part that contains it."""
     with open(path, "rb") as f:
         header = _read_header(f, str(path))
         size = os.fstat(f.fileno()).st_size
@@ -411,14 +411,15 @@ def record_start(path: str | os.PathLike[str], offset: int, window: int = 1 << 2
             marks = (words == REC_MARKER) | ((words == MEAS_MARKER) if measures else False)
             at_eof = o + len(raw) >= size
             for c in (np.flatnonzero(marks) * 4).tolist():
-                runs, used, damage = _scan(buf[c:], k, at_eof, measures)
+                end = c + MAX_RECORD_SCAN
+                runs, used, damage = _scan(buf[c:end], k, at_eof and end >= len(buf), measures)
                 if runs and damage is None:
                     return o + c
             o += window
         return size
 
 
-MAX_RECORD_SCAN = 1 << 16  # bytes read past the window, so that a record starting near its end is checked whole
+MAX_RECORD_SCAN = 1 << 16  # bytes checked from a candidate start (and read past the window for the last ones)
 
 
 class _EmptyRecords:
