@@ -173,7 +173,7 @@ def _cluster(settings: DaskSettings, distributed: Any) -> Iterator[Runner]:
     if settings.workers is not None:
         try:
             cluster = distributed.LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=None, silence_logs=logging.CRITICAL)
+                                               dashboard_address=":0", silence_logs=logging.CRITICAL)
         except (OSError, TimeoutError, RuntimeError) as e:
             raise DaskError(f"--workers {settings.workers}: the local Dask cluster did not start ({e}); try fewer "
                             "workers, or run without --workers") from None

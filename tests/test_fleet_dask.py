@@ -75,7 +75,7 @@ def cluster():  # type: ignore[no-untyped-def]
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
-                      dashboard_address=None) as c, Client(c) as client:
+                      dashboard_address=":0") as c, Client(c) as client:
         yield c.scheduler_address, client
 
 
