@@ -5,9 +5,10 @@ What is spread, and why the results cannot differ:
 - over trace files: each worker does, for one whole trace, exactly what the single process does for it (its
   counts and per-sequence rows, its own cache, its pins' training counts and scores); the driver combines the
   per-trace results by the rules of gguf_experts.fleet, in the same order;
-- over parts of big trace.bin files (join-trace, diff, report's heat): counts add, so each worker counts the
-  records of a byte range cut at record boundaries (trace.reader.record_start) and the driver adds them; the
-  sequence ids of every part are kept, so the number of sequences is that of the whole chained fleet.
+- over parts of big trace.bin files (join-trace, diff, report's heat, stats): counts add, so each worker
+  counts the records of a byte range cut at record boundaries (trace.reader.record_start) and the driver adds
+  them; the sequence ids of every part are kept, so the number of sequences is that of the whole chained
+  fleet; stats' per-sequence rows: a sequence cut by a boundary is joined from its pieces, then summarised.
 A worker's gguf-experts warnings (a recovered trace, empty records) are returned and raised again by the
 driver; a part that warns is counted again whole, so that warnings and counts are those of one process.
 
@@ -366,3 +367,139 @@ def compare_fleet(runner: Runner, a: Sequence[str], b: Sequence[str], model: str
     n = max(ca.n_layer, cb.n_layer)
     ca, cb = ca.resized(n), cb.resized(n)
     return share_diff(ca.activations, cb.activations, tokens_a=ca.tokens.sum(axis=0), tokens_b=cb.tokens.sum(axis=0))
+
+
+# --- stats over parts: counts add, each sequence summarised once from its whole counts -----------------------
+
+@dataclass
+class StatsPart:
+    """What a worker returns for one part of a trace.bin for ``stats``: ``head`` holds the rows of the part's
+    first sequence up to the first other sequence (it may continue the previous part's last), ``main`` the
+    rest as the single process's StatsAccumulator holds them (complete sequences summarised, the last open);
+    ``ordered``: sequence ids never went down in the part (else the trace is counted whole, as one process)."""
+
+    head: Any  # StatsAccumulator
+    head_seq: int | None
+    main: Any  # StatsAccumulator
+    first_main: int | None
+    last_seq: int | None
+    ordered: bool
+
+
+def stats_part(path: str, start: int, stop: int, n_layer: int, n_expert: int) -> StatsPart:
+    from .analysis.stats import StatsAccumulator
+    from .gguf.expert_ids import to_original
+    from .trace.reader import iter_trace_chunks
+
+    head, main = StatsAccumulator(n_layer, n_expert), StatsAccumulator(n_layer, n_expert)
+    head_seq = first_main = last = None
+    ordered = True
+    for c in to_original(iter_trace_chunks(path, start=start, stop=stop)):
+        if not len(c):
+            continue
+        seq = c.seq.astype(np.int64)
+        ordered &= bool(np.all(np.diff(seq) >= 0)) and (last is None or int(seq[0]) >= last)
+        last = int(seq[-1])
+        n = 0
+        if first_main is None:
+            head_seq = int(seq[0]) if head_seq is None else head_seq
+            n = int(np.argmax(seq != head_seq)) if bool(np.any(seq != head_seq)) else len(seq)
+            head.update(c.layer[:n], c.experts[:n], c.phase[:n], c.seq[:n])
+            if n == len(seq):
+                continue
+            first_main = int(seq[n])
+        main.update(c.layer[n:], c.experts[n:], c.phase[n:], c.seq[n:])
+    return StatsPart(head, head_seq, main, first_main, last, ordered)
+
+
+def _summaries(open_counts: dict[int, np.ndarray], open_rows: dict[int, np.ndarray], n_layer: int,
+               n_expert: int) -> Any:
+    """The summary rows of sequences given by their whole counts (analysis.stats.sequence_frame of them)."""
+    from .analysis.stats import StatsAccumulator, sequence_frame
+
+    tmp = StatsAccumulator(n_layer, n_expert)
+    tmp.seq_counts, tmp.seq_rows = open_counts, open_rows
+    return sequence_frame(tmp)
+
+
+def merge_stats_parts(parts: Sequence[StatsPart], n_layer: int, n_expert: int) -> Any:
+    """One StatsAccumulator equal to the single process's over the whole trace, or None where the sequences are
+    not in order (then the trace is counted whole): counts and rows add; a sequence cut by a part boundary is
+    joined from its pieces and summarised once; complete sequences keep the rows their part made."""
+    from .analysis.stats import StatsAccumulator
+
+    out = StatsAccumulator(n_layer, n_expert)
+    done: list[Any] = []
+    open_c: dict[int, np.ndarray] = {}
+    open_r: dict[int, np.ndarray] = {}
+    last: int | None = None
+
+    def close() -> None:
+        if open_c:
+            done.append(_summaries(dict(open_c), dict(open_r), n_layer, n_expert))
+            open_c.clear()
+            open_r.clear()
+    for p in parts:
+        if not p.ordered:
+            return None
+        for acc in (p.head, p.main):
+            out.counts += acc.counts
+            out.tokens += acc.tokens
+        if p.head_seq is not None:
+            if last is not None and p.head_seq < last:
+                return None
+            if p.head_seq not in open_c:
+                close()
+                open_c[p.head_seq] = np.zeros((n_layer, n_expert), np.int64)
+                open_r[p.head_seq] = np.zeros((2, n_layer), np.int64)
+            open_c[p.head_seq] += p.head.seq_counts[p.head_seq]
+            open_r[p.head_seq] += p.head.seq_rows[p.head_seq]
+        if p.first_main is not None:
+            if p.head_seq is not None and p.first_main < p.head_seq:
+                return None
+            close()
+            done += [f for f in p.main.seq_done if len(f)]
+            open_c.update(p.main.seq_counts)
+            open_r.update(p.main.seq_rows)
+        if p.last_seq is not None:
+            last = p.last_seq
+    out.seq_done = done
+    out.seq_counts, out.seq_rows = open_c, open_r
+    return out
+
+
+def stats_fleet(runner: Runner, paths: Sequence[str], headers: Sequence[Any], model: str | None,
+                whole: Callable[[str, str | None], Any]) -> list[Any]:
+    """Per trace what ``whole(path, model)`` returns, (StatsAccumulator, fingerprint, phase_known): trace.bin
+    files (``headers[i]`` their TraceHeader, else None) counted in parts and merged (merge_stats_parts), the
+    others, and traces whose parts warn or are out of order, by ``whole`` on a worker."""
+    jobs: list[tuple[int, str, int, int]] = []
+    for i, (p, h) in enumerate(zip(paths, headers)):
+        if h is not None and runner.part_bytes:
+            jobs += [(i, p, a, b) for a, b in trace_parts(p, runner.part_bytes)]
+    results = runner.map(_stats_job, jobs, headers) if jobs else []
+    per: dict[int, list[tuple[StatsPart, list[warnings.WarningMessage]]]] = {}
+    for (i, *_), r in zip(jobs, results):
+        per.setdefault(i, []).append(r)
+    out: list[Any] = [None] * len(paths)
+    for i, rs in per.items():
+        h = headers[i]
+        if any(w for _, w in rs):
+            continue
+        acc = merge_stats_parts([p for p, _ in rs], h.fingerprint.n_layer, h.fingerprint.n_expert)
+        if acc is not None:
+            out[i] = (acc, h.fingerprint, bool(h.meta.get("phase_known", True)))
+    redo = [i for i, v in enumerate(out) if v is None]
+    for i, v in zip(redo, runner.map(whole, [paths[i] for i in redo], model)):
+        out[i] = v
+    return out
+
+
+def _stats_job(job: tuple[int, str, int, int], headers: Sequence[Any]
+               ) -> tuple[StatsPart, list[warnings.WarningMessage]]:
+    i, path, a, b = job
+    fp = headers[i].fingerprint
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = stats_part(path, a, b, fp.n_layer, fp.n_expert)
+    return value, [w for w in caught if w.category.__module__.startswith("gguf_experts")]

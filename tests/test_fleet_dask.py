@@ -100,6 +100,33 @@ def test_trace_parts_cover_the_trace_at_record_boundaries(fleet):
         assert len(trace_parts(path, 4096)) >= os.path.getsize(path) // 8192 >= 1
 
 
+def test_stats_parts_merge_to_the_whole_trace(fleet, tmp_path):
+    """stats over parts: in-order sequences cut by part boundaries are joined and summarised once (the merge
+    is used, not the whole-trace fallback); interleaved sequences make the merge decline (counted whole)."""
+    from gguf_experts.analysis.stats import StatsAccumulator, sequence_frame
+    from gguf_experts.fleet_dask import merge_stats_parts, stats_part
+
+    mixed = tmp_path / "mixed.bin"
+    whole = read_trace(fleet["w1"])
+    order = np.argsort(whole.seq % 2, kind="stable")  # sequences 0, 2, 4, ... then 1, 3, ...: ids go down
+    fp = whole.header.fingerprint
+    with TraceWriter(mixed, fp) as w:
+        for i in order[::7].tolist():  # a sample of single-row records
+            w.write_many(whole.seq[i:i + 1], whole.phase[i:i + 1], whole.layer[i:i + 1], whole.pos[i:i + 1, None],
+                         whole.token[i:i + 1, None], whole.experts[i:i + 1, None])
+    for path, ordered in ((fleet["w1"], True), (fleet["w2"], True), (mixed, False)):
+        one = StatsAccumulator(fp.n_layer, fp.n_expert)
+        for c in iter_trace_chunks(path):
+            one.update(c.layer, c.experts, c.phase, c.seq)
+        parts = [stats_part(str(path), a, b, fp.n_layer, fp.n_expert) for a, b in trace_parts(str(path), 2048)]
+        merged = merge_stats_parts(parts, fp.n_layer, fp.n_expert)
+        assert (merged is not None) == ordered and len(parts) > 10
+        if merged is not None:
+            assert np.array_equal(merged.counts, one.counts) and np.array_equal(merged.tokens, one.tokens)
+            a, b = sequence_frame(merged), sequence_frame(one)
+            assert a.equals(b) and len(a) > 20
+
+
 def fleet_commands(f: dict[str, Path], tmp: Path) -> list[list[str]]:
     traces = [str(f["glob"])]
     m = str(f["model"])

@@ -109,11 +109,14 @@ def _many(args: argparse.Namespace, paths: list[str]) -> tuple[StatsAccumulator,
     inputs = open_all(paths, args.model)
     names = labels(paths)
     settings = dask_settings(args)
-    if settings.wanted:  # one Dask task per trace: each counts its trace as this loop would
+    if settings.wanted:  # on Dask: counts add, each sequence summarised once from its whole counts
         from ..fleet_dask import runner_for
 
-        with runner_for(settings) as runner:
-            parts = runner.map(accumulate_path, paths, args.model)
+        from ..fleet_dask import stats_fleet
+
+        headers = [inp.header if inp.format == "trace" else None for inp in inputs]
+        with runner_for(settings) as runner:  # trace.bin files in parts, others whole
+            parts = stats_fleet(runner, paths, headers, args.model, accumulate_path)
     else:
         parts = [_accumulate(inp, args.model) for inp in inputs]
     L = max(a.n_layer for a, _, _ in parts)
