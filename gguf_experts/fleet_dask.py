@@ -120,21 +120,31 @@ class DaskRunner(Runner):
     def _submit(self, fn: Callable[..., Any], items: Sequence[Any], args: tuple[Any, ...]) -> list[Any]:
         return [self.client.submit(_task, fn, x, *args, pure=False) for x in items]
 
+    def _gather(self, futures: list[Any]) -> list[Any]:
+        """client.gather; a worker that died (out of memory, killed) is one line, not Dask's traceback."""
+        from distributed import KilledWorker
+
+        try:
+            return list(self.client.gather(futures))
+        except KilledWorker as e:
+            raise DaskError(f"a Dask worker died while running {e.args[0] if e.args else 'a task'} (out of memory, or "
+                            "killed); give the workers more memory, or fewer threads each") from None
+
     def map(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> list[Any]:
         out = []
-        for value, caught in self.client.gather(self._submit(fn, items, args)):
+        for value, caught in self._gather(self._submit(fn, items, args)):
             _reraise(caught)
             out.append(value)
         return out
 
     def keep(self, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> list[Any]:
         futs = self._submit(fn, items, args)
-        for caught in self.client.gather([self.client.submit(operator.itemgetter(1), f) for f in futs]):
+        for caught in self._gather([self.client.submit(operator.itemgetter(1), f) for f in futs]):
             _reraise(caught)
         return [self.client.submit(operator.itemgetter(0), f) for f in futs]
 
     def gather(self, handles: Sequence[Any]) -> list[Any]:
-        return list(self.client.gather(list(handles)))
+        return self._gather(list(handles))
 
 
 def _import_distributed() -> Any:
@@ -192,11 +202,12 @@ def _cluster(settings: DaskSettings, distributed: Any) -> Iterator[Runner]:
                         "the address") from None
     try:
         if not client.scheduler_info().get("workers"):
-            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+            try:
+                client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                raise DaskError(f"--scheduler {settings.scheduler}: the scheduler has no workers; start some with "
+                                f"`dask worker {settings.scheduler}`") from None
         yield DaskRunner(client, settings.part_bytes)
-    except TimeoutError:
-        raise DaskError(f"--scheduler {settings.scheduler}: the scheduler has no workers; start some with "
-                        f"`dask worker {settings.scheduler}`") from None
     finally:
         client.close()
 
@@ -244,8 +255,9 @@ def count_part(path: str, start: int | None, stop: int | None, fp: ModelFingerpr
 
     def noted(it: Iterator[Any]) -> Iterator[Any]:
         for c in it:
-            if len(c):
-                seqs.append(np.unique(c.seq.astype(np.int64)))
+            if len(c):  # the ids where the sequence changes, as count_chunks takes them (no sort of every row)
+                change = np.flatnonzero(c.seq[1:] != c.seq[:-1]) + 1
+                seqs.append(np.unique(c.seq[np.r_[0, change]].astype(np.int64)))
             yield c
     counts = count_chunks(noted(chunks), fp)
     return PartCount(counts, np.unique(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64))

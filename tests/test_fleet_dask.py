@@ -216,6 +216,11 @@ def test_bad_dask_options_are_one_line_and_exit_2(run_cli, fleet, monkeypatch):
                     ["pins", *traces, "--capacity", "2"], ["diff", fleet["c1"], fleet["c2"]]):
             r = run_cli(*cmd, *opts)
             assert r.rc == 2 and says in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, (cmd, r.err)
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, dashboard_address=":0") as empty:  # a scheduler without workers
+        r = run_cli("stats", *traces, "--scheduler", empty.scheduler_address)
+    assert r.rc == 2 and "has no workers" in r.err and r.err.count("\n") == 1, r.err
     monkeypatch.setitem(sys.modules, "distributed", None)  # dask not installed: `import distributed` fails
     r = run_cli("join-trace", *traces, "-m", fleet["model"], "--workers", "2")
     assert r.rc == 2 and "gguf-experts[dask]" in r.err and r.err.count("\n") == 1, r.err
