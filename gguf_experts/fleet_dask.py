@@ -348,6 +348,7 @@ def join_fleet(runner: Runner, paths: Sequence[str], model: str) -> HeatResult:
     from .gguf.fingerprint import fingerprint
     from .gguf.reader import open_model
     from .heat import join
+    from .trace.format import TraceData
 
     inputs = open_all(paths, model)
     m = open_model(model)
@@ -355,12 +356,18 @@ def join_fleet(runner: Runner, paths: Sequence[str], model: str) -> HeatResult:
         return join(join_source(inputs), m)
     if not all(i.ordered for i in inputs):
         return join(add_counts(runner.map(_to_counts, list(paths), model)), m)
-    first = next(inputs[0].chunks, None)  # type: ignore[arg-type]
-    if first is None:
-        return join(iter(()), m)
+    one = len(paths) == 1 and inputs[0].format == "trace"  # join-trace of one trace.bin names it by its path
+    if inputs[0].format == "trace":  # its header only: the workers read the records (and report any damage)
+        assert inputs[0].header is not None
+        first = TraceData.empty(inputs[0].header)
+    else:
+        got = next(inputs[0].chunks, None)  # type: ignore[arg-type]
+        if got is None:
+            return join(iter(()), m)
+        first = got
     fp = first.header.fingerprint if first.header.fingerprint.tensor_digest else fingerprint(m)
     counts = count_fleet(runner, paths, [i.format for i in inputs], fp, model)
-    return join(iter([first]), m, counts=counts)
+    return join(iter([first]), m, counts=counts, name=paths[0] if one else None)
 
 
 def compare_fleet(runner: Runner, a: Sequence[str], b: Sequence[str], model: str | None) -> ShareDiff:

@@ -205,10 +205,12 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
     return iter(trace), "trace"
 
 
-def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS, counts: Counts | None = None) -> HeatResult:
+def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS, counts: Counts | None = None,
+         name: str | None = None) -> HeatResult:
     """Heat of a trace (path, TraceData, iterable of chunks, or formats.ExpertCounts) on a model (path or
     gguf_file.Model). ``counts``: the trace's counts, made elsewhere (by Dask workers, fleet_dask); the trace
-    then gives only its first chunk, whose header is checked against the model.
+    then gives only its first chunk, whose header is checked against the model. ``name``: the trace's name in
+    messages (default: its path, or 'trace').
 
     Raises ModelMismatchError when the trace was captured from another model; warns
     (QuantizationMismatchWarning) when only the quantization differs.
@@ -228,6 +230,7 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS, counts: Count
         res.summary["source_format"] = trace.source
         return res
     chunks, where = _chunks(trace, max_rows)
+    where = name or where
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")

@@ -191,11 +191,14 @@ def test_damaged_trace_counts_and_warning_as_one_process(run_cli, fleet, cluster
     raw[len(raw) // 2] ^= 0xFF
     bad = tmp_path / "bad.bin"
     bad.write_bytes(bytes(raw))
-    argv = ["join-trace", fleet["c1"], bad, "-m", fleet["model"], "-f", "csv"]
-    one = run_cli(*argv)
-    many = run_cli(*argv, "--scheduler", address, "--part-size", PART)
-    assert one.rc == 0 and "checksum mismatch" in one.err and one.err.count("\n") == 1, one.err
-    assert many.rc == 0 and many.out == one.out and many.err == one.err
+    m = fleet["model"]
+    for argv in (["join-trace", fleet["c1"], bad, "-m", m, "-f", "csv"], ["join-trace", bad, "-m", m, "-f", "json"],
+                 ["stats", bad, fleet["c1"], "--by", "sequence", "-f", "csv"], ["diff", f"{bad},{fleet['c1']}",
+                                                                               fleet["c2"], "-m", m, "-f", "csv"]):
+        one = run_cli(*argv)
+        many = run_cli(*argv, "--scheduler", address, "--part-size", PART)
+        assert one.rc == 0 and "checksum mismatch" in one.err and one.err.count("\n") == 1, (argv, one.err)
+        assert many.rc == 0 and many.out == one.out and many.err == one.err, argv
 
 
 def _free_port() -> int:
