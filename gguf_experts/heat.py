@@ -205,9 +205,12 @@ def _chunks(trace: Any, max_rows: int) -> tuple[Iterator[TraceData], str]:
     return iter(trace), "trace"
 
 
-def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult:
+def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS, counts: Counts | None = None,
+         name: str | None = None) -> HeatResult:
     """Heat of a trace (path, TraceData, iterable of chunks, or formats.ExpertCounts) on a model (path or
-    gguf_file.Model).
+    gguf_file.Model). ``counts``: the trace's counts, made elsewhere (by Dask workers, fleet_dask); the trace
+    then gives only its first chunk, whose header is checked against the model. ``name``: the trace's name in
+    messages (default: its path, or 'trace').
 
     Raises ModelMismatchError when the trace was captured from another model; warns
     (QuantizationMismatchWarning) when only the quantization differs.
@@ -227,6 +230,7 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
         res.summary["source_format"] = trace.source
         return res
     chunks, where = _chunks(trace, max_rows)
+    where = name or where
     first = next(chunks, None)
     if first is None:
         raise InputError(f"{where}: no trace data given")
@@ -250,7 +254,8 @@ def join(trace: Any, model: Any, max_rows: int = DEFAULT_MAX_ROWS) -> HeatResult
     elif fp0.tensor_digest:
         msg = check_model(first.header.fingerprint, m, where)
     slices = expert_slices(m) if pruned is None else pruned.relabel(expert_slices(m))
-    counts = count_chunks(chain([first], chunks), first.header.fingerprint)
+    if counts is None:
+        counts = count_chunks(chain([first], chunks), first.header.fingerprint)
     res = heat(counts, slices, model_name=m.name, files=[s.path.name for s in m.shards])
     if msg:
         res.summary["warning"] = msg

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -142,12 +143,26 @@ def _side_source(side: Sequence[Loaded]) -> Iterator[TraceData] | ExpertCounts:
     return chained()
 
 
-def _fleet_view(side: Sequence[Loaded], name: str, m: Model, cache: bool, opt: bool) -> TraceView:
+def _cache_task(trace: TraceSource, heat: HeatResult, opt: bool, model: str) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                     list[str]]:
+    """cache_tables on a Dask worker (which opens the model itself)."""
+    return cache_tables(trace, heat, opt=opt, model=open_model(model))
+
+
+def _fleet_view(side: Sequence[Loaded], name: str, m: Model, cache: bool, opt: bool, runner: Any = None
+                ) -> TraceView:
     """A side of several traces (servers): heat of the summed counts; cache curves simulated per trace and
-    pooled (hits, accesses and bytes summed, hit rates from the sums); working sets stay per trace."""
+    pooled (hits, accesses and bytes summed, hit rates from the sums); working sets stay per trace. ``runner``
+    (fleet_dask): the counting and the per-trace curves on Dask workers, for sides of trace.bin files."""
     from .fleet import pool_rows
 
-    heat = join(_side_source(side), m)
+    dask = runner is not None and runner.distributed
+    if dask and all(isinstance(t, (str, os.PathLike)) for t in side):
+        from .fleet_dask import join_fleet
+
+        heat = join_fleet(runner, [str(t) for t in side], str(m.path))
+    else:
+        heat = join(_side_source(side), m)
     view = TraceView(label=name, heat=heat)
     if not cache:
         return view
@@ -159,8 +174,9 @@ def _fleet_view(side: Sequence[Loaded], name: str, m: Model, cache: bool, opt: b
         view.notes.append(f"cache curves of {name} leave out {len(side) - len(ordered)} count-only input(s)")
     if ordered:
         curves = []
-        for t in ordered:
-            c, _, notes = cache_tables(t, heat, opt=opt, model=m)
+        tables = (runner.map(_cache_task, ordered, heat, opt, str(m.path)) if dask
+                  else [cache_tables(t, heat, opt=opt, model=m) for t in ordered])
+        for c, _, notes in tables:
             curves.append(c)
             view.notes += notes
         pooled = pool_rows(curves, [str(i) for i in range(len(curves))], ["layer", "policy", "capacity"],
@@ -170,9 +186,11 @@ def _fleet_view(side: Sequence[Loaded], name: str, m: Model, cache: bool, opt: b
 
 
 def build_report(traces: Sequence[Loaded | list[Loaded]], model: str | os.PathLike[str] | Model,
-                 labels: Sequence[str] | None = None, cache: bool = True, opt: bool = True) -> ReportInput:
+                 labels: Sequence[str] | None = None, cache: bool = True, opt: bool = True,
+                 runner: Any = None) -> ReportInput:
     """Load everything a report shows: join (and diff) the trace(s), byte map, cache curves, working sets,
-    for every trace. A trace is a path or an in-memory TraceData (e.g. one prompt kind of a larger trace)."""
+    for every trace. A trace is a path or an in-memory TraceData (e.g. one prompt kind of a larger trace).
+    ``runner``: a fleet_dask.Runner for the sides of several traces (Dask workers)."""
     if not 1 <= len(traces) <= 2:
         raise InputError(f"report takes one trace or two to compare, got {len(traces)}")
     m = model if isinstance(model, Model) else open_model(model)
@@ -184,7 +202,7 @@ def build_report(traces: Sequence[Loaded | list[Loaded]], model: str | os.PathLi
     views = []
     for t, name in zip(traces, names):
         if isinstance(t, list):  # a side of several traces (a fleet)
-            views.append(_fleet_view(t, name, m, cache, opt))
+            views.append(_fleet_view(t, name, m, cache, opt, runner))
             continue
         heat = join(t, m)
         view = TraceView(label=name, heat=heat)

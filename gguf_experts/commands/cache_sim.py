@@ -6,7 +6,8 @@ from typing import Any
 
 from ..analysis.cache.cachesim import CacheSimRequest, CacheSimResult, cache_sim, parse_policies
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, human_bytes
-from ._trace_input import add_trace_arguments, expert_bytes, open_trace, parse_int_list
+from ._dask_options import add_dask_options, dask_settings
+from ._trace_input import add_trace_arguments, expert_bytes, open_any, open_trace, parse_int_list
 
 NAME = "cache-sim"
 HELP = ("expert cache simulation: LRU curves for every capacity, OPT, LFU, LFUDA, S3-FIFO, byte budgets, "
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows: W(tau) = mean distinct experts (and bytes) per layer in windows of tau tokens")
     p.add_argument("--tau", metavar="T[,T]", help="working-set windows in tokens (default powers of two)")
     add_output_options(p)
+    add_dask_options(p)
 
 
 def _many(args: argparse.Namespace, paths: list[str]) -> int:
@@ -62,13 +64,23 @@ def _many(args: argparse.Namespace, paths: list[str]) -> int:
 
     inputs = open_all(paths, args.model)
     names = labels(paths)
+    settings = dask_settings(args)
     results = []
+    reqs = []
     for inp in inputs:
         inp.require_order()
         assert inp.header is not None and inp.chunks is not None
         req = _request(args, inp.header.fingerprint)
         req.expert_bytes = expert_bytes(args.model, inp.header, inp.path)
-        results.append(cache_sim(((c.layer, c.experts) for c in inp.chunks), req))
+        if settings.wanted:
+            reqs.append(req)
+        else:
+            results.append(cache_sim(((c.layer, c.experts) for c in inp.chunks), req))
+    if settings.wanted:  # one Dask task per trace: one cache per trace, as above
+        from ..fleet_dask import runner_for
+
+        with runner_for(settings) as runner:
+            results = runner.map(simulate_path, list(zip(paths, reqs)), args.model)
     keys = ["layer", "policy", "capacity"]
     rows = pool_rows([r.rows for r in results], names, keys, ["accesses", "hits", "bytes_fetched"],
                      {"hit_rate": ("hits", "accesses")})
@@ -100,6 +112,14 @@ def _many(args: argparse.Namespace, paths: list[str]) -> int:
     return 0
 
 
+def simulate_path(job: tuple[str, CacheSimRequest], model: str | None) -> CacheSimResult:
+    """cache_sim of the trace at a path (a Dask task: the worker opens the file itself)."""
+    inp = open_any(job[0], model)
+    inp.require_order()
+    assert inp.chunks is not None
+    return cache_sim(((c.layer, c.experts) for c in inp.chunks), job[1])
+
+
 def _request(args: argparse.Namespace, fp: Any) -> CacheSimRequest:
     return CacheSimRequest(
         fp.n_layer, fp.n_expert, fp.n_expert_used, policies=parse_policies(args.policy), order=args.order,
@@ -114,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if len(paths) > 1:
         return _many(args, paths)
     args.trace = paths[0]
+    dask_settings(args)  # bad --scheduler/--workers refused alike; one trace is one cache, simulated here
     header, chunks = open_trace(args.trace, model=args.model)
     fp = header.fingerprint
     req = CacheSimRequest(

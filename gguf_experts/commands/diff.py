@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..analysis.diff import ShareDiff, top_changes
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ._dask_options import add_dask_options, dask_settings
 from ._types import at_least
 
 NAME = "diff"
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=at_least(1), default=3, metavar="N",
                    help="table format: the N experts per layer whose share changed most (default 3)")
     add_output_options(p)
+    add_dask_options(p)
 
 
 def expert_rows(d: ShareDiff) -> pd.DataFrame:
@@ -50,8 +52,15 @@ def _label(paths: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..fleet import compare_sides
 
+    settings = dask_settings(args)
     a, b = _side(args.a), _side(args.b)
-    d = compare_sides(a, b, args.model)
+    if settings.wanted:  # counted by Dask workers
+        from ..fleet_dask import compare_fleet, runner_for
+
+        with runner_for(settings) as runner:
+            d = compare_fleet(runner, a, b, args.model)
+    else:
+        d = compare_sides(a, b, args.model)
     df = d.layers if args.by == "layer" else expert_rows(d)
     la, lb = _label(a), _label(b)
     doc = {"a": la, "b": lb, "a_traces": a, "b_traces": b,

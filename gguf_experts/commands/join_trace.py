@@ -9,6 +9,7 @@ import pandas as pd
 from ..heat import HeatResult, join
 from ..reporters.heat_text import summary_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table
+from ._dask_options import add_dask_options, dask_settings
 from ._trace_input import open_any
 from ._types import at_least
 
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=at_least(1), default=4096, metavar="BYTES",
                    help="page size for --by page (default 4096; a power of two)")
     add_output_options(p)
+    add_dask_options(p)
 
 
 def frame_for(res: HeatResult, by: str, page_size: int) -> pd.DataFrame:
@@ -55,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
     from ..fleet import expand
 
     paths = expand(args.trace)
-    res: HeatResult = join(_source(paths, args.model), args.model)
+    settings = dask_settings(args)
+    if settings.wanted:  # counted by Dask workers, per trace and per part of a big trace.bin
+        from ..fleet_dask import join_fleet, runner_for
+
+        with runner_for(settings) as runner:
+            res: HeatResult = join_fleet(runner, paths, args.model)
+    else:
+        res = join(_source(paths, args.model), args.model)
     if len(paths) > 1:
         res.summary["traces"] = paths
     df = frame_for(res, args.by, args.page_size)

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..reporters.pins import fitz_pin_list, pins_frame
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_csv, frame_to_table, say_wrote
 from ..trace.format import TraceHeader
+from ._dask_options import add_dask_options, dask_settings
 from ._trace_input import expert_bytes, open_trace, parse_int_list
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-csv", metavar="PINS.csv", help="write the pins as layer,expert,count (training count)")
     p.add_argument("--pin-list", metavar="FILE", help="write the pins as fitz-tec's EXPERT_CACHE_PIN_LIST v1")
     add_output_options(p)
+    add_dask_options(p)
 
 
 def _load(path: str) -> tuple[TraceHeader, np.ndarray, np.ndarray]:
@@ -79,12 +81,28 @@ def _split(args: argparse.Namespace) -> tuple[TraceHeader, Split, str]:
 
 def _many(args: argparse.Namespace, paths: list[str]) -> int:
     """Several traces: pins from the summed training counts, scored per trace and pooled."""
-    from ..fleet import labels, open_all, pool_pin_scores
+    from ..fleet import labels, open_all
 
     if args.train is not None or args.test is not None:
         raise InputError("give either TRACEs (each split by --train-fraction) or --train A.bin --test B.bin, not both")
     open_all(paths, args.model)  # one model, checked before the work
     names = labels(paths)
+    settings = dask_settings(args)
+    if settings.wanted:  # Dask: each trace loaded and split on a worker, where it stays for the scoring
+        from ..fleet_dask import runner_for
+
+        with runner_for(settings) as runner:
+            header = open_trace(paths[0])[0]
+            fp = header.fingerprint
+            L, M, k = fp.n_layer, fp.n_expert, fp.n_expert_used
+            eb = expert_bytes(args.model, header, paths[0])
+            budget = _budget(args, eb)
+            kept = runner.keep(split_path, paths, L, args.train_fraction)
+            train = sum(runner.map(train_counts, kept, L, M), np.zeros((L, M), np.int64))
+            pins = pick_per_layer(train, args.capacity) if budget is None or eb is None else pick_budget(train, eb,
+                                                                                                          budget)
+            scores = runner.map(score_pins, kept, L, M, k, pins, args.capacity, budget, eb, args.order)
+        return _many_out(args, paths, names, pins, train, scores, k)
     loaded = [_load(p) for p in paths]
     header = loaded[0][0]
     fp = header.fingerprint
@@ -95,6 +113,23 @@ def _many(args: argparse.Namespace, paths: list[str]) -> int:
     train = sum((counts_of(s.train_layer, s.train_experts, L, M) for s in splits), np.zeros((L, M), np.int64))
     pins = pick_per_layer(train, args.capacity) if budget is None or eb is None else pick_budget(train, eb, budget)
     scores = [score_pins(s, L, M, k, pins, args.capacity, budget, eb, args.order) for s in splits]
+    return _many_out(args, paths, names, pins, train, scores, k)
+
+
+def split_path(path: str, n_layer: int, fraction: float) -> Split:
+    """A trace loaded and split by --train-fraction (a Dask task, whose result stays on its worker)."""
+    _, lay, ex = _load(path)
+    return split_fraction(lay, ex, n_layer, fraction)
+
+
+def train_counts(split: Split, n_layer: int, n_expert: int) -> np.ndarray:
+    return counts_of(split.train_layer, split.train_experts, n_layer, n_expert)
+
+
+def _many_out(args: argparse.Namespace, paths: list[str], names: list[str], pins: Any, train: np.ndarray,
+              scores: list[pd.DataFrame], k: int) -> int:
+    from ..fleet import pool_pin_scores
+
     score = pool_pin_scores(scores, names)
     source = f"{len(paths)} traces"
     _write_lists(args, pins, train, source, k)
@@ -134,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand(args.trace) if args.trace else []
     if len(paths) > 1:
         return _many(args, paths)
+    dask_settings(args)  # bad --scheduler/--workers refused alike; one trace's split is scored here
     args.trace = paths[0] if paths else None
     header, split, source = _split(args)
     fp = header.fingerprint

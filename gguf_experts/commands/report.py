@@ -7,6 +7,7 @@ import os
 
 from ..errors import InputError
 from ..reporters.tabular import Output, add_output_options, emit
+from ._dask_options import add_dask_options, dask_settings
 
 NAME = "report"
 HELP = "write a self-contained HTML report (heatmap, file-offset strip, cache curves, hottest experts) of a trace"
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-opt", action="store_true",
                    help="leave out Belady's OPT curves (simulated with the whole trace in memory)")
     add_output_options(p, output=False, what="the list of files written, on stdout")
+    add_dask_options(p)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -68,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
         open_all([p for s in sides for p in s], args.model)
     loaded: list = [load_inputs(s, m) if len(s) > 1 else load_inputs(s, m)[0] for s in sides]
     labels = args.labels or [short_names(s)[0] + (f" +{len(s) - 1}" if len(s) > 1 else "") for s in sides]
-    inp = build_report(loaded, m, labels=labels, cache=not args.no_cache, opt=not args.no_opt)
+    settings = dask_settings(args)
+    if settings.wanted and any(len(s) > 1 for s in sides):  # a fleet side: counted and simulated on Dask
+        from ..fleet_dask import runner_for
+
+        with runner_for(settings) as runner:
+            inp = build_report(loaded, m, labels=labels, cache=not args.no_cache, opt=not args.no_opt, runner=runner)
+    else:
+        inp = build_report(loaded, m, labels=labels, cache=not args.no_cache, opt=not args.no_opt)
     written = write_report(args.output, inp, png=args.png, screenshot=args.screenshot, screenshot_size=size)
     df = pd.DataFrame({"output": [w for w, _ in written], "path": [p for _, p in written],
                        "bytes": [os.path.getsize(p) for _, p in written]})

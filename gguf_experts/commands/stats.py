@@ -17,6 +17,7 @@ from ..formats.rtrace import near_ties
 from ..formats.write import count_text
 from ..reporters.tabular import Output, add_output_options, emit, frame_records, frame_to_table, say_wrote, write_text
 from ..trace.format import IoTable
+from ._dask_options import add_dask_options, dask_settings
 from ._trace_input import add_trace_arguments, expert_bytes, open_any
 from ._types import at_least
 
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_options(p, extra=tuple(COUNT_WRITERS),
                        extra_help="; tracer-json, reap-json and imatrix (GGUF, needs -o and --model) write "
                                   "the counts for other tools")
+    add_dask_options(p)
 
 
 def _margin_frame(layer: np.ndarray, margin: np.ndarray, n_layer: int, threshold: float) -> pd.DataFrame:
@@ -79,6 +81,11 @@ def _accumulate(inp: Input, model: str | None, io: list[IoTable] | None = None
     return acc, fp, bool(inp.header.meta.get("phase_known", True))
 
 
+def accumulate_path(path: str, model: str | None) -> tuple[StatsAccumulator, ModelFingerprint, bool]:
+    """_accumulate of the input at ``path`` (a Dask task: the worker opens the file itself)."""
+    return _accumulate(open_any(path, model), model)
+
+
 def _write_counts(args: argparse.Namespace, inp: Input | None, acc: StatsAccumulator, fp: ModelFingerprint,
                   phase_known: bool) -> None:
     """--format tracer-json / reap-json / imatrix: the counts in another tool's format."""
@@ -101,7 +108,17 @@ def _many(args: argparse.Namespace, paths: list[str]) -> tuple[StatsAccumulator,
 
     inputs = open_all(paths, args.model)
     names = labels(paths)
-    parts = [_accumulate(inp, args.model) for inp in inputs]
+    settings = dask_settings(args)
+    if settings.wanted:  # on Dask: counts add, each sequence summarised once from its whole counts
+        from ..fleet_dask import runner_for
+
+        from ..fleet_dask import stats_fleet
+
+        headers = [inp.header if inp.format == "trace" else None for inp in inputs]
+        with runner_for(settings) as runner:  # trace.bin files in parts, others whole
+            parts = stats_fleet(runner, paths, headers, args.model, accumulate_path)
+    else:
+        parts = [_accumulate(inp, args.model) for inp in inputs]
     L = max(a.n_layer for a, _, _ in parts)
     M = parts[0][0].n_expert
     acc = StatsAccumulator(L, M)
@@ -127,6 +144,7 @@ def _load(args: argparse.Namespace) -> tuple[Input | None, StatsAccumulator, Mod
         args.trace = f"{len(paths)} traces"
         return None, acc, fp, phase_known, seqs, traces, None, {}
     args.trace = paths[0]
+    dask_settings(args)  # bad --scheduler/--workers refused alike; one trace is counted here (sequences in order)
     inp = open_any(args.trace, args.model)
     io_parts: list[IoTable] = []
     acc, fp, phase_known = _accumulate(inp, args.model, io_parts)

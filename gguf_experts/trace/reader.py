@@ -315,10 +315,14 @@ def _io_table(parts: list[tuple[np.ndarray, np.ndarray]]) -> IoTable:
 
 
 def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_ROWS,
-                      weights: bool = True) -> Iterator[TraceData]:
+                      weights: bool = True, start: int | None = None, stop: int | None = None
+                      ) -> Iterator[TraceData]:
     """Yield the trace as TraceData chunks of at most ``max_rows`` rows (a single larger record excepted).
 
     ``weights=False`` leaves the gate weights out (they are still checksummed): join does not need them.
+    ``start``/``stop``: only the records in these file offsets (both record boundaries, see ``record_start``),
+    so that workers can read parts of one big trace (gguf_experts.fleet_dask); row numbers of the measured
+    I/O then count from ``start``.
 
     Memory is bounded by the chunk size whatever the file size. A damaged tail ends the iteration after
     a TraceRecoveryWarning; the last chunk then has ``recovered=True`` and ``dropped_bytes`` set.
@@ -328,8 +332,10 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
     stuck_need = 0  # set when one record is larger than a block: read up to its end once
     with open(path, "rb") as f:
         header = _read_header(f, where)
-        file_size = os.fstat(f.fileno()).st_size
-        offset = header.size  # file offset of store[0]
+        file_size = os.fstat(f.fileno()).st_size if stop is None else stop
+        offset = header.size if start is None else start  # file offset of store[0]
+        if start is not None:
+            f.seek(start)
         store = bytearray(block_bytes)  # reused: chunks are copies, never views of it
         fill = 0  # valid bytes in store (the leftover of the previous block, then new data)
         yielded = False
@@ -343,8 +349,10 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
                 bigger = bytearray(cap)
                 bigger[:fill] = store[:fill]
                 store = bigger
+            if stop is not None:  # a part: read no further than its end (a record boundary)
+                cap = max(fill, min(cap, stop - offset))
             got = f.readinto(memoryview(store)[fill:cap]) if cap > fill else 0
-            at_eof = fill + got < cap
+            at_eof = fill + got < cap or (stop is not None and offset + fill + got >= stop)
             fill += got
             buf = np.frombuffer(store, np.uint8, count=fill)
             runs, used, damage = _scan(buf, header.fingerprint.n_expert_used, at_eof, measures)
@@ -375,12 +383,43 @@ def iter_trace_chunks(path: str | os.PathLike[str], max_rows: int = DEFAULT_MAX_
                 # one record larger than the block: read exactly up to its end, but never allocate more than
                 # the bytes really left in the file (a damaged length field must not cost its claim in memory)
                 need = int.from_bytes(store[4:8], "little") if fill >= 8 else _FIXED
-                present = max(0, os.fstat(f.fileno()).st_size - offset)
+                present = max(0, (os.fstat(f.fileno()).st_size if stop is None else stop) - offset)
                 stuck_need = max(min(need, MAX_RECORD_BYTES, present), _FIXED + CRC_BYTES, fill + 1)
         empty.warn(where)
         if not yielded:
             warn_no_rows(where)
             yield TraceData.empty(header)
+
+
+def record_start(path: str | os.PathLike[str], offset: int, window: int = 1 << 18) -> int:
+    """The file offset of the first record at or after ``offset`` (the end of the file if none): a 4-byte
+    aligned marker from which the records check (fixed fields and CRC) over the next MAX_RECORD_SCAN bytes.
+    Used to cut a big trace into parts at record boundaries; a false start inside a record would need a marker,
+    a length and a CRC-32 to match by chance, and damage is still reported by the part that contains it."""
+    with open(path, "rb") as f:
+        header = _read_header(f, str(path))
+        size = os.fstat(f.fileno()).st_size
+        o = max(header.size, offset)
+        o += (header.size - o) % 4  # records start at 4-byte steps from the header's end
+        measures = header.version >= 2
+        k = header.fingerprint.n_expert_used
+        while o < size:
+            f.seek(o)
+            raw = f.read(window + 4 * MAX_RECORD_SCAN)
+            buf = np.frombuffer(raw, np.uint8)
+            words = buf[:len(raw) // 4 * 4].view("<u4")[:window // 4]
+            marks = (words == REC_MARKER) | ((words == MEAS_MARKER) if measures else False)
+            at_eof = o + len(raw) >= size
+            for c in (np.flatnonzero(marks) * 4).tolist():
+                end = c + MAX_RECORD_SCAN
+                runs, used, damage = _scan(buf[c:end], k, at_eof and end >= len(buf), measures)
+                if runs and damage is None:
+                    return o + c
+            o += window
+        return size
+
+
+MAX_RECORD_SCAN = 1 << 16  # bytes checked from a candidate start (and read past the window for the last ones)
 
 
 class _EmptyRecords:
