@@ -18,7 +18,7 @@ SCRIPT = ROOT / "scripts" / "train_tiny_moe.py"
 
 def _manifest(tmp_path: Path) -> tuple[Path, list[Path]]:
     files = []
-    for i, (kind, text) in enumerate([("code", "def f():\n    return 1\n"), ("prose", "A short sentence.\n")]):
+    for i, text in enumerate(["def f():\n    return 1\n", "A short sentence.\n"]):
         p = tmp_path / f"f{i}.txt"
         p.write_text(text)
         files.append(p)

@@ -15,7 +15,6 @@ import pytest
 from gguf_experts.demo.corpus import KINDS, sha256_file
 from gguf_experts.demo.flow import TRAINED_MODEL
 
-pytestmark = pytest.mark.live
 DATA = TRAINED_MODEL.parent
 LOG = DATA / "tiny-moe-trained.log.json"
 TOKENIZER = DATA / "tiny-moe-trained.tokenizer.json"
@@ -43,6 +42,7 @@ def test_the_committed_model_is_small_and_says_what_it_is() -> None:
     assert log["gguf_sha256"] == sha256_file(TRAINED_MODEL)  # the log describes this very file
 
 
+@pytest.mark.live
 def test_llama_cpp_loads_it_and_generates_text(llm) -> None:
     out = llm("def read_config(path):\n", max_tokens=24, temperature=0.0)
     text = out["choices"][0]["text"]
@@ -51,6 +51,7 @@ def test_llama_cpp_loads_it_and_generates_text(llm) -> None:
     assert text.isprintable() or "\n" in text
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_cpp_tokenizes_like_the_trained_bpe(llm, kind: str) -> None:
     import ctypes
@@ -78,6 +79,7 @@ def test_llama_cpp_tokenizes_like_the_trained_bpe(llm, kind: str) -> None:
         assert b"".join(pieces).decode() == text
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_perplexity_agrees_with_the_training_script(llama_bin, kind: str) -> None:
     """llama-perplexity on the held-out text the script scored (same chunks: -c ctx, second half of each) equals
@@ -101,6 +103,7 @@ def test_llama_perplexity_agrees_with_the_training_script(llama_bin, kind: str) 
     assert float(m.group(1)) == pytest.approx(log["final"][kind]["heldout_ppl_exported"], rel=2e-3)
 
 
+@pytest.mark.live
 def test_demo_kinds_route_differently_3x_a_random_twin(tmp_path) -> None:
     """The demo's own measurement, live: both models captured through llama-cpp-python."""
     from gguf_experts.demo.flow import run_demo
@@ -111,3 +114,28 @@ def test_demo_kinds_route_differently_3x_a_random_twin(tmp_path) -> None:
     assert spec["js_random"] > 0 and spec["js_model"] >= 3 * spec["js_random"], spec
     full = res.divergence[res.divergence["full"]]
     assert len(full) >= 2 and (full["js_model"] > full["js_random"]).all(), res.divergence
+
+
+def test_random_twin_has_the_trained_shape_and_tokens(tmp_path, monkeypatch) -> None:
+    """The demo's baseline differs from the trained model in its weights only: same tokens, merges, tensor
+    shapes and routing hyperparameters (its untied output matrix aside: the twin is make-model's generator)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from gguf_experts.demo.tinymodel import random_twin
+
+    monkeypatch.setenv("GGUF_EXPERTS_CACHE", str(tmp_path))
+    twin = random_twin(TRAINED_MODEL)
+    assert twin.parent == tmp_path and random_twin(TRAINED_MODEL) == twin  # cached
+    a, b = GGUFReader(str(TRAINED_MODEL)), GGUFReader(str(twin))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre",
+                "qwen3moe.expert_count", "qwen3moe.expert_used_count", "qwen3moe.block_count",
+                "qwen3moe.embedding_length", "qwen3moe.expert_feed_forward_length"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+    ta = {t.name: t for t in a.tensors}
+    tb = {t.name: t for t in b.tensors}
+    assert set(ta) <= set(tb) and set(tb) - set(ta) == {"output.weight"}
+    for name, t in ta.items():
+        assert list(t.shape) == list(tb[name].shape), name
+    g = "blk.0.ffn_gate_inp.weight"
+    assert not np.array_equal(np.asarray(ta[g].data), np.asarray(tb[g].data))
