@@ -11,12 +11,26 @@ from typing import Any
 
 import pandas as pd
 
-#: (kind, prompt): short prompts of different kinds, so their routing can be compared
+#: (kind, prompt): prompts of different kinds (about 100 tokens each, so that sampling noise stays small next to
+#: real differences in routing), so their routing can be compared
 DEMO_PROMPTS: tuple[tuple[str, str], ...] = (
-    ("code", "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"),
-    ("chat", "User: Hi! Can you recommend a good book for a long train ride?\nAssistant:"),
-    ("math", "Q: If 3x + 7 = 22, what is x?\nA: 3x = 15, so x = 5.\nQ: What is 12 * 13?\nA:"),
-    ("story", "Once upon a time, in a village at the edge of a dark forest, there lived a curious girl named Mira."),
+    ("code", 'import os\n\n\ndef read_config(path):\n    """Read a key = value file into a dict."""\n'
+             "    config = {}\n    with open(path) as f:\n        for line in f:\n            line = line.strip()\n"
+             '            if not line or line.startswith("#"):\n                continue\n'
+             '            key, _, value = line.partition("=")\n            config[key.strip()] = value.strip()\n'
+             "    return config\n\n\ndef fibonacci(n):\n    if n < 2:\n        return n\n"
+             "    return fibonacci(n - 1) + fibonacci(n - 2)\n"),
+    ("chat", "User: Hi! Can you recommend a good book for a long train ride? I like mysteries, and the trip takes "
+             "about six hours.\nAssistant: Of course! A classic choice is a detective novel with a clever puzzle. "
+             "Would you like something old or something new?\nUser: Something new, please, and not too long.\n"
+             "Assistant:"),
+    ("math", "Q: If 3x + 7 = 22, what is x?\nA: 3x = 15, so x = 5.\nQ: What is 12 * 13?\nA: 12 * 13 = 156.\n"
+             "Q: A train travels 180 km in 2 hours. What is its average speed?\nA: 180 / 2 = 90 km per hour.\n"
+             "Q: What is the sum of the angles of a triangle?\nA: 180 degrees.\nQ: What is 15% of 240?\nA:"),
+    ("story", "Once upon a time, in a village at the edge of a dark forest, there lived a curious girl named Mira. "
+              "Every morning she walked to the river to fetch water, and every morning the old miller waved to "
+              "her from his door. One day the miller was not there. The door stood open, the wheel was still, "
+              "and a trail of small footprints led into the trees. Mira put down her bucket and followed them."),
 )
 DEFAULT_DIR = "gguf-experts-demo"
 #: the bundled model: trained by scripts/train_tiny_moe.py on Python code and English prose (README "Demo model")
