@@ -368,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901  (one linear train
         print(f"train_tiny_moe: {e}", file=sys.stderr)
         return 2
     t_start = time.time()
+    # MKL's conditional numerical reproducibility: without it two runs with the same seed and threads drifted apart
+    # within 10 steps (MKL picks kernels by memory alignment); with it 30-step reruns are bit-identical. Set
+    # before torch loads MKL.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
     import numpy as np
     import torch
@@ -465,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901  (one linear train
     wall = time.time() - t_start
     log = {"command": "python scripts/train_tiny_moe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "torch": torch.__version__, "threads": args.threads, "seed": args.seed, "config": cfg,
+           "mkl_cbwr": os.environ.get("MKL_CBWR"),
            "params": n_params, "steps": args.steps, "batch": args.batch, "lr": args.lr, "aux": args.aux,
            "train_tokens": {k: int(len(s)) for k, s in streams.items()}, "wall_seconds": round(wall, 1),
            "final": final, "evals": evals, "curve": curve,
