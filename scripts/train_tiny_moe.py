@@ -11,8 +11,8 @@ q/k norms per head, rope NEOX (freq base 10000), GQA attention scaled by 1/sqrt(
 logits then top-k, the k weights renormalised to sum 1 (llama.cpp hard-codes norm_w for qwen3moe), SwiGLU experts,
 output tied to the token embedding (the GGUF has no output.weight; llama.cpp then reuses token_embd).
 
-Reproduce the committed model (the exact command; needs the [train] extra, `pip install -e '.[train]'`; about
-25 minutes of wall time on the shared 2-core development machine, about 10 CPU-minutes per core unshared):
+Reproduce the committed model (the exact command; needs the [train] extra, `pip install -e '.[train]'`; 19
+minutes of wall time on the shared 2-core development machine, about 17 CPU-minutes in all):
 
     python scripts/train_tiny_moe.py --steps 400 --batch 8 --out gguf_experts/demo/data
 
