@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own programs (llama-server, llama-cli, llama-imatrix, llama-bench) from the llama.cpp that
-# the installed llama-cpp-python vendors, as shared libraries (BUILD_SHARED_LIBS=ON, llama.cpp's Linux
+# Build llama.cpp's own programs (llama-server, llama-cli, llama-imatrix, llama-bench, llama-perplexity) from the
+# llama.cpp that the installed llama-cpp-python vendors, as shared libraries (BUILD_SHARED_LIBS=ON, llama.cpp's Linux
 # default), into a cache keyed by that version. They are real peers and oracles for the tests (`run`
 # traces an unchanged llama-server; llama-imatrix counts routing), so they must be the same llama.cpp.
 #
@@ -21,7 +21,7 @@ VERSION=${LLAMA_CPP_PYTHON_VERSION:-$($PY -c 'import importlib.metadata as m; pr
 KEY=$($NB key "$VERSION")
 ROOT=${GGUF_EXPERTS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-experts/llama.cpp-$KEY}
 eval "NATIVE_ARGS=($($NB cmake-args))"
-TARGETS=${TARGETS:-llama-server llama-cli llama-imatrix llama-bench}
+TARGETS=${TARGETS:-llama-server llama-cli llama-imatrix llama-bench llama-perplexity}
 BIN=$ROOT/build/bin
 have_all() { for t in $TARGETS; do [ -x "$BIN/$t" ] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi

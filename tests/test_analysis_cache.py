@@ -202,3 +202,35 @@ def test_working_set_matches_sliding_windows(chunk):
             got = ws[(ws.layer == str(l)) & (ws.tau == tau)].iloc[0]
             assert got.experts == pytest.approx(np.mean(sizes_t))
             assert got.bytes == pytest.approx(np.mean(sizes_t) * sizes[l, 0])
+
+
+@pytest.fixture(scope="module")
+def trained_routing(tmp_path_factory):
+    """Routing that training produced: the bundled trained model captured live (llama-cpp-python) on its held-out
+    code and prose, prefill and greedy decode."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [live] extra) is not installed")
+    from gguf_experts.demo.flow import TRAINED_MODEL
+    from gguf_experts.trace.live.capture import capture
+    from gguf_experts.trace.reader import read_trace
+
+    texts = [(TRAINED_MODEL.parent / f"heldout-{k}.txt").read_text(encoding="utf-8")[:400] for k in ("code", "prose")]
+    out = tmp_path_factory.mktemp("trained") / "t.bin"
+    capture(TRAINED_MODEL, texts, out, n_predict=16, n_ctx=256, n_threads=2)
+    return read_trace(out)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("policy", ["lru", "lfu", "opt"])
+def test_simulate_matches_plain_on_trained_routing(trained_routing, policy):
+    """cache-sim's simulators against the plain per-row simulation on the trained model's real, skewed routing."""
+    d = trained_routing
+    n_layer, n_expert = int(d.layer.max()) + 1, d.header.fingerprint.n_expert
+    caps = [1, 2, 4, 8, 16, n_expert]
+    out = simulate(d.layer, d.experts, n_layer, n_expert, policy, caps)
+    for l in range(n_layer):
+        rows = d.experts[d.layer == l].tolist()
+        assert len(rows) > 20
+        for c in caps:
+            h, f = plain(rows, c, policy)
+            got = out[(out.layer == str(l)) & (out.capacity == c)].iloc[0]
+            assert (got.hits, got.bytes_fetched) == (h, f), (policy, l, c)

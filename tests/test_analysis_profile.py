@@ -67,8 +67,17 @@ def _independent(model: Path) -> dict[int, dict[str, np.ndarray]]:
     return {key: {"count": v[0], "ean_sum": v[1], "reap": v[2] / v[0], "max": v[3]} for key, v in sums.items()}
 
 
-def test_profile_matches_independent_reap_and_resumes(setup, tmp_path, run_cli):
-    model, data = setup
+@pytest.fixture(scope="module", params=["random", "trained"])
+def reap_model(request, setup) -> Path:
+    """The random Q8_0 model, and the bundled trained one (F16, routing and expert outputs that training shaped:
+    REAP's ranking on real skew)."""
+    from gguf_experts.demo.flow import TRAINED_MODEL
+
+    return setup[0] if request.param == "random" else TRAINED_MODEL
+
+
+def test_profile_matches_independent_reap_and_resumes(setup, reap_model, tmp_path, run_cli):
+    model, data = reap_model, setup[1]
     whole = tmp_path / "whole.json"
     r = run_cli("profile", model, "--jsonl", data, "-o", whole, "--no-progress", "-t", "1", "-f", "csv")
     assert r.rc == 0, r.err

@@ -22,16 +22,21 @@ TEXT = ("def add(a, b):\n    return a + b\n\nQ: What is 12 * 7? A: 84. Once upon
         "SELECT name FROM users WHERE id = 42; -- the answer\n") * 2
 
 
-def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, tmp_path):
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, tmp_path, which):
+    """Both models: the random one (byte vocabulary that adds BOS: the BOS-per-chunk path) and the bundled trained
+    one (BPE, no BOS: real, skewed routing that training produced)."""
+    from gguf_experts.demo.flow import TRAINED_MODEL
     from gguf_experts.gguf.fingerprint import fingerprint
     from gguf_experts.gguf.reader import open_model
     from gguf_experts.trace.writer import TraceWriter
     from gguf_experts.trace.live.llama import TracedLlama
     from gguf_experts.trace.format import PHASE_PREFILL
 
-    model = tinymodel.make_tiny_model(tmp_path / "tiny.gguf", seed=7, add_bos=True)
+    add_bos = which == "random"
+    model = tinymodel.make_tiny_model(tmp_path / "tiny.gguf", seed=7, add_bos=True) if add_bos else TRAINED_MODEL
     text = tmp_path / "calibration.txt"
-    text.write_text(TEXT)
+    text.write_text(TEXT if add_bos else TEXT * 3)  # BPE: about 3.5 bytes a token, so more text for 3 chunks
     imat = tmp_path / "imatrix.gguf"
     r = subprocess.run([str(llama_bin / "llama-imatrix"), "-m", str(model), "-f", str(text), "-c", str(N_CTX),
                         "-b", str(N_CTX), "--chunks", str(N_CHUNKS), "-t", "2", "-o", str(imat), "--no-ppl"],
@@ -42,12 +47,13 @@ def test_stats_of_llama_imatrix_equals_stats_of_our_capture(run_cli, llama_bin, 
     trace = tmp_path / "same.bin"
     with TraceWriter(trace, fp) as sink, TracedLlama(model, sink, fp, n_ctx=N_CTX, n_ubatch=N_CTX,
                                                        n_threads=2) as tl:
-        tokens = tl.tokenize(TEXT, add_special=True)
+        tokens = tl.tokenize(text.read_text(), add_special=True)
         bos = int(tl.lc.llama_vocab_bos(tl.vocab))
-        assert tokens[0] == bos and len(tokens) >= N_CTX * N_CHUNKS  # the vocabulary adds BOS
+        assert (tokens[0] == bos) == add_bos and len(tokens) >= N_CTX * N_CHUNKS  # the vocabulary adds BOS or not
         for c in range(N_CHUNKS):
             chunk = tokens[c * N_CTX:(c + 1) * N_CTX]
-            chunk[0] = bos  # llama-imatrix: BOS at every chunk's first position (add_bos vocabularies)
+            if add_bos:
+                chunk[0] = bos  # llama-imatrix: BOS at every chunk's first position (add_bos vocabularies)
             tl.new_sequence()
             tl.eval(chunk, phase=PHASE_PREFILL, logits="all")
 

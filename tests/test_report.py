@@ -330,7 +330,10 @@ def test_demo_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     doc = json.loads(capsys.readouterr().out)
     assert doc["report"]["html report"] == str(d / "report.html")
     text = (d / "report.html").read_text()
-    assert "Difference: code vs chat" in text and blob(text)["E"] == 16
+    from gguf_experts.demo.flow import TRAINED_MODEL
+    from gguf_experts.gguf.reader import open_model
+
+    assert "Difference: code vs chat" in text and blob(text)["E"] == open_model(TRAINED_MODEL).expert_count
     assert main(["demo", "--dir", str(tmp_path / "demo2"), "-n", "2", "--threads", "2", "-f", "table"]) == 0
     assert f"html report {tmp_path / 'demo2' / 'report.html'}" in capsys.readouterr().out
 

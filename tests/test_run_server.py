@@ -30,6 +30,8 @@ GGE = [sys.executable, "-m", "gguf_experts"]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random tiny model: its byte vocabulary and untrained router give many near-ties, the hard case for the
+    replay comparison; the trained model runs in test_llama_server_two_concurrent_clients too (``which``)."""
     return tinymodel.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=3)
 
 
@@ -86,7 +88,8 @@ def two_clients(port: int) -> list[list[int]]:
         try:
             barrier.wait()
             for prompt in COMPLETIONS:
-                r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": N_PREDICT, "temperature": 0})
+                r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": N_PREDICT, "temperature": 0,
+                                                   "ignore_eos": True})  # the trained model may end a text
                 assert r["usage"]["completion_tokens"] == N_PREDICT
                 prompts.append(post(port, "/tokenize", {"content": prompt, "add_special": True})["tokens"])
         except BaseException as e:  # noqa: BLE001
@@ -97,7 +100,7 @@ def two_clients(port: int) -> list[list[int]]:
             barrier.wait()
             for messages in CHATS:
                 r = post(port, "/v1/chat/completions", {"messages": messages, "max_tokens": N_PREDICT,
-                                                       "temperature": 0})
+                                                       "temperature": 0, "ignore_eos": True})
                 assert r["usage"]["completion_tokens"] == N_PREDICT
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -175,10 +178,16 @@ def differing_rows(d: TraceData, model: Path) -> tuple[list[Flip], int]:
     return differ, total
 
 
-@pytest.mark.parametrize("mode", ["callback", "keepalive"])
-def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode,which", [("callback", "random"), ("keepalive", "random"), ("callback", "trained")])
+def test_llama_server_two_concurrent_clients(tmp_path: Path, model: Path, llama_bin: Path, mode: str,
+                                             which: str) -> None:
     """Both modes: the trace is complete, the slots do not mix, and each request's rows equal an in-process
-    replay of its slot's requests, up to near-ties that the server's ubatch packing decides (see below)."""
+    replay of its slot's requests, up to near-ties that the server's ubatch packing decides (see below).
+    ``trained``: the bundled trained model (BPE vocabulary, routing that training produced)."""
+    from gguf_experts.demo.flow import TRAINED_MODEL
+
+    if which == "trained":
+        model = TRAINED_MODEL
     build_preload()
     port = free_port()
     trace = tmp_path / "server.bin"

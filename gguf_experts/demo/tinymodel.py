@@ -9,10 +9,13 @@ F32/F16 files are written with gguf-py's ``GGUFWriter``; quantized variants are 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,12 +139,24 @@ def written_types(path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class BpeVocab:
+    """A GPT-2-style byte-level BPE vocabulary copied from another GGUF (``tokenizer.ggml.*``)."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    eos: int
+
+
 def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: int = 0, n_layer: int = 4,
                       n_expert: int = 16, n_expert_used: int = 4, n_embd: int = 64, n_head: int = 4,
                       n_head_kv: int = 2, n_ff_exp: int = 32, n_ctx_train: int = 4096, f16: bool = False,
-                      name: str | None = None, add_bos: bool = False) -> Path:
+                      name: str | None = None, add_bos: bool = False, vocab: BpeVocab | None = None) -> Path:
     """Write an F32 (or F16 matrices) model with gguf-py, atomically; returns the path. ``add_bos``: the
-    tokenizer prepends BOS (as most real models do; llama-imatrix then puts BOS at each chunk start)."""
+    tokenizer prepends BOS (as most real models do; llama-imatrix then puts BOS at each chunk start).
+    ``vocab``: a BPE vocabulary instead of the byte vocabulary (``random_twin``: same tokens as a trained model)."""
     from gguf import (
         GGUFWriter,  # core dependency; imported here to keep package import light
     )
@@ -177,13 +192,23 @@ def write_float_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed
         wr.add_uint32(f"{a}.expert_used_count", n_expert_used)
         if arch == "gpt-oss":
             wr.add_uint32(f"{a}.attention.sliding_window", 128)
-        wr.add_tokenizer_model("llama")
-        wr.add_token_list(tokens)
-        wr.add_token_scores(scores)
-        wr.add_token_types(types)
-        wr.add_unk_token_id(0)
-        wr.add_bos_token_id(1)
-        wr.add_eos_token_id(2)
+        if vocab is None:
+            wr.add_tokenizer_model("llama")
+            wr.add_token_list(tokens)
+            wr.add_token_scores(scores)
+            wr.add_token_types(types)
+            wr.add_unk_token_id(0)
+            wr.add_bos_token_id(1)
+            wr.add_eos_token_id(2)
+        else:
+            tokens = vocab.tokens
+            wr.add_tokenizer_model("gpt2")
+            wr.add_tokenizer_pre(vocab.pre)
+            wr.add_token_list(tokens)
+            wr.add_token_types(vocab.types)
+            wr.add_token_merges(vocab.merges)
+            wr.add_bos_token_id(vocab.eos)
+            wr.add_eos_token_id(vocab.eos)
         wr.add_add_bos_token(add_bos)
         dtype = np.float16 if f16 else np.float32
         for tname, arr in _tensors(arch, rng, n_layer, n_expert, n_embd, n_head, n_head_kv, head_dim,
@@ -237,6 +262,46 @@ def make_tiny_model(path: str | os.PathLike[str], arch: str = "qwen3moe", seed: 
         return quantize(src, path, quant)
 
 
+def random_twin(src: str | os.PathLike[str], seed: int = DEMO_SEED) -> Path:
+    """A random-weight qwen3moe model with ``src``'s shape and BPE vocabulary, in the cache dir: the baseline that
+    a trained model's routing is compared with (same prompts, same tokens, only the weights differ)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(src))
+
+    def get(key: str) -> Any:
+        f = r.fields.get(key)
+        if f is None:
+            raise InputError(f"{src}: no {key} in the metadata; a random twin needs a qwen3moe model with a "
+                             "GPT-2 BPE tokenizer")
+        return f.contents()
+
+    arch = get("general.architecture")
+    if arch != "qwen3moe" or get("tokenizer.ggml.model") != "gpt2":
+        raise InputError(f"{src}: a random twin is made for qwen3moe models with a gpt2 tokenizer, not {arch}")
+    a = arch
+    shape = {"n_layer": int(get(f"{a}.block_count")), "n_expert": int(get(f"{a}.expert_count")),
+             "n_expert_used": int(get(f"{a}.expert_used_count")), "n_embd": int(get(f"{a}.embedding_length")),
+             "n_head": int(get(f"{a}.attention.head_count")), "n_head_kv": int(get(f"{a}.attention.head_count_kv")),
+             "n_ff_exp": int(get(f"{a}.expert_feed_forward_length")), "n_ctx_train": int(get(f"{a}.context_length"))}
+    vocab = BpeVocab(tokens=list(get("tokenizer.ggml.tokens")),
+                     types=[int(t) for t in get("tokenizer.ggml.token_type")],
+                     merges=list(get("tokenizer.ggml.merges")), pre=str(get("tokenizer.ggml.pre")),
+                     eos=int(get("tokenizer.ggml.eos_token_id")))
+    h = hashlib.sha1(json.dumps([shape, vocab.tokens, vocab.merges, seed, GENERATOR_VERSION]).encode()).hexdigest()
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the cache directory {d}: {e}; set GGUF_EXPERTS_CACHE to a writable "
+                         "directory") from e
+    path = d / f"random-twin-{h[:10]}.gguf"
+    if not path.exists():
+        write_float_model(path, arch="qwen3moe", seed=seed, f16=True, name=f"random twin of {Path(src).name}",
+                          vocab=vocab, **shape)  # type: ignore[arg-type]
+    return path
+
+
 def demo_model_path(arch: str = "qwen3moe") -> Path:
     """The demo model, generated on first use into the cache dir (temp file + rename, so never half-written)."""
     tag = hashlib.sha1(f"{arch}-{DEMO_SEED}-{GENERATOR_VERSION}".encode()).hexdigest()[:8]
@@ -253,6 +318,7 @@ def demo_model_path(arch: str = "qwen3moe") -> Path:
 
 
 __all__ = [
-    "ARCHES", "QUANT_FTYPES", "ModelBuildError", "demo_model_path", "make_tiny_model", "quantize",
+    "ARCHES", "QUANT_FTYPES", "BpeVocab", "ModelBuildError", "demo_model_path", "make_tiny_model", "quantize",
+    "random_twin",
     "write_float_model",
 ]
