@@ -277,7 +277,10 @@ void issue_kept(struct sched_st *s) {
 /* Read every kept layer of the ubatch computed last, once the scheduler has synchronised: the copies queued by
  * issue_kept (one synchronisation per backend, normally already done), or, where they could not be queued, one
  * synchronous copy per layer (ggml_backend_tensor_get, honouring the view's strides). */
+static void emit_prev(struct sched_st *s);
+
 void read_kept(struct sched_st *s) {
+    emit_prev(s); /* records in ubatch order */
     s->keep_pending = 0;
     if (!s->active) return;
     if (g_cost_probe == COST_FLAGS) { /* measurement: the flags' cost alone */
@@ -311,8 +314,8 @@ void flush_pending(struct sched_st *s, void *sched) {
  * records) would keep the host from building, allocating and filling the next graph while the device computes the
  * last one, which an untraced run overlaps. Where the copies were queued into our own host buffer (issue_kept), the
  * data needs nothing from the graph but the kept tensors' shapes: keep copies of those and read later, at the
- * next graph's compute (whose scheduler waits for the device there anyway), and write the records once that
- * graph is queued (emit_prev), so that the CRC and the write() overlap the device as well. */
+ * next graph's compute (whose scheduler waits for the device there anyway), and write the records at the next
+ * point that needs them, before it waits (emit_prev), so that the CRC and the write() overlap the device too. */
 static void defer_pending(struct sched_st *s) {
     size_t cap = (size_t)s->cap_kept_meta;
     struct gt *m = grow(s->kept_meta, &cap, (size_t)(s->n_keep > 0 ? s->n_keep : 1), sizeof *m);
@@ -346,6 +349,7 @@ static void take_deferred(struct sched_st *s) {
 }
 
 static void complete_deferred(struct sched_st *s) {
+    emit_prev(s);
     if (!s || !s->deferred) return;
     wait_deferred(s);
     take_deferred(s);
@@ -360,10 +364,21 @@ static void swap_ubatch(struct sched_st *a, struct sched_st *b) {
 #undef SW
 }
 
+/* The records of the ubatch read at the last compute (s->prev, pending while its active is set), written at the
+ * next point that needs them in order: before the next synchronisation waits (the device computes meanwhile), or
+ * before anything else reads or resets. */
+static void emit_prev(struct sched_st *s) {
+    if (!s || !s->prev || !s->prev->active) return;
+    swap_ubatch(s, s->prev);
+    PROF(4, emit(s));
+    swap_ubatch(s, s->prev);
+}
+
 EXPORT bool ggml_backend_sched_reserve(void *sched, void *graph) {
     REAL(alloc_t, real, "ggml_backend_sched_reserve");
     if (!real) return false;
     if (g_enabled && g_keepalive) { /* the allocator plans here: flags set only at alloc time are ignored */
+        emit_prev(sched_of(sched, 0));
         complete_deferred(sched_of(sched, 0));
         flush_pending(sched_of(sched, 0), sched);
         flag_graph(NULL, graph);
@@ -385,6 +400,7 @@ EXPORT bool ggml_backend_sched_alloc_graph(void *sched, void *graph) {
 EXPORT void ggml_backend_sched_synchronize(void *sched) {
     REAL(sync_t, real, "ggml_backend_sched_synchronize");
     if (!real) return;
+    if (g_enabled && g_keepalive) emit_prev(sched_of(sched, 0)); /* while the device still computes */
     real(sched);
     if (g_enabled && g_keepalive) {
         struct sched_st *s = sched_of(sched, 0);
@@ -398,6 +414,7 @@ EXPORT void ggml_backend_sched_reset(void *sched) {
     if (!real) return;
     if (g_enabled && g_keepalive) {
         struct sched_st *s = sched_of(sched, 0);
+        emit_prev(s);
         complete_deferred(s); /* two resets without a compute between them */
         if (s && s->keep_pending && s->copy_state == 1) PROF(0, defer_pending(s));
         PROF(1, flush_pending(s, sched)); /* not deferred: read now */
@@ -412,6 +429,7 @@ EXPORT void ggml_backend_sched_free(void *sched) {
     if (g_enabled && sched) {
         struct sched_st *s = sched_of(sched, 0);
         if (g_keepalive) {
+            emit_prev(s);
             complete_deferred(s);
             flush_pending(s, sched);
         }
@@ -428,17 +446,16 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     PROF_SINCE_MARK(8);
     struct sched_st *s = sched_of(sched, g_keepalive);
     if (!s) return real(sched, graph);
+    emit_prev(s);
     PROF(1, flush_pending(s, sched));
     /* a deferred ubatch: its data now (the scheduler would wait for its graph before ours anyway), its trace
-     * sequences numbered before ours is prepared, its records written once ours is queued, from its own state */
-    int prev = 0;
+     * sequences numbered before ours is prepared, its records written later from its own state (emit_prev) */
     if (s->deferred) {
         PROF(2, wait_deferred(s); take_deferred(s));
         if (!s->prev) s->prev = calloc(1, sizeof *s->prev);
-        if (s->active && s->prev) {
+        if (s->active && s->prev) { /* s->prev is free: emit_prev above */
             PROF(3, resolve_seqs(s));
             swap_ubatch(s, s->prev);
-            prev = 1;
         } else if (s->active) {
             emit(s);
         }
@@ -453,11 +470,6 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     }
     int st = real(sched, graph);
     if (s->active) io_snap(&s->io1); /* synchronous on the CPU; a GPU backend may return before it finished */
-    if (prev) { /* the deferred ubatch's records, while the device computes ours */
-        swap_ubatch(s, s->prev);
-        PROF(4, emit(s));
-        swap_ubatch(s, s->prev);
-    }
     if (s->active) {
         if (st != 0) s->active = 0;
         else if (g_keepalive) {
