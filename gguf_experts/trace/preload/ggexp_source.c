@@ -274,11 +274,11 @@ void issue_kept(struct sched_st *s) {
     s->copy_state = 1;
 }
 
+static void emit_prev(struct sched_st *s);
+
 /* Read every kept layer of the ubatch computed last, once the scheduler has synchronised: the copies queued by
  * issue_kept (one synchronisation per backend, normally already done), or, where they could not be queued, one
  * synchronous copy per layer (ggml_backend_tensor_get, honouring the view's strides). */
-static void emit_prev(struct sched_st *s);
-
 void read_kept(struct sched_st *s) {
     emit_prev(s); /* records in ubatch order */
     s->keep_pending = 0;
