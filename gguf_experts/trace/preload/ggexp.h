@@ -188,6 +188,12 @@ struct sched_st {
     size_t n_outbuf, cap_outbuf;
     /* measured I/O of this ubatch: before the graph compute, and when the compute returned */
     struct io_snap io0, io1;
+    /* keepalive, deferred (ggexp_source.c, defer_pending): the next graph is being built while the last ubatch's
+     * copies are in flight. kept_meta: copies of its kept tensors' descriptions (the graph that held them is
+     * rebuilt); prev: its ubatch state while the next ubatch is prepared, written once the next one is queued */
+    int deferred, n_kept_meta, cap_kept_meta, seq_resolved;
+    struct gt *kept_meta;
+    struct sched_st *prev;
 };
 struct llama_embd { const float *data; size_t n_rows, n_embd; };
 
@@ -216,6 +222,20 @@ extern long g_dropped;
 /* fault injection for the test of that count (GGUF_EXPERTS_TEST_NOMEM=records): the record buffer never grows */
 extern int g_test_nomem;
 #define DROP(n) __atomic_add_fetch(&g_dropped, (long)(n), __ATOMIC_RELAXED)
+/* host time per step (scripts/bench_host_ubatch.py builds the library with -DGGEXP_HOSTPROF): nanoseconds and counts */
+#ifdef GGEXP_HOSTPROF
+#define PROF_N 10
+extern int64_t g_prof_ns[PROF_N], g_prof_n[PROF_N];
+int64_t prof_now(void);
+#define PROF(i, stmt) do { int64_t t0_ = prof_now(); stmt; g_prof_ns[i] += prof_now() - t0_; g_prof_n[i]++; } while (0)
+extern int64_t g_prof_mark; /* the end of the last reset: llama.cpp's own host work until the compute is slot 8 */
+#define PROF_MARK() (g_prof_mark = prof_now())
+#define PROF_SINCE_MARK(i) do { if (g_prof_mark) { g_prof_ns[i] += prof_now() - g_prof_mark; g_prof_n[i]++; g_prof_mark = 0; } } while (0)
+#else
+#define PROF_MARK() do { } while (0)
+#define PROF_SINCE_MARK(i) do { } while (0)
+#define PROF(i, stmt) do { stmt; } while (0)
+#endif
 #define MAX_MODELS 16
 extern struct model_ent g_models[MAX_MODELS];
 extern int g_n_models, g_main;
@@ -239,6 +259,7 @@ struct layer_buf *layer_buf(struct sched_st *s, int layer);
 void take(struct sched_st *s, const struct gt *t, int what, int layer, const uint8_t *span, bool dense);
 void prepare(struct sched_st *s, void *gf);
 void emit(struct sched_st *s);
+void resolve_seqs(struct sched_st *s);
 /* ggexp_io.c */
 int io_enabled(void); /* GGUF_EXPERTS_MEASURE=0 turns measuring off */
 void io_snap(struct io_snap *s);

@@ -175,6 +175,23 @@ EXPORT int ggexp_inproc_begin(const char *path, int weights, int keepalive, cons
  * in-process caller knows it, so `capture --all-outputs` with several ubatches is recorded as prefill. */
 EXPORT void ggexp_inproc_phase(int phase) { g_hint_phase = phase; }
 
+#ifdef GGEXP_HOSTPROF
+int64_t g_prof_ns[PROF_N], g_prof_n[PROF_N], g_prof_mark;
+int64_t prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+/* The host time of each step so far (ns[i], n[i]); zeroed by the call. */
+EXPORT int ggexp_inproc_hostprof(int64_t *ns, int64_t *n) {
+    memcpy(ns, g_prof_ns, sizeof g_prof_ns);
+    memcpy(n, g_prof_n, sizeof g_prof_n);
+    memset(g_prof_ns, 0, sizeof g_prof_ns);
+    memset(g_prof_n, 0, sizeof g_prof_n);
+    return PROF_N;
+}
+#endif
+
 /* Records written since begin (CaptureResult.records). */
 EXPORT long ggexp_inproc_records(void) { return __atomic_load_n(&g_records, __ATOMIC_RELAXED) - g_records_base; }
 

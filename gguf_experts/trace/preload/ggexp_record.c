@@ -164,6 +164,7 @@ static int read_i32(const struct gt *t, int32_t *dst, int n) {
 void prepare(struct sched_st *s, void *gf) {
     s->active = 0;
     s->touched_any = 0;
+    s->seq_resolved = 0;
     struct decode_st *d = tl_decode;
     if ((d && d->skip) || (g_inproc && !d)) return;
     pthread_mutex_lock(&g_lock);
@@ -422,6 +423,39 @@ static void put_measure(struct sched_st *s, int32_t seq, int phase, int n_tokens
     s->n_outbuf += GGEXP_MEAS_LEN;
 }
 
+/* Number the ubatch's new trace sequences now, as emit would (the header first: it opens the sequence map), and
+ * store them in row_seq: a deferred ubatch's records are written after the next ubatch is prepared, which may start
+ * a new request on the same llama sequence (ggexp_source.c, defer_pending). */
+void resolve_seqs(struct sched_st *s) {
+    if (!s->touched_any || s->seq_resolved) return;
+    struct ctx_st *c = s->ctx;
+    pthread_mutex_lock(&g_lock);
+    int ok = write_header(c->m, &s->io0) == 0;
+    pthread_mutex_unlock(&g_lock);
+    if (!ok) return;
+    for (int a = 0, b; a < s->n_tok; a = b) {
+        int32_t sid = s->row_seq[a];
+        uint8_t ph = s->row_phase[a];
+        for (b = a + 1; b < s->n_tok && s->row_seq[b] == sid && s->row_phase[b] == ph; b++) {}
+        struct seq_st *q = seq_of(c, sid);
+        if (q && q->trace_seq < 0) {
+            pthread_mutex_lock(&g_lock);
+            q->trace_seq = g_next_seq++;
+            if (g_seq_fd >= 0) {
+                char line[128];
+                int ln = snprintf(line, sizeof line, "%d\t%d\t%d\t%d\t%d\n", q->trace_seq, c->index, (int)sid,
+                                  q->requests - 1, q->first_pos);
+                ssize_t wr = write(g_seq_fd, line, (size_t)ln);
+                (void)wr;
+            }
+            pthread_mutex_unlock(&g_lock);
+        }
+        int32_t tseq = q ? q->trace_seq : 0;
+        for (int r = a; r < b; r++) s->row_seq[r] = tseq;
+    }
+    s->seq_resolved = 1;
+}
+
 /* Write the ubatch: for each run of rows of one (sequence, phase), every MoE layer's record, in layer order;
  * one write() for the whole ubatch (kill -9 loses at most the ubatch being computed). */
 void emit(struct sched_st *s) {
@@ -448,7 +482,7 @@ void emit(struct sched_st *s) {
         uint8_t ph = s->row_phase[a];
         int b = a + 1;
         while (b < n && s->row_seq[b] == sid && s->row_phase[b] == ph) b++;
-        struct seq_st *q = seq_of(c, sid);
+        struct seq_st *q = s->seq_resolved ? NULL : seq_of(c, sid);
         if (q && q->trace_seq < 0) {
             pthread_mutex_lock(&g_lock);
             q->trace_seq = g_next_seq++;
@@ -461,7 +495,7 @@ void emit(struct sched_st *s) {
             }
             pthread_mutex_unlock(&g_lock);
         }
-        int32_t tseq = q ? q->trace_seq : 0;
+        int32_t tseq = s->seq_resolved ? sid : q ? q->trace_seq : 0;
         if (m_phase < 0) m_seq = tseq, m_phase = ph; /* the measurement's: -1 for several sequences, 2 mixed */
         else {
             if (m_seq != tseq) m_seq = -1;
@@ -486,6 +520,7 @@ void emit(struct sched_st *s) {
     free(rows);
     put_measure(s, m_seq, m_phase < 0 ? 0 : m_phase, n);
     for (int l = 0; l < s->n_layers; l++) s->layers[l].have = 0;
+    s->seq_resolved = 0;
     pthread_mutex_lock(&g_lock);
     size_t off = 0;
     while (off < s->n_outbuf) {

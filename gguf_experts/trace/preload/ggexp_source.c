@@ -26,7 +26,8 @@ struct sched_st *sched_of(void *sched, int create) {
 void sched_reset_all(void) {
     pthread_mutex_lock(&g_lock);
     for (int i = 0; i < g_n_scheds; i++) {
-        g_scheds[i]->active = g_scheds[i]->keep_pending = g_scheds[i]->copy_state = 0;
+        g_scheds[i]->active = g_scheds[i]->keep_pending = g_scheds[i]->copy_state = g_scheds[i]->deferred = 0;
+        if (g_scheds[i]->prev) g_scheds[i]->prev->active = 0;
         g_scheds[i]->ctx = NULL;
     }
     pthread_mutex_unlock(&g_lock);
@@ -273,10 +274,13 @@ void issue_kept(struct sched_st *s) {
     s->copy_state = 1;
 }
 
+static void emit_prev(struct sched_st *s);
+
 /* Read every kept layer of the ubatch computed last, once the scheduler has synchronised: the copies queued by
  * issue_kept (one synchronisation per backend, normally already done), or, where they could not be queued, one
  * synchronous copy per layer (ggml_backend_tensor_get, honouring the view's strides). */
 void read_kept(struct sched_st *s) {
+    emit_prev(s); /* records in ubatch order */
     s->keep_pending = 0;
     if (!s->active) return;
     if (g_cost_probe == COST_FLAGS) { /* measurement: the flags' cost alone */
@@ -301,14 +305,81 @@ void read_kept(struct sched_st *s) {
 void flush_pending(struct sched_st *s, void *sched) {
     if (!s || !s->keep_pending) return;
     REAL(sync_t, sync, "ggml_backend_sched_synchronize");
-    if (sync) sync(sched);
+    if (sync && g_cost_probe != COST_FLAGS) sync(sched); /* the flags' cost alone reads nothing: no wait */
     read_kept(s);
+}
+
+/* ---- deferred reading (prefill): the next graph is built while the last ubatch's copies are in flight ---------
+ * llama.cpp resets the scheduler before it builds each new graph; reading there (a synchronisation, then the
+ * records) would keep the host from building, allocating and filling the next graph while the device computes the
+ * last one, which an untraced run overlaps. Where the copies were queued into our own host buffer (issue_kept), the
+ * data needs nothing from the graph but the kept tensors' shapes: keep copies of those and read later, at the
+ * next graph's compute (whose scheduler waits for the device there anyway), and write the records at the next
+ * point that needs them, before it waits (emit_prev), so that the CRC and the write() overlap the device too. */
+static void defer_pending(struct sched_st *s) {
+    size_t cap = (size_t)s->cap_kept_meta;
+    struct gt *m = grow(s->kept_meta, &cap, (size_t)(s->n_keep > 0 ? s->n_keep : 1), sizeof *m);
+    if (!m) return; /* the caller reads now */
+    s->kept_meta = m;
+    s->cap_kept_meta = (int)cap;
+    for (int i = 0; i < s->n_keep; i++) memcpy(&m[i], s->keep[i], sizeof *m);
+    s->n_kept_meta = s->n_keep;
+    s->keep_pending = 0;
+    s->deferred = 1;
+}
+
+/* Wait for the deferred ubatch's copies (queued after its graph: the device is done with it). */
+static void wait_deferred(struct sched_st *s) {
+    REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
+    if (bsync)
+        for (int j = 0; j < s->n_copy_backends; j++) bsync(s->copy_backends[j]);
+}
+
+/* The deferred ubatch's data from the host buffer into its layers, its copies done; no records yet. */
+static void take_deferred(struct sched_st *s) {
+    s->deferred = 0;
+    s->copy_state = 0;
+    if (!s->active) return;
+    for (int i = 0; i < s->n_kept_meta; i++) {
+        bool dense;
+        kept_bytes(&s->kept_meta[i], &dense);
+        int layer, what = classify(s->kept_meta[i].name, &layer);
+        if (what >= 0) take(s, &s->kept_meta[i], what, layer, s->copy_buf + s->koff[i], dense);
+    }
+}
+
+static void complete_deferred(struct sched_st *s) {
+    emit_prev(s);
+    if (!s || !s->deferred) return;
+    wait_deferred(s);
+    take_deferred(s);
+    if (s->active) emit(s);
+}
+
+/* The state of one ubatch (what prepare fills and emit reads), exchanged between s and s->prev. */
+static void swap_ubatch(struct sched_st *a, struct sched_st *b) {
+#define SW(f) do { __typeof__(a->f) t_ = a->f; a->f = b->f; b->f = t_; } while (0)
+    SW(active); SW(ctx); SW(n_tok); SW(n_out); SW(cap_tok); SW(tok); SW(pos); SW(out_ids); SW(row_seq);
+    SW(row_phase); SW(layers); SW(n_layers); SW(touched_any); SW(io0); SW(io1); SW(seq_resolved);
+#undef SW
+}
+
+/* The records of the ubatch read at the last compute (s->prev, pending while its active is set), written at the
+ * next point that needs them in order: before the next synchronisation waits (the device computes meanwhile), or
+ * before anything else reads or resets. */
+static void emit_prev(struct sched_st *s) {
+    if (!s || !s->prev || !s->prev->active) return;
+    swap_ubatch(s, s->prev);
+    PROF(4, emit(s));
+    swap_ubatch(s, s->prev);
 }
 
 EXPORT bool ggml_backend_sched_reserve(void *sched, void *graph) {
     REAL(alloc_t, real, "ggml_backend_sched_reserve");
     if (!real) return false;
     if (g_enabled && g_keepalive) { /* the allocator plans here: flags set only at alloc time are ignored */
+        emit_prev(sched_of(sched, 0));
+        complete_deferred(sched_of(sched, 0));
         flush_pending(sched_of(sched, 0), sched);
         flag_graph(NULL, graph);
     }
@@ -321,7 +392,7 @@ EXPORT bool ggml_backend_sched_alloc_graph(void *sched, void *graph) {
     if (g_enabled && g_keepalive) {
         struct sched_st *s = sched_of(sched, 1);
         flush_pending(s, sched);
-        if (s && (!g_inproc || tl_decode)) flag_graph(s, graph);
+        if (s && (!g_inproc || tl_decode)) PROF(7, flag_graph(s, graph));
     }
     return real(sched, graph);
 }
@@ -329,9 +400,11 @@ EXPORT bool ggml_backend_sched_alloc_graph(void *sched, void *graph) {
 EXPORT void ggml_backend_sched_synchronize(void *sched) {
     REAL(sync_t, real, "ggml_backend_sched_synchronize");
     if (!real) return;
+    if (g_enabled && g_keepalive) emit_prev(sched_of(sched, 0)); /* while the device still computes */
     real(sched);
     if (g_enabled && g_keepalive) {
         struct sched_st *s = sched_of(sched, 0);
+        complete_deferred(s);
         if (s && s->keep_pending) read_kept(s);
     }
 }
@@ -339,8 +412,15 @@ EXPORT void ggml_backend_sched_synchronize(void *sched) {
 EXPORT void ggml_backend_sched_reset(void *sched) {
     REAL(sync_t, real, "ggml_backend_sched_reset");
     if (!real) return;
-    if (g_enabled && g_keepalive) flush_pending(sched_of(sched, 0), sched);
+    if (g_enabled && g_keepalive) {
+        struct sched_st *s = sched_of(sched, 0);
+        emit_prev(s);
+        complete_deferred(s); /* two resets without a compute between them */
+        if (s && s->keep_pending && s->copy_state == 1) PROF(0, defer_pending(s));
+        PROF(1, flush_pending(s, sched)); /* not deferred: read now */
+    }
     real(sched);
+    PROF_MARK();
 }
 
 EXPORT void ggml_backend_sched_free(void *sched) {
@@ -348,7 +428,11 @@ EXPORT void ggml_backend_sched_free(void *sched) {
     if (!real) return;
     if (g_enabled && sched) {
         struct sched_st *s = sched_of(sched, 0);
-        if (g_keepalive) flush_pending(s, sched);
+        if (g_keepalive) {
+            emit_prev(s);
+            complete_deferred(s);
+            flush_pending(s, sched);
+        }
         if (s) s->sched = NULL; /* the address may be reused by a new scheduler */
     }
     real(sched);
@@ -359,10 +443,24 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
     if (!real) return 1;
     if (g_paging) paging_graph(graph);
     if (!g_enabled) return real(sched, graph);
+    PROF_SINCE_MARK(8);
     struct sched_st *s = sched_of(sched, g_keepalive);
     if (!s) return real(sched, graph);
-    flush_pending(s, sched);
-    prepare(s, graph);
+    emit_prev(s);
+    PROF(1, flush_pending(s, sched));
+    /* a deferred ubatch: its data now (the scheduler would wait for its graph before ours anyway), its trace
+     * sequences numbered before ours is prepared, its records written later from its own state (emit_prev) */
+    if (s->deferred) {
+        PROF(2, wait_deferred(s); take_deferred(s));
+        if (!s->prev) s->prev = calloc(1, sizeof *s->prev);
+        if (s->active && s->prev) { /* s->prev is free: emit_prev above */
+            PROF(3, resolve_seqs(s));
+            swap_ubatch(s, s->prev);
+        } else if (s->active) {
+            emit(s);
+        }
+    }
+    PROF(5, prepare(s, graph));
     if (g_keepalive) {
         /* The allocator planned this graph with our flags (kept alive, never reused in place); the flags have
          * done their work. Cleared now, the backend sees the graph as untraced: a flagged argsort or weight
@@ -376,7 +474,7 @@ EXPORT int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
         if (st != 0) s->active = 0;
         else if (g_keepalive) {
             s->keep_pending = 1;
-            issue_kept(s);
+            PROF(6, issue_kept(s));
         } else {
             emit(s);
         }
