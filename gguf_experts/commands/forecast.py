@@ -125,10 +125,14 @@ def _notes(df: pd.DataFrame) -> list[str]:
            f"read_ahead_kb {a['readahead_kb']} (read-around {a.get('ra_pages', 0) * 4} KiB: llama.cpp's "
            "POSIX_FADV_SEQUENTIAL doubles it)"]
     if a["measured"]:
-        out.append(f"compute per token from the trace's measured wall times: prefill {comp['prefill']}, decode "
-                   f"{comp['decode']} s; measured_* columns: what the traced run read at its own RAM")
+        out.append(f"compute per token from the trace's measured wall times: prefill {_secs(comp['prefill'])}, decode "
+                   f"{_secs(comp['decode'])}; measured_* columns: what the traced run read at its own RAM")
         out += [f"{ph} compute from {src}" for ph, src in a.get("compute_source", {}).items()]
     else:
         out.append("the trace carries no measurements (read_bytes, majflt, wall_ns): no measured column, and "
                    "tok/s is the disk-only ceiling (compute time not included)")
     return out
+
+
+def _secs(v: float | None) -> str:
+    return "none (no such ubatch)" if v is None else f"{v:.4g} s"
