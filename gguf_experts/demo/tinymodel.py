@@ -289,12 +289,7 @@ def random_twin(src: str | os.PathLike[str], seed: int = DEMO_SEED) -> Path:
                      merges=list(get("tokenizer.ggml.merges")), pre=str(get("tokenizer.ggml.pre")),
                      eos=int(get("tokenizer.ggml.eos_token_id")))
     h = hashlib.sha1(json.dumps([shape, vocab.tokens, vocab.merges, seed, GENERATOR_VERSION]).encode()).hexdigest()
-    d = cache_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the cache directory {d}: {e}; set GGUF_EXPERTS_CACHE to a writable "
-                         "directory") from e
+    d = _made_cache_dir()
     path = d / f"random-twin-{h[:10]}.gguf"
     if not path.exists():
         write_float_model(path, arch="qwen3moe", seed=seed, f16=True, name=f"random twin of {Path(src).name}",
@@ -302,15 +297,21 @@ def random_twin(src: str | os.PathLike[str], seed: int = DEMO_SEED) -> Path:
     return path
 
 
-def demo_model_path(arch: str = "qwen3moe") -> Path:
-    """The demo model, generated on first use into the cache dir (temp file + rename, so never half-written)."""
-    tag = hashlib.sha1(f"{arch}-{DEMO_SEED}-{GENERATOR_VERSION}".encode()).hexdigest()[:8]
+def _made_cache_dir() -> Path:
+    """The cache dir, created if missing; a user-facing error when it cannot be."""
     d = cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the cache directory {d}: {e}; set GGUF_EXPERTS_CACHE to a writable "
                          "directory") from e
+    return d
+
+
+def demo_model_path(arch: str = "qwen3moe") -> Path:
+    """The demo model, generated on first use into the cache dir (temp file + rename, so never half-written)."""
+    tag = hashlib.sha1(f"{arch}-{DEMO_SEED}-{GENERATOR_VERSION}".encode()).hexdigest()[:8]
+    d = _made_cache_dir()
     path = d / f"tiny-{arch}-demo-{tag}.gguf"
     if not path.exists():
         make_tiny_model(path, arch=arch, seed=DEMO_SEED, name=f"gguf-experts demo {arch}")

@@ -349,18 +349,22 @@ def _phase_sums(df: pd.DataFrame, phase: int) -> dict[str, float]:
     return s
 
 
+def _timed_phases(measured: pd.DataFrame | None) -> Iterator[tuple[int, pd.DataFrame, pd.Series]]:
+    """Per phase with timed ubatches: (phase, its measured rows, their read bytes clipped at 0)."""
+    if measured is None or not len(measured):
+        return
+    m = measured[(measured["wall_ns"] > 0) & (measured["n_tokens"] > 0)]
+    for ph in (0, 1):
+        d = m[m["phase"] == ph]
+        if len(d):
+            yield ph, d, d["read_bytes"].clip(lower=0)
+
+
 def compute_per_token(measured: pd.DataFrame | None, disk: DiskModel) -> dict[int, float | None]:
     """Compute seconds per token by phase, from measured wall times: ubatches that read nothing give it
     directly; otherwise wall minus the disk model's time for what was read (at least a tenth of wall)."""
     out: dict[int, float | None] = {0: None, 1: None}
-    if measured is None or not len(measured):
-        return out
-    m = measured[(measured["wall_ns"] > 0) & (measured["n_tokens"] > 0)]
-    for ph in (0, 1):
-        d = m[m["phase"] == ph]
-        if not len(d):
-            continue
-        rb = d["read_bytes"].clip(lower=0)
+    for ph, d, rb in _timed_phases(measured):
         quiet = d[rb == 0]
         if len(quiet):
             out[ph] = float(quiet["wall_ns"].sum() / 1e9 / quiet["n_tokens"].sum())
@@ -377,14 +381,7 @@ def compute_source(measured: pd.DataFrame | None, disk: DiskModel) -> dict[int, 
     model accounts for most of the wall time (a thrashing trace) it is the small difference of two large
     numbers, with the kernel's overlap of I/O and compute on top."""
     out: dict[int, str] = {}
-    if measured is None or not len(measured):
-        return out
-    m = measured[(measured["wall_ns"] > 0) & (measured["n_tokens"] > 0)]
-    for ph in (0, 1):
-        d = m[m["phase"] == ph]
-        if not len(d):
-            continue
-        rb = d["read_bytes"].clip(lower=0)
+    for ph, d, rb in _timed_phases(measured):
         if (rb == 0).any():
             out[ph] = "ubatches that read nothing"
             continue
