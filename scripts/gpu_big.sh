@@ -71,20 +71,23 @@ PYVARIANTS=${PYVARIANTS:-plain,python,python-weights}
 if has python; then
   for nc in 0 "$NCMOE"; do
     for vs in $PYVARIANTS; do
-      el "Python harness, -ngl 99, --n-cpu-moe $nc: $vs"
-      python3 scripts/bench_gpu_big.py "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" --variants "$vs" --json "$J" \
-        --label "python-harness" 2>&1 | grep -v "^llama\|^load\|^print_info" | tail -3
+      slots=; case $vs in noslots/*) vs=${vs#noslots/}; slots=0;; esac  # keep-alive's flags alone (no device slots)
+      el "Python harness, -ngl 99, --n-cpu-moe $nc: $vs${slots:+ (GGUF_EXPERTS_SLOTS=0)}"
+      GGUF_EXPERTS_SLOTS=$slots python3 scripts/bench_gpu_big.py "$M" --ngl 99 --n-cpu-moe "$nc" --rounds "$ROUNDS" \
+        --variants "$vs" --json "$J" --label "python-harness${slots:+-noslots}" 2>&1 | grep -v "^llama\|^load\|^print_info" | tail -3
     done
   done
 fi
-# C-recorder variants: MODE[:w][:COST] (w = --weights; COST = noop|flags, the measurement knobs of docs/capture.md)
+# C-recorder variants: MODE[:w][:COST][:noslots] (w = --weights; COST = noop|flags, the measurement knobs of
+# docs/capture.md; noslots = GGUF_EXPERTS_SLOTS=0, keep-alive's flags without the device slots)
 VARIANTS0=${VARIANTS0:-callback callback:w keepalive keepalive:w callback:noop keepalive:flags}  # at -ngl 99
 VARIANTSN=${VARIANTSN:-callback keepalive keepalive:w}                                          # at --n-cpu-moe
 traced() {  # traced VARIANT CMD...: CMD under `gguf-experts run` as VARIANT says
-  local v=$1; shift; local mode=${v%%:*} w="" cost=""
+  local v=$1; shift; local mode=${v%%:*} w="" cost="" slots=""
   case ":$v:" in *:w:*) w=--weights;; esac
   case ":$v:" in *:noop:*) cost=noop;; *:flags:*) cost=flags;; esac
-  GGUF_EXPERTS_MODE=$mode GGUF_EXPERTS_COST=$cost ge run $w -o "$W/t-${v//:/-}.bin" -- "$@"
+  case ":$v:" in *:noslots:*) slots=0;; esac
+  GGUF_EXPERTS_MODE=$mode GGUF_EXPERTS_COST=$cost GGUF_EXPERTS_SLOTS=$slots ge run $w -o "$W/t-${v//:/-}.bin" -- "$@"
 }
 if has run && [ "${CHARNESS:-1}" = 1 ] && ge run --help >/dev/null 2>&1; then  # CHARNESS=0: llama-bench only
   for nc in 0 "$NCMOE"; do

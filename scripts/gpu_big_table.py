@@ -39,8 +39,8 @@ def main(argv: list[str]) -> int:
         nc = rec["n_cpu_moe"]
         res = rec["results"]
         for var, r in res.items():
-            if rec["label"] == "python-harness":
-                base, name = res.get("plain"), var
+            if rec["label"].startswith("python-harness"):  # "python-harness-noslots": GGUF_EXPERTS_SLOTS=0
+                base, name = res.get("plain"), var + rec["label"][len("python-harness"):]
             elif rec["label"] == "plain-process":
                 continue
             else:

@@ -140,3 +140,45 @@ def test_gpu_layers_without_gpu_offload_is_one_line(tmp_path: Path, models: dict
             "--no-progress")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no GPU offload" in r.stderr and not (tmp_path / "t.bin").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_device_slots_merge_the_copies_and_change_no_record(tmp_path: Path, models: dict[str, Path], arch: str,
+                                                            weights: bool) -> None:
+    """The kept argsorts and weight stages placed side by side in one buffer of ours (place_slots; on a GPU by
+    default, here in host memory through GGUF_EXPERTS_SLOTS=host): the records are those of the flags alone, and a
+    ubatch's ids (and weights) come in at most two copies (the strided top-ks as one 2-D copy; the last layer's
+    output rows and the weights as one range), where the flags alone made one per layer."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{PROMPT}\n{PROMPT} and then it rained\n")
+    w = ["--weights"] if weights else []
+    traces = {}
+    for slots in ("host", "0"):
+        out = tmp_path / f"s{slots}.bin"
+        r = subprocess.run([*GGE, "capture", models[arch], "--prompts", prompts, "-n", "4", "--ignore-eos", *w,
+                            "--no-progress", "-t", "1", "-o", out], capture_output=True, text=True, timeout=300,
+                           env={**__import__("os").environ, "GGUF_EXPERTS_SLOTS": slots})
+        assert r.returncode == 0, r.stderr
+        traces[slots] = read_trace(out)
+    a, b = traces["host"], traces["0"]
+    assert len(a) > 0
+    same(a, b)
+    ca, cb = a.header.meta["keepalive_copies"], b.header.meta["keepalive_copies"]
+    assert ca["ubatches"] == cb["ubatches"] > 0
+    assert ca["copies"] <= 2 * ca["ubatches"], ca
+    assert cb["copies"] > ca["copies"], (ca, cb)  # the tiny models' layers, apart under the flags
+
+
+def test_more_schedulers_than_the_table_holds(tmp_path: Path, models: dict[str, Path]) -> None:
+    """One process that makes and frees more llama.cpp contexts than the tracer's table of schedulers holds (64):
+    a freed scheduler's entry is reused, so the last in-process capture still records (it wrote no rows before)."""
+    from gguf_experts.trace.live.capture import capture
+
+    first = capture(models["qwen3moe"], [PROMPT], tmp_path / "t.bin", n_predict=2, n_ctx=128).records
+    rows = len(read_trace(tmp_path / "t.bin"))
+    assert first > 0 and rows > 0
+    for _ in range(66):
+        res = capture(models["qwen3moe"], [PROMPT], tmp_path / "t.bin", n_predict=2, n_ctx=128)
+        assert res.records == first
+    assert len(read_trace(tmp_path / "t.bin")) == rows

@@ -119,11 +119,8 @@ def specialisation(path: Path, tr: Any, n_expert: int, out: Path, n_predict: int
     except InputError:
         return frame, {"js_model": round(mine.mean, 4)}
     tpath = out / "random-twin.bin"
-    # the baseline through the callback: a second in-process keep-alive trace in one process recorded no rows
-    # once in CI (after the whole suite); the callback path records the same rows (tested) and needs no C state
     capture(twin, [p for _, p in DEMO_PROMPTS], tpath, n_predict=n_predict, weights=False, n_ctx=512,
-            n_threads=threads, ignore_eos=True, progress=progress, meta={"demo_kinds": [k for k, _ in DEMO_PROMPTS]},
-            mode="callback")
+            n_threads=threads, ignore_eos=True, progress=progress, meta={"demo_kinds": [k for k, _ in DEMO_PROMPTS]})
     base = kind_divergence(read_trace(tpath), n, n_expert)
     frame["js_random"] = base.layers["js_divergence"].to_numpy()
     ratio = mine.mean / base.mean if base.mean > 0 else float("inf")

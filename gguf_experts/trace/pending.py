@@ -48,6 +48,19 @@ def read_dropped(path: Path) -> int:
     return sum(counts)
 
 
+def read_copies(path: Path) -> dict[str, int] | None:
+    """Keep-alive's device-to-host copies, from the sidecar's ``copies\tUBATCHES\tCOPIES`` line written at the
+    end (None when there is none: the callback, or a program killed before its exit)."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return None
+    for parts in (line.split("\t") for line in text.splitlines()):
+        if len(parts) == 3 and parts[0] == "copies" and parts[1].isdigit() and parts[2].isdigit():
+            return {"ubatches": int(parts[1]), "copies": int(parts[2])}
+    return None
+
+
 def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> TraceHeader:
     """A header written by the C tracer with the digests still pending: filled from the model file it names
     (and its sequence map from the sidecar), in memory. Unchanged when the model is gone (join then refuses)."""
@@ -67,5 +80,9 @@ def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> Trace
         seqs = read_sequences(Path(trace).with_name(str(meta.get("sequences_file", ""))))
         meta["sequences"] = [[r[c] for c in SEQ_COLUMNS] for r in seqs]
         meta["sequence_columns"] = list(SEQ_COLUMNS)
-        meta["dropped_rows"] = read_dropped(Path(trace).with_name(str(meta.get("sequences_file", ""))))
+        sidecar = Path(trace).with_name(str(meta.get("sequences_file", "")))
+        meta["dropped_rows"] = read_dropped(sidecar)
+        copies = read_copies(sidecar)
+        if copies:
+            meta["keepalive_copies"] = copies
     return TraceHeader(version=header.version, fingerprint=fp, meta=meta, size=header.size)

@@ -10,7 +10,6 @@ One in-process trace at a time (the C state is per process). Library code: no pr
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import threading
 from pathlib import Path
@@ -79,9 +78,6 @@ class NativeTrace:
                                  "or use --mode callback")
             _busy = True
         try:
-            # a context of an earlier capture that only the garbage collector frees must not be freed mid-trace:
-            # its scheduler's free would flush into this trace's state (seen in CI: a second capture with no rows)
-            gc.collect()
             self.lib = _library()
             self.path.unlink(missing_ok=True)  # an old trace must not pass for this one's
             from ..pending import sequences_path

@@ -194,6 +194,11 @@ struct sched_st {
     int deferred, n_kept_meta, cap_kept_meta, seq_resolved;
     struct gt *kept_meta;
     struct sched_st *prev;
+    /* keepalive on a device (ggexp_source.c, place_slots): the kept argsorts and weight stages computed into one
+     * device buffer of ours, side by side, so that a ubatch's copies to the host are one or two, not one per layer */
+    void *slot_buf, *slot_be; /* ggml_backend_buffer_t, the backend that computes into it */
+    uint8_t *slot_base;
+    size_t slot_cap;
 };
 struct llama_embd { const float *data; size_t n_rows, n_embd; };
 
@@ -212,6 +217,10 @@ extern long g_unmatched, g_warmup;
 /* records written (in-process capture reports the count) and the in-process caller's phase for the next decode
  * (-1: inferred, as under `run`); see ggexp_inproc.c */
 extern long g_records;
+/* keep-alive's device-to-host copies (issue_kept) and the ubatches they read: the sidecar's "copies" line, the
+ * trace's meta.keepalive_copies (how well the kept tensors were merged: 1-2 per ubatch in device slots) */
+extern long g_copy_calls, g_copy_ubatches;
+void write_copy_counts(int fd);
 extern int g_hint_phase;
 /* in-process (ggexp_inproc.c): only contexts decoded through our llama_decode wrapper are traced, so an untraced
  * context of the same process (a benchmark's plain peer) runs unflagged and unread */

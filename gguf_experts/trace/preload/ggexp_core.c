@@ -65,6 +65,16 @@ pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 int g_fd = -1, g_seq_fd = -1, g_header_done, g_failed;
 int32_t g_next_seq;
 long g_unmatched, g_warmup, g_dropped, g_records;
+long g_copy_calls, g_copy_ubatches;
+
+void write_copy_counts(int fd) {
+    long u = __atomic_load_n(&g_copy_ubatches, __ATOMIC_RELAXED), c = __atomic_load_n(&g_copy_calls, __ATOMIC_RELAXED);
+    if (fd < 0 || !u) return;
+    char line[96];
+    int ln = snprintf(line, sizeof line, "copies\t%ld\t%ld\n", u, c);
+    ssize_t wr = write(fd, line, (size_t)ln);
+    (void)wr;
+}
 int g_hint_phase = -1, g_inproc;
 int g_test_nomem;
 
@@ -290,6 +300,7 @@ __attribute__((destructor)) static void ggexp_fini(void) {
             (void)wr;
         }
     }
+    write_copy_counts(g_seq_fd);
     if (g_fd >= 0) {
         fsync(g_fd);
         close(g_fd);

@@ -154,7 +154,7 @@ EXPORT int ggexp_inproc_begin(const char *path, int weights, int keepalive, cons
     g_fd = g_seq_fd = -1;
     g_header_done = g_failed = 0;
     g_next_seq = 0;
-    g_unmatched = g_warmup = g_dropped = 0;
+    g_unmatched = g_warmup = g_dropped = g_copy_calls = g_copy_ubatches = 0;
     g_n_models = 0;
     g_main = -1;
     memset(&g_noctx, 0, sizeof g_noctx);
@@ -206,6 +206,7 @@ EXPORT long ggexp_inproc_end(void) {
         int ln = snprintf(line, sizeof line, "dropped\t%ld\n", dropped);
         ssize_t wr = write(g_seq_fd, line, (size_t)ln);
         (void)wr;
+        write_copy_counts(g_seq_fd);
         close(g_seq_fd);
         g_seq_fd = -1;
     }

@@ -1,25 +1,77 @@
 /* The sources of the data: the eval callback, and the keep-alive flags read once per ubatch. */
 #include "ggexp.h"
 
+/* ggml-backend entry points, found at run time (REAL) */
+typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
+typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
+typedef void (*tensor_get_2d_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size,
+                                      size_t n_copies, size_t stride_tensor, size_t stride_data);
+typedef void (*backend_sync_t)(void *backend);
+
+typedef void *(*get_device_t)(void *backend);
+typedef void *(*host_buft_t)(void *dev);
+typedef void *(*buft_alloc_t)(void *buft, size_t size);
+typedef void *(*buffer_base_t)(void *buffer);
+typedef void (*buffer_free_t)(void *buffer);
+
 /* ---- per-scheduler state: one ubatch's data ------------------------------------------------------------- */
 #define MAX_SCHED 64
 static struct sched_st *g_scheds[MAX_SCHED];
 static int g_n_scheds;
 
 struct sched_st *sched_of(void *sched, int create) {
-    struct sched_st *s = NULL;
+    struct sched_st *s = NULL, *free_ent = NULL;
+    static int warned;
     pthread_mutex_lock(&g_lock);
-    for (int i = 0; i < g_n_scheds; i++)
+    for (int i = 0; i < g_n_scheds; i++) {
         if (g_scheds[i]->sched == sched) s = g_scheds[i];
-    if (!s && create && g_n_scheds < MAX_SCHED) {
-        s = calloc(1, sizeof *s);
-        if (s) {
+        else if (!free_ent && !g_scheds[i]->sched) free_ent = g_scheds[i];
+    }
+    if (!s && create && sched) {
+        if (free_ent) { /* a freed scheduler's entry (sched_release): a process that makes and frees many contexts */
+            s = free_ent;
             s->sched = sched;
-            g_scheds[g_n_scheds++] = s;
+        } else if (g_n_scheds < MAX_SCHED) {
+            s = calloc(1, sizeof *s);
+            if (s) {
+                s->sched = sched;
+                g_scheds[g_n_scheds++] = s;
+            }
+        } else if (!warned) {
+            warned = 1;
+            say("gguf-experts: more than 64 llama.cpp schedulers alive at once; the newer ones are not traced\n",
+                NULL, NULL);
         }
     }
     pthread_mutex_unlock(&g_lock);
     return s;
+}
+
+static void slots_free(struct sched_st *s, bool wait);
+static void place_slots(struct sched_st *s);
+
+/* The scheduler was freed: its entry becomes free for the next one (its grown scratch arrays are kept), its
+ * device memory (pinned host buffer, top-k slots) is given back. */
+static void sched_release(struct sched_st *s) {
+    REAL(buffer_free_t, bfree, "ggml_backend_buffer_free");
+    slots_free(s, false);
+    if (s->pinned && bfree) bfree(s->pinned);
+    s->pinned = NULL;
+    s->pinned_base = NULL;
+    s->cap_pinned = 0;
+    s->active = s->keep_pending = s->copy_state = s->deferred = 0;
+    s->n_keep = s->n_flagged = s->n_kept_meta = 0;
+    if (s->prev) s->prev->active = 0;
+    s->ctx = NULL;
+    s->gf = NULL;
+    s->gf_nodes = 0;
+    s->gf_first = NULL;
+    s->prog_cb = NULL;
+    s->prog_ud = NULL;
+    s->my_need = s->their_need = false;
+    pthread_mutex_lock(&g_lock);
+    s->sched = NULL;
+    pthread_mutex_unlock(&g_lock);
 }
 
 /* A new in-process trace (ggexp_inproc.c): schedulers still alive start from a clean state (no pending ubatch). */
@@ -109,20 +161,137 @@ static void flag_graph(struct sched_st *s, void *gf) {
             }
         }
     }
+    if (s) place_slots(s);
 }
 
-/* Read every kept layer of the ubatch computed last, once the scheduler has synchronised. */
-typedef void *(*tensor_backend_t)(void *sched, const struct gt *t);
-typedef void (*tensor_get_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size);
-typedef void (*tensor_get_2d_async_t)(void *backend, const struct gt *t, void *data, size_t offset, size_t size,
-                                      size_t n_copies, size_t stride_tensor, size_t stride_data);
-typedef void (*backend_sync_t)(void *backend);
+/* ---- device slots: every kept argsort and weight stage of a graph computed into one buffer of ours ----------
+ * Flagged as outputs, the kept tensors lie wherever the allocator put them, apart: decode then copies one small
+ * range per layer (~2 us of the device's stream each, 4% of a 4 ms token at Q4_K). Placed by us, side by side in
+ * one device buffer before the scheduler allocates the graph (ggml-alloc leaves allocated tensors alone; the
+ * scheduler runs a pre-allocated node on its buffer's backend), a ubatch's ids are one range (decode) or one 2-D
+ * copy (prefill). Only where the router runs on a device that can compute them (the buffer of its weight is not
+ * host memory); elsewhere the flags stay. GGUF_EXPERTS_SLOTS=0 turns it off (measurements); =host places them in
+ * host memory too (the CPU tests of this path). */
+typedef void *(*buffer_type_t)(void *buffer);
+typedef bool (*buft_is_host_t)(void *buft);
+typedef int (*sched_n_backends_t)(void *sched);
+typedef void *(*sched_backend_t)(void *sched, int i);
+typedef bool (*supports_buft_t)(void *backend, void *buft);
+typedef bool (*supports_op_t)(void *backend, const struct gt *op);
+typedef void *(*default_buft_t)(void *backend);
+typedef size_t (*buft_size_t)(void *buft);
+typedef size_t (*buft_alloc_size_t)(void *buft, const struct gt *t);
+typedef int (*tensor_alloc_t)(void *buffer, struct gt *t, void *addr);
 
-typedef void *(*get_device_t)(void *backend);
-typedef void *(*host_buft_t)(void *dev);
-typedef void *(*buft_alloc_t)(void *buft, size_t size);
-typedef void *(*buffer_base_t)(void *buffer);
-typedef void (*buffer_free_t)(void *buffer);
+static int slots_mode(void) {
+    static int mode = -1;
+    if (mode < 0) {
+        const char *e = getenv("GGUF_EXPERTS_SLOTS");
+        mode = e && strcmp(e, "0") == 0 ? 0 : e && strcmp(e, "host") == 0 ? 2 : 1;
+    }
+    return mode;
+}
+
+/* The buffer of the model weight nearest above t (the router's ffn_gate_inp, a few ops up): it decides where the
+ * scheduler runs the router, and so the argsort. */
+static void *router_buffer(const struct gt *t) {
+    const struct gt *q[64];
+    int n = 0, depth[64];
+    q[n] = t;
+    depth[n++] = 0;
+    for (int i = 0; i < n; i++) {
+        const struct gt *u = q[i];
+        if (u->buffer && u->op == 0 && memcmp(u->name, "blk.", 4) == 0) return u->buffer; /* GGML_OP_NONE: a leaf */
+        if (depth[i] >= 6) continue;
+        for (int j = 0; j < 10 && n < 64; j++)
+            if (u->src[j]) {
+                q[n] = u->src[j];
+                depth[n++] = depth[i] + 1;
+            }
+    }
+    return NULL;
+}
+
+/* ``wait``: the backend is alive and may still compute into the slots or copy from them (a bigger graph); not at
+ * the scheduler's free, when llama.cpp may have freed the backend already (the buffer's free needs none). */
+static void slots_free(struct sched_st *s, bool wait) {
+    REAL(buffer_free_t, bfree, "ggml_backend_buffer_free");
+    REAL(backend_sync_t, bsync, "ggml_backend_synchronize");
+    if (!s->slot_buf || !bfree) return;
+    if (wait && bsync && s->slot_be) bsync(s->slot_be);
+    bfree(s->slot_buf);
+    s->slot_buf = s->slot_be = NULL;
+    s->slot_base = NULL;
+    s->slot_cap = 0;
+}
+
+static void place_slots(struct sched_st *s) {
+    int mode = slots_mode();
+    if (!mode || !s->n_keep || !s->sched) return;
+    REAL(buffer_type_t, buf_type, "ggml_backend_buffer_get_type");
+    REAL(buft_is_host_t, is_host, "ggml_backend_buft_is_host");
+    REAL(sched_n_backends_t, n_backends, "ggml_backend_sched_get_n_backends");
+    REAL(sched_backend_t, sched_backend, "ggml_backend_sched_get_backend");
+    REAL(supports_buft_t, supports_buft, "ggml_backend_supports_buft");
+    REAL(supports_op_t, supports_op, "ggml_backend_supports_op");
+    REAL(default_buft_t, default_buft, "ggml_backend_get_default_buffer_type");
+    REAL(buft_size_t, buft_align, "ggml_backend_buft_get_alignment");
+    REAL(buft_alloc_size_t, alloc_size, "ggml_backend_buft_get_alloc_size");
+    REAL(buft_alloc_t, alloc, "ggml_backend_buft_alloc_buffer");
+    REAL(buffer_base_t, base, "ggml_backend_buffer_get_base");
+    REAL(tensor_alloc_t, tensor_alloc, "ggml_backend_tensor_alloc");
+    if (!buf_type || !is_host || !n_backends || !sched_backend || !supports_buft || !supports_op || !default_buft
+        || !buft_align || !alloc_size || !alloc || !base || !tensor_alloc)
+        return;
+    /* the backend: that of the first kept tensor's router weight; kept tensors routed elsewhere keep their flags */
+    void *be = NULL, *buft = NULL;
+    for (int i = 0; i < s->n_keep && !be; i++) {
+        void *wb = router_buffer(s->keep[i]);
+        if (!wb) continue;
+        void *wbt = buf_type(wb);
+        if (is_host(wbt) && mode != 2) return;
+        int nb = n_backends(s->sched);
+        for (int j = 0; j < nb && !be; j++) {
+            void *b = sched_backend(s->sched, j);
+            if (b && supports_buft(b, wbt)) be = b;
+        }
+    }
+    if (!be || !(buft = default_buft(be))) return;
+    if (is_host(buft) && mode != 2) return;
+    size_t align = buft_align(buft), total = 0;
+    if (!align) align = 64;
+    /* the layout: top-ks first, then the weight stages, each in graph (layer) order */
+    struct gt *roots[2 * 4096];
+    size_t offs[2 * 4096];
+    int n = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < s->n_keep && n < 2 * 4096; i++) {
+            int layer, what = classify(s->keep[i]->name, &layer);
+            if ((what == 0) != (pass == 0)) continue;
+            struct gt *r = s->keep[i]->view_src ? s->keep[i]->view_src : s->keep[i];
+            if (r->data || r->buffer || r->view_src || !supports_op(be, r)) continue;
+            bool placed = false; /* two kept names over one tensor (a reshape of a weight stage) */
+            for (int j = 0; j < n && !placed; j++) placed = roots[j] == r;
+            if (placed) continue;
+            void *wb = router_buffer(r);
+            if (!wb || !supports_buft(be, buf_type(wb))) continue; /* routed on another backend */
+            total = (total + align - 1) / align * align;
+            roots[n] = r;
+            offs[n++] = total;
+            total += alloc_size(buft, r);
+        }
+    if (!n) return;
+    if (!s->slot_buf || s->slot_be != be || s->slot_cap < total) {
+        slots_free(s, true);
+        size_t cap = total + total / 4;
+        s->slot_buf = alloc(buft, cap);
+        if (!s->slot_buf) return;
+        s->slot_base = base(s->slot_buf);
+        s->slot_be = be;
+        s->slot_cap = cap;
+    }
+    for (int i = 0; i < n; i++) tensor_alloc(s->slot_buf, roots[i], s->slot_base + offs[i]);
+}
 
 /* A host buffer of at least `need` bytes from the device's host buffer type (pinned memory on CUDA): an async
  * copy into pageable memory is a synchronous round trip each. NULL where the device has none (the CPU). */
@@ -166,12 +335,54 @@ static int kspan_cmp(const void *a, const void *b) {
     return x->start < y->start ? -1 : x->start > y->start;
 }
 
+/* A 1-D tensor of 4-byte elements that describes `len` bytes at `start` of a kept tensor's buffer: the source of
+ * one copy that covers several kept tensors. */
+static void describe_range(struct gt *r, const struct gt *like, void *buf, uintptr_t start, size_t len) {
+    memcpy(r, like, sizeof *r);
+    r->type = GGML_TYPE_I32;
+    r->ne[0] = (int64_t)((len + 3) / 4);
+    r->ne[1] = r->ne[2] = r->ne[3] = 1;
+    r->nb[0] = 4;
+    r->nb[1] = r->nb[2] = r->nb[3] = (size_t)r->ne[0] * 4;
+    r->buffer = buf;
+    r->view_src = NULL;
+    r->view_offs = 0;
+    r->data = (void *)start;
+}
+
+/* Where the dense run [a, b) of sorted strided top-k views ends (b): views of one backend and buffer with the same
+ * k and row stride, each starting a whole number of rows after the last one's end (within COALESCE_GAP): then
+ * one 2-D copy reads them all, the rows in between (slot padding) included. */
+static int dense_run(const struct sched_st *s, const struct kspan *sp, int n, int a) {
+    const struct gt *t0 = s->keep[sp[a].i];
+    uintptr_t end = sp[a].start + (size_t)t0->ne[1] * t0->nb[1];
+    int b = a + 1;
+    for (; b < n; b++) {
+        const struct gt *t = s->keep[sp[b].i];
+        if (sp[b].be != sp[a].be || sp[b].buf != sp[a].buf || t->ne[0] != t0->ne[0] || t->nb[1] != t0->nb[1]
+            || sp[b].start < end || sp[b].start - end > COALESCE_GAP || (sp[b].start - end) % t0->nb[1])
+            break;
+        end = sp[b].start + (size_t)t->ne[1] * t->nb[1];
+    }
+    return b;
+}
+
+/* Where the run [a, b) of sorted contiguous kept tensors ends: gaps within COALESCE_GAP are copied along. */
+static int range_run(const struct kspan *sp, int n, int a, uintptr_t *end) {
+    *end = sp[a].start + sp[a].n;
+    int b = a + 1;
+    for (; b < n && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= *end + COALESCE_GAP; b++)
+        if (sp[b].start + sp[b].n > *end) *end = sp[b].start + sp[b].n;
+    return b;
+}
+
 /* Queue the copies of every kept layer of the ubatch just computed, right after the scheduler queued the graph,
- * into one pinned host buffer: a strided top-k view (prefill) as one 2-D copy of its k ids per row; contiguous ones
- * (decode's top-k, the weights) sorted by address and copied as few ranges as their layout allows. They run on the
- * device's stream after the graph, so the scheduler's next synchronisation finds them done: no extra round trip.
- * Backends without async copies (the CPU) copy at once, which is right: a CPU split is done when compute_async
- * returns. s->koff[i]: where kept tensor i lands in the host buffer. */
+ * into one pinned host buffer: strided top-k views (prefill) as 2-D copies of their k ids per row, contiguous ones
+ * (decode's top-k, the weights) as ranges, both sorted by address and merged where the layout allows (in device
+ * slots, place_slots: one copy for all layers). They run on the device's stream after the graph, so the
+ * scheduler's next synchronisation finds them done: no extra round trip. Backends without async copies (the CPU)
+ * copy at once, which is right: a CPU split is done when compute_async returns. s->koff[i]: where kept tensor i
+ * lands in the host buffer (for a strided view, its k ids per row, packed). */
 void issue_kept(struct sched_st *s) {
     s->copy_state = 0;
     if (!s->active || g_cost_probe == COST_FLAGS || s->n_keep == 0) return;
@@ -186,42 +397,46 @@ void issue_kept(struct sched_st *s) {
     s->koff = koff;
     s->cap_koff = (int)cap;
     cap = (size_t)s->cap_spans;
-    struct kspan *sp = grow(s->spans, &cap, (size_t)s->n_keep, sizeof *sp);
+    struct kspan *sp = grow(s->spans, &cap, 2 * (size_t)s->n_keep, sizeof *sp);
     if (!sp) return;
     s->spans = sp;
     s->cap_spans = (int)cap;
-    /* the layout: dense copies first, then the contiguous tensors as merged ranges */
-    size_t total = 0;
-    int n_sp = 0;
+    struct kspan *dsp = sp + s->n_keep; /* the strided views */
+    int n_sp = 0, n_dsp = 0;
     for (int i = 0; i < s->n_keep; i++) {
         const struct gt *t = s->keep[i];
         bool dense;
         size_t n = kept_bytes(t, &dense);
-        void *be = n ? backend_of(s->sched, t) : NULL;
-        if (n && !be) return; /* not the scheduler's: read synchronously at the flush */
+        koff[i] = 0;
+        if (!n) continue;
+        void *be = backend_of(s->sched, t);
+        if (!be) return; /* not the scheduler's: read synchronously at the flush */
         if (dense && !get_2d_async) return; /* an older ggml: synchronous strided reads at the flush */
-        if (dense || !n) {
-            koff[i] = total;
-            total += ALIGN16(n);
-        } else {
-            sp[n_sp++] = (struct kspan){(uintptr_t)t->data, n, be, t->view_src ? t->view_src->buffer : t->buffer, i};
-        }
+        struct kspan k = {(uintptr_t)t->data, n, be, t->view_src ? t->view_src->buffer : t->buffer, i};
+        if (dense) dsp[n_dsp++] = k;
+        else sp[n_sp++] = k;
     }
+    qsort(dsp, (size_t)n_dsp, sizeof *dsp, kspan_cmp);
     qsort(sp, (size_t)n_sp, sizeof *sp, kspan_cmp);
-    size_t range_total = 0;
-    for (int a = 0, b; a < n_sp; a = b) { /* ranges [a, b): one backend and buffer, gaps within COALESCE_GAP */
-        uintptr_t end = sp[a].start + sp[a].n;
-        for (b = a + 1; b < n_sp && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= end + COALESCE_GAP; b++)
-            if (sp[b].start + sp[b].n > end) end = sp[b].start + sp[b].n;
-        for (int j = a; j < b; j++) koff[sp[j].i] = total + range_total + (sp[j].start - sp[a].start);
-        range_total += ALIGN16(end - sp[a].start);
+    /* the layout: the dense runs' packed rows first, then the ranges */
+    size_t total = 0;
+    for (int a = 0, b; a < n_dsp; a = b) {
+        b = dense_run(s, dsp, n_dsp, a);
+        const struct gt *t0 = s->keep[dsp[a].i], *tl = s->keep[dsp[b - 1].i];
+        size_t row = 4 * (size_t)t0->ne[0];
+        for (int j = a; j < b; j++) koff[dsp[j].i] = total + (dsp[j].start - dsp[a].start) / t0->nb[1] * row;
+        total += ALIGN16(((dsp[b - 1].start - dsp[a].start) / t0->nb[1] + (size_t)tl->ne[1]) * row);
     }
-    size_t dense_total = total;
-    total += range_total;
+    for (int a = 0, b; a < n_sp; a = b) {
+        uintptr_t end;
+        b = range_run(sp, n_sp, a, &end);
+        for (int j = a; j < b; j++) koff[sp[j].i] = total + (sp[j].start - sp[a].start);
+        total += ALIGN16(end - sp[a].start);
+    }
     if (!total) return;
     uint8_t *buf = NULL;
-    void *be0 = backend_of(s->sched, s->keep[0]);
-    if (be0) buf = pinned_buffer(s, be0, total); /* pinned memory where the kept tensors' device offers it */
+    void *be0 = n_dsp ? dsp[0].be : sp[0].be;
+    buf = pinned_buffer(s, be0, total); /* pinned memory where the kept tensors' device offers it */
     if (!buf) {
         size_t c2 = s->cap_kbuf;
         buf = grow(s->kbuf, &c2, total, 1);
@@ -232,46 +447,43 @@ void issue_kept(struct sched_st *s) {
     s->n_copy_backends = 0;
 #define NOTE_BACKEND(be) do { \
         int seen_ = 0; \
+        __atomic_add_fetch(&g_copy_calls, 1L, __ATOMIC_RELAXED); \
         for (int j_ = 0; j_ < s->n_copy_backends; j_++) seen_ |= s->copy_backends[j_] == (be); \
         if (!seen_ && s->n_copy_backends < 16) s->copy_backends[s->n_copy_backends++] = (be); \
     } while (0)
-    for (int i = 0; i < s->n_keep; i++) {
-        const struct gt *t = s->keep[i];
-        bool dense;
-        size_t n = kept_bytes(t, &dense);
-        if (!dense || !n) continue;
-        void *be = backend_of(s->sched, t);
-        get_2d_async(be, t, buf + koff[i], 0, 4 * (size_t)t->ne[0], (size_t)t->ne[1], t->nb[1], 4 * (size_t)t->ne[0]);
-        NOTE_BACKEND(be);
-    }
-    size_t off = dense_total;
-    for (int a = 0, b; a < n_sp; a = b) {
-        uintptr_t end = sp[a].start + sp[a].n;
-        for (b = a + 1; b < n_sp && sp[b].be == sp[a].be && sp[b].buf == sp[a].buf && sp[b].start <= end + COALESCE_GAP; b++)
-            if (sp[b].start + sp[b].n > end) end = sp[b].start + sp[b].n;
-        size_t len = end - sp[a].start;
+    for (int a = 0, b; a < n_dsp; a = b) {
+        b = dense_run(s, dsp, n_dsp, a);
+        const struct gt *t0 = s->keep[dsp[a].i], *tl = s->keep[dsp[b - 1].i];
+        size_t row = 4 * (size_t)t0->ne[0];
+        size_t rows = (dsp[b - 1].start - dsp[a].start) / t0->nb[1] + (size_t)tl->ne[1];
+        uint8_t *dst = buf + koff[dsp[a].i];
         if (b == a + 1) {
-            get_async(sp[a].be, s->keep[sp[a].i], buf + off, 0, len);
-        } else { /* a tensor that describes the range: the first one's buffer, 1-D, 4-byte elements */
+            get_2d_async(dsp[a].be, t0, dst, 0, row, rows, t0->nb[1], row);
+        } else {
             struct gt r;
-            memcpy(&r, s->keep[sp[a].i], sizeof r);
-            r.type = GGML_TYPE_I32;
-            r.ne[0] = (int64_t)(len / 4);
-            r.ne[1] = r.ne[2] = r.ne[3] = 1;
-            r.nb[0] = 4;
-            r.nb[1] = r.nb[2] = r.nb[3] = len;
-            r.buffer = sp[a].buf;
-            r.view_src = NULL;
-            r.view_offs = 0;
-            r.data = (void *)sp[a].start;
-            get_async(sp[a].be, &r, buf + off, 0, len);
+            describe_range(&r, t0, dsp[a].buf, dsp[a].start, (rows - 1) * t0->nb[1] + row);
+            get_2d_async(dsp[a].be, &r, dst, 0, row, rows, t0->nb[1], row);
+        }
+        NOTE_BACKEND(dsp[a].be);
+    }
+    for (int a = 0, b; a < n_sp; a = b) {
+        uintptr_t end;
+        b = range_run(sp, n_sp, a, &end);
+        size_t len = end - sp[a].start;
+        uint8_t *dst = buf + koff[sp[a].i];
+        if (b == a + 1) {
+            get_async(sp[a].be, s->keep[sp[a].i], dst, 0, len);
+        } else {
+            struct gt r;
+            describe_range(&r, s->keep[sp[a].i], sp[a].buf, sp[a].start, len);
+            get_async(sp[a].be, &r, dst, 0, len);
         }
         NOTE_BACKEND(sp[a].be);
-        off += ALIGN16(len);
     }
 #undef NOTE_BACKEND
     s->copy_buf = buf;
     s->copy_state = 1;
+    __atomic_add_fetch(&g_copy_ubatches, 1L, __ATOMIC_RELAXED);
 }
 
 static void emit_prev(struct sched_st *s);
@@ -433,7 +645,7 @@ EXPORT void ggml_backend_sched_free(void *sched) {
             complete_deferred(s);
             flush_pending(s, sched);
         }
-        if (s) s->sched = NULL; /* the address may be reused by a new scheduler */
+        if (s) sched_release(s); /* the address may be reused by a new scheduler; the entry by any */
     }
     real(sched);
 }
