@@ -1,7 +1,7 @@
 """gguf-experts: byte-exact expert maps, live routing traces and cache analysis for MoE GGUF models."""
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["Recorder", "capture", "__version__"]
 
