@@ -188,6 +188,8 @@ static int slots_mode(void) {
     if (mode < 0) {
         const char *e = getenv("GGUF_EXPERTS_SLOTS");
         mode = e && strcmp(e, "0") == 0 ? 0 : e && strcmp(e, "host") == 0 ? 2 : 1;
+        if (e && *e && mode == 1 && strcmp(e, "1") != 0)
+            say("gguf-experts: GGUF_EXPERTS_SLOTS=%s is not 0, 1 or host; using 1 (slots on a device)\n", e, NULL);
     }
     return mode;
 }
