@@ -423,6 +423,20 @@ static void put_measure(struct sched_st *s, int32_t seq, int phase, int n_tokens
     s->n_outbuf += GGEXP_MEAS_LEN;
 }
 
+/* A llama sequence's first rows in the trace: its trace sequence number, and its line in the sequence map. */
+static void number_seq(const struct ctx_st *c, struct seq_st *q, int32_t sid) {
+    pthread_mutex_lock(&g_lock);
+    q->trace_seq = g_next_seq++;
+    if (g_seq_fd >= 0) {
+        char line[128];
+        int ln = snprintf(line, sizeof line, "%d\t%d\t%d\t%d\t%d\n", q->trace_seq, c->index, (int)sid,
+                          q->requests - 1, q->first_pos);
+        ssize_t wr = write(g_seq_fd, line, (size_t)ln);
+        (void)wr;
+    }
+    pthread_mutex_unlock(&g_lock);
+}
+
 /* Number the ubatch's new trace sequences now, as emit would (the header first: it opens the sequence map), and
  * store them in row_seq: a deferred ubatch's records are written after the next ubatch is prepared, which may start
  * a new request on the same llama sequence (ggexp_source.c, defer_pending). */
@@ -438,18 +452,7 @@ void resolve_seqs(struct sched_st *s) {
         uint8_t ph = s->row_phase[a];
         for (b = a + 1; b < s->n_tok && s->row_seq[b] == sid && s->row_phase[b] == ph; b++) {}
         struct seq_st *q = seq_of(c, sid);
-        if (q && q->trace_seq < 0) {
-            pthread_mutex_lock(&g_lock);
-            q->trace_seq = g_next_seq++;
-            if (g_seq_fd >= 0) {
-                char line[128];
-                int ln = snprintf(line, sizeof line, "%d\t%d\t%d\t%d\t%d\n", q->trace_seq, c->index, (int)sid,
-                                  q->requests - 1, q->first_pos);
-                ssize_t wr = write(g_seq_fd, line, (size_t)ln);
-                (void)wr;
-            }
-            pthread_mutex_unlock(&g_lock);
-        }
+        if (q && q->trace_seq < 0) number_seq(c, q, sid);
         int32_t tseq = q ? q->trace_seq : 0;
         for (int r = a; r < b; r++) s->row_seq[r] = tseq;
     }
@@ -483,18 +486,7 @@ void emit(struct sched_st *s) {
         int b = a + 1;
         while (b < n && s->row_seq[b] == sid && s->row_phase[b] == ph) b++;
         struct seq_st *q = s->seq_resolved ? NULL : seq_of(c, sid);
-        if (q && q->trace_seq < 0) {
-            pthread_mutex_lock(&g_lock);
-            q->trace_seq = g_next_seq++;
-            if (g_seq_fd >= 0) {
-                char line[128];
-                int ln = snprintf(line, sizeof line, "%d\t%d\t%d\t%d\t%d\n", q->trace_seq, c->index, (int)sid,
-                                  q->requests - 1, q->first_pos);
-                ssize_t wr = write(g_seq_fd, line, (size_t)ln);
-                (void)wr;
-            }
-            pthread_mutex_unlock(&g_lock);
-        }
+        if (q && q->trace_seq < 0) number_seq(c, q, sid);
         int32_t tseq = s->seq_resolved ? sid : q ? q->trace_seq : 0;
         if (m_phase < 0) m_seq = tseq, m_phase = ph; /* the measurement's: -1 for several sequences, 2 mixed */
         else {
