@@ -220,7 +220,8 @@ extern long g_records;
 /* keep-alive's device-to-host copies (issue_kept) and the ubatches they read: the sidecar's "copies" line, the
  * trace's meta.keepalive_copies (how well the kept tensors were merged: 1-2 per ubatch in device slots) */
 extern long g_copy_calls, g_copy_ubatches;
-void write_copy_counts(int fd);
+/* The sidecar's closing lines: "dropped N" (when rows were dropped, or always) and "copies U C" (keep-alive). */
+void write_end_counts(int fd, bool dropped_always);
 extern int g_hint_phase;
 /* in-process (ggexp_inproc.c): only contexts decoded through our llama_decode wrapper are traced, so an untraced
  * context of the same process (a benchmark's plain peer) runs unflagged and unread */

@@ -67,12 +67,15 @@ int32_t g_next_seq;
 long g_unmatched, g_warmup, g_dropped, g_records;
 long g_copy_calls, g_copy_ubatches;
 
-void write_copy_counts(int fd) {
+void write_end_counts(int fd, bool dropped_always) {
+    if (fd < 0) return;
+    long d = __atomic_load_n(&g_dropped, __ATOMIC_RELAXED);
     long u = __atomic_load_n(&g_copy_ubatches, __ATOMIC_RELAXED), c = __atomic_load_n(&g_copy_calls, __ATOMIC_RELAXED);
-    if (fd < 0 || !u) return;
-    char line[96];
-    int ln = snprintf(line, sizeof line, "copies\t%ld\t%ld\n", u, c);
-    ssize_t wr = write(fd, line, (size_t)ln);
+    char line[160];
+    int ln = 0;
+    if (d || dropped_always) ln += snprintf(line, sizeof line, "dropped\t%ld\n", d);
+    if (u) ln += snprintf(line + ln, sizeof line - (size_t)ln, "copies\t%ld\t%ld\n", u, c);
+    ssize_t wr = ln ? write(fd, line, (size_t)ln) : 0;
     (void)wr;
 }
 int g_hint_phase = -1, g_inproc;
@@ -293,14 +296,8 @@ __attribute__((destructor)) static void ggexp_fini(void) {
         snprintf(n, sizeof n, "%ld", dropped);
         say("gguf-experts: out of memory: %s rows (token x layer) were not recorded%s\n", n,
             " (the trace's meta.dropped_rows says so too)");
-        if (g_seq_fd >= 0) {
-            char line[64];
-            int ln = snprintf(line, sizeof line, "dropped\t%ld\n", dropped);
-            ssize_t wr = write(g_seq_fd, line, (size_t)ln);
-            (void)wr;
-        }
     }
-    write_copy_counts(g_seq_fd);
+    write_end_counts(g_seq_fd, false);
     if (g_fd >= 0) {
         fsync(g_fd);
         close(g_fd);

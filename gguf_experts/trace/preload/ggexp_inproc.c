@@ -202,11 +202,7 @@ EXPORT long ggexp_inproc_end(void) {
     pthread_mutex_lock(&g_lock);
     long dropped = __atomic_load_n(&g_dropped, __ATOMIC_RELAXED);
     if (g_seq_fd >= 0) {
-        char line[64];
-        int ln = snprintf(line, sizeof line, "dropped\t%ld\n", dropped);
-        ssize_t wr = write(g_seq_fd, line, (size_t)ln);
-        (void)wr;
-        write_copy_counts(g_seq_fd);
+        write_end_counts(g_seq_fd, true);
         close(g_seq_fd);
         g_seq_fd = -1;
     }
