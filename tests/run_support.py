@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_healthy(proc: subprocess.Popen[str], port: int, timeout: float = 120) -> bool:
+    """Poll a llama-server's /health until it answers 200 (True), or it exits or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def post(port: int, path: str, body: dict[str, Any]) -> Any:

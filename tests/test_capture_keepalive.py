@@ -73,7 +73,7 @@ def test_capture_keepalive_equals_callback_and_run(tmp_path: Path, models: dict[
 def test_llama_server_trace_equals_keepalive_capture(tmp_path: Path, models: dict[str, Path], llama_bin: Path) -> None:
     """An unchanged llama-server under `run` (keep-alive), one client, two completions: every row equals `capture`'s
     keep-alive replay of the same tokens (prefix reuse included), experts and weights."""
-    from run_support import capture_requests, free_port, post, rows_of, sequence_tokens
+    from run_support import capture_requests, free_port, post, rows_of, sequence_tokens, wait_healthy
 
     port, trace = free_port(), tmp_path / "server.bin"
     proc = subprocess.Popen([*GGE, "run", "--weights", "-o", str(trace), "--", str(llama_bin / "llama-server"), "-m",
@@ -81,19 +81,7 @@ def test_llama_server_trace_equals_keepalive_capture(tmp_path: Path, models: dic
                              "-c", "512", "-t", "2", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "llama-server did not come up"
-            time.sleep(0.2)
+        assert wait_healthy(proc, port), "llama-server did not come up"
         for prompt in (PROMPT, PROMPT + " and found"):
             r = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
             assert r["usage"]["completion_tokens"] == 8

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from gguf_experts.gguf.layout import expert_slices
 from gguf_experts.trace.reader import read_trace
 from gguf_experts.trace.format import TraceData
 from gguf_experts.trace.preload.run import build_preload
-from run_support import evict, free_port, post
+from run_support import evict, free_port, post, wait_healthy
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,18 +117,9 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.stderr = ""
-        deadline = time.time() + 120
-        while time.time() < deadline:
+        if not wait_healthy(self.proc, self.port):
             if self.proc.poll() is not None:
                 raise AssertionError(f"exited early: {self.proc.stderr.read() if self.proc.stderr else ''}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        else:
             self.stop()
             raise AssertionError("llama-server did not become healthy")
         pid = child_pid(self.proc.pid)
