@@ -165,12 +165,13 @@ static void flag_graph(struct sched_st *s, void *gf) {
 }
 
 /* ---- device slots: every kept argsort and weight stage of a graph computed into one buffer of ours ----------
- * Flagged as outputs, the kept tensors lie wherever the allocator put them, apart: decode then copies one small
- * range per layer (~2 us of the device's stream each, 4% of a 4 ms token at Q4_K). Placed by us, side by side in
- * one device buffer before the scheduler allocates the graph (ggml-alloc leaves allocated tensors alone; the
- * scheduler runs a pre-allocated node on its buffer's backend), a ubatch's ids are one range (decode) or one 2-D
- * copy (prefill). Only where the router runs on a device that can compute them (the buffer of its weight is not
- * host memory); elsewhere the flags stay. GGUF_EXPERTS_SLOTS=0 turns it off (measurements); =host places them in
+ * Flagged as outputs, the kept tensors lie wherever the allocator put them, apart (prefill: one 2-D copy per
+ * layer), and the allocator plans the graph around tensors that never free. Placed by us, side by side in one
+ * device buffer before the scheduler allocates the graph (ggml-alloc leaves allocated tensors alone; the scheduler
+ * runs a pre-allocated node on its buffer's backend), the graph is planned as untraced and a ubatch's ids are one
+ * range (decode) or one 2-D copy (prefill). Measured on H100s (docs/capture.md, "Device slots"): decode 0.2-4.6
+ * points faster than the flags alone. Only where the router runs on a device that can compute them (the buffer of
+ * its weight is not host memory); elsewhere the flags stay. GGUF_EXPERTS_SLOTS=0 turns it off (measurements); =host places them in
  * host memory too (the CPU tests of this path). */
 typedef void *(*buffer_type_t)(void *buffer);
 typedef bool (*buft_is_host_t)(void *buft);
@@ -251,7 +252,7 @@ static void place_slots(struct sched_st *s) {
         void *wb = router_buffer(s->keep[i]);
         if (!wb) continue;
         void *wbt = buf_type(wb);
-        if (is_host(wbt) && mode != 2) return;
+        if (is_host(wbt) && mode != 2) continue; /* partial offload: the first layers' routers on the CPU */
         int nb = n_backends(s->sched);
         for (int j = 0; j < nb && !be; j++) {
             void *b = sched_backend(s->sched, j);
@@ -263,11 +264,12 @@ static void place_slots(struct sched_st *s) {
     size_t align = buft_align(buft), total = 0;
     if (!align) align = 64;
     /* the layout: top-ks first, then the weight stages, each in graph (layer) order */
-    struct gt *roots[2 * 4096];
-    size_t offs[2 * 4096];
+    struct gt **roots = malloc((size_t)s->n_keep * sizeof *roots);
+    size_t *offs = malloc((size_t)s->n_keep * sizeof *offs);
     int n = 0;
+    if (!roots || !offs) goto done; /* the flags keep them */
     for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < s->n_keep && n < 2 * 4096; i++) {
+        for (int i = 0; i < s->n_keep; i++) {
             int layer, what = classify(s->keep[i]->name, &layer);
             if ((what == 0) != (pass == 0)) continue;
             struct gt *r = s->keep[i]->view_src ? s->keep[i]->view_src : s->keep[i];
@@ -282,17 +284,20 @@ static void place_slots(struct sched_st *s) {
             offs[n++] = total;
             total += alloc_size(buft, r);
         }
-    if (!n) return;
+    if (!n) goto done;
     if (!s->slot_buf || s->slot_be != be || s->slot_cap < total) {
         slots_free(s, true);
         size_t cap = total + total / 4;
         s->slot_buf = alloc(buft, cap);
-        if (!s->slot_buf) return;
+        if (!s->slot_buf) goto done;
         s->slot_base = base(s->slot_buf);
         s->slot_be = be;
         s->slot_cap = cap;
     }
     for (int i = 0; i < n; i++) tensor_alloc(s->slot_buf, roots[i], s->slot_base + offs[i]);
+done:
+    free(roots);
+    free(offs);
 }
 
 /* A host buffer of at least `need` bytes from the device's host buffer type (pinned memory on CUDA): an async
