@@ -7,6 +7,7 @@ Here rather than in trace/preload/run.py so that reading a trace never imports t
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GGUFExpertsError
@@ -21,44 +22,39 @@ def sequences_path(trace: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(trace)}.seqs")
 
 
-def read_sequences(path: Path) -> list[dict[str, int]]:
-    """The sidecar's lines as dicts (a torn last line, from a killed program, is dropped)."""
-    rows: list[dict[str, int]] = []
+@dataclass
+class Sidecar:
+    """What the C tracer's ``.seqs`` sidecar says: one line per trace sequence (written as sequences start; a torn
+    last line, from a killed program, is dropped), and the counts it writes at exit: ``dropped\tN`` (rows it could
+    not record for want of memory; 0 when none is written, as by a killed program: docs/run.md) and
+    ``copies\tUBATCHES\tCOPIES`` (keep-alive's device-to-host copies; None without one)."""
+
+    sequences: list[dict[str, int]] = field(default_factory=list)
+    dropped: int = 0
+    copies: dict[str, int] | None = None
+
+
+def read_sidecar(path: Path) -> Sidecar:
+    out = Sidecar()
     try:
         text = path.read_text(encoding="ascii", errors="replace")
     except FileNotFoundError:
-        return rows
+        return out
     for line in text.splitlines():
         parts = line.split("\t")
-        if len(parts) != len(SEQ_COLUMNS) or not all(p.lstrip("-").isdigit() for p in parts):
-            continue
-        rows.append(dict(zip(SEQ_COLUMNS, map(int, parts))))
-    return rows
+        if len(parts) == len(SEQ_COLUMNS) and all(p.lstrip("-").isdigit() for p in parts):
+            out.sequences.append(dict(zip(SEQ_COLUMNS, map(int, parts))))
+        elif len(parts) == 2 and parts[0] == "dropped" and parts[1].isdigit():
+            out.dropped += int(parts[1])
+        elif (len(parts) == 3 and parts[0] == "copies" and parts[1].isdigit() and parts[2].isdigit()
+              and out.copies is None):
+            out.copies = {"ubatches": int(parts[1]), "copies": int(parts[2])}
+    return out
 
 
-def read_dropped(path: Path) -> int:
-    """Rows the C tracer could not record (out of memory), from the sidecar's ``dropped\tN`` line written at
-    exit; 0 when there is none (a program killed before its exit reports nothing: see docs/run.md)."""
-    try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        return 0
-    counts = [int(p[1]) for p in (line.split("\t") for line in text.splitlines())
-              if len(p) == 2 and p[0] == "dropped" and p[1].isdigit()]
-    return sum(counts)
-
-
-def read_copies(path: Path) -> dict[str, int] | None:
-    """Keep-alive's device-to-host copies, from the sidecar's ``copies\tUBATCHES\tCOPIES`` line written at the
-    end (None when there is none: the callback, or a program killed before its exit)."""
-    try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        return None
-    for parts in (line.split("\t") for line in text.splitlines()):
-        if len(parts) == 3 and parts[0] == "copies" and parts[1].isdigit() and parts[2].isdigit():
-            return {"ubatches": int(parts[1]), "copies": int(parts[2])}
-    return None
+def read_sequences(path: Path) -> list[dict[str, int]]:
+    """The sidecar's sequence lines as dicts."""
+    return read_sidecar(path).sequences
 
 
 def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> TraceHeader:
@@ -77,12 +73,10 @@ def complete_header(header: TraceHeader, trace: str | os.PathLike[str]) -> Trace
         except GGUFExpertsError:
             pass
     if "sequences" not in meta:
-        seqs = read_sequences(Path(trace).with_name(str(meta.get("sequences_file", ""))))
-        meta["sequences"] = [[r[c] for c in SEQ_COLUMNS] for r in seqs]
+        side = read_sidecar(Path(trace).with_name(str(meta.get("sequences_file", ""))))
+        meta["sequences"] = [[r[c] for c in SEQ_COLUMNS] for r in side.sequences]
         meta["sequence_columns"] = list(SEQ_COLUMNS)
-        sidecar = Path(trace).with_name(str(meta.get("sequences_file", "")))
-        meta["dropped_rows"] = read_dropped(sidecar)
-        copies = read_copies(sidecar)
-        if copies:
-            meta["keepalive_copies"] = copies
+        meta["dropped_rows"] = side.dropped
+        if side.copies:
+            meta["keepalive_copies"] = side.copies
     return TraceHeader(version=header.version, fingerprint=fp, meta=meta, size=header.size)

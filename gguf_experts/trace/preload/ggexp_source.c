@@ -374,6 +374,11 @@ static int dense_run(const struct sched_st *s, const struct kspan *sp, int n, in
     return b;
 }
 
+/* The rows a dense run [a, b) spans, from its first view's first row to its last view's last (padding included). */
+static size_t dense_rows(const struct sched_st *s, const struct kspan *sp, int a, int b) {
+    return (sp[b - 1].start - sp[a].start) / s->keep[sp[a].i]->nb[1] + (size_t)s->keep[sp[b - 1].i]->ne[1];
+}
+
 /* Where the run [a, b) of sorted contiguous kept tensors ends: gaps within COALESCE_GAP are copied along. */
 static int range_run(const struct kspan *sp, int n, int a, uintptr_t *end) {
     *end = sp[a].start + sp[a].n;
@@ -429,10 +434,10 @@ void issue_kept(struct sched_st *s) {
     size_t total = 0;
     for (int a = 0, b; a < n_dsp; a = b) {
         b = dense_run(s, dsp, n_dsp, a);
-        const struct gt *t0 = s->keep[dsp[a].i], *tl = s->keep[dsp[b - 1].i];
+        const struct gt *t0 = s->keep[dsp[a].i];
         size_t row = 4 * (size_t)t0->ne[0];
         for (int j = a; j < b; j++) koff[dsp[j].i] = total + (dsp[j].start - dsp[a].start) / t0->nb[1] * row;
-        total += ALIGN16(((dsp[b - 1].start - dsp[a].start) / t0->nb[1] + (size_t)tl->ne[1]) * row);
+        total += ALIGN16(dense_rows(s, dsp, a, b) * row);
     }
     for (int a = 0, b; a < n_sp; a = b) {
         uintptr_t end;
@@ -460,31 +465,20 @@ void issue_kept(struct sched_st *s) {
     } while (0)
     for (int a = 0, b; a < n_dsp; a = b) {
         b = dense_run(s, dsp, n_dsp, a);
-        const struct gt *t0 = s->keep[dsp[a].i], *tl = s->keep[dsp[b - 1].i];
-        size_t row = 4 * (size_t)t0->ne[0];
-        size_t rows = (dsp[b - 1].start - dsp[a].start) / t0->nb[1] + (size_t)tl->ne[1];
-        uint8_t *dst = buf + koff[dsp[a].i];
-        if (b == a + 1) {
-            get_2d_async(dsp[a].be, t0, dst, 0, row, rows, t0->nb[1], row);
-        } else {
-            struct gt r;
-            describe_range(&r, t0, dsp[a].buf, dsp[a].start, (rows - 1) * t0->nb[1] + row);
-            get_2d_async(dsp[a].be, &r, dst, 0, row, rows, t0->nb[1], row);
-        }
+        const struct gt *t0 = s->keep[dsp[a].i];
+        size_t row = 4 * (size_t)t0->ne[0], rows = dense_rows(s, dsp, a, b);
+        struct gt r; /* the run's bytes, from its first view's data */
+        describe_range(&r, t0, dsp[a].buf, dsp[a].start, (rows - 1) * t0->nb[1] + row);
+        get_2d_async(dsp[a].be, &r, buf + koff[dsp[a].i], 0, row, rows, t0->nb[1], row);
         NOTE_BACKEND(dsp[a].be);
     }
     for (int a = 0, b; a < n_sp; a = b) {
         uintptr_t end;
         b = range_run(sp, n_sp, a, &end);
         size_t len = end - sp[a].start;
-        uint8_t *dst = buf + koff[sp[a].i];
-        if (b == a + 1) {
-            get_async(sp[a].be, s->keep[sp[a].i], dst, 0, len);
-        } else {
-            struct gt r;
-            describe_range(&r, s->keep[sp[a].i], sp[a].buf, sp[a].start, len);
-            get_async(sp[a].be, &r, dst, 0, len);
-        }
+        struct gt r;
+        describe_range(&r, s->keep[sp[a].i], sp[a].buf, sp[a].start, len);
+        get_async(sp[a].be, &r, buf + koff[sp[a].i], 0, len);
         NOTE_BACKEND(sp[a].be);
     }
 #undef NOTE_BACKEND
